@@ -1,0 +1,26 @@
+"""Schedules t -> P_t, their validation and consensus vectors, and their compilation to plans.
+
+Example:
+    >>> import topology
+    >>> s = topology.multilayer((3, 2), (0.5, 0.5))
+    >>> plan = topology.compile_plan(s.matrix(5))
+    >>> plan.blocks[0].receivers, plan.num_all_reduces
+    ((0, 1, 2), 1)
+"""
+
+from topology.plan import Block, Mix, Plan, compile_plan
+from topology.schedule import MultilayerSchedule, Schedule, from_matrices, lookahead, multilayer
+from topology.validation import check_mixing_matrix
+
+__all__ = [
+    "Block",
+    "Mix",
+    "Plan",
+    "compile_plan",
+    "Schedule",
+    "MultilayerSchedule",
+    "lookahead",
+    "multilayer",
+    "from_matrices",
+    "check_mixing_matrix",
+]

@@ -1,0 +1,113 @@
+"""Validation of mixing matrices and schedule arguments.
+
+Every check raises ``ValueError`` with a message that names the argument, what is wrong and what
+is allowed.  The checks are pure functions of their arguments, so every rank that builds the same
+schedule raises the same error before any collective is entered.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+
+#: Largest allowed deviation of a column sum from 1.
+COLUMN_SUM_TOL = 1e-12
+
+
+def check_period(k, *, name: str = "k") -> int:
+    """A synchronization period: an int >= 1 (bool is rejected)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= 1; got {k!r} of type {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {k}")
+    return int(k)
+
+
+def check_alpha(alpha, *, name: str = "alpha") -> float:
+    """A slow step size: a finite real number in (0, 1]."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise ValueError(f"{name} must be a real number in (0, 1]; got {alpha!r}")
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or not 0.0 < alpha <= 1.0:
+        raise ValueError(f"{name} must be a real number in (0, 1]; got {alpha}")
+    return alpha
+
+
+def check_levels(ks: Sequence, alphas: Sequence) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Periods and step sizes of a multilayer Lookahead: equal, non-zero lengths."""
+    try:
+        ks, alphas = tuple(ks), tuple(alphas)
+    except TypeError as err:
+        raise ValueError(f"ks and alphas must be sequences; got ks={ks!r}, alphas={alphas!r}") from err
+    if len(ks) == 0:
+        raise ValueError("ks must name at least one level (a non-empty sequence of periods)")
+    if len(ks) != len(alphas):
+        raise ValueError(
+            f"ks and alphas must have the same length (one period and one step size per level); "
+            f"got {len(ks)} periods and {len(alphas)} step sizes"
+        )
+    ks = tuple(check_period(k, name=f"ks[{i}]") for i, k in enumerate(ks))
+    alphas = tuple(check_alpha(a, name=f"alphas[{i}]") for i, a in enumerate(alphas))
+    return ks, alphas
+
+
+def as_matrix(value, *, name: str) -> torch.Tensor:
+    """Convert ``value`` to a float64 CPU tensor, or raise ``ValueError`` naming ``name``."""
+    try:
+        if isinstance(value, torch.Tensor):
+            matrix = value.detach().to(device="cpu", dtype=torch.float64)
+        else:
+            matrix = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be a square matrix of real numbers; got {value!r}") from err
+    return matrix.clone()
+
+
+def check_mixing_matrix(value, num_agents: int | None, *, name: str = "matrix") -> torch.Tensor:
+    """Validate one mixing matrix P and return it as a float64 CPU tensor.
+
+    Allowed: an ``m x m`` matrix (``m = num_agents`` when given) of finite, non-negative reals
+    whose every column sums to 1 within :data:`COLUMN_SUM_TOL`.
+    """
+    matrix = as_matrix(value, name=name)
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty square matrix; got shape {tuple(matrix.shape)}")
+    if num_agents is not None and matrix.shape[0] != num_agents:
+        raise ValueError(
+            f"{name} must be {num_agents} x {num_agents} (one row and column per agent); "
+            f"got shape {tuple(matrix.shape)}"
+        )
+    if not torch.isfinite(matrix).all():
+        i, j = (~torch.isfinite(matrix)).nonzero()[0].tolist()
+        raise ValueError(f"{name} must be finite; entry [{i}, {j}] is {matrix[i, j].item()}")
+    if (matrix < 0).any():
+        i, j = (matrix < 0).nonzero()[0].tolist()
+        raise ValueError(f"{name} must be non-negative; entry [{i}, {j}] is {matrix[i, j].item()}")
+    sums = matrix.sum(dim=0)
+    bad = ((sums - 1.0).abs() > COLUMN_SUM_TOL).nonzero()
+    if len(bad):
+        j = bad[0].item()
+        raise ValueError(
+            f"{name} must be column-stochastic (every column sums to 1 within {COLUMN_SUM_TOL:g}); "
+            f"column {j} sums to {sums[j].item()!r}"
+        )
+    return matrix
+
+
+def check_workers(workers, num_agents: int) -> tuple[int, ...]:
+    """Agent indices that run the inner optimizer: distinct, in [0, num_agents), at least one."""
+    try:
+        workers = tuple(workers)
+    except TypeError as err:
+        raise ValueError(f"workers must be a sequence of agent indices; got {workers!r}") from err
+    if not workers:
+        raise ValueError("workers must name at least one agent")
+    for w in workers:
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral) or not 0 <= w < num_agents:
+            raise ValueError(f"workers must be agent indices in [0, {num_agents}); got {w!r}")
+    if len(set(workers)) != len(workers):
+        raise ValueError(f"workers must be distinct; got {workers}")
+    return tuple(sorted(int(w) for w in workers))
