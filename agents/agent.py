@@ -1,0 +1,172 @@
+"""One agent of the model: a column x_i of X, its role, and its inner-optimizer state.
+
+A *worker* owns a copy of the user's module whose parameters are views into the agent's flat
+buffer, an inner optimizer (any ``torch.optim.Optimizer``) and a data stream; one inner step is
+``zero_grad; loss_fn(module, batch).backward(); optimizer.step()``.  A *passive* agent has f_i = 0:
+it only holds a buffer (slow weights) and, under ``pullback``, a cached copy of the inner state.
+
+The agent does not know where it runs; the launcher mixes the tensor returned by
+:meth:`Agent.sync_tensor` according to the plan of P_t and then calls :meth:`Agent.after_sync`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from agents.flat import FlatBuffer, flatten_module_
+from agents.state_policy import mixable_state_keys, reset_state_, validate_policy
+
+OptimizerFactory = Callable[[list], torch.optim.Optimizer]
+LossFn = Callable[[nn.Module, object], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StateSlot:
+    """Mixable state tensor ``key`` of parameter ``param_index`` lives at ``offset`` in the slots."""
+
+    param_index: int
+    key: str
+    offset: int
+    numel: int
+    shape: torch.Size
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Where every mixable state tensor of the inner optimizer lives in an agent's state slots."""
+
+    slots: tuple[StateSlot, ...]
+    numel: int
+
+    @classmethod
+    def empty(cls) -> "StateLayout":
+        return cls((), 0)
+
+
+def probe_state_layout(module: nn.Module, optimizer: OptimizerFactory) -> StateLayout:
+    """Discover the inner optimizer's mixable state by one step on a throwaway copy of ``module``.
+
+    Every rank does this locally and deterministically (no communication), so passive agents know
+    the layout of the state they cache without ever running the optimizer.
+    """
+    probe = copy.deepcopy(module)
+    params = list(probe.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = optimizer(params)
+    opt.step()
+    slots, offset = [], 0
+    for index, p in enumerate(params):
+        for key in mixable_state_keys(opt.state.get(p, {}), p):
+            slots.append(StateSlot(index, key, offset, p.numel(), p.shape))
+            offset += p.numel()
+    return StateLayout(tuple(slots), offset)
+
+
+class Agent:
+    """Agent ``index``: its flat buffer and, for a worker, its module, optimizer and data stream.
+
+    Args:
+        index: the agent's column in X.
+        module: the user's module; the agent works on its own deep copy (the caller's module is
+            never modified).  Passive agents use it for shapes only.
+        worker: whether this agent runs the inner optimizer.
+        optimizer: factory ``params -> torch.optim.Optimizer`` (workers).
+        data: the worker's iterator of batches.
+        state_policy: ``maintain``, ``reset`` or ``pullback`` (see :mod:`agents.state_policy`).
+        layout: the mixable-state layout (``pullback`` only; see :func:`probe_state_layout`).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        module: nn.Module,
+        *,
+        worker: bool,
+        optimizer: OptimizerFactory | None = None,
+        data: Iterator | None = None,
+        state_policy: str = "maintain",
+        layout: StateLayout | None = None,
+    ):
+        self.index = index
+        self.is_worker = worker
+        self.state_policy = validate_policy(state_policy)
+        self.layout = layout if (layout is not None and state_policy == "pullback") else StateLayout.empty()
+        self.data = data
+        self.steps = 0
+        if worker:
+            self.module = copy.deepcopy(module)
+            self.flat: FlatBuffer = flatten_module_(self.module, self.layout.numel)
+            self.parameters = list(self.module.parameters())
+            self.optimizer = optimizer(self.parameters)
+        else:
+            self.module = None
+            self.optimizer = None
+            params = list(module.parameters())
+            self.flat = FlatBuffer([p.shape for p in params], params[0].dtype, params[0].device, self.layout.numel)
+            self.parameters = self.flat.views()
+            with torch.no_grad():
+                for view, p in zip(self.parameters, params):
+                    view.copy_(p)
+
+    # -- the inner step ---------------------------------------------------------------------
+    def inner_step(self, loss_fn: LossFn) -> torch.Tensor:
+        """One step of the inner optimizer on the next batch; returns the (detached) loss.
+
+        The loss is evaluated at the agent's current parameters x_t, before the update.
+        """
+        if not self.is_worker:
+            raise RuntimeError(f"agent {self.index} is passive and takes no inner step")
+        try:
+            batch = next(self.data)
+        except StopIteration:
+            raise RuntimeError(f"the data of agent {self.index} ran out after {self.steps} batches") from None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(self.module, batch)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        return loss.detach()
+
+    # -- the sync -----------------------------------------------------------------------------
+    def sync_tensor(self) -> torch.Tensor:
+        """The flat tensor that a sync mixes: parameters, plus the state slots under ``pullback``.
+
+        Under ``pullback`` a worker's live optimizer state is first bound to views into the state
+        slots (copying it there the first time, or after the optimizer replaced its tensors, e.g.
+        in ``load_state_dict``), so that mixing the buffer mixes the live state in place.
+        """
+        if self.layout.numel and self.is_worker:
+            self._bind_state_to_slots()
+        return self.flat.buffer
+
+    def after_sync(self) -> None:
+        """Apply the state policy's post-sync action (``reset`` zeroes a worker's state)."""
+        if self.state_policy == "reset" and self.is_worker:
+            reset_state_(self.optimizer.state.values())
+
+    def _bind_state_to_slots(self) -> None:
+        state = self.optimizer.state
+        slots = self.flat.state
+        for slot in self.layout.slots:
+            p = self.parameters[slot.param_index]
+            live = state.get(p, {}).get(slot.key)
+            view = slots[slot.offset : slot.offset + slot.numel].view(slot.shape)
+            if live is None:
+                # No state yet (the parameter never had a gradient): the slot holds what the
+                # sync gives it, and becomes the state once the optimizer creates it.
+                continue
+            if live.data_ptr() != view.data_ptr():
+                view.copy_(live)
+                state[p][slot.key] = view
+
+    # -- reading the agent ----------------------------------------------------------------------
+    @property
+    def params(self) -> torch.Tensor:
+        """The flat parameter vector x_i (a view: it changes as the agent changes)."""
+        return self.flat.params

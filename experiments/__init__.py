@@ -1,0 +1,1 @@
+"""Problems, data and configurations that reproduce the papers' results."""

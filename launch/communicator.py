@@ -1,0 +1,126 @@
+"""Communicators: the only place that knows where agents run.
+
+A communicator moves flat tensors between ranks.  Three implementations share this interface:
+:class:`LocalCommunicator` (co-located: one rank, nothing moves), ``TorchCommunicator``
+(torch.distributed: NCCL or gloo) and ``MPICommunicator`` (mpi4py).  Every collective is counted in
+:attr:`Communicator.stats`, so tests and benchmarks can check that a plan costs what it says.
+
+Groups are identified by the sorted tuple of their ranks.  :meth:`Communicator.init_groups` must be
+called by every rank, with the same list, before any collective on a group: it creates the groups
+in that order and warms each with one collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class CommStats:
+    """Counts of the communication that went through a communicator."""
+
+    all_reduces: int = 0
+    all_reduce_bytes: int = 0
+    sends: int = 0
+    send_bytes: int = 0
+    broadcasts: int = 0
+
+    def reset(self) -> None:
+        self.all_reduces = self.all_reduce_bytes = self.sends = self.send_bytes = self.broadcasts = 0
+
+
+class Communicator:
+    """Interface of every communicator.  ``rank`` and ``world_size`` are set by subclasses."""
+
+    rank: int = 0
+    world_size: int = 1
+    backend: str = "local"
+
+    def __init__(self) -> None:
+        self.stats = CommStats()
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def init_groups(self, groups: Sequence[tuple[int, ...]]) -> None:
+        """Create (collectively, on every rank, in this order) the groups the plans need."""
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj``, indexed by rank (a collective on all ranks)."""
+        raise NotImplementedError
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
+        """Overwrite ``tensor`` on every rank with rank ``src``'s ``tensor``."""
+        raise NotImplementedError
+
+    # -- the sync ----------------------------------------------------------------------------
+    def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
+        """Sum ``tensor`` in place over the ranks of the group ``ranks`` (this rank among them)."""
+        raise NotImplementedError
+
+    def exchange(
+        self,
+        sends: Sequence[tuple[torch.Tensor, int, int]],
+        recvs: Sequence[tuple[torch.Tensor, int, int]],
+    ) -> None:
+        """Point-to-point messages: ``(tensor, peer, tag)``; returns when all have completed.
+
+        Messages between one pair of ranks are matched by tag.
+        """
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def close(self) -> None:
+        """Release the communicator's resources (process groups, communicators)."""
+
+    # -- counting ------------------------------------------------------------------------------
+    def _count_all_reduce(self, tensor: torch.Tensor) -> None:
+        self.stats.all_reduces += 1
+        self.stats.all_reduce_bytes += tensor.numel() * tensor.element_size()
+
+    def _count_sends(self, sends) -> None:
+        self.stats.sends += len(sends)
+        self.stats.send_bytes += sum(t.numel() * t.element_size() for t, _, _ in sends)
+
+
+class LocalCommunicator(Communicator):
+    """One rank holding every agent: the plans run as local tensor math and nothing moves."""
+
+    backend = "local"
+
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
+        if src != 0:
+            raise ValueError(f"src must be 0 on a single rank; got {src}")
+
+    def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
+        if ranks != (0,):
+            raise ValueError(f"ranks must be (0,) on a single rank; got {ranks}")
+
+    def exchange(self, sends, recvs) -> None:
+        if sends or recvs:
+            raise ValueError("a single rank has no peer to exchange with")
+
+
+LAUNCHES = ("colocated", "torch", "mpi")
+
+
+def make_communicator(launch: str = "colocated", *, device: str | None = None, timeout_s: float = 300.0) -> Communicator:
+    """The communicator for ``launch``: ``colocated`` (one process holds every agent), ``torch``
+    (one agent per rank under torchrun; NCCL on CUDA, gloo on CPU) or ``mpi`` (under mpiexec)."""
+    if launch == "colocated":
+        return LocalCommunicator()
+    if launch == "torch":
+        from launch.torch_comm import TorchCommunicator
+
+        return TorchCommunicator(device=device, timeout_s=timeout_s)
+    if launch == "mpi":
+        from launch.mpi_comm import MPICommunicator
+
+        return MPICommunicator()
+    raise ValueError(f"launch must be one of {', '.join(LAUNCHES)}; got {launch!r}")

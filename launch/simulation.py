@@ -1,0 +1,245 @@
+"""The simulation: every agent of a schedule, on whichever ranks a communicator spans.
+
+One iteration t (DESIGN section 1):
+
+    1. every local worker takes one inner step on its own next batch:  x_i <- x_i - lr * g_i;
+    2. the plan of P_t mixes the agents' flat buffers:                 X <- X P_t;
+    3. t <- t + 1.
+
+All ranks derive P_t from the same counter t; no matrix is ever sent.  Start-up, identical on
+every rank and in this order: validate the placement (local, no communication), exchange the
+parameter signatures (one all-gather) and raise the same error everywhere if they differ, create
+and warm the process groups every plan needs, broadcast agent 0's initial parameters so every
+column of X starts equal.
+
+Example (co-located, LA-1 on a least-squares problem):
+
+    >>> import torch, topology
+    >>> from launch import simulate
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> model = torch.nn.Linear(3, 1)
+    >>> def batches():
+    ...     while True:
+    ...         x = torch.randn(8, 3)
+    ...         yield x, x.sum(1, keepdim=True)
+    >>> loss = lambda module, batch: ((module(batch[0]) - batch[1]) ** 2).mean()
+    >>> result = simulate(model, loss, batches(), topology.lookahead(5, 0.5),
+    ...                   lambda p: torch.optim.SGD(p, lr=0.1), steps=50)
+    >>> len(result.parameters), sorted(result.parameters[1])
+    (2, ['bias', 'weight'])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from agents.agent import Agent, LossFn, OptimizerFactory, StateLayout, probe_state_layout
+from agents.flat import check_uniform_parameters, module_signature
+from agents.state_policy import validate_policy
+from launch.communicator import Communicator, LocalCommunicator
+from launch.placement import Placement
+from launch.sync import RankProgram
+from topology.plan import compile_plan
+from topology.schedule import Schedule
+
+Data = Iterable | Callable[[int], Iterable]
+
+
+class Simulation:
+    """The agents of ``schedule`` that live on this rank, and the loop that drives them.
+
+    Args:
+        model: the user's module (never modified: agents work on deep copies).  Every rank passes
+            one of the same architecture; rank 0's values become every agent's theta_0.
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor``.
+        data: the batches of the single worker (an iterable), or ``agent_index -> iterable`` for
+            schedules with several workers.
+        schedule: t -> P_t and the workers (see :mod:`topology`).
+        optimizer: factory ``params -> torch.optim.Optimizer``, the inner optimizer A.
+        state_policy: ``maintain`` | ``reset`` | ``pullback`` (see :mod:`agents.state_policy`).
+        comm: where the agents run; default co-located (:class:`LocalCommunicator`).
+        agents_per_rank: default: all agents co-located on one rank, else one agent per rank.
+        dtype, device: convert the agents' copies of the model (default: as the model is).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Data,
+        schedule: Schedule,
+        optimizer: OptimizerFactory,
+        *,
+        state_policy: str = "maintain",
+        comm: Communicator | None = None,
+        agents_per_rank: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ):
+        # -- local validation: the same result on every rank, before any communication ------
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a topology.Schedule; got {type(schedule).__name__}")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if not callable(optimizer):
+            raise ValueError("optimizer must be a factory: params -> torch.optim.Optimizer")
+        if not callable(loss_fn):
+            raise ValueError("loss_fn must be callable as loss_fn(module, batch)")
+        self.state_policy = validate_policy(state_policy)
+        self.comm = comm if comm is not None else LocalCommunicator()
+        self.schedule = schedule
+        self.loss_fn = loss_fn
+        self.placement = Placement.make(schedule.num_agents, self.comm.world_size, agents_per_rank)
+        self.rank = self.comm.rank
+        if len(schedule.workers) > 1 and not callable(data):
+            raise ValueError(
+                f"data must be a function agent_index -> iterable when the schedule has "
+                f"{len(schedule.workers)} workers; got a single {type(data).__name__}"
+            )
+        if dtype is not None or device is not None:
+            model = _converted_copy(model, dtype, device)
+        check_uniform_parameters(model)
+        self.parameter_names = [name for name, _ in model.named_parameters()]
+
+        # -- the one metadata exchange: parameter shapes must agree across ranks ----------------
+        signatures = self.comm.all_gather_object(module_signature(model))
+        for rank, signature in enumerate(signatures):
+            if signature != signatures[0]:
+                raise ValueError(_signature_mismatch(signatures[0], signature, rank))
+
+        # -- process groups, created by every rank in the same order ---------------------------
+        plans = [compile_plan(p) for p in schedule.distinct_matrices]
+        self.programs = [RankProgram(plan, self.placement, self.rank) for plan in plans]
+        groups = {self.placement.ranks_of(b.members) for plan in plans for b in plan.blocks}
+        self.comm.init_groups(sorted(g for g in groups if len(g) > 1))
+
+        # -- the agents of this rank -----------------------------------------------------------
+        layout = probe_state_layout(model, optimizer) if self.state_policy == "pullback" else StateLayout.empty()
+        self.agents: dict[int, Agent] = {}
+        for i in self.placement.agents_on(self.rank):
+            worker = i in schedule.workers
+            stream = iter(data(i) if callable(data) else data) if worker else None
+            self.agents[i] = Agent(
+                i, model, worker=worker, optimizer=optimizer, data=stream,
+                state_policy=self.state_policy, layout=layout,
+            )
+        self._broadcast_initial_parameters()
+        self.t = 0
+
+    def _broadcast_initial_parameters(self) -> None:
+        """theta_0 = agent 0's parameters on rank 0, copied into every column of X."""
+        first = self.agents[min(self.agents)]
+        source = first.params
+        if self.comm.world_size > 1:
+            self.comm.broadcast_(source, src=0)
+        for agent in self.agents.values():
+            if agent is not first:
+                agent.params.copy_(source)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def step(self) -> dict[int, torch.Tensor]:
+        """Iteration t: inner steps of the local workers, then the sync of P_t.
+
+        Returns the losses of the local workers (evaluated before their update), by agent.
+        """
+        losses = {
+            i: agent.inner_step(self.loss_fn) for i, agent in self.agents.items() if agent.is_worker
+        }
+        self.sync(self.t)
+        self.t += 1
+        return losses
+
+    @torch.no_grad()
+    def sync(self, t: int) -> None:
+        """Apply P_t to the agents (nothing at all when P_t is the identity)."""
+        program = self.programs[self.schedule.matrix_index(t)]
+        if program.plan.is_identity:
+            return
+        touched = [i for i in program.plan.touched if i in self.agents]
+        tensors = {i: agent.sync_tensor() for i, agent in self.agents.items()}
+        program.run(tensors, self.comm)
+        for i in touched:
+            self.agents[i].after_sync()
+
+    def run(self, steps: int, callback: Callable[["Simulation", dict], None] | None = None) -> None:
+        """``steps`` iterations; ``callback(sim, losses)`` after each."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer; got {steps!r}")
+        for _ in range(steps):
+            losses = self.step()
+            if callback is not None:
+                callback(self, losses)
+
+    # -- reading the result ----------------------------------------------------------------------
+    def local_parameters(self) -> dict[int, torch.Tensor]:
+        """Flat parameter vectors of this rank's agents (live views)."""
+        return {i: agent.params for i, agent in self.agents.items()}
+
+    def gather_parameters(self) -> list[dict[str, torch.Tensor]]:
+        """Every agent's parameters as ``{name: tensor}`` (CPU copies), on every rank."""
+        local = {i: [v.detach().cpu().clone() for v in a.flat.views()] for i, a in self.agents.items()}
+        merged: dict[int, list[torch.Tensor]] = {}
+        for part in self.comm.all_gather_object(local):
+            merged.update(part)
+        return [dict(zip(self.parameter_names, merged[i])) for i in range(self.schedule.num_agents)]
+
+
+@dataclass
+class SimulationResult:
+    """What :func:`simulate` returns: every agent's final parameters (``{name: tensor}``, indexed
+    by agent), the final losses of this rank's workers, and the simulation itself."""
+
+    parameters: list[dict[str, torch.Tensor]]
+    losses: dict[int, float]
+    simulation: Simulation
+
+
+def simulate(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    schedule: Schedule,
+    optimizer: OptimizerFactory,
+    steps: int,
+    **options,
+) -> SimulationResult:
+    """Run ``steps`` iterations of ``schedule`` and return every agent's parameters.
+
+    The same call runs co-located (the default), under torchrun (``comm=TorchCommunicator()``)
+    or under mpiexec (``comm=MPICommunicator()``); see :class:`Simulation` for the arguments.
+    """
+    callback = options.pop("callback", None)
+    sim = Simulation(model, loss_fn, data, schedule, optimizer, **options)
+    last: dict[int, float] = {}
+
+    def record(s, losses):
+        last.update(losses)
+        if callback is not None:
+            callback(s, losses)
+
+    sim.run(steps, record)
+    return SimulationResult(sim.gather_parameters(), {i: float(v) for i, v in last.items()}, sim)
+
+
+def _converted_copy(model: nn.Module, dtype, device) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(device=device, dtype=dtype)
+
+
+def _signature_mismatch(reference, other, rank: int) -> str:
+    for a, b in zip(reference, other):
+        if a != b:
+            return (
+                f"model parameters must have the same names, shapes and dtypes on every rank; "
+                f"rank 0 has {a[0]} {a[1]} {a[2]}, rank {rank} has {b[0]} {b[1]} {b[2]}"
+            )
+    return (
+        f"model parameters must be the same on every rank; rank 0 has {len(reference)} "
+        f"parameter tensors, rank {rank} has {len(other)}"
+    )

@@ -1,0 +1,97 @@
+"""torch.distributed communicator: one process per rank, NCCL on CUDA, gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from launch.communicator import Communicator
+
+
+def choose_device_and_backend(device: str | None = None) -> tuple[torch.device, str]:
+    """NCCL with one GPU per rank when CUDA is asked for (or available, with ``device=None``),
+    gloo on CPU.  Two ranks on one GPU are refused: ``ValueError`` on every rank of the node."""
+    want_cuda = torch.cuda.is_available() if device in (None, "auto") else str(device).startswith("cuda")
+    if not want_cuda:
+        return torch.device("cpu"), "gloo"
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asks for CUDA, but no CUDA device is available")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    count = torch.cuda.device_count()
+    if local_world > count:
+        raise ValueError(
+            f"{local_world} ranks on this node but only {count} CUDA device(s): NCCL needs one GPU "
+            f"per rank; start at most {count} processes per node (torchrun --nproc_per_node {count})"
+        )
+    return torch.device("cuda", local_rank), "nccl"
+
+
+class TorchCommunicator(Communicator):
+    """Collectives through torch.distributed.
+
+    Initialises the default process group from the environment that torchrun sets (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT) unless one is already initialised.  Every collective,
+    including those on subgroups, times out after ``timeout_s`` seconds instead of hanging.
+    """
+
+    def __init__(self, device: str | None = None, timeout_s: float = 300.0):
+        super().__init__()
+        self.device, backend = choose_device_and_backend(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.timeout = timedelta(seconds=timeout_s)
+        self._owns_group = not dist.is_initialized()
+        if self._owns_group:
+            kwargs = {"device_id": self.device} if backend == "nccl" else {}
+            dist.init_process_group(backend=backend, timeout=self.timeout, **kwargs)
+        self.backend = dist.get_backend()
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self._groups: dict[tuple[int, ...], object] = {}
+
+    def init_groups(self, groups: Sequence[tuple[int, ...]]) -> None:
+        for ranks in groups:
+            if ranks in self._groups or len(ranks) < 2:
+                continue
+            if len(ranks) == self.world_size:
+                self._groups[ranks] = dist.group.WORLD
+            else:
+                # new_group is collective over the whole world: every rank calls it, in order.
+                self._groups[ranks] = dist.new_group(list(ranks), timeout=self.timeout)
+        for ranks in groups:
+            if self.rank in ranks and len(ranks) >= 2:
+                dist.all_reduce(torch.zeros(1, device=self.device), group=self._groups[ranks])
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
+        self.stats.broadcasts += 1
+        dist.broadcast(tensor, src=src)
+
+    def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
+        self._count_all_reduce(tensor)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._groups[ranks])
+
+    def exchange(self, sends, recvs) -> None:
+        if not sends and not recvs:
+            return
+        self._count_sends(sends)
+        ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer, tag in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer, tag=tag) for t, peer, tag in recvs]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
