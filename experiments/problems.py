@@ -1,8 +1,9 @@
 """Built-in problems: a model, a loss and data streams, generated in code (nothing downloads).
 
 A problem is a :class:`Problem`: ``model()`` builds a fresh module (seeded), ``loss_fn(module,
-batch)`` is the training loss, ``batches(agent)`` the endless stream of one worker, ``evaluate``
-the loss on a fixed held-out set.
+batch)`` is the training loss, ``batches(agent)`` the endless stream of worker ``agent``, and
+``evaluate(module)`` the metrics on a fixed held-out set (a dict with at least ``"loss"``).
+Problems are registered by name in :data:`PROBLEMS` (factories taking keyword options).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class Problem:
     model: Callable[[], nn.Module]
     loss_fn: Callable[[nn.Module, object], torch.Tensor]
     batches: Callable[[int], Iterator]
-    evaluate: Callable[[nn.Module], float]
+    evaluate: Callable[[nn.Module], dict]
 
 
 def teacher_student(
@@ -60,7 +61,13 @@ def teacher_student(
     eval_batch = (x_eval, teacher(x_eval))
 
     @torch.no_grad()
-    def evaluate(module) -> float:
-        return float(loss_fn(module, eval_batch))
+    def evaluate(module) -> dict:
+        return {"loss": float(loss_fn(module, eval_batch))}
 
     return Problem("teacher_student", model, loss_fn, batches, evaluate)
+
+
+#: Built-in problems by name: ``PROBLEMS[name](**options) -> Problem``.
+PROBLEMS: dict[str, Callable[..., Problem]] = {
+    "teacher_student": teacher_student,
+}

@@ -64,7 +64,7 @@ def run_default_job(steps: int = 600, ks=(5, 2), alphas=(0.5, 0.5), lr: float = 
     rows = []
     for i in range(schedule.num_agents):
         role = "fast (worker)" if i == 0 else f"slow level {i}"
-        loss = problem.evaluate(load_flat_(template, sim.agents[i].params))
+        loss = problem.evaluate(load_flat_(template, sim.agents[i].params))["loss"]
         rows.append({"agent": i, "role": role, "loss": loss, "deviation": deviation[i]})
     return {"rows": rows, "steps": steps, "schedule": repr(schedule)}
 
