@@ -28,7 +28,7 @@ def make_comm(spec):
         return MPICommunicator()
     from launch.torch_comm import TorchCommunicator
 
-    return TorchCommunicator(device="cpu", timeout_s=spec.get("timeout_s", 60))
+    return TorchCommunicator(device=spec.get("device", "cpu"), timeout_s=spec.get("timeout_s", 60))
 
 
 def main() -> int:
@@ -49,9 +49,15 @@ def main() -> int:
         data = problems.batches(1)
         if len(schedule.workers) > 1:
             data = lambda agent: problems.batches(1 + agent)  # noqa: E731
+        device = getattr(comm, "device", torch.device("cpu"))
+        if device.type == "cuda":  # NCCL: parameters and batches on this rank's GPU
+            stream = data
+            data = lambda agent: ((x.to(device), y.to(device)) for x, y in  # noqa: E731
+                                  (stream(agent) if callable(stream) else stream))
         sim = Simulation(
             model, problems.loss_fn, data, schedule, problems.OPTIMIZERS[spec["optimizer"]],
             state_policy=spec["policy"], comm=comm, agents_per_rank=spec.get("agents_per_rank"),
+            device=device,
         )
         rows, all_reduces, sends, nbytes = [], [], [], []
         for _ in range(spec["steps"]):
@@ -61,7 +67,7 @@ def main() -> int:
             sends.append(comm.stats.sends - before[1])
             nbytes.append(comm.stats.all_reduce_bytes + comm.stats.send_bytes - before[2])
             params = sim.local_parameters()
-            rows.append(torch.stack([params[i].clone() for i in sorted(params)]))
+            rows.append(torch.stack([params[i].detach().cpu().clone() for i in sorted(params)]))
         torch.save(
             {"agents": sorted(sim.agents), "trajectory": torch.stack(rows), "all_reduces": all_reduces,
              "sends": sends, "bytes": nbytes, "gathered": sim.gather_parameters()},
