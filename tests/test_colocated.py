@@ -26,7 +26,9 @@ def test_colocated_equals_serial_reference(name, optimizer, policy):
     sim, agents = simulation_trajectory(topology.multilayer(ks, alphas_for(ks)), optimizer, policy, STEPS)
     assert agents == list(range(len(ks) + 1))
     assert sim.shape == ref.shape == (STEPS, len(ks) + 1, 44)
-    assert relative_deviation(sim, ref) <= TOL
+    deviation = relative_deviation(sim, ref)
+    print(f"max deviation co-located vs serial {name} {optimizer} {policy}: {deviation:.3e}")
+    assert deviation <= TOL
     # The check has teeth: the trajectory moved, and every slow agent was synced.
     assert (ref[-1] - ref[0]).abs().max() > 1e-3
     assert ((ref[1:, 1:] - ref[:-1, 1:]).abs().amax(dim=(0, 2)) > 0).all()
@@ -54,13 +56,16 @@ def test_virtual_iterate_follows_sgd_with_scaled_step(ks):
                      problems.OPTIMIZERS["sgd"])
     fast = sim.agents[0]
     theta = torch.stack([sim.agents[i].params for i in range(schedule.num_agents)], 1) @ a
+    worst = 0.0
     for _ in range(STEPS):
         sim.step()
         grad = torch.cat([p.grad.reshape(-1) for p in fast.parameters])  # g(x_t), at x_t
         new_theta = torch.stack([sim.agents[i].params for i in range(schedule.num_agents)], 1) @ a
         expected = theta - lr * a[0] * grad
-        assert (new_theta - expected).abs().max() <= TOL * theta.abs().max()
+        worst = max(worst, float((new_theta - expected).abs().max() / theta.abs().max()))
         theta = new_theta
+    print(f"max deviation of the virtual iterate {ks}: {worst:.3e}")
+    assert worst <= TOL
 
 
 def gossip_matrices(m: int):

@@ -27,6 +27,7 @@ def check_against_colocated(ranks, schedule, optimizer, policy, steps):
     for saved in ranks:
         for column, agent in enumerate(saved["agents"]):
             worst = max(worst, relative_deviation(saved["trajectory"][:, column], colocated[:, agent]))
+    print(f"max deviation vs co-located: {worst:.3e}")
     assert worst <= TOL, worst
     return worst
 
