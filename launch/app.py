@@ -96,6 +96,8 @@ def run(cfg: DictConfig, out_dir: Path | str) -> int:
 
 def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     rank0 = comm is None or comm.rank == 0
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     schedule = job.schedule
     model = job.model()
     run_ = open_run(job, comm, model)

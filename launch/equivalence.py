@@ -111,6 +111,7 @@ def run(cfg: DictConfig, out_dir: Path | str) -> int:
         text, status = report(job, trackers, float(cfg.tolerance), 1 if comm is None else comm.world_size)
         if comm is None or comm.rank == 0:
             print(text, flush=True)
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / "equivalence.txt").write_text(text + "\n")
         return status
     except ValueError as err:
