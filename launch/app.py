@@ -159,7 +159,7 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     parts = [f"problem={job.problem_name}", f"topology={schedule!r}", f"launch={job.mode}",
              f"processes={1 if comm is None else comm.world_size}", f"steps={job.steps}",
              f"dtype={str(job.dtype).replace('torch.', '')}", f"seed={job.seed}"]
-    parts += [f"{k}=[{', '.join(f'{r[k]:.6g}' for r in rows)}]" for k in metric_keys]
+    parts += [f"heldout_{k}=[{', '.join(f'{r[k]:.6g}' for r in rows)}]" for k in metric_keys]
     if check:
         parts.append(f"max_deviation={worst:.3e}")
     parts += [f"time_s={elapsed:.2f}", f"steps_per_s={job.steps / elapsed:.1f}",
