@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from launch.build import Job, build_job
 from launch.communicator import LocalCommunicator, make_communicator
-from launch.deviation import DeviationTracker, format_table
+from launch.deviation import DeviationTracker, format_table, tolerance_for
 from launch.metrics import MetricsProbe, MetricsWriter
 from launch.runs import SerialRun, SimulationRun, plant_deviation_, role
 from launch.simulation import Simulation
@@ -78,14 +78,17 @@ def make_comm(job: Job):
     return make_communicator(job.mode, device=job.device) if job.mode in ("torch", "mpi") else None
 
 
-def run(cfg: DictConfig, out_dir: Path | str) -> int:
-    """Run the job of ``cfg``, writing its outputs under ``out_dir``; returns the exit status."""
+def run_job(cfg: DictConfig, body) -> int:
+    """Build the job of ``cfg``, open its communicator, return ``body(job, comm)``; a
+    ``ValueError`` (an invalid configuration, on every rank alike) is reported as one line and
+    gives status 2.  The communicator is closed in any case."""
     comm = None
     try:
         job = build_job(cfg)
-        torch.set_num_threads(cfg.launch.num_threads) if cfg.launch.get("num_threads") else None
+        if cfg.launch.get("num_threads"):
+            torch.set_num_threads(cfg.launch.num_threads)
         comm = make_comm(job)
-        return _run(job, cfg, Path(out_dir), comm)
+        return body(job, comm)
     except ValueError as err:
         report_error(err)
         return 2
@@ -94,8 +97,14 @@ def run(cfg: DictConfig, out_dir: Path | str) -> int:
             comm.close()
 
 
+def run(cfg: DictConfig, out_dir: Path | str) -> int:
+    """Run the job of ``cfg``, writing its outputs under ``out_dir``; returns the exit status."""
+    return run_job(cfg, lambda job, comm: _run(job, cfg, Path(out_dir), comm))
+
+
 def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     rank0 = comm is None or comm.rank == 0
+    tolerance = tolerance_for(cfg.tolerance, job.dtype)
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
     schedule = job.schedule
@@ -155,7 +164,7 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     print(f"\n{title}\n{format_table(rows, columns)}")
 
     worst = max((r["deviation"] for r in rows), default=0.0) if check else None
-    status = 1 if check and not worst <= cfg.tolerance else 0
+    status = 1 if check and not worst <= tolerance else 0
     parts = [f"problem={job.problem_name}", f"topology={schedule!r}", f"launch={job.mode}",
              f"processes={1 if comm is None else comm.world_size}", f"steps={job.steps}",
              f"dtype={str(job.dtype).replace('torch.', '')}", f"seed={job.seed}"]
@@ -163,7 +172,7 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     if check:
         parts.append(f"max_deviation={worst:.3e}")
     parts += [f"time_s={elapsed:.2f}", f"steps_per_s={job.steps / elapsed:.1f}",
-              "status=" + ("ok" if status == 0 else f"FAILED (deviation above tolerance {cfg.tolerance:g})")]
+              "status=" + ("ok" if status == 0 else f"FAILED (deviation above tolerance {tolerance:g})")]
     summary = "summary: " + " ".join(parts)
     print(summary, flush=True)
     (out_dir / "summary.txt").write_text(summary + "\n")

@@ -157,6 +157,10 @@ def _integer(value, key: str, minimum: int) -> int:
 
 
 def _options(node, key: str) -> dict:
+    if isinstance(node, DictConfig):
+        missing = sorted(k for k in node if OmegaConf.is_missing(node, k))
+        if missing:
+            raise ValueError(f"{key}.{missing[0]} must be set (it has no default): add {key}.{missing[0]}=... to the command")
     options = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
     if not isinstance(options, dict):
         raise ValueError(f"{key} must be a mapping of options; got {options!r}")

@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import torch
 
+#: The tolerance of ``tolerance: null``, by dtype.  Serial and simulated runs compute a sync in
+#: different forms (``z + alpha * (x - z)`` vs ``alpha * x + (1 - alpha) * z``), which differ in
+#: the last bit; float64 keeps the trajectories 1e-12 apart over thousands of steps, the shorter
+#: formats only to a few hundred units of their precision.
+TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-1}
+
+
+def tolerance_for(value, dtype: torch.dtype) -> float:
+    """The configured ``tolerance``, or the dtype's default (:data:`TOLERANCES`) when None."""
+    if value is None:
+        return TOLERANCES[dtype]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"tolerance must be a number >= 0 or null (by dtype); got {value!r}")
+    return float(value)
+
 
 class DeviationTracker:
     """Per agent i, the largest ``max|x_i - y_i| / max|y_i|`` over every step it was shown.

@@ -18,7 +18,7 @@ Nothing is stored: the runs advance together and the largest deviation
 ``max|x_i - y_i| / max|y_i|`` (the scale of the reference y) is kept per agent and per pair of
 runs.  Rank 0 prints the table (and writes it to ``equivalence.txt`` in hydra's run directory).
 Every rank exits with the same status: 0 when every deviation is at most ``tolerance`` (default
-1e-12, meant for float64), 1 above it, 2 for an invalid configuration.  ``plant`` (test only,
+by dtype, :data:`launch.deviation.TOLERANCES`: 1e-12 in float64), 1 above it, 2 for an invalid configuration.  ``plant`` (test only,
 see ``launch/conf/config.yaml``) perturbs one agent of one run to show that the check can fail.
 """
 
@@ -28,13 +28,12 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from launch.app import make_comm, open_run, report_error
-from launch.build import Job, build_job
-from launch.deviation import DeviationTracker, format_table
+from launch.app import open_run, run_job
+from launch.build import Job
+from launch.deviation import DeviationTracker, format_table, tolerance_for
 from launch.runs import plant_deviation_, role
 from topology.registry import has_serial_reference
 
@@ -101,25 +100,18 @@ def report(job: Job, trackers, tolerance: float, processes: int) -> tuple[str, i
 
 def run(cfg: DictConfig, out_dir: Path | str) -> int:
     """The equivalence check of ``cfg``; returns the exit status (the same on every rank)."""
-    comm = None
-    try:
-        job = build_job(cfg)
-        if cfg.launch.get("num_threads"):
-            torch.set_num_threads(cfg.launch.num_threads)
-        comm = make_comm(job)
+
+    def body(job: Job, comm) -> int:
+        tolerance = tolerance_for(cfg.tolerance, job.dtype)
         trackers = compare(job, comm, cfg.get("plant"))
-        text, status = report(job, trackers, float(cfg.tolerance), 1 if comm is None else comm.world_size)
+        text, status = report(job, trackers, tolerance, 1 if comm is None else comm.world_size)
         if comm is None or comm.rank == 0:
             print(text, flush=True)
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / "equivalence.txt").write_text(text + "\n")
         return status
-    except ValueError as err:
-        report_error(err)
-        return 2
-    finally:
-        if comm is not None:
-            comm.close()
+
+    return run_job(cfg, body)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -180,6 +180,9 @@ def test_multirun_sweep_makes_one_directory_per_value(tmp_path):
 def test_equivalence_passes_in_process_and_fails_when_planted(tmp_path, capsys):
     assert equivalence.run(config(*LA2, "launch.steps=12"), tmp_path) == 0
     assert "PASS" in capsys.readouterr().out
+    # The tolerance is the user's: below the float64 rounding the same runs fail.
+    assert equivalence.run(config(*LA2, "launch.steps=12", "tolerance=1e-30"), tmp_path) == 1
+    assert "FAIL" in capsys.readouterr().out
     planted = config(*LA2, "launch.steps=12", "plant={run: colocated, agent: 2, step: 4, size: 1e-10}")
     assert equivalence.run(planted, tmp_path) == 1
     out = capsys.readouterr().out
@@ -228,6 +231,8 @@ def test_equivalence_without_a_reference_and_without_processes_is_a_clear_error(
         (["launch.steps=0"], "launch.steps must be an integer >= 1"),
         (["launch.device=tpu"], "launch.device must be cpu, cuda, cuda:N or auto"),
         (["agents.state_policy=keep"], "state_policy"),
+        (["tolerance=-1"], "tolerance must be a number >= 0 or null"),
+        (["problem=cifar10_resnet18"], "problem.data_dir must be set"),
     ],
 )
 def test_bad_configuration_is_one_clear_line_and_status_2(tmp_path, capsys, overrides, words):
