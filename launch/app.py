@@ -75,6 +75,11 @@ def open_run(job: Job, comm, model, mode: str | None = None):
 
 def make_comm(job: Job):
     """The communicator of a torch / mpi job (None for serial and co-located)."""
+    if job.mode == "torch" and not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
+        raise ValueError(
+            "launch=torch must be started by torchrun (RANK, WORLD_SIZE and MASTER_ADDR are not set): "
+            "torchrun --nproc_per_node M -m launch launch=torch ..., with M the number of agents"
+        )
     return make_communicator(job.mode, device=job.device) if job.mode in ("torch", "mpi") else None
 
 
@@ -123,6 +128,8 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
                mininterval=0.5)
 
     start = time.perf_counter()
+    if writer is not None:
+        writer.start = start
     for t in range(job.steps):
         losses = run_.step()
         plant_deviation_(run_, cfg.get("plant"), t)

@@ -232,6 +232,7 @@ def test_equivalence_without_a_reference_and_without_processes_is_a_clear_error(
         (["launch.device=tpu"], "launch.device must be cpu, cuda, cuda:N or auto"),
         (["agents.state_policy=keep"], "state_policy"),
         (["tolerance=-1"], "tolerance must be a number >= 0 or null"),
+        (["launch=torch"], "launch=torch must be started by torchrun"),
         (["problem=cifar10_resnet18"], "problem.data_dir must be set"),
     ],
 )
@@ -266,3 +267,15 @@ def test_problem_configs_name_registered_problems_with_their_options(path):
     accepted = _parameters(PROBLEMS[cfg.problem.name])
     options = set(cfg.problem) - {"name"}
     assert accepted is None or options <= accepted, options - accepted
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
+    assert app.run(config("launch.device=cuda"), tmp_path) == 2
+    assert "asks for CUDA, but no CUDA device is available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_colocated_on_cuda_passes_its_reference_check(tmp_path):
+    assert app.run(config(*LA2, "launch.device=cuda", "launch.steps=12"), tmp_path) == 0
+    assert all(v.device.type == "cpu" for state in torch.load(tmp_path / "agents.pt") for v in state.values())
