@@ -279,3 +279,23 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
 def test_colocated_on_cuda_passes_its_reference_check(tmp_path):
     assert app.run(config(*LA2, "launch.device=cuda", "launch.steps=12"), tmp_path) == 0
     assert all(v.device.type == "cpu" for state in torch.load(tmp_path / "agents.pt") for v in state.values())
+
+
+def test_problem_group_calls_any_registered_factory_with_its_options(tmp_path, monkeypatch):
+    """A problem registered in experiments.problems.PROBLEMS runs from the command line: its
+    options from the config, seed and dtype from launch (it takes no device)."""
+    from experiments import problems
+
+    calls = []
+
+    def fake(dim, hidden, batch_size, noise, seed=0, dtype=torch.float64):
+        calls.append(dict(dim=dim, hidden=hidden, batch_size=batch_size, noise=noise, seed=seed, dtype=dtype))
+        return problems.teacher_student(dim=dim, hidden=hidden, batch_size=batch_size, noise=noise, seed=seed,
+                                        dtype=dtype)
+
+    monkeypatch.setitem(problems.PROBLEMS, "fake", fake)
+    cfg = config("problem.name=fake", "problem.dim=5", "launch.seed=3", "launch.dtype=float32", "launch.steps=3")
+    assert app.run(cfg, tmp_path) == 0
+    assert calls == [dict(dim=5, hidden=32, batch_size=32, noise=0.1, seed=3, dtype=torch.float32)]
+    state = torch.load(tmp_path / "agents.pt")[0]
+    assert state["0.weight"].shape == (32, 5) and state["0.weight"].dtype == torch.float32
