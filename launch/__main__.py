@@ -1,7 +1,7 @@
-"""``python -m launch``: the default job (see :mod:`launch.default_job`)."""
+"""``python -m launch``: the hydra application (see :mod:`launch.app`)."""
 
 import sys
 
-from launch.default_job import main
+from launch.app import main
 
 sys.exit(main())

@@ -31,8 +31,27 @@ def _env(extra: dict | None = None) -> dict:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc; empty where there is none).  torchrun starts
+    its workers in sessions of their own, so killing its process group does not reach them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _wait_all(procs, timeout: float) -> list[tuple[int, str]]:
-    """Wait for every process; on timeout kill them all (and their groups) and fail the test."""
+    """Wait for every process; on timeout kill them all (their groups and every descendant) and
+    fail the test."""
     results = []
     try:
         for p in procs:
@@ -40,6 +59,12 @@ def _wait_all(procs, timeout: float) -> list[tuple[int, str]]:
             results.append((p.returncode, out))
     except subprocess.TimeoutExpired:
         for p in procs:
+            for pid in _descendants(p.pid):
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             try:
                 os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -73,12 +98,31 @@ def mpiexec() -> str | None:
 
 
 def run_mpi(nprocs: int, spec: dict, timeout: float = 120) -> tuple[int, str]:
+    return run_mpiexec(nprocs, [sys.executable, str(WORKER), json.dumps(spec)], timeout)
+
+
+def run_command(args: list[str], timeout: float = 120, cwd=None) -> tuple[int, str]:
+    """Run ``args`` in a session of its own; (returncode, stdout and stderr together)."""
+    proc = subprocess.Popen(
+        [str(a) for a in args], env=_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    return _wait_all([proc], timeout)[0]
+
+
+def run_torchrun(nprocs: int, args: list[str], timeout: float = 120, cwd=None) -> tuple[int, str]:
+    """``torchrun --nproc_per_node nprocs ARGS`` (as ``python -m torch.distributed.run``, on a free
+    port), bounded in time; (returncode, output of every rank)."""
+    return run_command(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nprocs, "--master_addr",
+         "127.0.0.1", "--master_port", free_port(), *args], timeout, cwd,
+    )
+
+
+def run_mpiexec(nprocs: int, args: list[str], timeout: float = 120, cwd=None) -> tuple[int, str]:
+    """``mpiexec -n nprocs ARGS``, bounded in time; skips when MPI is not installed."""
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install '.[mpi]')")
     exe = mpiexec()
     if exe is None:
         pytest.skip("mpi4py is installed but no mpiexec was found")
-    proc = subprocess.Popen(
-        [exe, "-n", str(nprocs), sys.executable, str(WORKER), json.dumps(spec)], env=_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    return _wait_all([proc], timeout)[0]
+    return run_command([exe, "-n", nprocs, *args], timeout, cwd)

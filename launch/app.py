@@ -1,0 +1,198 @@
+"""``python -m launch``: one hydra configuration, run serially, co-located, under torchrun or mpiexec.
+
+    python -m launch                                   # the default job: LA-2 co-located, checked
+    python -m launch topology=lookahead agents=adam launch.steps=2000
+    python -m launch -m agents.optimizer.lr=0.01,0.05  # a sweep: one run directory per value
+    torchrun --nproc_per_node 3 -m launch launch=torch
+    mpiexec -n 3 python -m launch launch=mpi
+    python -m launch launch=serial                     # the serial reference (Lookahead family)
+
+The configuration is in ``launch/conf`` (groups ``agents``, ``topology``, ``problem``,
+``launch``); :mod:`launch.build` turns it into a job.  Outputs, in hydra's run directory
+(written by rank 0): ``.hydra/config.yaml`` (the resolved configuration), ``metrics.csv``
+(:mod:`launch.metrics`, written as the run goes), ``agents.pt`` (every agent's final
+``state_dict``, a list indexed by agent) and ``summary.txt`` (the one-line summary, also printed).
+Rank 0 shows a progress bar; the other ranks print nothing but errors.
+
+With ``launch=colocated`` and ``launch.check_reference=true`` (the default) every agent is
+compared with the serial reference at every step, and the run fails above ``tolerance``.
+
+Exit status: 0 success; 1 a deviation above ``tolerance``; 2 an invalid configuration (a
+``ValueError``, printed as one line on every rank, e.g. a process count that does not match the
+topology's number of agents).  In a multirun sweep the status is the worst of its jobs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from launch.build import Job, build_job
+from launch.communicator import LocalCommunicator, make_communicator
+from launch.deviation import DeviationTracker, format_table, tolerance_for
+from launch.metrics import MetricsProbe, MetricsWriter
+from launch.runs import SerialRun, SimulationRun, plant_deviation_, role
+from launch.simulation import Simulation
+from topology.registry import has_serial_reference
+
+#: The worst exit status of the jobs this process ran (a multirun runs several).
+_STATUS = [0]
+
+
+def process_rank() -> int:
+    """This process's rank as the launcher announced it (torchrun, MPICH, Open MPI), else 0."""
+    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def report_error(err: Exception) -> None:
+    """One line on stderr, prefixed with the rank (every rank reports its own)."""
+    print(f"error [rank {process_rank()}]: {err}", file=sys.stderr, flush=True)
+
+
+def open_run(job: Job, comm, model, mode: str | None = None):
+    """The run of ``job`` in ``mode`` (default ``job.mode``): a :class:`SerialRun`, or a
+    :class:`SimulationRun` on ``comm`` (co-located when ``comm`` is None)."""
+    mode = mode or job.mode
+    loss_fn = job.problem.loss_fn
+    if mode == "serial":
+        return SerialRun(model, loss_fn, job.batches(0), job.schedule, job.optimizer, job.state_policy)
+    sim = Simulation(model, loss_fn, job.batches, job.schedule, job.optimizer, state_policy=job.state_policy,
+                     comm=comm if comm is not None else LocalCommunicator(), device=job.device)
+    return SimulationRun(sim, mode)
+
+
+def make_comm(job: Job):
+    """The communicator of a torch / mpi job (None for serial and co-located)."""
+    if job.mode == "torch" and not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
+        raise ValueError(
+            "launch=torch must be started by torchrun (RANK, WORLD_SIZE and MASTER_ADDR are not set): "
+            "torchrun --nproc_per_node M -m launch launch=torch ..., with M the number of agents"
+        )
+    return make_communicator(job.mode, device=job.device) if job.mode in ("torch", "mpi") else None
+
+
+def run_job(cfg: DictConfig, body) -> int:
+    """Build the job of ``cfg``, open its communicator, return ``body(job, comm)``; a
+    ``ValueError`` (an invalid configuration, on every rank alike) is reported as one line and
+    gives status 2.  The communicator is closed in any case."""
+    comm = None
+    try:
+        job = build_job(cfg)
+        if cfg.launch.get("num_threads"):
+            torch.set_num_threads(cfg.launch.num_threads)
+        comm = make_comm(job)
+        return body(job, comm)
+    except ValueError as err:
+        report_error(err)
+        return 2
+    finally:
+        if comm is not None:
+            comm.close()
+
+
+def run(cfg: DictConfig, out_dir: Path | str) -> int:
+    """Run the job of ``cfg``, writing its outputs under ``out_dir``; returns the exit status."""
+    return run_job(cfg, lambda job, comm: _run(job, cfg, Path(out_dir), comm))
+
+
+def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
+    rank0 = comm is None or comm.rank == 0
+    tolerance = tolerance_for(cfg.tolerance, job.dtype)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    schedule = job.schedule
+    model = job.model()
+    run_ = open_run(job, comm, model)
+    check = bool(job.mode == "colocated" and cfg.launch.get("check_reference", False))
+    if check and not has_serial_reference(schedule):
+        check = False
+        print(f"note: {schedule!r} has no serial reference; launch.check_reference is skipped", file=sys.stderr)
+    reference = open_run(job, None, model, "serial") if check else None
+    tracker = DeviationTracker()
+    probe = MetricsProbe(run_, comm, schedule.num_agents, schedule.consensus())
+    writer = MetricsWriter(out_dir / "metrics.csv") if rank0 else None
+    where = job.mode if comm is None else f"{job.mode}, {comm.world_size} processes ({comm.backend})"
+    bar = tqdm(total=job.steps, desc=f"{job.problem_name} {where}", unit="step", disable=not rank0,
+               mininterval=0.5)
+
+    start = time.perf_counter()
+    if writer is not None:
+        writer.start = start
+    for t in range(job.steps):
+        losses = run_.step()
+        plant_deviation_(run_, cfg.get("plant"), t)
+        if reference is not None:
+            reference.step()
+            tracker.update(run_.columns(), reference.columns())
+        done = t + 1
+        if done % job.log_every == 0 or done == job.steps:
+            rows = probe.measure(losses)
+            if writer is not None:
+                writer.write(done, rows)
+                worker_losses = [r["loss"] for r in rows if not math.isnan(r["loss"])]
+                bar.set_postfix(loss=f"{sum(worker_losses) / max(len(worker_losses), 1):.4g}", refresh=False)
+        bar.update()
+    bar.close()
+    elapsed = time.perf_counter() - start
+
+    template = job.model()
+    state_dicts = run_.state_dicts(template)  # a collective: every rank
+    if writer is not None:
+        writer.close()
+    if not rank0:
+        return 0
+    torch.save(state_dicts, out_dir / "agents.pt")
+
+    rows = []
+    for i, state in enumerate(state_dicts):
+        template.load_state_dict(state)
+        metrics = job.evaluate(template.to(job.device) if job.evaluate_on_device else template)
+        rows.append({"agent": i, "role": role(schedule, i), **metrics,
+                     **({"deviation": tracker.worst.get(i, 0.0)} if check else {})})
+    metric_keys = [k for k in rows[0] if k not in ("agent", "role", "deviation")]
+    columns = [("agent", "agent", "d"), ("role", "role", "s")]
+    columns += [(k, "held-out loss" if k == "loss" else f"held-out {k}", "f") for k in metric_keys]
+    title = f"{schedule!r}, {job.steps} steps, {str(job.dtype).replace('torch.', '')}, {where}"
+    if check:
+        columns.append(("deviation", "max rel. deviation", "e"))
+        title = f"{schedule!r}, {job.steps} steps, {str(job.dtype).replace('torch.', '')}, co-located vs serial reference"
+    print(f"\n{title}\n{format_table(rows, columns)}")
+
+    worst = max((r["deviation"] for r in rows), default=0.0) if check else None
+    status = 1 if check and not worst <= tolerance else 0
+    parts = [f"problem={job.problem_name}", f"topology={schedule!r}", f"launch={job.mode}",
+             f"processes={1 if comm is None else comm.world_size}", f"steps={job.steps}",
+             f"dtype={str(job.dtype).replace('torch.', '')}", f"seed={job.seed}"]
+    parts += [f"heldout_{k}=[{', '.join(f'{r[k]:.6g}' for r in rows)}]" for k in metric_keys]
+    if check:
+        parts.append(f"max_deviation={worst:.3e}")
+    parts += [f"time_s={elapsed:.2f}", f"steps_per_s={job.steps / elapsed:.1f}",
+              "status=" + ("ok" if status == 0 else f"FAILED (deviation above tolerance {tolerance:g})")]
+    summary = "summary: " + " ".join(parts)
+    print(summary, flush=True)
+    (out_dir / "summary.txt").write_text(summary + "\n")
+    return status
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    status = run(cfg, HydraConfig.get().runtime.output_dir)
+    _STATUS[0] = max(_STATUS[0], status)
+
+
+def main() -> int:
+    """Entry point of ``python -m launch``: runs the hydra app, returns the worst exit status."""
+    hydra_main()
+    return _STATUS[0]
