@@ -8,6 +8,7 @@ Example:
     ((0, 1, 2), 1)
 """
 
+from topology.nested import nested
 from topology.plan import Block, Mix, Plan, compile_plan
 from topology.schedule import MultilayerSchedule, Schedule, from_matrices, lookahead, multilayer
 from topology.validation import check_mixing_matrix
@@ -21,6 +22,7 @@ __all__ = [
     "MultilayerSchedule",
     "lookahead",
     "multilayer",
+    "nested",
     "from_matrices",
     "check_mixing_matrix",
 ]
