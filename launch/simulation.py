@@ -42,6 +42,7 @@ from agents.agent import Agent, LossFn, OptimizerFactory, StateLayout, probe_sta
 from agents.flat import check_uniform_parameters, module_signature
 from launch.communicator import Communicator, LocalCommunicator
 from launch.level_sync import SyncPolicy
+from launch.outer_sync import OuterSync
 from launch.placement import Placement
 from topology.plan import compile_plan
 from topology.schedule import Schedule
@@ -66,6 +67,9 @@ class Simulation:
         comm: where the agents run; default co-located (:class:`LocalCommunicator`).
         agents_per_rank: default: all agents co-located on one rank, else one agent per rank.
         dtype, device: convert the agents' copies of the model (default: as the model is).
+        outer: a state-dependent slow update (:class:`agents.outer.OuterOptimizer`: outer SGD,
+            SlowMo, DiLoCo; :class:`agents.adaptive.AdaptiveAlpha`), run by
+            :class:`launch.outer_sync.OuterSync` in place of the plain mixing; default None.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class Simulation:
         agents_per_rank: int | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        outer=None,
     ):
         # -- local validation: the same result on every rank, before any communication ------
         if not isinstance(schedule, Schedule):
@@ -122,10 +127,15 @@ class Simulation:
             for index, plan in enumerate(plans)
         ]
         groups = {self.placement.ranks_of(b.members) for plan in plans for b in plan.blocks}
+        layout = probe_state_layout(model, optimizer) if self.state_policy == "pullback" else StateLayout.empty()
+        self.outer = None
+        if outer is not None:
+            self.outer = OuterSync(outer, schedule, self.placement, self.rank, numel, layout.numel,
+                                   model=model, optimizer=optimizer)
+            groups |= self.outer.groups()
         self.comm.init_groups(sorted(g for g in groups if len(g) > 1))
 
         # -- the agents of this rank -----------------------------------------------------------
-        layout = probe_state_layout(model, optimizer) if self.state_policy == "pullback" else StateLayout.empty()
         self.agents: dict[int, Agent] = {}
         for i in self.placement.agents_on(self.rank):
             worker = i in schedule.workers
@@ -135,6 +145,8 @@ class Simulation:
                 state_policy=self.state_policy, layout=layout,
             )
         self._broadcast_initial_parameters()
+        if self.outer is not None:
+            self.outer.start(self.agents)
         self.t = 0
 
     def _broadcast_initial_parameters(self) -> None:
@@ -166,6 +178,9 @@ class Simulation:
         index = self.schedule.matrix_index(t)
         program = self.programs[index]
         if program.plan.is_identity:
+            return
+        if self.outer is not None:
+            self.outer.sync(index, self.agents, self.comm, self.sync_policy.resets[index])
             return
         touched = [i for i in program.plan.touched if i in self.agents]
         tensors = {i: agent.sync_tensor() for i, agent in self.agents.items()}

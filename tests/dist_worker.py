@@ -2,7 +2,7 @@
 
 Usage: python tests/dist_worker.py SPEC_JSON.  SPEC keys: backend (torch | mpi), ks, alphas,
 optimizer, policy, steps, out (a folder), and optionally agents_per_rank, matrices (instead of
-ks/alphas), workers, timeout_s, scramble_init, wider_model_on_rank.  Writes
+ks/alphas), workers, timeout_s, scramble_init, wider_model_on_rank, outer (see make_outer).  Writes
 ``out/rank{R}.pt`` ({"agents", "trajectory", "all_reduces", "sends", "bytes"}) or, on a
 ValueError, ``out/rank{R}.err`` with its message and exit status 3.
 """
@@ -31,6 +31,20 @@ def make_comm(spec):
     return TorchCommunicator(device="cpu", timeout_s=spec.get("timeout_s", 60))
 
 
+def make_outer(spec):
+    """spec["outer"]: {"sgd": {torch.optim.SGD kwargs}} or {"adaptive": alpha_low}, or absent."""
+    outer = spec.get("outer")
+    if outer is None:
+        return None
+    if "adaptive" in outer:
+        from agents.adaptive import AdaptiveAlpha
+
+        return AdaptiveAlpha(outer["adaptive"])
+    from agents.outer import OuterOptimizer
+
+    return OuterOptimizer(lambda params: torch.optim.SGD(params, **outer["sgd"]))
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     comm = make_comm(spec)
@@ -52,6 +66,7 @@ def main() -> int:
         sim = Simulation(
             model, problems.loss_fn, data, schedule, problems.OPTIMIZERS[spec["optimizer"]],
             state_policy=spec["policy"], comm=comm, agents_per_rank=spec.get("agents_per_rank"),
+            outer=make_outer(spec),
         )
         rows, all_reduces, sends, nbytes = [], [], [], []
         for _ in range(spec["steps"]):

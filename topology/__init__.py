@@ -9,6 +9,7 @@ Example:
 """
 
 from topology.nested import nested
+from topology.slow import with_slow_agent
 from topology.plan import Block, Mix, Plan, compile_plan
 from topology.schedule import MultilayerSchedule, Schedule, from_matrices, lookahead, multilayer
 from topology.validation import check_mixing_matrix
@@ -23,6 +24,7 @@ __all__ = [
     "lookahead",
     "multilayer",
     "nested",
+    "with_slow_agent",
     "from_matrices",
     "check_mixing_matrix",
 ]
