@@ -10,6 +10,7 @@ Example:
 
 from topology.nested import nested
 from topology.slow import with_slow_agent
+from topology.stagewise import stagewise_lookahead
 from topology.plan import Block, Mix, Plan, compile_plan
 from topology.schedule import MultilayerSchedule, Schedule, from_matrices, lookahead, multilayer
 from topology.validation import check_mixing_matrix
@@ -25,6 +26,7 @@ __all__ = [
     "multilayer",
     "nested",
     "with_slow_agent",
+    "stagewise_lookahead",
     "from_matrices",
     "check_mixing_matrix",
 ]
