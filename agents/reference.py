@@ -95,6 +95,14 @@ def _mix_chain_(chain: list[list[torch.Tensor]], alphas: Sequence[float]) -> Non
         torch._foreach_copy_(chain[level], chain[-1])
 
 
+def init_optimizer_hooks(wrapper: torch.optim.Optimizer) -> None:
+    """The hook dicts that ``torch.optim.Optimizer.__init__`` sets, for wrappers that do not call
+    it (it would build new ``param_groups``)."""
+    for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+                 "load_state_dict_post"):
+        setattr(wrapper, f"_optimizer_{name}_hooks", OrderedDict())
+
+
 def _policy_value(policy, depth: int):
     """``policy`` validated for ``depth`` levels, in a form that state_dict can save (a str,
     or a list of per-level policies)."""
@@ -202,12 +210,7 @@ class MultilayerLookahead(torch.optim.Optimizer):
         self._set_hyperparameters(ks_, alphas_, policy)
         # What torch.optim.Optimizer.__init__ sets, except param_groups/state (properties that
         # delegate to the inner optimizer).  We do not call it: it would build new groups.
-        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
+        init_optimizer_hooks(self)
         self._patch_step_function()  # profiling + step hooks; sets _zero_grad_profile_name
         self._warned_capturable_if_run_uncaptured = True
 

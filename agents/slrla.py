@@ -28,13 +28,12 @@ syncs at start-up.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from agents.reference import Lookahead
+from agents.reference import Lookahead, init_optimizer_hooks
 from agents.state_policy import reset_state_
 from topology.validation import check_alpha, check_period
 
@@ -81,12 +80,7 @@ class Proximal(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.beta = float(beta)
         self.defaults = optimizer.defaults
-        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
+        init_optimizer_hooks(self)
         self.set_anchor()
 
     @property
