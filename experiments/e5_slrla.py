@@ -15,9 +15,9 @@ import time
 
 import torch
 
+import topology
 from agents.slrla import SLRLAController, Stage, proximal
 from experiments.variants import RESULTS, fmt, make_problem, run, setup_matplotlib, write_markdown
-import topology
 
 SEEDS = (0, 1, 2)
 LRS, BETAS = (0.1, 0.05, 0.02), (0.001, 0.01, 0.1)

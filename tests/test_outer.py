@@ -7,7 +7,6 @@ import torch
 import topology
 from agents.adaptive import AdaptiveAlpha, AdaptiveLookahead, adaptive_alpha
 from agents.outer import OuterLookahead, OuterOptimizer
-from agents.reference import Lookahead
 from launch.simulation import Simulation
 from tests.spawn import run_torch
 from tests.trajectories import reference_trajectory, relative_deviation, simulation_trajectory
