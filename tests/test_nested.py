@@ -208,3 +208,46 @@ def test_torch_gloo_nested_equals_colocated(tmp_path, policy):
             expected = 1 if level >= rank and level > 0 else 0
             assert saved["all_reduces"][t] == expected
             assert saved["bytes"][t] == expected * 3 * d * 8
+
+
+class AliasingPullback(NestedLookahead):
+    """The public implementations' bug: after the pullback the cache *references* the live
+    buffer (``cache = state["momentum_buffer"]``) instead of holding a copy."""
+
+    def _sync_state(self, level, params, alphas):
+        super()._sync_state(level, params, alphas)
+        for i, p in enumerate(params):
+            for l in range(level):
+                self._cache[l][i]["momentum_buffer"] = self.optimizer.state[p]["momentum_buffer"]
+
+
+def test_the_aliasing_bug_makes_pullback_a_no_op_and_the_tests_see_it():
+    def trajectory(cls, policy):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+        opt = cls(torch.optim.SGD([w], lr=0.1, momentum=0.9), k=2, alpha=0.5, s=2, h=0.5, state_policy=policy)
+        rows = []
+        for step in range(24):
+            opt.zero_grad()
+            ((w - torch.arange(4.0, dtype=torch.float64)) ** 2).sum().backward()
+            opt.step()
+            rows.append(w.detach().clone())
+        return torch.stack(rows)
+
+    maintain = trajectory(NestedLookahead, "maintain")
+    for policy in ("pullback_inner", "pullback_outer", "pullback_both"):
+        # With the alias the cache moves with the live state, so "pulling back" to it does
+        # nothing after the first sync of each level ...
+        buggy = trajectory(AliasingPullback, policy)
+        ours = trajectory(NestedLookahead, policy)
+        assert relative_deviation(ours, buggy) > 1e-6, policy
+    # ... and with every sync aliased from the start, pullback equals maintain exactly.
+    class AlwaysAliased(AliasingPullback):
+        def _pull_back(self, level, params, policies, alphas):
+            for i, p in enumerate(params):
+                for l in range(len(self._cache)):
+                    self._cache[l][i]["momentum_buffer"] = self.optimizer.state[p]["momentum_buffer"]
+            return super()._pull_back(level, params, policies, alphas)
+
+    assert torch.equal(trajectory(AlwaysAliased, "pullback_both"), maintain)
+    assert relative_deviation(trajectory(NestedLookahead, "pullback_both"), maintain) > 1e-6

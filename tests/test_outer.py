@@ -226,3 +226,36 @@ def test_torch_gloo_outer_equals_colocated(tmp_path, case):
             else:
                 assert saved["all_reduces"][t] == synced and saved["sends"][t] == 0
                 assert saved["bytes"][t] == synced * (width * d + c["extra"]) * 8
+
+
+def test_multi_worker_diloco_equals_a_serial_loop():
+    """Two Adam workers on their own streams and a slow agent with outer Nesterov SGD, written
+    serially from the definition: every K steps mixed = x_0 / 2 + x_1 / 2, slow.grad = slow -
+    mixed, outer step, every agent <- slow.  Against the co-located simulator, every agent."""
+    from agents.flat import load_flat_
+    from tests import problems
+
+    steps = 40
+    schedule = topology.with_slow_agent(2, k=K, alpha=ALPHA)
+    sim, _ = simulation_trajectory(schedule, "adam", "maintain", steps,
+                                   outer=OuterOptimizer(sgd_factory(OUTERS["diloco"])))
+    models = [problems.make_model(0) for _ in range(2)]
+    inners = [problems.OPTIMIZERS["adam"](list(m.parameters())) for m in models]
+    streams = [problems.batches(1 + i) for i in range(2)]
+    slow = problems.flat_parameters(models[0]).clone()
+    slow.grad = torch.zeros_like(slow)
+    outer = torch.optim.SGD([slow], **OUTERS["diloco"])
+    for t in range(steps):
+        for m, opt, data in zip(models, inners, streams):
+            opt.zero_grad()
+            problems.loss_fn(m, next(data)).backward()
+            opt.step()
+        if (t + 1) % K == 0:
+            with torch.no_grad():
+                mixed = 0.5 * problems.flat_parameters(models[0]) + 0.5 * problems.flat_parameters(models[1])
+                slow.grad.copy_(slow - mixed)
+                outer.step()
+                for m in models:
+                    load_flat_(m, slow)
+        serial = torch.stack([problems.flat_parameters(m) for m in models] + [slow.detach()])
+        assert relative_deviation(sim[t], serial) <= TOL, t
