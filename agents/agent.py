@@ -145,9 +145,13 @@ class Agent:
             self._bind_state_to_slots()
         return self.flat.buffer
 
-    def after_sync(self) -> None:
-        """Apply the state policy's post-sync action (``reset`` zeroes a worker's state)."""
-        if self.state_policy == "reset" and self.is_worker:
+    def after_sync(self, reset: bool | None = None) -> None:
+        """Apply the state policy's post-sync action (``reset`` zeroes a worker's state).
+
+        ``reset`` overrides the agent's policy for this sync (per-level policies decide it per
+        sync: :class:`launch.level_sync.SyncPolicy`).
+        """
+        if (self.state_policy == "reset" if reset is None else reset) and self.is_worker:
             reset_state_(self.optimizer.state.values())
 
     def _bind_state_to_slots(self) -> None:

@@ -54,7 +54,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from agents.state_policy import mixable_state_keys, reset_state_, validate_policy
+from agents.level_policy import any_pullback, resolve_policy, run_state_chain_, state_weights
+from agents.state_policy import mixable_state_keys, reset_state_
 from topology.validation import check_alpha, check_levels, check_period
 
 __all__ = ["MultilayerLookahead", "Lookahead"]
@@ -92,6 +93,21 @@ def _mix_chain_(chain: list[list[torch.Tensor]], alphas: Sequence[float]) -> Non
         torch._foreach_add_(chain[level], delta)
     for level in range(len(chain) - 1):
         torch._foreach_copy_(chain[level], chain[-1])
+
+
+def init_optimizer_hooks(wrapper: torch.optim.Optimizer) -> None:
+    """The hook dicts that ``torch.optim.Optimizer.__init__`` sets, for wrappers that do not call
+    it (it would build new ``param_groups``)."""
+    for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+                 "load_state_dict_post"):
+        setattr(wrapper, f"_optimizer_{name}_hooks", OrderedDict())
+
+
+def _policy_value(policy, depth: int):
+    """``policy`` validated for ``depth`` levels, in a form that state_dict can save (a str,
+    or a list of per-level policies)."""
+    levels = resolve_policy(policy, depth)
+    return policy if isinstance(policy, str) else list(levels)
 
 
 def _copy_of(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -146,7 +162,11 @@ class MultilayerLookahead(torch.optim.Optimizer):
         optimizer: the inner optimizer A (any :class:`torch.optim.Optimizer`).
         ks: ``(k_1, ..., k_n)``, ints >= 1; level ``l`` syncs every ``k_1 * ... * k_l`` steps.
         alphas: ``(alpha_1, ..., alpha_n)``, finite reals in (0, 1].
-        state_policy: ``"maintain"`` (default), ``"reset"`` or ``"pullback"``.
+        state_policy: ``"maintain"`` (default), ``"reset"`` or ``"pullback"`` at every level, or
+            one policy per level (nested Lookahead's ``"reset_inner"``, ``"pullback_outer"``, ...,
+            a sequence level 1 first, or a mapping ``{level: policy}``): see
+            :mod:`agents.level_policy` for the per-level semantics, which reduce to the above
+            when every level has the same policy.
 
     Raises:
         TypeError: ``optimizer`` is not a :class:`torch.optim.Optimizer`.
@@ -185,17 +205,12 @@ class MultilayerLookahead(torch.optim.Optimizer):
                 f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}"
             )
         ks_, alphas_ = check_levels(ks, alphas)
-        policy = validate_policy(state_policy)
+        policy = _policy_value(state_policy, len(ks_))
         self.optimizer = optimizer
         self._set_hyperparameters(ks_, alphas_, policy)
         # What torch.optim.Optimizer.__init__ sets, except param_groups/state (properties that
         # delegate to the inner optimizer).  We do not call it: it would build new groups.
-        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
+        init_optimizer_hooks(self)
         self._patch_step_function()  # profiling + step hooks; sets _zero_grad_profile_name
         self._warned_capturable_if_run_uncaptured = True
 
@@ -243,6 +258,8 @@ class MultilayerLookahead(torch.optim.Optimizer):
         self, ks: tuple[int, ...], alphas: tuple[float, ...], policy: str
     ) -> None:
         self._ks, self._alphas, self._policy = ks, alphas, policy
+        # Per-level policies (agents.level_policy); a single policy applies to every level.
+        self._level_policies = resolve_policy(policy, len(ks))
         # Level l (1-based) syncs when the counter is a multiple of _periods[l - 1].
         self._periods = tuple(math.prod(ks[: l + 1]) for l in range(len(ks)))
         self.defaults = {
@@ -342,13 +359,19 @@ class MultilayerLookahead(torch.optim.Optimizer):
     def _sync(self, level: int) -> None:
         params = self._params()
         _mix_chain_([params] + self._slow[:level], self._alphas)
-        inner_state = self.optimizer.state
-        if self._policy == "reset":
-            reset_state_(inner_state[p] for p in params if p in inner_state)
-        elif self._policy == "pullback":
-            self._pull_back(level, params)
+        self._sync_state(level, params, self._alphas)
 
-    def _pull_back(self, level: int, params: list[torch.Tensor]) -> None:
+    def _sync_state(self, level: int, params: list[torch.Tensor], alphas: Sequence[float]) -> None:
+        """The state policies of a level-``level`` sync (:mod:`agents.level_policy`)."""
+        inner_state = self.optimizer.state
+        policies = self._level_policies[:level]
+        if any_pullback(policies):
+            if self._pull_back(level, params, policies, alphas):
+                reset_state_(inner_state[p] for p in params if p in inner_state)
+        elif not any(state_weights(policies, alphas, level)):
+            reset_state_(inner_state[p] for p in params if p in inner_state)
+
+    def _pull_back(self, level: int, params: list[torch.Tensor], policies, alphas) -> bool:
         # One chain of tensor lists, (param, key) pairs in a fixed order: [live, cache_1, ...].
         chain: list[list[torch.Tensor]] = [[] for _ in range(level + 1)]
         inner_state = self.optimizer.state
@@ -363,7 +386,7 @@ class MultilayerLookahead(torch.optim.Optimizer):
                 chain[0].append(live[key])
                 for l in range(1, level + 1):
                     chain[l].append(self._cache[l - 1][i][key])
-        _mix_chain_(chain, self._alphas)
+        return run_state_chain_(chain[0], chain[1:], policies, alphas, level)
 
     @contextlib.contextmanager
     def swapped_slow_weights(self, level: int | None = None) -> Iterator[MultilayerLookahead]:
@@ -452,7 +475,7 @@ class MultilayerLookahead(torch.optim.Optimizer):
             raise ValueError("state_dict has no 'lookahead' entry: not a Lookahead state_dict")
         saved = state_dict["lookahead"]
         ks, alphas = check_levels(saved["ks"], saved["alphas"])
-        policy = validate_policy(saved["state_policy"])
+        policy = _policy_value(saved["state_policy"], len(ks))
         step_count = saved["step_count"]
         if isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral):
             raise ValueError(f"step_count must be an int >= 0; got {step_count!r}")

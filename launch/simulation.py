@@ -40,10 +40,10 @@ from torch import nn
 
 from agents.agent import Agent, LossFn, OptimizerFactory, StateLayout, probe_state_layout
 from agents.flat import check_uniform_parameters, module_signature
-from agents.state_policy import validate_policy
 from launch.communicator import Communicator, LocalCommunicator
+from launch.level_sync import SyncPolicy
+from launch.outer_sync import OuterSync
 from launch.placement import Placement
-from launch.sync import RankProgram
 from topology.plan import compile_plan
 from topology.schedule import Schedule
 
@@ -61,10 +61,15 @@ class Simulation:
             schedules with several workers.
         schedule: t -> P_t and the workers (see :mod:`topology`).
         optimizer: factory ``params -> torch.optim.Optimizer``, the inner optimizer A.
-        state_policy: ``maintain`` | ``reset`` | ``pullback`` (see :mod:`agents.state_policy`).
+        state_policy: ``maintain`` | ``reset`` | ``pullback`` (see :mod:`agents.state_policy`), or
+            for a multilayer schedule one policy per level (``reset_inner``, ``pullback_outer``,
+            ..., see :mod:`agents.level_policy`).
         comm: where the agents run; default co-located (:class:`LocalCommunicator`).
         agents_per_rank: default: all agents co-located on one rank, else one agent per rank.
         dtype, device: convert the agents' copies of the model (default: as the model is).
+        outer: a state-dependent slow update (:class:`agents.outer.OuterOptimizer`: outer SGD,
+            SlowMo, DiLoCo; :class:`agents.adaptive.AdaptiveAlpha`), run by
+            :class:`launch.outer_sync.OuterSync` in place of the plain mixing; default None.
     """
 
     def __init__(
@@ -75,11 +80,12 @@ class Simulation:
         schedule: Schedule,
         optimizer: OptimizerFactory,
         *,
-        state_policy: str = "maintain",
+        state_policy="maintain",
         comm: Communicator | None = None,
         agents_per_rank: int | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        outer=None,
     ):
         # -- local validation: the same result on every rank, before any communication ------
         if not isinstance(schedule, Schedule):
@@ -90,7 +96,8 @@ class Simulation:
             raise ValueError("optimizer must be a factory: params -> torch.optim.Optimizer")
         if not callable(loss_fn):
             raise ValueError("loss_fn must be callable as loss_fn(module, batch)")
-        self.state_policy = validate_policy(state_policy)
+        self.sync_policy = SyncPolicy(state_policy, schedule)
+        self.state_policy = self.sync_policy.agent_policy
         self.comm = comm if comm is not None else LocalCommunicator()
         self.schedule = schedule
         self.loss_fn = loss_fn
@@ -114,12 +121,21 @@ class Simulation:
 
         # -- process groups, created by every rank in the same order ---------------------------
         plans = [compile_plan(p) for p in schedule.distinct_matrices]
-        self.programs = [RankProgram(plan, self.placement, self.rank) for plan in plans]
+        numel = sum(p.numel() for p in model.parameters())
+        self.programs = [
+            self.sync_policy.program(index, plan, self.placement, self.rank, numel)
+            for index, plan in enumerate(plans)
+        ]
         groups = {self.placement.ranks_of(b.members) for plan in plans for b in plan.blocks}
+        layout = probe_state_layout(model, optimizer) if self.state_policy == "pullback" else StateLayout.empty()
+        self.outer = None
+        if outer is not None:
+            self.outer = OuterSync(outer, schedule, self.placement, self.rank, numel, layout.numel,
+                                   model=model, optimizer=optimizer)
+            groups |= self.outer.groups()
         self.comm.init_groups(sorted(g for g in groups if len(g) > 1))
 
         # -- the agents of this rank -----------------------------------------------------------
-        layout = probe_state_layout(model, optimizer) if self.state_policy == "pullback" else StateLayout.empty()
         self.agents: dict[int, Agent] = {}
         for i in self.placement.agents_on(self.rank):
             worker = i in schedule.workers
@@ -129,6 +145,8 @@ class Simulation:
                 state_policy=self.state_policy, layout=layout,
             )
         self._broadcast_initial_parameters()
+        if self.outer is not None:
+            self.outer.start(self.agents)
         self.t = 0
 
     def _broadcast_initial_parameters(self) -> None:
@@ -157,14 +175,18 @@ class Simulation:
     @torch.no_grad()
     def sync(self, t: int) -> None:
         """Apply P_t to the agents (nothing at all when P_t is the identity)."""
-        program = self.programs[self.schedule.matrix_index(t)]
+        index = self.schedule.matrix_index(t)
+        program = self.programs[index]
         if program.plan.is_identity:
+            return
+        if self.outer is not None:
+            self.outer.sync(index, self.agents, self.comm, self.sync_policy.resets[index])
             return
         touched = [i for i in program.plan.touched if i in self.agents]
         tensors = {i: agent.sync_tensor() for i, agent in self.agents.items()}
         program.run(tensors, self.comm)
         for i in touched:
-            self.agents[i].after_sync()
+            self.agents[i].after_sync(reset=self.sync_policy.resets[index])
 
     def run(self, steps: int, callback: Callable[["Simulation", dict], None] | None = None) -> None:
         """``steps`` iterations; ``callback(sim, losses)`` after each."""

@@ -2,7 +2,8 @@
 
 Usage: python tests/dist_worker.py SPEC_JSON.  SPEC keys: backend (torch | mpi), ks, alphas,
 optimizer, policy, steps, out (a folder), and optionally agents_per_rank, matrices (instead of
-ks/alphas), workers, timeout_s, scramble_init, wider_model_on_rank.  Writes
+ks/alphas), workers, timeout_s, scramble_init, wider_model_on_rank, outer (see make_outer), slrla (a list
+of agents.slrla.Stage kwargs: the schedule is their stagewise Lookahead).  Writes
 ``out/rank{R}.pt`` ({"agents", "trajectory", "all_reduces", "sends", "bytes"}) or, on a
 ValueError, ``out/rank{R}.err`` with its message and exit status 3.
 """
@@ -31,12 +32,33 @@ def make_comm(spec):
     return TorchCommunicator(device=spec.get("device", "cpu"), timeout_s=spec.get("timeout_s", 60))
 
 
+def make_outer(spec):
+    """spec["outer"]: {"sgd": {torch.optim.SGD kwargs}} or {"adaptive": alpha_low}, or absent."""
+    outer = spec.get("outer")
+    if outer is None:
+        return None
+    if "adaptive" in outer:
+        from agents.adaptive import AdaptiveAlpha
+
+        return AdaptiveAlpha(outer["adaptive"])
+    from agents.outer import OuterOptimizer
+
+    return OuterOptimizer(lambda params: torch.optim.SGD(params, **outer["sgd"]))
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     comm = make_comm(spec)
     out = spec["out"]
     try:
-        if "matrices" in spec:
+        controller, optimizer = None, problems.OPTIMIZERS[spec["optimizer"]]
+        if "slrla" in spec:  # stagewise locally-regularized Lookahead: stages as Stage kwargs
+            from agents.slrla import SLRLAController, proximal
+
+            controller = SLRLAController(spec["slrla"])
+            schedule = topology.stagewise_lookahead(controller.stages)
+            optimizer = proximal(optimizer)
+        elif "matrices" in spec:
             schedule = topology.from_matrices(spec["matrices"], workers=spec.get("workers"))
         else:
             schedule = topology.multilayer(spec["ks"], spec["alphas"])
@@ -55,14 +77,18 @@ def main() -> int:
             data = lambda agent: ((x.to(device), y.to(device)) for x, y in  # noqa: E731
                                   (stream(agent) if callable(stream) else stream))
         sim = Simulation(
-            model, problems.loss_fn, data, schedule, problems.OPTIMIZERS[spec["optimizer"]],
+            model, problems.loss_fn, data, schedule, optimizer,
             state_policy=spec["policy"], comm=comm, agents_per_rank=spec.get("agents_per_rank"),
-            device=device,
+            device=device, outer=make_outer(spec),
         )
         rows, all_reduces, sends, nbytes = [], [], [], []
+        if controller is not None:
+            controller.start(sim)
         for _ in range(spec["steps"]):
             before = (comm.stats.all_reduces, comm.stats.sends, comm.stats.all_reduce_bytes + comm.stats.send_bytes)
             sim.step()
+            if controller is not None:
+                controller(sim)
             all_reduces.append(comm.stats.all_reduces - before[0])
             sends.append(comm.stats.sends - before[1])
             nbytes.append(comm.stats.all_reduce_bytes + comm.stats.send_bytes - before[2])

@@ -9,11 +9,17 @@ from launch.simulation import Simulation
 from tests import problems
 
 
-def reference_trajectory(ks, alphas, optimizer: str, policy: str, steps: int, seed: int = 0):
-    """Serial MultilayerLookahead: a (steps, n + 1, d) tensor: fast weights, then slow levels."""
+def reference_trajectory(ks, alphas, optimizer: str, policy: str, steps: int, seed: int = 0, wrap=None):
+    """Serial MultilayerLookahead: a (steps, n + 1, d) tensor: fast weights, then slow levels.
+
+    ``wrap(inner)`` builds another reference (OuterLookahead, AdaptiveLookahead) with ``len(ks)``
+    levels instead."""
     model = problems.make_model(seed)
     inner = problems.OPTIMIZERS[optimizer](list(model.parameters()))
-    la = MultilayerLookahead(inner, ks, alphas, state_policy=policy)
+    if wrap is not None:
+        la = wrap(inner)
+    else:
+        la = MultilayerLookahead(inner, ks, alphas, state_policy=policy)
     data = problems.batches(seed + 1)
     rows = []
     for _ in range(steps):
@@ -27,7 +33,7 @@ def reference_trajectory(ks, alphas, optimizer: str, policy: str, steps: int, se
 
 
 def simulation_trajectory(schedule, optimizer: str, policy: str, steps: int, seed: int = 0,
-                          comm=None, agents_per_rank=None):
+                          comm=None, agents_per_rank=None, outer=None):
     """Simulation: a (steps, local agents, d) tensor and the sorted local agent indices."""
     data = problems.batches(seed + 1)
     if len(schedule.workers) > 1:  # worker i reads its own stream, as in tests/dist_worker.py
@@ -35,6 +41,7 @@ def simulation_trajectory(schedule, optimizer: str, policy: str, steps: int, see
     sim = Simulation(
         problems.make_model(seed), problems.loss_fn, data, schedule,
         problems.OPTIMIZERS[optimizer], state_policy=policy, comm=comm, agents_per_rank=agents_per_rank,
+        outer=outer,
     )
     rows = []
     for _ in range(steps):

@@ -8,6 +8,9 @@ Example:
     ((0, 1, 2), 1)
 """
 
+from topology.nested import nested
+from topology.slow import with_slow_agent
+from topology.stagewise import stagewise_lookahead
 from topology.plan import Block, Mix, Plan, compile_plan
 from topology.schedule import MultilayerSchedule, Schedule, from_matrices, lookahead, multilayer
 from topology.validation import check_mixing_matrix
@@ -21,6 +24,9 @@ __all__ = [
     "MultilayerSchedule",
     "lookahead",
     "multilayer",
+    "nested",
+    "with_slow_agent",
+    "stagewise_lookahead",
     "from_matrices",
     "check_mixing_matrix",
 ]
