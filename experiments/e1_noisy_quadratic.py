@@ -195,10 +195,10 @@ def matched_runs(args):
 def main(argv: Sequence[str] | None = None) -> dict:
     args = arguments(argv)
     torch.set_num_threads(1)
-    with Timer() as timer:
-        steady_rows, checks = steady_state_rows(args)
-        excess_target, curves = matched_runs(args)
-        sgd_grid, la_grid = figure3_grid(args)
+    timer = Timer()
+    steady_rows, checks = steady_state_rows(args)
+    excess_target, curves = matched_runs(args)
+    sgd_grid, la_grid = figure3_grid(args)
 
     ratios = ratio_to_sgd(sgd_grid, la_grid)
     all_ratios = [r for pts in ratios.values() for _, r in pts]
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "(b): the matched pair above, simulated (markers, ± 2 SE) against the recursions (lines).\n"
     )
     write_markdown(args.out / f"{NAME}.md", "E1: Lookahead on the noisy quadratic model",
-                   command_line(f"experiments.{NAME}", argv), timer.elapsed, body)
+                   command_line(f"experiments.{NAME}", argv), timer, body)
     return {"steady_rows": steady_rows, "agree": checks, "curves": curves, "ratios": ratios, "elapsed": timer.elapsed}
 
 
