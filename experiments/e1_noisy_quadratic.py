@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 import topology
 from experiments import nqm
 from experiments.report import (
-    Timer, command_line, markdown_table, mean_se, parser, pyplot, sgd_schedule, simulation, write_markdown,
+    Timer, markdown_table, mean_se, parser, pyplot, save_figure, sgd_schedule, simulation, write_markdown,
 )
 
 NAME = "e1_noisy_quadratic"
@@ -142,8 +143,6 @@ def ratio_to_sgd(sgd, la, floor: float = 1e-12):
     """For each Lookahead point (L* - f_inf, gap) whose L* lies in SGD's range: its gap over SGD's
     gap at the same L* (log-log interpolation along SGD's curve); points where SGD's gap is below
     ``floor`` (converged to round-off) are left out.  Returns {alpha: [(x, ratio), ...]}."""
-    import numpy as np
-
     xs, ys = (np.array(v) for v in zip(*sorted(sgd)))
     keep = ys > floor
     xs, ys = np.log(xs[keep]), np.log(ys[keep])
@@ -239,10 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ax.set_ylabel("L_t - L*")
     ax.set_title(f"(b) simulated at equal L* (L* - f_inf = {excess_target:.4f}), {args.match_replicas} runs")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / f"{NAME}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, args.out, NAME)
 
     marks = [t for t in (25, 50, 100, 200, 400, 800) if t <= args.match_steps and t % args.k == 0]
     match_rows = []
@@ -255,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"Lookahead k = {args.k}, alpha = {args.alpha}; {args.replicas} independent runs, burn-in "
         f"{args.burn_in} iterations, window {args.window} iterations.\n\n"
         "## Steady state: simulated vs Proposition 2\n\n"
-        + markdown_table(["optimizer", "quantity", "closed form", "simulated ± SE", "z", f"agrees (|z| ≤ {AGREE_SE:g})"],
+        + markdown_table(["optimizer", "quantity", "closed form", "simulated ± SE", "z", f"agrees (abs(z) ≤ {AGREE_SE:g})"],
                          steady_rows)
         + f"\n\n{sum(checks)} of {len(checks)} quantities agree within {AGREE_SE:g} standard errors.\n\n"
         "## Convergence at equal steady-state loss (Figure 3)\n\n"
@@ -275,8 +271,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "(a'): each Lookahead point's L_T - L* divided by SGD's at the same L*. "
         "(b): the matched pair above, simulated (markers, ± 2 SE) against the recursions (lines).\n"
     )
-    write_markdown(args.out / f"{NAME}.md", "E1: Lookahead on the noisy quadratic model",
-                   command_line(f"experiments.{NAME}", argv), timer, body)
+    write_markdown(args.out, NAME, "E1: Lookahead on the noisy quadratic model", argv, timer, body)
     return {"steady_rows": steady_rows, "agree": checks, "curves": curves, "ratios": ratios, "elapsed": timer.elapsed}
 
 

@@ -26,7 +26,9 @@ import torch
 import topology
 from experiments.digits import digits_split
 from experiments.problems import PROBLEMS
-from experiments.report import Timer, command_line, markdown_table, parser, pyplot, sgd_schedule, simulation, write_markdown
+from experiments.report import (
+    Timer, markdown_table, parser, pyplot, save_figure, sgd_schedule, simulation, write_markdown,
+)
 
 NAME = "e2_digits"
 
@@ -127,10 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ax.legend()
         sections.append(f"### {problem_name}\n\n" + markdown_table(
             ["Opt", "lr", "alpha", f"test accuracy (step {args.steps})", "test loss"], rows))
-    fig.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / f"{NAME}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, args.out, NAME)
 
     split = digits_split()
     body = (
@@ -142,8 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         + f"\n\n![E2]({NAME}.png)\n\nAnytime test accuracy of the fast weights every {args.eval_every} iterations "
         "(mean ± std over seeds, shaded).\n"
     )
-    write_markdown(args.out / f"{NAME}.md", "E2: SGD vs Multilayer Lookahead on the digits",
-                   command_line(f"experiments.{NAME}", argv), timer, body)
+    write_markdown(args.out, NAME, "E2: SGD vs Multilayer Lookahead on the digits", argv, timer, body)
     return {"curves": curves, "elapsed": timer.elapsed}
 
 

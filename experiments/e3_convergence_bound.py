@@ -28,7 +28,9 @@ import torch
 
 import topology
 from experiments import nqm
-from experiments.report import Timer, command_line, markdown_table, mean_se, parser, pyplot, simulation, write_markdown
+from experiments.report import (
+    Timer, markdown_table, mean_se, parser, pyplot, save_figure, simulation, write_markdown,
+)
 
 NAME = "e3_convergence_bound"
 
@@ -108,10 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ax.set_ylabel("(1/K) sum_{k<K} E||grad f(y_k)||^2")
     ax.set_title(f"Wang et al. Theorem 2 (dashed) vs measured (solid), NQM d={args.dim}, {args.replicas} runs")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / f"{NAME}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, args.out, NAME)
 
     body = (
         f"Noisy quadratic model: d = {args.dim}, h_i = 1/i, Sigma = A^-1, batch {args.batch_size}, "
@@ -125,8 +124,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         + f"\n\n![E3]({NAME}.png)\n\nSolid: the running average (1/K) sum_{{k<K}} ||grad f(y_k)||^2 (mean over runs) "
         "against K; dashed: the bound (14) at that K.  Theorem 2 promises the bound only where (13) holds.\n"
     )
-    write_markdown(args.out / f"{NAME}.md", "E3: Wang et al. Theorem 2 on the noisy quadratic model",
-                   command_line(f"experiments.{NAME}", argv), timer, body)
+    write_markdown(args.out, NAME, "E3: Wang et al. Theorem 2 on the noisy quadratic model", argv, timer, body)
     return {"results": results, "L": L, "sigma2": sigma2, "gap": gap, "elapsed": timer.elapsed}
 
 
