@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from experiments.base import Problem, agent_generator, as_dtype
+from experiments.base import Problem, agent_generator, as_dtype, module_place
 from experiments.cifar import cifar10_resnet18
 from experiments.digits import digits_cnn, digits_logistic, digits_mlp
 from experiments.nqm import noisy_quadratic
@@ -51,7 +51,8 @@ def teacher_student(
         return nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)).to(dtype)
 
     def loss_fn(module, batch):
-        x, y = batch
+        device, dtype = module_place(module)
+        x, y = (t.to(device=device, dtype=dtype) for t in batch)
         return ((module(x) - y) ** 2).mean()
 
     def batches(agent: int = 0):
