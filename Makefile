@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[mpi,experiments,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

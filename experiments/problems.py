@@ -1,28 +1,31 @@
-"""Built-in problems: a model, a loss and data streams, generated in code (nothing downloads).
+"""Built-in problems by name: a model, a loss and data streams (nothing downloads).
 
-A problem is a :class:`Problem`: ``model()`` builds a fresh module (seeded), ``loss_fn(module,
-batch)`` is the training loss, ``batches(agent)`` the endless stream of worker ``agent``, and
-``evaluate(module)`` the metrics on a fixed held-out set (a dict with at least ``"loss"``).
-Problems are registered by name in :data:`PROBLEMS` (factories taking keyword options).
+A problem is a :class:`Problem` (see :mod:`experiments.base`): ``model()`` builds a fresh module
+(seeded), ``loss_fn(module, batch)`` is the training loss, ``batches(agent)`` the endless stream of
+worker ``agent``, and ``evaluate(module)`` the metrics on a fixed held-out set (a dict with at
+least ``"loss"``; the classifiers add ``"accuracy"``).  Problems are registered by name in
+:data:`PROBLEMS` (factories taking keyword options, each with a default):
+
+- ``teacher_student``: regression onto a random tanh teacher (below);
+- ``noisy_quadratic``: Zhang et al.'s noisy quadratic model (:mod:`experiments.nqm`);
+- ``digits_logistic``, ``digits_mlp``, ``digits_cnn``: scikit-learn's digits (:mod:`experiments.digits`);
+- ``cifar10_resnet18``: CIFAR-10 from a local folder, ResNet-18 (:mod:`experiments.cifar`).
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
+from experiments.base import Problem, agent_generator, as_dtype, module_place
+from experiments.cifar import cifar10_resnet18
+from experiments.digits import digits_cnn, digits_logistic, digits_mlp
+from experiments.nqm import noisy_quadratic
 
-@dataclass
-class Problem:
-    name: str
-    model: Callable[[], nn.Module]
-    loss_fn: Callable[[nn.Module, object], torch.Tensor]
-    batches: Callable[[int], Iterator]
-    evaluate: Callable[[nn.Module], dict]
+__all__ = ["PROBLEMS", "Problem", "make_problem", "teacher_student"]
 
 
 def teacher_student(
@@ -35,6 +38,7 @@ def teacher_student(
     generator seeded with ``seed + 1000 * (agent + 1)``; the held-out set (1024 points) from
     ``seed + 7``.
     """
+    dtype = as_dtype(dtype)
     gen = torch.Generator().manual_seed(seed)
     w1 = torch.randn(dim, hidden, generator=gen, dtype=dtype) / dim**0.5
     w2 = torch.randn(hidden, 1, generator=gen, dtype=dtype) / hidden**0.5
@@ -47,11 +51,12 @@ def teacher_student(
         return nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)).to(dtype)
 
     def loss_fn(module, batch):
-        x, y = batch
+        device, dtype = module_place(module)
+        x, y = (t.to(device=device, dtype=dtype) for t in batch)
         return ((module(x) - y) ** 2).mean()
 
     def batches(agent: int = 0):
-        g = torch.Generator().manual_seed(seed + 1000 * (agent + 1))
+        g = agent_generator(seed, agent)
         for _ in itertools.count():
             x = torch.randn(batch_size, dim, generator=g, dtype=dtype)
             yield x, teacher(x) + noise * torch.randn(batch_size, 1, generator=g, dtype=dtype)
@@ -70,4 +75,16 @@ def teacher_student(
 #: Built-in problems by name: ``PROBLEMS[name](**options) -> Problem``.
 PROBLEMS: dict[str, Callable[..., Problem]] = {
     "teacher_student": teacher_student,
+    "noisy_quadratic": noisy_quadratic,
+    "digits_logistic": digits_logistic,
+    "digits_mlp": digits_mlp,
+    "digits_cnn": digits_cnn,
+    "cifar10_resnet18": cifar10_resnet18,
 }
+
+
+def make_problem(name: str, **options) -> Problem:
+    """``PROBLEMS[name](**options)``, with a ``ValueError`` naming the known problems."""
+    if name not in PROBLEMS:
+        raise ValueError(f"problem must be one of {sorted(PROBLEMS)}; got {name!r}")
+    return PROBLEMS[name](**options)

@@ -1,0 +1,101 @@
+"""What every built-in problem shares: the :class:`Problem` record and the classification helpers.
+
+A problem is a :class:`Problem`: ``model()`` builds a fresh module (seeded), ``loss_fn(module,
+batch)`` is the training loss, ``batches(agent)`` the endless stream of worker ``agent``, and
+``evaluate(module)`` the metrics on a fixed held-out set (a dict with at least ``"loss"``;
+classifiers add ``"accuracy"``).  Losses and evaluations move the batch to the module's device and
+dtype, so a problem runs unchanged on whatever ``launch`` puts the agents on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+#: Seed of worker ``agent``'s data stream: ``seed + AGENT_SEED_STRIDE * (agent + 1)``.
+AGENT_SEED_STRIDE = 1000
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Problem:
+    name: str
+    model: Callable[[], nn.Module]
+    loss_fn: Callable[[nn.Module, object], torch.Tensor]
+    batches: Callable[[int], Iterator]
+    evaluate: Callable[[nn.Module], dict]
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """``dtype`` as a floating ``torch.dtype``; strings ``"float32"``, ``"torch.float64"`` ... accepted
+    (configuration files hold strings)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be a floating torch.dtype or one of {sorted(_DTYPES)}; got {dtype!r}")
+
+
+def check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return value
+
+
+def agent_generator(seed: int, agent: int) -> torch.Generator:
+    """The generator of worker ``agent``'s stream: seeded with ``seed + 1000 * (agent + 1)``."""
+    if isinstance(agent, bool) or not isinstance(agent, int) or agent < 0:
+        raise ValueError(f"agent must be a non-negative agent index; got {agent!r}")
+    return torch.Generator().manual_seed(seed + AGENT_SEED_STRIDE * (agent + 1))
+
+
+def epoch_batches(num_examples: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless index batches: each epoch a fresh permutation of ``range(num_examples)`` (from
+    ``generator``) cut into ``num_examples // batch_size`` full batches (the remainder is dropped,
+    so every batch has exactly ``batch_size`` examples)."""
+    if batch_size > num_examples:
+        raise ValueError(f"batch_size must be at most the {num_examples} training examples; got {batch_size}")
+    per_epoch = num_examples // batch_size
+    for _ in itertools.count():
+        order = torch.randperm(num_examples, generator=generator)
+        for b in range(per_epoch):
+            yield order[b * batch_size : (b + 1) * batch_size]
+
+
+def module_place(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of ``module``'s first parameter (where its inputs must go)."""
+    p = next(module.parameters())
+    return p.device, p.dtype
+
+
+def cross_entropy_loss(module: nn.Module, batch) -> torch.Tensor:
+    """Mean cross-entropy of ``module(x)`` against integer labels ``y``; ``batch = (x, y)``."""
+    x, y = batch
+    device, dtype = module_place(module)
+    return F.cross_entropy(module(x.to(device=device, dtype=dtype)), y.to(device))
+
+
+@torch.no_grad()
+def classification_metrics(module: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1000) -> dict:
+    """``{"loss": mean cross-entropy, "accuracy": fraction of argmax == y}`` over all of (x, y),
+    in ``eval()`` mode (batch-norm uses its running statistics), restoring the module's mode."""
+    device, dtype = module_place(module)
+    was_training = module.training
+    module.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        for start in range(0, len(y), chunk):
+            xb = x[start : start + chunk].to(device=device, dtype=dtype)
+            yb = y[start : start + chunk].to(device)
+            logits = module(xb)
+            total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == yb).sum())
+    finally:
+        module.train(was_training)
+    return {"loss": total_loss / len(y), "accuracy": correct / len(y)}

@@ -1,0 +1,90 @@
+"""Each experiment's main runs in a tiny configuration and writes its table and plot."""
+
+import pytest
+
+from experiments import e1_noisy_quadratic, e2_digits, e3_convergence_bound
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_outputs(folder, name):
+    md, png = folder / f"{name}.md", folder / f"{name}.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    text = md.read_text()
+    assert text.startswith("# ") and "![" in text and f"({name}.png)" in text
+    assert f"python -m experiments.{name}" in text  # the command that regenerates it
+    return text
+
+
+def test_e1_tiny(tmp_path):
+    out = e1_noisy_quadratic.main([
+        "--out", str(tmp_path), "--replicas", "200", "--burn-in", "100", "--window", "100",
+        "--match-steps", "20", "--match-replicas", "16", "--fig-dim", "8", "--fig-steps", "50",
+        "--fig-lrs", "4", "--fig-alphas", "3",
+    ])
+    text = check_outputs(tmp_path, "e1_noisy_quadratic")
+    # 5 coordinates + the loss, for SGD and for LA; each row says whether it agrees.
+    assert len(out["steady_rows"]) == 12 and len(out["agree"]) == 12
+    assert text.count("| SGD | V_") == 5 and text.count("| LA (k=5, alpha=0.5) | V_") == 5
+    # Burn-in 100 is long enough here (contraction <= 0.88 per step): the estimates agree.
+    assert sum(out["agree"]) >= 11
+    # The matched pair starts from the same loss and shares L*.
+    la, sgd = out["curves"]["LA"], out["curves"]["SGD"]
+    assert la["theory"][0] == pytest.approx(sgd["theory"][0], rel=1e-12)
+    assert la["steps"] == [0, 5, 10, 15, 20] and sgd["steps"] == list(range(21))
+
+
+def test_e1_matched_learning_rate_gives_equal_steady_state_loss():
+    from experiments import nqm
+
+    problem = nqm.noisy_quadratic(dim=6)
+    h, s = problem.curvatures, problem.noise
+    target = float(nqm.expected_loss(h, s, 0.0, nqm.lookahead_variance(h, s, 0.6, 5, 0.5)))
+    lr = e1_noisy_quadratic.matched_sgd_lr(h, s, 1, target)
+    assert 0 < lr < 0.6
+    assert e1_noisy_quadratic.steady_loss_sgd(h, s, 1, lr) == pytest.approx(target, rel=1e-12)
+
+
+def test_e2_tiny(tmp_path):
+    out = e2_digits.main([
+        "--out", str(tmp_path), "--problems", "digits_logistic", "--optimizers", "SGD", "LA-1", "LA-2",
+        "--seeds", "2", "--steps", "40", "--eval-every", "20",
+    ])
+    text = check_outputs(tmp_path, "e2_digits")
+    runs = out["curves"]["digits_logistic"]
+    assert set(runs) == {"SGD", "LA-1", "LA-2"} and all(len(r) == 2 for r in runs.values())
+    assert [t for t, _, _ in runs["LA-2"][0]] == [0, 20, 40]
+    # Seeds differ; the same seed starts from the same model for every optimizer.
+    assert runs["SGD"][0][0] == runs["LA-2"][0][0] != runs["SGD"][1][0]
+    for opt in runs:
+        assert f"| {opt} | 0.05 |" in text
+    accuracy = [run[-1][1] for r in runs.values() for run in r]
+    assert min(accuracy) > 0.5  # 40 steps of logistic regression learn the digits well beyond chance
+
+
+def test_e2_rejects_steps_not_a_multiple_of_the_evaluation_period(tmp_path):
+    with pytest.raises(SystemExit):
+        e2_digits.main(["--out", str(tmp_path), "--steps", "30", "--eval-every", "20"])
+
+
+def test_e3_tiny(tmp_path):
+    out = e3_convergence_bound.main(["--out", str(tmp_path), "--steps", "60", "--replicas", "16"])
+    text = check_outputs(tmp_path, "e3_convergence_bound")
+    results = out["results"]
+    assert len(results) == len(e3_convergence_bound.CONFIGS)
+    assert [r["condition"] <= 1 for r in results] == [True, True, True, False, False, False]
+    assert text.count("| holds |") == 3 and text.count("| **fails** |") == 3
+    # y_0 = x_0 = (1, ..., 1): the running average starts at ||A x_0||^2.
+    first = sum((1 / i) ** 2 for i in range(1, 11))  # h_i = 1 / i, d = 10
+    assert all(r["running"][0].item() == pytest.approx(first, rel=1e-12) for r in results)
+
+
+def test_e3_bound_terms():
+    # (13): alpha gamma L + (1 - alpha)^2 gamma^2 L^2 tau (tau - 1)
+    assert e3_convergence_bound.step_size_condition(0.1, 0.5, 5, 1.0) == pytest.approx(0.05 + 0.25 * 0.01 * 20)
+    gap_term, variance, drift = e3_convergence_bound.theorem2_bound(100, 0.1, 0.5, 5, 2.0, 3.0, 1.5)
+    assert gap_term == pytest.approx(2 * 1.5 / (0.5 * 0.1 * 100))
+    assert variance == pytest.approx(0.5 * 0.1 * 2.0 * 3.0)
+    assert drift == pytest.approx(0.25 * 0.01 * 4.0 * 3.0 * 4)
+    # alpha = 1 is SGD: no drift term, SGD's bound 2 gap / (gamma K) + gamma L sigma^2.
+    assert e3_convergence_bound.theorem2_bound(100, 0.1, 1.0, 5, 2.0, 3.0, 1.5)[2] == 0.0
