@@ -63,7 +63,7 @@ class Simulation:
         optimizer: factory ``params -> torch.optim.Optimizer``, the inner optimizer A.
         state_policy: ``maintain`` | ``reset`` | ``pullback`` (see :mod:`agents.state_policy`).
         comm: where the agents run; default co-located (:class:`LocalCommunicator`).
-        agents_per_rank: default: all agents co-located on one rank, else one agent per rank.
+        agents_per_rank: default: num_agents / world_size (all agents on one rank co-located).
         dtype, device: convert the agents' copies of the model (default: as the model is).
     """
 
@@ -126,7 +126,7 @@ class Simulation:
             stream = iter(data(i) if callable(data) else data) if worker else None
             self.agents[i] = Agent(
                 i, model, worker=worker, optimizer=optimizer, data=stream,
-                state_policy=self.state_policy, layout=layout,
+                state_policy=self.state_policy, layout=layout, push_sum=schedule.push_sum,
             )
         self._broadcast_initial_parameters()
         self.t = 0
@@ -181,8 +181,13 @@ class Simulation:
         return {i: agent.params for i, agent in self.agents.items()}
 
     def gather_parameters(self) -> list[dict[str, torch.Tensor]]:
-        """Every agent's parameters as ``{name: tensor}`` (CPU copies), on every rank."""
-        local = {i: [v.detach().cpu().clone() for v in a.flat.views()] for i, a in self.agents.items()}
+        """Every agent's parameters as ``{name: tensor}`` (CPU copies), on every rank (under push-sum
+        the de-biased z_i = x_i / w_i)."""
+        local = {
+            i: [c.view(shape).detach().cpu().clone()
+                for c, shape in zip(a.debiased().split(a.flat.numels), a.flat.shapes)]
+            for i, a in self.agents.items()
+        }
         merged: dict[int, list[torch.Tensor]] = {}
         for part in self.comm.all_gather_object(local):
             merged.update(part)

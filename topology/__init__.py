@@ -11,6 +11,7 @@ Example:
 from topology.plan import Block, Mix, Plan, compile_plan
 from topology.schedule import MultilayerSchedule, Schedule, from_matrices, lookahead, multilayer
 from topology.validation import check_mixing_matrix
+from topology import decentralized, diagnostics, graphs  # noqa: E402  (gossip, workers, spectral gap)
 
 __all__ = [
     "Block",
@@ -23,4 +24,7 @@ __all__ = [
     "multilayer",
     "from_matrices",
     "check_mixing_matrix",
+    "decentralized",
+    "diagnostics",
+    "graphs",
 ]
