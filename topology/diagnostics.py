@@ -64,3 +64,26 @@ def is_doubly_stochastic(matrix: torch.Tensor, tol: float = 1e-12) -> bool:
     """Rows and columns each sum to 1 within ``tol`` (entries assumed non-negative)."""
     ones = torch.ones(matrix.shape[0], dtype=matrix.dtype)
     return bool(((matrix.sum(0) - ones).abs().max() <= tol) and ((matrix.sum(1) - ones).abs().max() <= tol))
+
+
+def vectors_sent_per_agent(schedule: Schedule) -> float:
+    """Communication per agent per step, in parameter vectors, averaged over one period, when
+    every agent has its own rank (the cost model used to compare schedules at equal budget).
+
+    A mix (gossip column j) costs one vector per source i != j (a point-to-point message); a
+    block of g members costs 2 (g - 1) / g vectors per member, what a ring all-reduce sends.
+    Identity steps cost nothing.
+    """
+    from topology.plan import compile_plan  # local: plan imports nothing from here, keep it so
+
+    cost = {}
+    total = 0.0
+    for t in range(schedule.period):
+        index = schedule.matrix_index(t)
+        if index not in cost:
+            plan = compile_plan(schedule.distinct_matrices[index])
+            vectors = sum(len([i for i in mix.sources if i != mix.receiver]) for mix in plan.mixes)
+            vectors += sum(2.0 * (len(b.members) - 1) for b in plan.blocks)
+            cost[index] = vectors / schedule.num_agents
+        total += cost[index]
+    return total / schedule.period
