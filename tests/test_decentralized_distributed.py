@@ -105,6 +105,10 @@ def test_hierarchical_averaging_by_hand(distributed, name):
             for column, i in enumerate(got["agents"]):
                 want = float(i) if g is None else g * (i // g) + (g - 1) / 2
                 assert torch.all(got["buffers"][t, column] == want), (name, t, i)
+            # A group inside one rank is local math; a group across ranks is one all-reduce.
+            per_rank = CASES[name]["agents_per_rank"]
+            assert got["counts"][t][0] == (0 if g is None or g <= per_rank else 1), (name, t)
+            assert got["counts"][t][2] == 0
 
 
 def expected_messages(matrix: torch.Tensor, placement: Placement, rank: int) -> int:

@@ -39,8 +39,9 @@ average X v with P v = v, not to the plain average.  Push-sum instead mixes with
 P (mass-preserving: sum_j P[i, j] = 1, "column-stochastic W = P^T" in the x' = W x notation) and
 each agent carries a scalar weight w_i (w_0 = 1) mixed by the same P_t, in the same collective as
 the parameters (one extra entry at the end of the agent's flat buffer).  The buffer holds the
-numerator x_i; the agent's model is the de-biased z_i = x_i / w_i.  Since 1^T is preserved,
-P^t -> 1 pi^T gives x_i / w_i -> (sum_j x_j) / (sum_j w_j) = the plain average.  As in SGP, the
+numerator x_i; the agent's model is the de-biased z_i = x_i / w_i.  Since P 1 = 1, the sums X 1
+and w 1 = n are preserved, and on a strongly connected graph (with self loops) P^t -> 1 pi^T, so
+x_i -> (X 1) pi_i, w_i -> n pi_i and x_i / w_i -> (1/n) X 1, the plain average.  As in SGP, the
 gradient is evaluated at z_i and the inner optimizer's update is applied to the numerator:
 x_i <- x_i - lr * A(grad f_i(z_i)); then [x; w] <- [x; w] P_t.  The mean of the numerators
 therefore moves exactly as (1/n) sum_i x_i <- that minus lr * mean of the updates (the virtual
