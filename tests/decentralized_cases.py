@@ -8,22 +8,19 @@ import torch
 from launch.diagnostics import consensus_distance
 from launch.simulation import Simulation
 from tests import problems
-from topology import decentralized, graphs
+from topology import decentralized
 
 
 def build_schedule(build):
-    """``[name, args, kwargs]`` -> a schedule of :mod:`topology.decentralized`;
-    ``push_sum_random`` takes (n, extra_edges, seed) of :func:`graphs.random_directed_graph`."""
+    """``[name, args, kwargs]`` -> ``topology.decentralized.SCHEDULES[name](*args, **kwargs)``."""
     name, args, kwargs = build
-    if name == "push_sum_random":
-        return decentralized.push_sum(graphs.random_directed_graph(*args), **kwargs)
     # {period: group_size} mappings come from JSON with string keys.
     def periods(v):
         return {int(p): g for p, g in v.items()} if isinstance(v, dict) else v
 
     args = [periods(a) for a in args]
     kwargs = {k: periods(v) for k, v in kwargs.items()}
-    return getattr(decentralized, name)(*args, **kwargs)
+    return decentralized.SCHEDULES[name](*args, **kwargs)
 
 
 def run_case(case: dict, comm=None) -> dict:

@@ -264,7 +264,30 @@ def push_sum(graph, every: int = 1) -> Schedule:
     return gossip(rounds, every=every, push_sum=True, name=f"push_sum({n} agents{_suffix(every)})")
 
 
+def push_sum_random(n: int, extra_edges: int, seed: int = 0, every: int = 1) -> Schedule:
+    """Push-sum on :func:`graphs.random_directed_graph` (``n``, ``extra_edges``, ``seed``): a
+    directed, non-regular graph given by numbers only (for configuration files)."""
+    schedule = push_sum(graphs.random_directed_graph(n, extra_edges, seed), every=every)
+    return _named(schedule, f"push_sum_random({n}, extra_edges={extra_edges}, seed={seed}{_suffix(every)})")
+
+
+#: The factories by name, keyword options only (for a registry of configuration names).
+SCHEDULES = {
+    "local_sgd": local_sgd,
+    "hierarchical": hierarchical,
+    "lookahead_local_sgd": lookahead_local_sgd,
+    "multilayer_local_sgd": multilayer_local_sgd,
+    "ring": ring,
+    "torus": torus,
+    "exponential": exponential,
+    "one_peer_exponential": one_peer_exponential,
+    "push_sum_random": push_sum_random,
+}
+
+
 __all__ = [
+    "SCHEDULES",
+    "push_sum_random",
     "multilayer_local_sgd",
     "local_sgd",
     "hierarchical",
