@@ -24,7 +24,14 @@ class Placement:
         """Validate and build; ``agents_per_rank=None`` means num_agents / world_size (when the
         world size divides the number of agents).  Raises the same ``ValueError`` on every rank."""
         if agents_per_rank is None:
-            agents_per_rank = num_agents // world_size if num_agents % world_size == 0 else 1
+            if num_agents % world_size:
+                divisors = [r for r in range(1, num_agents + 1) if num_agents % r == 0]
+                raise ValueError(
+                    f"world size {world_size} does not fit the schedule's {num_agents} agents: the "
+                    f"number of agents must be a multiple of the number of processes (start one of "
+                    f"{', '.join(map(str, divisors))} processes, or set agents_per_rank)"
+                )
+            agents_per_rank = num_agents // world_size
         if isinstance(agents_per_rank, bool) or not isinstance(agents_per_rank, int) or agents_per_rank < 1:
             raise ValueError(f"agents_per_rank must be an integer >= 1; got {agents_per_rank!r}")
         if world_size * agents_per_rank != num_agents:
