@@ -80,6 +80,9 @@ class Agent:
         data: the worker's iterator of batches.
         state_policy: ``maintain``, ``reset`` or ``pullback`` (see :mod:`agents.state_policy`).
         layout: the mixable-state layout (``pullback`` only; see :func:`probe_state_layout`).
+        push_sum: the agent carries a push-sum weight w (1 at the start) in one extra entry at the
+            end of its flat buffer, mixed with the parameters; the buffer then holds the numerator
+            x and the agent's model is z = x / w (see :mod:`topology.decentralized`).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class Agent:
         data: Iterator | None = None,
         state_policy: str = "maintain",
         layout: StateLayout | None = None,
+        push_sum: bool = False,
     ):
         self.index = index
         self.is_worker = worker
@@ -99,26 +103,32 @@ class Agent:
         self.layout = layout if (layout is not None and state_policy == "pullback") else StateLayout.empty()
         self.data = data
         self.steps = 0
+        extra = self.layout.numel + (1 if push_sum else 0)
         if worker:
             self.module = copy.deepcopy(module)
-            self.flat: FlatBuffer = flatten_module_(self.module, self.layout.numel)
+            self.flat: FlatBuffer = flatten_module_(self.module, extra)
             self.parameters = list(self.module.parameters())
             self.optimizer = optimizer(self.parameters)
         else:
             self.module = None
             self.optimizer = None
             params = list(module.parameters())
-            self.flat = FlatBuffer([p.shape for p in params], params[0].dtype, params[0].device, self.layout.numel)
+            self.flat = FlatBuffer([p.shape for p in params], params[0].dtype, params[0].device, extra)
             self.parameters = self.flat.views()
             with torch.no_grad():
                 for view, p in zip(self.parameters, params):
                     view.copy_(p)
+        #: The push-sum weight w (a 1-element view of the buffer's last entry), or None.
+        self.push_weight = self.flat.buffer[-1:].fill_(1.0) if push_sum else None
+        self._numerator = None
 
     # -- the inner step ---------------------------------------------------------------------
     def inner_step(self, loss_fn: LossFn) -> torch.Tensor:
         """One step of the inner optimizer on the next batch; returns the (detached) loss.
 
-        The loss is evaluated at the agent's current parameters x_t, before the update.
+        The loss is evaluated at the agent's current parameters x_t, before the update.  Under
+        push-sum (SGP, Assran et al. 2019) the gradient and loss are evaluated at the de-biased
+        z = x / w and the optimizer's update is applied to the numerator x.
         """
         if not self.is_worker:
             raise RuntimeError(f"agent {self.index} is passive and takes no inner step")
@@ -127,8 +137,20 @@ class Agent:
         except StopIteration:
             raise RuntimeError(f"the data of agent {self.index} ran out after {self.steps} batches") from None
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(self.module, batch)
-        loss.backward()
+        if self.push_weight is None:
+            loss = loss_fn(self.module, batch)
+            loss.backward()
+        else:
+            x = self.flat.params
+            if self._numerator is None:
+                self._numerator = torch.empty_like(x)
+            with torch.no_grad():
+                self._numerator.copy_(x)
+                x.div_(self.push_weight)         # the module now holds z = x / w
+            loss = loss_fn(self.module, batch)
+            loss.backward()                      # grad f_i(z)
+            with torch.no_grad():
+                x.copy_(self._numerator)         # x exactly as it was (no x / w * w rounding)
         self.optimizer.step()
         self.steps += 1
         return loss.detach()
@@ -174,3 +196,10 @@ class Agent:
     def params(self) -> torch.Tensor:
         """The flat parameter vector x_i (a view: it changes as the agent changes)."""
         return self.flat.params
+
+    def debiased(self) -> torch.Tensor:
+        """The agent's model as a flat vector: x_i / w_i under push-sum (a new tensor), else x_i
+        (a view)."""
+        if self.push_weight is None:
+            return self.flat.params
+        return self.flat.params / self.push_weight

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 class Placement:
     """``num_agents`` agents in contiguous runs of ``agents_per_rank`` on ``world_size`` ranks.
 
-    Co-located: one rank holds every agent.  torch.distributed / MPI: by default one agent per
-    rank, so the world size must equal the number of agents.
+    Co-located: one rank holds every agent.  torch.distributed / MPI: by default num_agents /
+    world_size agents per rank, so the number of agents must be a multiple of the world size
+    (e.g. 64 gossiping agents on 4 processes: 16 each).  Mixing between agents of one rank is
+    local tensor math; across ranks it is the plan's collectives.
     """
 
     num_agents: int
@@ -19,10 +21,19 @@ class Placement:
 
     @classmethod
     def make(cls, num_agents: int, world_size: int, agents_per_rank: int | None = None) -> "Placement":
-        """Validate and build; ``agents_per_rank=None`` means num_agents / world_size on one rank,
-        else one agent per rank.  Raises the same ``ValueError`` on every rank."""
+        """Validate and build; ``agents_per_rank=None`` means num_agents / world_size (when the
+        world size divides the number of agents).  Raises the same ``ValueError`` on every rank."""
         if agents_per_rank is None:
-            agents_per_rank = num_agents if world_size == 1 else 1
+            if num_agents % world_size:
+                divisors = [r for r in range(1, num_agents + 1) if num_agents % r == 0]
+                raise ValueError(
+                    f"world size {world_size} does not fit the schedule's {num_agents} agents: the "
+                    f"number of agents must be a multiple of the number of processes (start one of "
+                    f"{', '.join(map(str, divisors))} processes, or set agents_per_rank)"
+                )
+            agents_per_rank = num_agents // world_size
+        if isinstance(agents_per_rank, bool) or not isinstance(agents_per_rank, int) or agents_per_rank < 1:
+            raise ValueError(f"agents_per_rank must be an integer >= 1; got {agents_per_rank!r}")
         if world_size * agents_per_rank != num_agents:
             raise ValueError(
                 f"world size {world_size} does not fit the schedule's {num_agents} agents with "

@@ -65,7 +65,7 @@ class Simulation:
             for a multilayer schedule one policy per level (``reset_inner``, ``pullback_outer``,
             ..., see :mod:`agents.level_policy`).
         comm: where the agents run; default co-located (:class:`LocalCommunicator`).
-        agents_per_rank: default: all agents co-located on one rank, else one agent per rank.
+        agents_per_rank: default: num_agents / world_size (all agents on one rank co-located).
         dtype, device: convert the agents' copies of the model (default: as the model is).
         outer: a state-dependent slow update (:class:`agents.outer.OuterOptimizer`: outer SGD,
             SlowMo, DiLoCo; :class:`agents.adaptive.AdaptiveAlpha`), run by
@@ -142,7 +142,7 @@ class Simulation:
             stream = iter(data(i) if callable(data) else data) if worker else None
             self.agents[i] = Agent(
                 i, model, worker=worker, optimizer=optimizer, data=stream,
-                state_policy=self.state_policy, layout=layout,
+                state_policy=self.state_policy, layout=layout, push_sum=schedule.push_sum,
             )
         self._broadcast_initial_parameters()
         if self.outer is not None:
@@ -203,8 +203,13 @@ class Simulation:
         return {i: agent.params for i, agent in self.agents.items()}
 
     def gather_parameters(self) -> list[dict[str, torch.Tensor]]:
-        """Every agent's parameters as ``{name: tensor}`` (CPU copies), on every rank."""
-        local = {i: [v.detach().cpu().clone() for v in a.flat.views()] for i, a in self.agents.items()}
+        """Every agent's parameters as ``{name: tensor}`` (CPU copies), on every rank (under push-sum
+        the de-biased z_i = x_i / w_i)."""
+        local = {
+            i: [c.view(shape).detach().cpu().clone()
+                for c, shape in zip(a.debiased().split(a.flat.numels), a.flat.shapes)]
+            for i, a in self.agents.items()
+        }
         merged: dict[int, list[torch.Tensor]] = {}
         for part in self.comm.all_gather_object(local):
             merged.update(part)

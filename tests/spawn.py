@@ -75,8 +75,8 @@ def _wait_all(procs, timeout: float) -> list[tuple[int, str]]:
     return results
 
 
-def run_torch(nprocs: int, spec: dict, timeout: float = 120) -> list[tuple[int, str]]:
-    """Run the worker as ``nprocs`` torch.distributed (gloo) ranks; (returncode, output) each."""
+def run_torch(nprocs: int, spec: dict, timeout: float = 120, worker: Path = WORKER) -> list[tuple[int, str]]:
+    """Run ``worker`` as ``nprocs`` torch.distributed (gloo) ranks; (returncode, output) each."""
     port = free_port()
     procs = []
     for rank in range(nprocs):
@@ -85,7 +85,7 @@ def run_torch(nprocs: int, spec: dict, timeout: float = 120) -> list[tuple[int, 
             "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
         })
         procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+            [sys.executable, str(worker), json.dumps(spec)], env=env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
         ))
     return _wait_all(procs, timeout)

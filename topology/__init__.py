@@ -14,6 +14,7 @@ from topology.stagewise import stagewise_lookahead
 from topology.plan import Block, Mix, Plan, compile_plan
 from topology.schedule import MultilayerSchedule, Schedule, from_matrices, lookahead, multilayer
 from topology.validation import check_mixing_matrix
+from topology import decentralized, diagnostics, graphs  # noqa: E402  (gossip, workers, spectral gap)
 
 __all__ = [
     "Block",
@@ -29,4 +30,7 @@ __all__ = [
     "stagewise_lookahead",
     "from_matrices",
     "check_mixing_matrix",
+    "decentralized",
+    "diagnostics",
+    "graphs",
 ]

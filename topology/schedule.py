@@ -35,6 +35,8 @@ class Schedule:
         index_of: maps t in [0, period) to the index of P_t in ``distinct``.
         period: the schedule's period.
         workers: agents that run the inner optimizer; the others are passive (f_i = 0).
+        push_sum: the matrices are row-stochastic (mass-preserving) and every agent also carries
+            a push-sum weight mixed by the same P_t (see :mod:`topology.decentralized`).
     """
 
     def __init__(
@@ -43,7 +45,9 @@ class Schedule:
         index_of: Callable[[int], int],
         period: int,
         workers: Sequence[int],
+        push_sum: bool = False,
     ):
+        self.push_sum = bool(push_sum)
         self._distinct = tuple(distinct)
         self._index_of = index_of
         self.period = check_period(period, name="period")
@@ -93,7 +97,12 @@ class Schedule:
             return None
         return a.clamp_min(0.0)
 
+    #: A short description set by the generators of :mod:`topology.decentralized` (shown by repr).
+    name: str | None = None
+
     def __repr__(self) -> str:
+        if self.name:
+            return self.name
         return (
             f"{type(self).__name__}(num_agents={self.num_agents}, period={self.period}, "
             f"workers={self.workers}, distinct={len(self._distinct)})"
@@ -186,6 +195,7 @@ def from_matrices(
     *,
     period: int | None = None,
     workers: Sequence[int] | None = None,
+    push_sum: bool = False,
 ) -> Schedule:
     """A schedule from explicit matrices.
 
@@ -195,6 +205,8 @@ def from_matrices(
         period: required with a function (the schedule repeats with it); with a sequence it
             defaults to, and must equal, its length.
         workers: agents running the inner optimizer; default: every agent.
+        push_sum: the matrices are row-stochastic and run with push-sum weights (validated as
+            such instead of column-stochastic; see :mod:`topology.decentralized`).
 
     Example:
         >>> s = from_matrices([[[1.0, 0.0], [0.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])
@@ -220,9 +232,9 @@ def from_matrices(
             raise ValueError(f"period must equal len(matrices) = {len(raw)} for a sequence; got {period}")
         period = len(raw)
         names = [f"matrices[{t}]" for t in range(period)]
-    first = check_mixing_matrix(raw[0], None, name=names[0])
+    first = check_mixing_matrix(raw[0], None, name=names[0], push_sum=push_sum)
     m = first.shape[0]
-    checked = [first] + [check_mixing_matrix(p, m, name=n) for p, n in zip(raw[1:], names[1:])]
+    checked = [first] + [check_mixing_matrix(p, m, name=n, push_sum=push_sum) for p, n in zip(raw[1:], names[1:])]
     distinct: list[torch.Tensor] = []
     index = []
     for p in checked:
@@ -234,4 +246,4 @@ def from_matrices(
             index.append(len(distinct))
             distinct.append(p)
     workers = tuple(range(m)) if workers is None else workers
-    return Schedule(distinct, index.__getitem__, period, workers)
+    return Schedule(distinct, index.__getitem__, period, workers, push_sum=push_sum)

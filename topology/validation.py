@@ -66,11 +66,15 @@ def as_matrix(value, *, name: str) -> torch.Tensor:
     return matrix.clone()
 
 
-def check_mixing_matrix(value, num_agents: int | None, *, name: str = "matrix") -> torch.Tensor:
+def check_mixing_matrix(
+    value, num_agents: int | None, *, name: str = "matrix", push_sum: bool = False
+) -> torch.Tensor:
     """Validate one mixing matrix P and return it as a float64 CPU tensor.
 
     Allowed: an ``m x m`` matrix (``m = num_agents`` when given) of finite, non-negative reals
-    whose every column sums to 1 within :data:`COLUMN_SUM_TOL`.
+    whose every column sums to 1 within :data:`COLUMN_SUM_TOL` (every new value is a convex
+    combination of old ones).  With ``push_sum``, every *row* must sum to 1 instead (every agent
+    sends out all of its mass: the matrix push-sum mixes numerators and weights with).
     """
     matrix = as_matrix(value, name=name)
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
@@ -86,13 +90,14 @@ def check_mixing_matrix(value, num_agents: int | None, *, name: str = "matrix") 
     if (matrix < 0).any():
         i, j = (matrix < 0).nonzero()[0].tolist()
         raise ValueError(f"{name} must be non-negative; entry [{i}, {j}] is {matrix[i, j].item()}")
-    sums = matrix.sum(dim=0)
+    sums = matrix.sum(dim=1 if push_sum else 0)
+    kind, line = ("row-stochastic for push-sum", "row") if push_sum else ("column-stochastic", "column")
     bad = ((sums - 1.0).abs() > COLUMN_SUM_TOL).nonzero()
     if len(bad):
         j = bad[0].item()
         raise ValueError(
-            f"{name} must be column-stochastic (every column sums to 1 within {COLUMN_SUM_TOL:g}); "
-            f"column {j} sums to {sums[j].item()!r}"
+            f"{name} must be {kind} (every {line} sums to 1 within {COLUMN_SUM_TOL:g}); "
+            f"{line} {j} sums to {sums[j].item()!r}"
         )
     return matrix
 
