@@ -139,7 +139,7 @@ def test_world_size_mismatch_fails_on_every_rank_under_torchrun(tmp_path):
     assert code != 0
     for rank in range(3):
         assert f"error [rank {rank}]: world size 3 does not fit the schedule's 2 agents" in output, output
-    assert "start 2 processes" in output
+    assert "start one of 1, 2 processes" in output
     assert not (tmp_path / "agents.pt").exists()
 
 
@@ -233,7 +233,7 @@ def test_equivalence_without_a_reference_and_without_processes_is_a_clear_error(
         (["agents.state_policy=keep"], "state_policy"),
         (["tolerance=-1"], "tolerance must be a number >= 0 or null"),
         (["launch=torch"], "launch=torch must be started by torchrun"),
-        (["problem=cifar10_resnet18"], "problem.data_dir must be set"),
+        (["problem=cifar10_resnet18"], "problem.root must be set"),
     ],
 )
 def test_bad_configuration_is_one_clear_line_and_status_2(tmp_path, capsys, overrides, words):
