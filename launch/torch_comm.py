@@ -89,6 +89,10 @@ class TorchCommunicator(Communicator):
         for request in dist.batch_isend_irecv(ops):
             request.wait()
 
+    def max_flags_(self, flags: torch.Tensor) -> None:
+        super().max_flags_(flags)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+
     def barrier(self) -> None:
         dist.barrier()
 
