@@ -21,12 +21,15 @@ class Placement:
     def make(cls, num_agents: int, world_size: int, agents_per_rank: int | None = None) -> "Placement":
         """Validate and build; ``agents_per_rank=None`` means num_agents / world_size on one rank,
         else one agent per rank.  Raises the same ``ValueError`` on every rank."""
+        from topology.validation import check_period
+
         if agents_per_rank is None:
             agents_per_rank = num_agents if world_size == 1 else 1
+        agents_per_rank = check_period(agents_per_rank, name="agents_per_rank")
         if world_size * agents_per_rank != num_agents:
             raise ValueError(
                 f"world size {world_size} does not fit the schedule's {num_agents} agents with "
-                f"{agents_per_rank} agent(s) per rank: start {num_agents // agents_per_rank if num_agents % agents_per_rank == 0 else num_agents} "
+                f"agents_per_rank={agents_per_rank}: start {num_agents // agents_per_rank if num_agents % agents_per_rank == 0 else num_agents} "
                 f"processes (world size x agents per rank must equal the number of agents)"
             )
         return cls(num_agents, world_size, agents_per_rank)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from agents.agent import Agent, LossFn, OptimizerFactory, StateLayout, probe_state_layout
-from agents.flat import check_uniform_parameters, module_signature
+from agents.flat import check_dtype_device, check_uniform_parameters, module_signature
 from launch import health
 from launch.communicator import Communicator, LocalCommunicator
 from launch.level_sync import SyncPolicy
@@ -116,6 +116,13 @@ class Simulation:
                 f"data must be a function agent_index -> iterable when the schedule has "
                 f"{len(schedule.workers)} workers; got a single {type(data).__name__}"
             )
+        if not callable(data):
+            try:
+                iter(data)
+            except TypeError:
+                raise ValueError(f"data must be an iterable of batches (or agent_index -> iterable); "
+                                 f"got {type(data).__name__}") from None
+        check_dtype_device(dtype, device)
         if dtype is not None or device is not None:
             model = _converted_copy(model, dtype, device)
         check_uniform_parameters(model)
