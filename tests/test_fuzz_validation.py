@@ -2,7 +2,7 @@
 (schedules, mixing matrices, Simulation arguments, state policies, placement).  Each must raise
 ValueError with a message naming the argument; never another exception, never a hang.
 
-1,350 examples in all (max_examples below), each bounded by hypothesis' deadline.
+1,180 examples in all (max_examples below), each bounded by hypothesis' deadline.
 """
 
 from decimal import Decimal
@@ -53,13 +53,13 @@ def raises_value_error(fn, *words):
 
 
 # -- schedules -----------------------------------------------------------------------------------
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=150)
 @given(k=bad_periods, alpha=good_alphas)
 def test_lookahead_bad_k(k, alpha):
     raises_value_error(lambda: topology.lookahead(k, alpha), "k")
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=100)
 @given(k=good_periods, alpha=bad_alphas)
 def test_lookahead_bad_alpha(k, alpha):
     raises_value_error(lambda: topology.lookahead(k, alpha), "alpha")
@@ -87,7 +87,7 @@ def bad_levels(draw):
     return draw(st.one_of(st.none(), st.integers(), st.floats())), alphas, "ks"
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=150)
 @given(case=bad_levels())
 def test_multilayer_bad_levels(case):
     ks, alphas, word = case
@@ -150,14 +150,14 @@ def bad_matrices(draw):
     return rows, ["matrix"]
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=250)
 @given(case=bad_matrices())
 def test_check_mixing_matrix_rejects(case):
     matrix, words = case
     raises_value_error(lambda: check_mixing_matrix(matrix, None, name="P"), "P", *words)
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=50)
 @given(p=column_stochastic(), extra=st.integers(1, 3))
 def test_check_mixing_matrix_wrong_size(p, extra):
     m = p.shape[0]
@@ -196,7 +196,7 @@ def bad_from_matrices(draw):
     return dict(matrices=function, period=draw(st.one_of(st.none(), bad_periods, st.integers(1, 4)))), "matrices"
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=150)
 @given(case=bad_from_matrices())
 def test_from_matrices_rejects(case):
     kwargs, word = case
@@ -205,13 +205,13 @@ def test_from_matrices_rejects(case):
 
 
 # -- state policies, placement, checkpointer -----------------------------------------------------
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=80)
 @given(policy=st.one_of(junk, st.text(max_size=12), st.sampled_from(["Maintain", "pull back", " reset"])))
 def test_validate_policy_rejects(policy):
     raises_value_error(lambda: validate_policy(policy), "state_policy")
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=100)
 @given(num_agents=st.integers(1, 8), world_size=st.integers(1, 8),
        per_rank=st.one_of(st.none(), st.integers(-3, 9), st.floats(-2, 9), st.booleans(), junk))
 def test_placement_rejects_what_does_not_fit(num_agents, world_size, per_rank):
@@ -265,7 +265,7 @@ def bad_simulation_arguments(draw):
     return kwargs, "check_finite"
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=120)
 @given(case=bad_simulation_arguments())
 def test_simulation_rejects_bad_arguments(case):
     kwargs, word = case
@@ -278,7 +278,7 @@ def sim():
                       problems.OPTIMIZERS["sgd"])
 
 
-@settings(FUZZ, max_examples=50)
+@settings(FUZZ, max_examples=30)
 @given(steps=st.one_of(st.integers(max_value=-1), st.floats(), st.booleans(), junk),
        every=bad_periods.filter(lambda v: v is not None))
 def test_run_and_checkpointer_reject(sim, steps, every):
