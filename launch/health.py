@@ -58,11 +58,22 @@ class RankFailureError(RuntimeError):
     """A collective failed: a peer rank died, or got stuck past the collective timeout."""
 
 
+#: Pending losses of one agent are folded into one number beyond this many (bounded memory when
+#: syncs are rare): max |loss| keeps NaN (amax propagates it) and Inf, and cannot overflow.
+FOLD_LOSSES = 256
+
+
 def record_losses(sim, losses: dict[int, torch.Tensor]) -> None:
-    """Keep the losses of one iteration for the next :func:`check_finite` (no host sync)."""
+    """Keep the losses of one iteration for the next :func:`check_finite` (no host sync).
+
+    They live on the simulation (``sim._pending_losses``, created here), so that the Simulation
+    itself only calls this hook."""
     pending = sim.__dict__.setdefault("_pending_losses", {})
     for i, loss in losses.items():
-        pending.setdefault(i, []).append(loss)
+        kept = pending.setdefault(i, [])
+        kept.append(loss)
+        if len(kept) > FOLD_LOSSES:
+            kept[:] = [torch.stack(kept).abs().amax()]
 
 
 @torch.no_grad()

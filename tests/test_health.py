@@ -89,3 +89,22 @@ def test_check_can_be_turned_off():
     assert not torch.isfinite(sim.agents[1].params).all()
     with pytest.raises(ValueError, match="check_finite must be True or False"):
         make_sim(problems.batches(1), check_finite="yes")
+
+
+def test_pending_losses_are_folded_without_losing_a_nan(monkeypatch):
+    """Between two rare syncs the losses are folded into max |loss|, which keeps a NaN."""
+    from launch import health
+
+    monkeypatch.setattr(health, "FOLD_LOSSES", 4)
+    counter = itertools.count()
+
+    def loss_fn(module, batch):
+        return problems.loss_fn(module, batch) * (float("nan") if next(counter) == 1 else 1.0)
+
+    sim = make_sim(problems.batches(1), k=20, loss_fn=loss_fn)
+    for _ in range(12):
+        sim.step()
+        assert len(sim._pending_losses[0]) <= 5
+    with pytest.raises(NonFiniteError) as info:
+        sim.run(10)
+    assert info.value.step == 19 and 0 in info.value.losses
