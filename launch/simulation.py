@@ -116,12 +116,9 @@ class Simulation:
                 f"data must be a function agent_index -> iterable when the schedule has "
                 f"{len(schedule.workers)} workers; got a single {type(data).__name__}"
             )
-        if not callable(data):
-            try:
-                iter(data)
-            except TypeError:
-                raise ValueError(f"data must be an iterable of batches (or agent_index -> iterable); "
-                                 f"got {type(data).__name__}") from None
+        if not callable(data) and not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
+            raise ValueError(f"data must be an iterable of batches (or agent_index -> iterable); "
+                             f"got {type(data).__name__}")
         check_dtype_device(dtype, device)
         if dtype is not None or device is not None:
             model = _converted_copy(model, dtype, device)

@@ -8,9 +8,9 @@ ks, alphas, optimizer, policy, out (a folder), jobs, and optionally timeout_s, p
   global RNGs, seeded from ``seed``), loads the checkpoint in ``resume`` (a folder) when given,
   runs until t == steps saving into ``ckpt`` every ``every`` iterations, and saves every step's
   flat buffers of its local agents to ``out/{name}-rank{R}.pt``.
-* pause {rank, t, marker}: that rank writes ``marker`` at the start of iteration t and sleeps
+* pause {rank, t, marker}: that rank writes ``marker`` before iteration t (t >= 1) and sleeps
   (the test kills it, or lets the others time out).
-* die {rank, t}: that rank SIGKILLs itself at the start of iteration t.
+* die {rank, t}: that rank SIGKILLs itself before iteration t (t >= 1).
 * poison {agent, at}: batch ``at`` of that agent's stream is NaN.
 
 Exit status: 0, or 3 (ValueError), 4 (NonFiniteError), 5 (RankFailureError), with
@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import topology  # noqa: E402
-from launch.checkpoint import Checkpointer  # noqa: E402
+from launch.checkpoint import Checkpointer, run_with_checkpoints  # noqa: E402
 from launch.communicator import LocalCommunicator  # noqa: E402
 from launch.health import NonFiniteError, RankFailureError  # noqa: E402
 from launch.simulation import Simulation  # noqa: E402
@@ -71,22 +71,24 @@ def run_job(spec, job, comm):
     )
     if job.get("resume"):
         Checkpointer(job["resume"]).load(sim, required=True)
-    checkpointer = Checkpointer(job["ckpt"], every=job.get("every"), keep=None) if job.get("ckpt") else None
     pause, die = spec.get("pause"), spec.get("die")
     rows = []
-    while sim.t < job["steps"]:
+
+    def after_step(sim, losses):
+        """Record iteration t - 1; then, before iteration t starts, pause or die if asked."""
+        rows.append(torch.stack([sim.agents[i].flat.buffer.clone() for i in sorted(sim.agents)]))
         if pause and pause["rank"] == comm.rank and pause["t"] == sim.t:
             with open(pause["marker"], "w") as f:
                 f.write(str(os.getpid()))
             time.sleep(3600)
         if die and die["rank"] == comm.rank and die["t"] == sim.t:
             os.kill(os.getpid(), signal.SIGKILL)
-        sim.step()
-        rows.append(torch.stack([sim.agents[i].flat.buffer.clone() for i in sorted(sim.agents)]))
-        if checkpointer is not None:
-            checkpointer.maybe_save(sim)
-    if checkpointer is not None and (job.get("every") is None or sim.t % job["every"]):
-        checkpointer.save(sim)
+
+    if job.get("ckpt"):
+        run_with_checkpoints(sim, job["steps"], Checkpointer(job["ckpt"], every=job.get("every"), keep=None),
+                             after_step)
+    else:
+        sim.run(job["steps"] - sim.t, after_step)
     torch.save({"agents": sorted(sim.agents), "trajectory": torch.stack(rows)},
                os.path.join(spec["out"], f"{job['name']}-rank{comm.rank}.pt"))
 

@@ -64,12 +64,13 @@ def as_matrix(value, *, name: str) -> torch.Tensor:
     """
     try:
         raw = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-        if raw.is_complex():
-            raise ValueError(f"{name} must be a square matrix of real numbers; got complex entries")
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise ValueError(f"{name} must be a square matrix of real numbers; got {_short(value)}") from err
+    if raw.is_complex():
+        raise ValueError(f"{name} must be a square matrix of real numbers; got complex entries")
+    try:
         matrix = raw.to(device="cpu", dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError, OverflowError, NotImplementedError) as err:
-        if str(err).startswith(name):
-            raise
+    except (RuntimeError, NotImplementedError) as err:  # e.g. a meta tensor: no values to check
         raise ValueError(f"{name} must be a square matrix of real numbers; got {_short(value)}") from err
     return matrix.clone()
 
