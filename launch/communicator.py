@@ -77,6 +77,11 @@ class Communicator:
         (a collective on all ranks; one rank: nothing to do).  Counted in ``stats.flag_reduces``."""
         self.stats.flag_reduces += 1
 
+    def responsive_ranks(self, wait_s: float) -> list[int] | None:
+        """After a failed collective: the ranks that answer a roll call within ``wait_s`` seconds
+        (through a channel other than the failed one), or None when it cannot be told."""
+        return None
+
     def barrier(self) -> None:
         """Wait for every rank."""
 

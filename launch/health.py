@@ -18,7 +18,9 @@ values reach nobody, so "at the next sync at the latest" is enough).
 **Lost ranks.**  When a peer dies, gloo raises at once (``Connection reset by peer``), NCCL and
 gloo raise after the communicator's ``timeout_s`` when a peer is alive but stuck.
 :func:`collective` turns that backend error into :class:`RankFailureError` naming this rank, the
-iteration, the operation and the ranks that may be lost (exactly one for a two-rank group).  Under
+iteration, the operation and the rank that seems lost: the one of the collective's ranks that does
+not answer a roll call through the rendezvous store within :data:`ROLL_CALL_S` (the candidates
+when the store cannot tell, e.g. when it died with rank 0).  Under
 MPI, ``mpiexec`` itself kills the other ranks and exits non-zero when one dies.
 """
 
@@ -27,6 +29,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+
+
+#: Seconds the survivors of a failed collective wait for each other's roll call.
+ROLL_CALL_S = 3.0
 
 
 class NonFiniteError(FloatingPointError):
@@ -126,11 +132,20 @@ def collective(comm, t: int, what: str, ranks: tuple[int, ...]):
         raise
     except (RuntimeError, OSError) as err:
         others = [r for r in ranks if r != comm.rank]
-        lost = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
+        present = comm.responsive_ranks(ROLL_CALL_S)
+        silent = others if present is None else [r for r in others if r not in present]
+        if present is None:
+            lost = f"one of ranks {others} seems lost (no roll call: the rendezvous store is unreachable too)"
+        elif len(silent) == 1:
+            lost = f"rank {silent[0]} seems lost"
+        elif silent:
+            lost = f"ranks {silent} seem lost"
+        else:
+            lost = f"a rank among {others} seems lost"
         timeout = getattr(comm, "timeout", None)
         waited = f" (or stuck past the collective timeout of {timeout.total_seconds():g} s)" if timeout else ""
         raise RankFailureError(
             f"rank {comm.rank}: the {what} of iteration t={t} failed on the ranks {list(ranks)}: "
-            f"{lost} seems lost: killed or crashed{waited}. Resume from the last checkpoint. "
+            f"{lost}: killed or crashed{waited}. Resume from the last checkpoint. "
             f"Backend error: {err}"
         ) from err
