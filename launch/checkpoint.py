@@ -28,7 +28,8 @@ every rank sees (one machine, or a shared filesystem).
 
 Loading (:meth:`Checkpointer.load`, into a *fresh* :class:`Simulation` built with the same model
 architecture, dtype, schedule, inner optimizer and state policy, on any placement): each rank
-reads the manifest, the shards of its own agents and one rank file, no communication.  Because
+reads the manifest, the shards of its own agents and one rank file; one all-gather of the outcomes
+makes a failure the same ``ValueError`` on every rank.  Because
 shards are keyed by agent index, a checkpoint written on 3 ranks resumes co-located and the other
 way round.  Order of restoration on each rank:
 
@@ -223,7 +224,27 @@ class Checkpointer:
     # -- loading ------------------------------------------------------------------------------------
     def load(self, sim, *, required: bool = False) -> int | None:
         """Restore the latest checkpoint into the fresh ``sim``; returns its t, or None when the
-        folder holds none (``required=True``: ``ValueError`` instead).  No communication."""
+        folder holds none (``required=True``: ``ValueError`` instead).
+
+        Each rank reads its own files; one small all-gather of the outcomes then makes every rank
+        raise the same ``ValueError`` (or none), so a file that one rank cannot read does not
+        leave the others waiting in their next collective.
+        """
+        error, t = None, None
+        try:
+            t = self._load_local(sim, required)
+        except ValueError as err:
+            error = f"rank {sim.rank}: {err}"
+        with health.collective(sim.comm, sim.t, "checkpoint load", tuple(range(sim.comm.world_size))):
+            outcomes = sim.comm.all_gather_object((error, t))
+        errors = [e for e, _ in outcomes if e is not None]
+        if errors:
+            raise ValueError(f"cannot resume from {self.directory}: " + "; ".join(errors))
+        if len({step for _, step in outcomes}) != 1:
+            raise ValueError(f"the ranks found different checkpoints in {self.directory}: {[s for _, s in outcomes]}")
+        return t
+
+    def _load_local(self, sim, required: bool) -> int | None:
         manifest = self.manifest()
         if manifest is None:
             if required:
@@ -237,11 +258,12 @@ class Checkpointer:
             )
         folder = self.directory / manifest["folder"]
         agents = {i: self._read(folder / f"agent-{i}.pt") for i in sorted(sim.agents)}
-        sim.load_state_dict({"t": manifest["t"], "agents": agents})
         same_layout = (manifest["world_size"], manifest["agents_per_rank"]) == (
             sim.comm.world_size, sim.placement.agents_per_rank)
         source = sim.rank if same_layout else min(sim.agents) // manifest["agents_per_rank"]
-        set_rng_state(self._read(folder / f"rank-{source}.pt")["rng"])
+        rng = self._read(folder / f"rank-{source}.pt")["rng"]
+        sim.load_state_dict({"t": manifest["t"], "agents": agents})
+        set_rng_state(rng)
         return manifest["t"]
 
     @staticmethod

@@ -179,6 +179,9 @@ def test_load_refuses_what_does_not_fit(tmp_path):
         Checkpointer(tmp_path / "empty").load(make_sim(torch.float64, "adam", "pullback"), required=True)
     with pytest.raises(ValueError, match="every must be an integer"):
         Checkpointer(tmp_path, every=0)
+    (tmp_path / "step-00000004" / "agent-1.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="agent-1.pt cannot be read"):
+        Checkpointer(tmp_path).load(make_sim(torch.float64, "adam", "pullback"))
 
 
 def test_same_config_and_seed_give_identical_runs():
