@@ -20,7 +20,9 @@ gloo raise after the communicator's ``timeout_s`` when a peer is alive but stuck
 :func:`collective` turns that backend error into :class:`RankFailureError` naming this rank, the
 iteration, the operation and the rank that seems lost: the one of the collective's ranks that does
 not answer a roll call through the rendezvous store within :data:`ROLL_CALL_S` (the candidates
-when the store cannot tell, e.g. when it died with rank 0).  Under
+when the store cannot tell, e.g. when it died with rank 0).  A survivor blocked behind another
+survivor (a ring all-reduce waits on its neighbour) cannot answer in time and may be named too;
+the message says "seems".  Under
 MPI, ``mpiexec`` itself kills the other ranks and exits non-zero when one dies.
 """
 
