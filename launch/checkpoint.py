@@ -11,6 +11,10 @@ Layout on disk (one folder per checkpoint, shards keyed by agent index, a manife
                                             state_dict when it has one
             rank-0.pt ... rank-{W-1}.pt     {"t", "agents", "rng"}: the RNG states of that rank's
                                             process (torch CPU, CUDA if initialised, numpy, random)
+            outer.pt                        with an outer optimizer / adaptive alpha
+                                            (``Simulation(outer=...)``): the slow agent's anchor,
+                                            the outer optimizer's state_dict, the alpha* history;
+                                            replicated bitwise on every rank, written by rank 0
 
 Saving (:meth:`Checkpointer.save`, collective, every rank at the same t):
 
@@ -195,6 +199,9 @@ class Checkpointer:
             atomic_save({"t": t, "agents": sorted(sim.agents), "rng": rng_state()},
                         folder / f"rank-{sim.rank}.pt")
             files.append(f"rank-{sim.rank}.pt")
+            if _outer(sim) is not None and sim.rank == 0:
+                atomic_save(outer_state_dict(_outer(sim)), folder / "outer.pt")
+                files.append("outer.pt")
         except OSError as err:
             error = f"rank {sim.rank}: {err}"
         with health.collective(sim.comm, t, "checkpoint", tuple(range(sim.comm.world_size))):
@@ -207,7 +214,7 @@ class Checkpointer:
                 "format": FORMAT, "t": t, "folder": folder.name,
                 "num_agents": sim.schedule.num_agents, "world_size": sim.comm.world_size,
                 "agents_per_rank": sim.placement.agents_per_rank, "schedule": repr(sim.schedule),
-                "state_policy": sim.state_policy, "files": sorted(f for _, fs in reports for f in fs),
+                "state_policy": _policy(sim), "outer": _outer_name(sim), "files": sorted(f for _, fs in reports for f in fs),
             }
             atomic_write(self.directory / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
             self._prune(keep_folder=folder.name)
@@ -250,11 +257,12 @@ class Checkpointer:
             if required:
                 raise ValueError(f"no checkpoint in {self.directory} (no {MANIFEST})")
             return None
-        if manifest["num_agents"] != sim.schedule.num_agents or manifest["state_policy"] != sim.state_policy:
+        if (manifest["num_agents"], manifest["state_policy"], manifest.get("outer")) != (
+                sim.schedule.num_agents, _policy(sim), _outer_name(sim)):
             raise ValueError(
                 f"checkpoint in {self.directory} is of {manifest['schedule']} with state_policy "
-                f"{manifest['state_policy']!r}; this simulation runs {sim.schedule!r} with "
-                f"{sim.state_policy!r}"
+                f"{manifest['state_policy']!r} and outer {manifest.get('outer')!r}; this simulation "
+                f"runs {sim.schedule!r} with {_policy(sim)!r} and {_outer_name(sim)!r}"
             )
         folder = self.directory / manifest["folder"]
         agents = {i: self._read(folder / f"agent-{i}.pt") for i in sorted(sim.agents)}
@@ -262,7 +270,10 @@ class Checkpointer:
             sim.comm.world_size, sim.placement.agents_per_rank)
         source = sim.rank if same_layout else min(sim.agents) // manifest["agents_per_rank"]
         rng = self._read(folder / f"rank-{source}.pt")["rng"]
+        outer = self._read(folder / "outer.pt") if _outer(sim) is not None else None
         sim.load_state_dict({"t": manifest["t"], "agents": agents})
+        if outer is not None:
+            load_outer_state_dict(_outer(sim), outer)
         set_rng_state(rng)
         return manifest["t"]
 
@@ -273,6 +284,44 @@ class Checkpointer:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - a corrupt file fails in many ways (pickle, zip, EOF)
             raise ValueError(f"checkpoint file {path} cannot be read: {err}") from err
+
+
+# -- the outer optimizer's replicated state (launch.outer_sync.OuterSync) ----------------------------
+def _outer(sim):
+    return getattr(sim, "outer", None)
+
+
+def _outer_name(sim) -> str | None:
+    outer = _outer(sim)
+    return None if outer is None else type(outer.rule).__name__
+
+
+def _policy(sim):
+    """The state policy per level when the simulation resolves one (else its single policy)."""
+    levels = getattr(getattr(sim, "sync_policy", None), "levels", None)
+    return list(levels) if levels is not None else sim.state_policy
+
+
+def outer_state_dict(outer) -> dict:
+    """The anchor (slow weights and cached state, the same bits on every rank), the outer
+    optimizer's ``state_dict`` and the adaptive rule's alpha* history, as CPU copies."""
+    from agents.agent import _cpu_copy
+
+    state = {"anchor": outer.anchor.detach().to("cpu", copy=True)}
+    if getattr(outer.rule, "optimizer", None) is not None:
+        state["optimizer"] = _cpu_copy(outer.rule.optimizer.state_dict())
+    if hasattr(outer.rule, "history"):
+        state["history"] = list(outer.rule.history)
+    return state
+
+
+def load_outer_state_dict(outer, state: dict) -> None:
+    with torch.no_grad():
+        outer.anchor.copy_(state["anchor"])   # slow_view is a view of it: the optimizer sees it
+    if "optimizer" in state:
+        outer.rule.optimizer.load_state_dict(state["optimizer"])
+    if "history" in state:
+        outer.rule.history = list(state["history"])
 
 
 def run_with_checkpoints(sim, steps: int, checkpointer: Checkpointer,

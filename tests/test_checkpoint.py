@@ -190,3 +190,33 @@ def test_same_config_and_seed_give_identical_runs():
     assert torch.equal(runs[0], runs[1])
     other_seed = record(make_sim(torch.float32, "adam", "pullback", seed_rngs=1), STEPS)
     assert not torch.equal(runs[0], other_seed)   # the noise does depend on the seed
+
+
+@pytest.mark.parametrize("rule", ["slowmo", "adaptive"])
+def test_resume_with_an_outer_optimizer_is_bitwise_identical(tmp_path, rule):
+    """The outer optimizer's momentum (SlowMo) or alpha* history (adaptive) and the replicated
+    anchor are part of the checkpoint."""
+    from agents.adaptive import AdaptiveAlpha
+    from agents.outer import OuterOptimizer
+
+    def make(seed_rngs=0):
+        torch.manual_seed(seed_rngs)
+        outer = (OuterOptimizer(lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9)) if rule == "slowmo"
+                 else AdaptiveAlpha(0.1))
+        return Simulation(problems.make_model(0), problems.loss_fn, problems.batches(1),
+                          topology.lookahead(3, 0.5), problems.OPTIMIZERS["adam"], state_policy="pullback",
+                          outer=outer)
+
+    uninterrupted = make()
+    full = record(uninterrupted, STEPS)
+    run_with_checkpoints(make(), CUT, Checkpointer(tmp_path))
+    resumed = make(seed_rngs=9)
+    Checkpointer(tmp_path).load(resumed)
+    assert torch.equal(record(resumed, STEPS), full[CUT:])
+    if rule == "adaptive":
+        assert resumed.outer.rule.history == uninterrupted.outer.rule.history
+    else:  # the momentum matters: without it the resumed run differs
+        resumed = make()
+        Checkpointer(tmp_path).load(resumed)
+        resumed.outer.rule.optimizer.state.clear()
+        assert not torch.equal(record(resumed, STEPS), full[CUT:])

@@ -248,7 +248,8 @@ def bad_simulation_arguments(draw):
         kwargs["data"] = draw(st.one_of(st.none(), st.integers(), st.floats()))
         return kwargs, "data"
     if kind == "state_policy":
-        kwargs["state_policy"] = draw(st.one_of(junk, st.text(max_size=5)))
+        # ({} is a valid per-level mapping: every level "maintain")
+        kwargs["state_policy"] = draw(st.one_of(junk.filter(lambda v: not isinstance(v, dict)), st.text(max_size=5)))
         return kwargs, "state_policy"
     if kind == "agents_per_rank":
         kwargs["agents_per_rank"] = draw(st.one_of(st.integers(-3, 1), st.integers(3, 9), st.floats(),
