@@ -183,7 +183,7 @@ def test_mpi_nan_on_one_rank_stops_every_rank(tmp_path):
     """The same through MPI (the flags' all-reduce is an MPI Allreduce(MAX)); LA-1, 2 ranks."""
     spec = dict(BASE, backend="mpi", out=str(tmp_path), poison=dict(agent=0, at=7), ks=[5], alphas=[0.5],
                 jobs=[dict(name="run", steps=30, ckpt=str(tmp_path / "ckpt"), every=3)])
-    code, output = run_mpi(2, spec, timeout=90, worker=WORKER)
+    code, output = run_mpiexec(2, [sys.executable, WORKER, json.dumps(spec)], timeout=90)
     assert code != 0, output
     for rank in range(2):
         message = (tmp_path / f"rank{rank}.err").read_text()
