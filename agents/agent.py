@@ -191,6 +191,56 @@ class Agent:
                 view.copy_(live)
                 state[p][slot.key] = view
 
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything that determines this agent's future, as CPU copies (never live references).
+
+        ``buffer``: the whole flat buffer (parameters and, under ``pullback``, the state slots);
+        ``steps``: inner steps taken = batches consumed from the data stream; for a worker also
+        ``optimizer`` (the inner optimizer's ``state_dict``) and ``data`` (the stream's
+        ``state_dict()`` when it has one, else None).
+        """
+        entry = {"index": self.index, "worker": self.is_worker, "steps": self.steps,
+                 "buffer": self.flat.buffer.detach().to("cpu", copy=True)}
+        if self.is_worker:
+            entry["optimizer"] = _cpu_copy(self.optimizer.state_dict())
+            entry["data"] = _cpu_copy(self.data.state_dict()) if hasattr(self.data, "state_dict") else None
+        return entry
+
+    def load_state_dict(self, entry: dict) -> None:
+        """Restore :meth:`state_dict` into this (fresh) agent.
+
+        The data position is restored through the stream's ``load_state_dict`` when it has one
+        and the checkpoint holds its state; otherwise ``entry["steps"]`` batches are drawn from
+        the (freshly created) stream and discarded.
+        """
+        if entry["index"] != self.index or entry["worker"] != self.is_worker:
+            raise ValueError(f"checkpoint entry of agent {entry['index']} does not fit agent {self.index}")
+        if entry["buffer"].shape != self.flat.buffer.shape or entry["buffer"].dtype != self.flat.buffer.dtype:
+            raise ValueError(
+                f"checkpoint of agent {self.index} holds a flat buffer of {entry['buffer'].numel()} "
+                f"{entry['buffer'].dtype} entries; this agent has {self.flat.buffer.numel()} "
+                f"{self.flat.buffer.dtype} (same model, dtype and state_policy are required)"
+            )
+        with torch.no_grad():
+            self.flat.buffer.copy_(entry["buffer"])
+        if self.is_worker:
+            self.optimizer.load_state_dict(entry["optimizer"])
+            if self.layout.numel:  # the live state becomes views into the slots again, as before
+                self._bind_state_to_slots()
+            if entry.get("data") is not None and hasattr(self.data, "load_state_dict"):
+                self.data.load_state_dict(entry["data"])
+            else:
+                for consumed in range(entry["steps"]):
+                    try:
+                        next(self.data)
+                    except StopIteration:
+                        raise ValueError(
+                            f"the data of agent {self.index} ran out after {consumed} batches while "
+                            f"skipping the {entry['steps']} batches the checkpoint had consumed"
+                        ) from None
+        self.steps = entry["steps"]
+
     # -- reading the agent ----------------------------------------------------------------------
     @property
     def params(self) -> torch.Tensor:
@@ -203,3 +253,15 @@ class Agent:
         if self.push_weight is None:
             return self.flat.params
         return self.flat.params / self.push_weight
+
+def _cpu_copy(obj):
+    """``obj`` with every tensor replaced by a detached, compact CPU copy (dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_cpu_copy(v) for v in obj)
+    return obj

@@ -64,6 +64,27 @@ def check_uniform_parameters(module: nn.Module) -> tuple[torch.dtype, torch.devi
     return params[0].dtype, params[0].device
 
 
+def check_dtype_device(dtype, device) -> None:
+    """``dtype``: None or a floating-point ``torch.dtype``; ``device``: None, or a ``torch.device``
+    or device string that names a device this process has.  ``ValueError`` otherwise."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.float64); got {dtype!r}")
+    if device is None:
+        return
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device must be a torch.device or a string such as 'cpu' or 'cuda:0'; got {device!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"device must name a device such as 'cpu' or 'cuda:0'; got {device!r}") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"device {str(device)!r} is not available: this process sees {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be a CPU or CUDA device; got {str(device)!r}")
+
+
 def flatten_module_(module: nn.Module, state_numel: int = 0) -> FlatBuffer:
     """Move ``module``'s parameters into a new :class:`FlatBuffer`; they become views into it.
 

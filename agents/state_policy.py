@@ -37,7 +37,7 @@ NON_MIXABLE_KEYS = frozenset({"step"})
 
 def validate_policy(policy: str, *, name: str = "state_policy") -> str:
     """Return ``policy`` if it is one of :data:`POLICIES`, else raise ``ValueError``."""
-    if policy not in POLICIES:
+    if not isinstance(policy, str) or policy not in POLICIES:
         raise ValueError(f"{name} must be one of {', '.join(POLICIES)}; got {policy!r}")
     return policy
 

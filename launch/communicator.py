@@ -27,9 +27,11 @@ class CommStats:
     sends: int = 0
     send_bytes: int = 0
     broadcasts: int = 0
+    flag_reduces: int = 0   # the health checks' tiny all-reduces (launch.health), not the plans'
 
     def reset(self) -> None:
         self.all_reduces = self.all_reduce_bytes = self.sends = self.send_bytes = self.broadcasts = 0
+        self.flag_reduces = 0
 
 
 class Communicator:
@@ -69,6 +71,16 @@ class Communicator:
         Messages between one pair of ranks are matched by tag.
         """
         raise NotImplementedError
+
+    def max_flags_(self, flags: torch.Tensor) -> None:
+        """Element-wise maximum of the small float tensor ``flags`` over every rank, in place
+        (a collective on all ranks; one rank: nothing to do).  Counted in ``stats.flag_reduces``."""
+        self.stats.flag_reduces += 1
+
+    def responsive_ranks(self, wait_s: float) -> list[int] | None:
+        """After a failed collective: the ranks that answer a roll call within ``wait_s`` seconds
+        (through a channel other than the failed one), or None when it cannot be told."""
+        return None
 
     def barrier(self) -> None:
         """Wait for every rank."""

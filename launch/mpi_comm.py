@@ -76,6 +76,10 @@ class MPICommunicator(Communicator):
         requests += [self.comm.Irecv(_buffer(t), source=peer, tag=tag) for t, peer, tag in recvs]
         self.MPI.Request.Waitall(requests)
 
+    def max_flags_(self, flags: torch.Tensor) -> None:
+        super().max_flags_(flags)
+        self.comm.Allreduce(self.MPI.IN_PLACE, _buffer(flags), op=self.MPI.MAX)
+
     def barrier(self) -> None:
         self.comm.Barrier()
 

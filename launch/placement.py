@@ -23,6 +23,8 @@ class Placement:
     def make(cls, num_agents: int, world_size: int, agents_per_rank: int | None = None) -> "Placement":
         """Validate and build; ``agents_per_rank=None`` means num_agents / world_size (when the
         world size divides the number of agents).  Raises the same ``ValueError`` on every rank."""
+        from topology.validation import check_period
+
         if agents_per_rank is None:
             if num_agents % world_size:
                 divisors = [r for r in range(1, num_agents + 1) if num_agents % r == 0]
@@ -32,12 +34,11 @@ class Placement:
                     f"{', '.join(map(str, divisors))} processes, or set agents_per_rank)"
                 )
             agents_per_rank = num_agents // world_size
-        if isinstance(agents_per_rank, bool) or not isinstance(agents_per_rank, int) or agents_per_rank < 1:
-            raise ValueError(f"agents_per_rank must be an integer >= 1; got {agents_per_rank!r}")
+        agents_per_rank = check_period(agents_per_rank, name="agents_per_rank")
         if world_size * agents_per_rank != num_agents:
             raise ValueError(
                 f"world size {world_size} does not fit the schedule's {num_agents} agents with "
-                f"{agents_per_rank} agent(s) per rank: start {num_agents // agents_per_rank if num_agents % agents_per_rank == 0 else num_agents} "
+                f"agents_per_rank={agents_per_rank}: start {num_agents // agents_per_rank if num_agents % agents_per_rank == 0 else num_agents} "
                 f"processes (world size x agents per rank must equal the number of agents)"
             )
         return cls(num_agents, world_size, agents_per_rank)

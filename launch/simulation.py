@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from agents.agent import Agent, LossFn, OptimizerFactory, StateLayout, probe_state_layout
-from agents.flat import check_uniform_parameters, module_signature
+from agents.flat import check_dtype_device, check_uniform_parameters, module_signature
+from launch import health
 from launch.communicator import Communicator, LocalCommunicator
 from launch.level_sync import SyncPolicy
 from launch.outer_sync import OuterSync
@@ -70,6 +71,9 @@ class Simulation:
         outer: a state-dependent slow update (:class:`agents.outer.OuterOptimizer`: outer SGD,
             SlowMo, DiLoCo; :class:`agents.adaptive.AdaptiveAlpha`), run by
             :class:`launch.outer_sync.OuterSync` in place of the plain mixing; default None.
+        check_finite: before every non-identity sync, check collectively that every agent's
+            parameters and losses are finite, else raise :class:`launch.health.NonFiniteError`
+            on every rank (one all-reduce of 2m flags per sync; see :mod:`launch.health`).
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class Simulation:
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         outer=None,
+        check_finite: bool = True,
     ):
         # -- local validation: the same result on every rank, before any communication ------
         if not isinstance(schedule, Schedule):
@@ -98,6 +103,9 @@ class Simulation:
             raise ValueError("loss_fn must be callable as loss_fn(module, batch)")
         self.sync_policy = SyncPolicy(state_policy, schedule)
         self.state_policy = self.sync_policy.agent_policy
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"check_finite must be True or False; got {check_finite!r}")
+        self.check_finite = check_finite
         self.comm = comm if comm is not None else LocalCommunicator()
         self.schedule = schedule
         self.loss_fn = loss_fn
@@ -108,6 +116,10 @@ class Simulation:
                 f"data must be a function agent_index -> iterable when the schedule has "
                 f"{len(schedule.workers)} workers; got a single {type(data).__name__}"
             )
+        if not callable(data) and not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
+            raise ValueError(f"data must be an iterable of batches (or agent_index -> iterable); "
+                             f"got {type(data).__name__}")
+        check_dtype_device(dtype, device)
         if dtype is not None or device is not None:
             model = _converted_copy(model, dtype, device)
         check_uniform_parameters(model)
@@ -168,6 +180,8 @@ class Simulation:
         losses = {
             i: agent.inner_step(self.loss_fn) for i, agent in self.agents.items() if agent.is_worker
         }
+        if self.check_finite:
+            health.record_losses(self, losses)
         self.sync(self.t)
         self.t += 1
         return losses
@@ -179,12 +193,17 @@ class Simulation:
         program = self.programs[index]
         if program.plan.is_identity:
             return
+        if self.check_finite:
+            health.check_finite(self, t)
         if self.outer is not None:
-            self.outer.sync(index, self.agents, self.comm, self.sync_policy.resets[index])
+            with health.collective(self.comm, t, "sync", tuple(range(self.comm.world_size))):
+                self.outer.sync(index, self.agents, self.comm, self.sync_policy.resets[index])
             return
         touched = [i for i in program.plan.touched if i in self.agents]
         tensors = {i: agent.sync_tensor() for i, agent in self.agents.items()}
-        program.run(tensors, self.comm)
+        peers = {r for g in program.group_ranks for r in g} | {r for _, r in program.sends + program.recvs}
+        with health.collective(self.comm, t, "sync", tuple(sorted(peers | {self.rank}))):
+            program.run(tensors, self.comm)
         for i in touched:
             self.agents[i].after_sync(reset=self.sync_policy.resets[index])
 
@@ -196,6 +215,24 @@ class Simulation:
             losses = self.step()
             if callback is not None:
                 callback(self, losses)
+
+    # -- checkpoints (see launch.checkpoint for files, RNG states and layouts) -------------------
+    def state_dict(self) -> dict:
+        """This rank's part of the state: ``{"t": t, "agents": {i: Agent.state_dict()}}``."""
+        return {"t": self.t, "agents": {i: a.state_dict() for i, a in self.agents.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the counter t and this rank's agents from ``state["agents"]`` (keyed by agent
+        index; entries of other agents are ignored, so any layout's state fits).  Only a fresh
+        simulation (no step taken) can load: data streams are re-positioned from their start."""
+        if self.t != 0 or any(a.steps for a in self.agents.values()):
+            raise ValueError(f"load_state_dict needs a fresh Simulation; this one is at t={self.t}")
+        missing = sorted(set(self.agents) - set(state["agents"]))
+        if missing:
+            raise ValueError(f"the state holds no entry for agent(s) {missing} of this rank")
+        for i, agent in self.agents.items():
+            agent.load_state_dict(state["agents"][i])
+        self.t = int(state["t"])
 
     # -- reading the result ----------------------------------------------------------------------
     def local_parameters(self) -> dict[int, torch.Tensor]:
@@ -239,8 +276,11 @@ def simulate(
 
     The same call runs co-located (the default), under torchrun (``comm=TorchCommunicator()``)
     or under mpiexec (``comm=MPICommunicator()``); see :class:`Simulation` for the arguments.
+    ``checkpoint=launch.checkpoint.Checkpointer(...)``: resume from its latest checkpoint if any,
+    run until t == ``steps`` (a total), saving every ``every`` iterations and at the end.
     """
     callback = options.pop("callback", None)
+    checkpoint = options.pop("checkpoint", None)
     sim = Simulation(model, loss_fn, data, schedule, optimizer, **options)
     last: dict[int, float] = {}
 
@@ -249,7 +289,13 @@ def simulate(
         if callback is not None:
             callback(s, losses)
 
-    sim.run(steps, record)
+    if checkpoint is None:
+        sim.run(steps, record)
+    else:
+        from launch.checkpoint import run_with_checkpoints
+
+        checkpoint.load(sim)
+        run_with_checkpoints(sim, steps, checkpoint, record)
     return SimulationResult(sim.gather_parameters(), {i: float(v) for i, v in last.items()}, sim)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from typing import Sequence
 
@@ -88,6 +89,29 @@ class TorchCommunicator(Communicator):
         ops += [dist.P2POp(dist.irecv, t, peer, tag=tag) for t, peer, tag in recvs]
         for request in dist.batch_isend_irecv(ops):
             request.wait()
+
+    def max_flags_(self, flags: torch.Tensor) -> None:
+        super().max_flags_(flags)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+
+    def responsive_ranks(self, wait_s: float) -> list[int] | None:
+        """Roll call through the rendezvous store (TCPStore): every surviving rank that reaches
+        this point sets its key; the ranks whose key is missing after ``wait_s`` seem lost.
+        None when the store itself is gone (it lives in rank 0's process unless torchrun's agent
+        hosts it)."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(timedelta(seconds=wait_s))
+            store.set(f"lookahead-agents/roll-call/{self.rank}", "1")
+            keys = [f"lookahead-agents/roll-call/{r}" for r in range(self.world_size)]
+            deadline = time.monotonic() + wait_s
+            while True:
+                present = [r for r, key in enumerate(keys) if store.check([key])]
+                if len(present) == self.world_size or time.monotonic() > deadline:
+                    return present
+                time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - any failure of the store means: cannot tell
+            return None
 
     def barrier(self) -> None:
         dist.barrier()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,23 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _wait_all(procs, timeout: float) -> list[tuple[int, str]]:
+def _kill_when(procs, kill: tuple[int, Path], timeout: float) -> None:
+    """``kill = (rank, marker)``: SIGKILL that rank's process as soon as ``marker`` exists."""
+    rank, marker = kill
+    deadline = time.monotonic() + timeout
+    while not Path(marker).exists():
+        if time.monotonic() > deadline or procs[rank].poll() is not None:
+            return
+        time.sleep(0.05)
+    procs[rank].send_signal(signal.SIGKILL)
+
+
+def _wait_all(procs, timeout: float, kill_on: tuple[int, Path] | None = None) -> list[tuple[int, str]]:
     """Wait for every process; on timeout kill them all (their groups and every descendant) and
     fail the test."""
     results = []
+    if kill_on is not None:
+        _kill_when(procs, kill_on, timeout)
     try:
         for p in procs:
             out, _ = p.communicate(timeout=timeout)
@@ -75,8 +89,10 @@ def _wait_all(procs, timeout: float) -> list[tuple[int, str]]:
     return results
 
 
-def run_torch(nprocs: int, spec: dict, timeout: float = 120, worker: Path = WORKER) -> list[tuple[int, str]]:
-    """Run ``worker`` as ``nprocs`` torch.distributed (gloo) ranks; (returncode, output) each."""
+def run_torch(nprocs: int, spec: dict, timeout: float = 120, worker: Path = WORKER,
+              kill: tuple[int, Path] | None = None) -> list[tuple[int, str]]:
+    """Run ``worker`` as ``nprocs`` torch.distributed (gloo) ranks; (returncode, output) each.
+    ``kill=(rank, marker)``: SIGKILL that rank once the file ``marker`` exists."""
     port = free_port()
     procs = []
     for rank in range(nprocs):
@@ -88,7 +104,7 @@ def run_torch(nprocs: int, spec: dict, timeout: float = 120, worker: Path = WORK
             [sys.executable, str(worker), json.dumps(spec)], env=env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
         ))
-    return _wait_all(procs, timeout)
+    return _wait_all(procs, timeout, kill)
 
 
 def mpiexec() -> str | None:

@@ -11,6 +11,7 @@ import math
 import numbers
 from typing import Sequence
 
+import numpy as np
 import torch
 
 #: Largest allowed deviation of a column sum from 1.
@@ -55,15 +56,28 @@ def check_levels(ks: Sequence, alphas: Sequence) -> tuple[tuple[int, ...], tuple
 
 
 def as_matrix(value, *, name: str) -> torch.Tensor:
-    """Convert ``value`` to a float64 CPU tensor, or raise ``ValueError`` naming ``name``."""
+    """Convert ``value`` to a float64 CPU tensor, or raise ``ValueError`` naming ``name``.
+
+    Real (float, integer or bool) entries only: complex entries are refused rather than having
+    their imaginary part dropped; ragged rows, strings, objects and integers too large for a
+    float are refused too.  Lists go through numpy, which keeps Python floats in float64.
+    """
     try:
-        if isinstance(value, torch.Tensor):
-            matrix = value.detach().to(device="cpu", dtype=torch.float64)
-        else:
-            matrix = torch.as_tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{name} must be a square matrix of real numbers; got {value!r}") from err
+        raw = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise ValueError(f"{name} must be a square matrix of real numbers; got {_short(value)}") from err
+    if raw.is_complex():
+        raise ValueError(f"{name} must be a square matrix of real numbers; got complex entries")
+    try:
+        matrix = raw.to(device="cpu", dtype=torch.float64)
+    except (RuntimeError, NotImplementedError) as err:  # e.g. a meta tensor: no values to check
+        raise ValueError(f"{name} must be a square matrix of real numbers; got {_short(value)}") from err
     return matrix.clone()
+
+
+def _short(value, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_mixing_matrix(
