@@ -156,7 +156,7 @@ def test_push_sum_consensus_distance_uses_debiased_models(tmp_path):
     (["topology=lookahead", "agents.outer={name:adaptive}", "launch=serial"], "agents.outer={name: adaptive}: adaptive alpha needs"),
     (["topology=lookahead_local_sgd", "agents.outer={name:sgd,lr:0.5}", "launch=serial"], "has no serial reference"),
     (["topology=ring", "launch=serial"], "has no serial reference"),
-    (["topology=stagewise", "launch.steps=101"], "launch.steps must be at most the stages' total number of steps (100)"),
+    (["topology=stagewise", "launch.steps=601"], "launch.steps must be at most the stages' total number of steps (600)"),
     (["topology=stagewise", "topology.stages=[{steps:5,lr:0.1,alpha:0.5,k:2,beta:0}]"], "steps must be a multiple of k"),
     (["topology=stagewise", "topology.stages=[{steps:4,lr:0.1,k:2,beta:0}]"], "missing ['alpha']"),
     (["topology=stagewise", "agents.outer={name:sgd,lr:0.5}"], "agents.outer must be null with topology=stagewise"),
@@ -165,7 +165,8 @@ def test_push_sum_consensus_distance_uses_debiased_models(tmp_path):
     (["topology=ring", "+topology.rows=2"], "topology has option(s) ['rows']"),
 ])
 def test_bad_variant_configuration_is_one_line_and_status_2(tmp_path, capsys, overrides, words):
-    assert app.run(config(*overrides, "launch.steps=4" if not any("launch.steps" in o for o in overrides) else "launch.steps=101", *FAST), tmp_path) == 2
+    steps = [] if any(o.startswith("launch.steps=") for o in overrides) else ["launch.steps=4"]
+    assert app.run(config(*overrides, *steps, *FAST), tmp_path) == 2
     err = capsys.readouterr().err
     assert err.startswith("error [rank 0]: ") and words in err and err.count("\n") == 1, err
     assert not (tmp_path / "agents.pt").exists()
