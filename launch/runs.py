@@ -40,8 +40,8 @@ def _grad_norm(params) -> float:
 
 
 def role(schedule: Schedule, agent: int) -> str:
-    """What agent ``agent`` is: ``fast (worker)`` / ``slow level l`` for (multilayer) Lookahead,
-    else ``worker`` / ``passive``."""
+    """What agent ``agent`` is: ``fast (worker)`` / ``slow level l`` for (multilayer) Lookahead and
+    any one-worker, one-slow-agent schedule (stagewise SLRLA), else ``worker`` / ``passive``."""
     if has_serial_reference(schedule) or (schedule.num_agents == 2 and schedule.workers == (0,)):
         return "fast (worker)" if agent == 0 else f"slow level {agent}"
     return "worker" if agent in schedule.workers else "passive"
