@@ -173,6 +173,16 @@ class SLRLAController:
             self._begin(sim, self.ends.index(sim.t))
 
 
+def stage_lookahead(params: list, factory, stage: Stage, state_policy="maintain") -> Lookahead:
+    """Algorithm 3's ``Look-ahead(F_q, ...)`` call for one stage, serially: a fresh
+    ``Lookahead(Proximal(factory(params) with lr_q, beta_q), k_q, alpha_q)`` anchored at the
+    current ``params`` (theta_{q-1})."""
+    inner = factory(params)
+    for group in inner.param_groups:
+        group["lr"] = stage.lr
+    return Lookahead(Proximal(inner, stage.beta), stage.k, stage.alpha, state_policy)
+
+
 def slrla_reference(model: torch.nn.Module, loss_fn, batches, factory, stages: Sequence,
                     state_policy: str = "maintain") -> torch.Tensor:
     """SLRLA straight from Algorithm 3, serially: for each stage a fresh ``Lookahead(Proximal(
@@ -182,10 +192,7 @@ def slrla_reference(model: torch.nn.Module, loss_fn, batches, factory, stages: S
     params = list(model.parameters())
     rows = []
     for stage in stages:
-        inner = factory(params)
-        for group in inner.param_groups:
-            group["lr"] = stage.lr
-        la = Lookahead(Proximal(inner, stage.beta), stage.k, stage.alpha, state_policy)
+        la = stage_lookahead(params, factory, stage, state_policy)
         for _ in range(stage.steps):
             la.zero_grad()
             loss_fn(model, next(batches)).backward()

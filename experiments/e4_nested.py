@@ -48,7 +48,7 @@ def main() -> None:
             results[inner_name, method, policy] = [r["final"] for r in runs]
             print(inner_name, method, policy, fmt([f["accuracy"] for f in results[inner_name, method, policy]], 100))
     seconds = time.perf_counter() - start
-    lines = ["Digits (64-64-10 tanh MLP), 900 inner steps, batch 32, 3 seeds (mean ± std); test accuracy (%)",
+    lines = ["Digits (64-64-10 ReLU MLP), 900 inner steps, batch 32, 3 seeds (mean ± std); test accuracy (%)",
              "and test cross-entropy of the outermost slow weights.", "",
              "| method | momentum policy | SGD acc. | SGD loss | Adam acc. | Adam loss |",
              "|---|---|---|---|---|---|"]

@@ -46,7 +46,7 @@ def main() -> None:
                 alphas[lr] = [h for _, h in out]
             print(lr, config, fmt([r["final"]["accuracy"] for r in results[lr, config]], 100))
     seconds = time.perf_counter() - start
-    lines = ["Digits (64-64-10 tanh MLP), Adam inside Lookahead (k 5), 900 steps, 3 seeds (mean ± std);",
+    lines = ["Digits (64-64-10 ReLU MLP), Adam inside Lookahead (k 5), 900 steps, 3 seeds (mean ± std);",
              "slow weights at the end; alpha* over all syncs of the 3 seeds.", "",
              "| Adam lr | method | test acc. (%) | test loss | train loss | mean alpha* | share of syncs at the clips (low / 1) |",
              "|---|---|---|---|---|---|---|"]

@@ -1,77 +1,43 @@
 """Shared plumbing of experiments E4-E6 (nested Lookahead, SLRLA, adaptive alpha).
 
-The problem is ``experiments.problems.PROBLEMS["digits_mlp"]`` when that registry has it (branch
-issue4-exp), else a small scikit-learn digits problem built here (:func:`digits_problem`, the
-same ``Problem`` interface): 8x8 digits, 1437 training / 360 test images, a 64-64-10 tanh MLP,
-cross-entropy, minibatches of 32 drawn with a seeded generator.  Every run is the co-located
-simulator (the same code as the distributed runs), float32, one thread.
+The problem is the registered ``experiments.problems.PROBLEMS["digits_mlp"]``
+(:mod:`experiments.digits`: 8x8 digits, standardized, a stratified 80/20 split, a 64-64-10 ReLU
+MLP, cross-entropy, shuffled epochs in minibatches of 32), with training-split metrics added.
+Every run is the co-located simulator (the same code as the distributed runs), float32, one
+thread.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
 from agents.flat import load_flat_
+from experiments.base import classification_metrics
+from experiments.digits import digits_split
 from experiments.problems import PROBLEMS, Problem
 from launch.simulation import Simulation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def digits_problem(seed: int = 0, hidden: int = 64, batch_size: int = 32) -> Problem:
-    """scikit-learn's 8x8 digits: a ``64 -> hidden -> 10`` tanh MLP, cross-entropy; metrics on
-    the 360-image test split and on the training split."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
-    x, y = x[perm], y[perm]
-    x_train, y_train, x_test, y_test = x[:1437], y[:1437], x[1437:], y[1437:]
-
-    def model() -> nn.Module:
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
-
-    def loss_fn(module, batch):
-        return nn.functional.cross_entropy(module(batch[0]), batch[1])
-
-    def batches(agent: int = 0):
-        g = torch.Generator().manual_seed(seed + 1000 * (agent + 1))
-        for _ in itertools.count():
-            index = torch.randint(0, len(y_train), (batch_size,), generator=g)
-            yield x_train[index], y_train[index]
-
-    @torch.no_grad()
-    def evaluate(module) -> dict:
-        out = {}
-        for name, (xs, ys) in {"": (x_test, y_test), "train_": (x_train, y_train)}.items():
-            logits = module(xs)
-            out[f"{name}loss"] = float(nn.functional.cross_entropy(logits, ys))
-            out[f"{name}accuracy"] = float((logits.argmax(1) == ys).double().mean())
-        return out
-
-    return Problem("digits_mlp_sklearn", model, loss_fn, batches, evaluate)
-
-
 def make_problem(seed: int) -> Problem:
-    """``PROBLEMS["digits_mlp"]`` if registered (and accepting ``seed``), else :func:`digits_problem`."""
-    factory = PROBLEMS.get("digits_mlp")
-    if factory is not None:
-        try:
-            return factory(seed=seed)
-        except TypeError:
-            pass
-    return digits_problem(seed)
+    """``PROBLEMS["digits_mlp"](seed=seed)`` (:func:`experiments.digits.digits_mlp`), whose
+    ``evaluate`` also reports ``train_loss`` and ``train_accuracy`` on the training split (E5's
+    generalization gap)."""
+    problem = PROBLEMS["digits_mlp"](seed=seed)
+    split = digits_split()
+
+    def evaluate(module) -> dict:
+        train = classification_metrics(module, split.x_train, split.y_train)
+        return {**problem.evaluate(module), **{f"train_{k}": v for k, v in train.items()}}
+
+    return Problem(problem.name, problem.model, problem.loss_fn, problem.batches, evaluate)
 
 
 def run(problem: Problem, schedule, optimizer: Callable, steps: int, *, policy="maintain", outer=None,

@@ -11,7 +11,9 @@ The configuration is in ``launch/conf`` (groups ``agents``, ``topology``, ``prob
 ``launch``); :mod:`launch.build` turns it into a job.  Outputs, in hydra's run directory
 (written by rank 0): ``.hydra/config.yaml`` (the resolved configuration), ``metrics.csv``
 (:mod:`launch.metrics`, written as the run goes), ``agents.pt`` (every agent's final
-``state_dict``, a list indexed by agent) and ``summary.txt`` (the one-line summary, also printed).
+``state_dict``, a list indexed by agent) and ``summary.txt`` (the one-line summary, also printed;
+it includes ``spectral_gap``, 1 - |lambda_2| of the product of one period's mixing matrices,
+:func:`topology.diagnostics.spectral_gap`).
 Rank 0 shows a progress bar; the other ranks print nothing but errors.
 
 With ``launch=colocated`` and ``launch.check_reference=true`` (the default) every agent is
@@ -37,12 +39,11 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from launch.build import Job, build_job
-from launch.communicator import LocalCommunicator, make_communicator
+from launch.communicator import make_communicator
 from launch.deviation import DeviationTracker, format_table, tolerance_for
 from launch.metrics import MetricsProbe, MetricsWriter
-from launch.runs import SerialRun, SimulationRun, plant_deviation_, role
-from launch.simulation import Simulation
-from topology.registry import has_serial_reference
+from launch.runs import SerialRun, open_simulation_run, plant_deviation_, role, serial_reference_of
+from topology.diagnostics import spectral_gap
 
 #: The worst exit status of the jobs this process ran (a multirun runs several).
 _STATUS = [0]
@@ -65,12 +66,10 @@ def open_run(job: Job, comm, model, mode: str | None = None):
     """The run of ``job`` in ``mode`` (default ``job.mode``): a :class:`SerialRun`, or a
     :class:`SimulationRun` on ``comm`` (co-located when ``comm`` is None)."""
     mode = mode or job.mode
-    loss_fn = job.problem.loss_fn
     if mode == "serial":
-        return SerialRun(model, loss_fn, job.batches(0), job.schedule, job.optimizer, job.state_policy)
-    sim = Simulation(model, loss_fn, job.batches, job.schedule, job.optimizer, state_policy=job.state_policy,
-                     comm=comm if comm is not None else LocalCommunicator(), device=job.device)
-    return SimulationRun(sim, mode)
+        return SerialRun(model, job.problem.loss_fn, job.batches(0), job.schedule, job.optimizer, job.state_policy,
+                         outer=job.outer, stages=job.stages)
+    return open_simulation_run(job, comm, model, mode)
 
 
 def make_comm(job: Job):
@@ -113,12 +112,14 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
     schedule = job.schedule
+    gap = spectral_gap(schedule)  # 1 - |lambda_2| of P_0 ... P_{period-1} (topology.diagnostics)
     model = job.model()
     run_ = open_run(job, comm, model)
     check = bool(job.mode == "colocated" and cfg.launch.get("check_reference", False))
-    if check and not has_serial_reference(schedule):
+    no_reference = serial_reference_of(schedule, job.outer, job.stages)
+    if check and no_reference is not None:
         check = False
-        print(f"note: {schedule!r} has no serial reference; launch.check_reference is skipped", file=sys.stderr)
+        print(f"note: {no_reference}; launch.check_reference is skipped", file=sys.stderr)
     reference = open_run(job, None, model, "serial") if check else None
     tracker = DeviationTracker()
     probe = MetricsProbe(run_, comm, schedule.num_agents, schedule.consensus())
@@ -176,6 +177,7 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
              f"processes={1 if comm is None else comm.world_size}", f"steps={job.steps}",
              f"dtype={str(job.dtype).replace('torch.', '')}", f"seed={job.seed}"]
     parts += [f"heldout_{k}=[{', '.join(f'{r[k]:.6g}' for r in rows)}]" for k in metric_keys]
+    parts.append(f"spectral_gap={gap:.6g}")
     if check:
         parts.append(f"max_deviation={worst:.3e}")
     parts += [f"time_s={elapsed:.2f}", f"steps_per_s={job.steps / elapsed:.1f}",

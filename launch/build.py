@@ -7,7 +7,12 @@
   parameters it accepts and the problem's options do not set;
 - ``topology``: ``name`` and the options of ``topology.registry.SCHEDULES[name]``;
 - ``agents``: ``optimizer`` (``name``, any ``torch.optim`` optimizer by its lower-case class name,
-  and its keyword hyperparameters) and ``state_policy``;
+  and its keyword hyperparameters), ``state_policy`` (``maintain`` | ``reset`` | ``pullback``, or
+  for a multilayer / nested schedule a per-level form of :mod:`agents.level_policy`: a name such
+  as ``pullback_inner``, a list level 1 first, or a mapping ``{level: policy}``) and ``outer``
+  (null; ``{name: sgd, lr, momentum, nesterov}``: outer SGD / SlowMo / DiLoCo,
+  :class:`agents.outer.OuterOptimizer`; ``{name: adaptive, alpha_low}``: Zhang et al.'s adaptive
+  alpha, :class:`agents.adaptive.AdaptiveAlpha`);
 - ``launch``: ``name`` (serial | colocated | torch | mpi), ``device``, ``dtype``, ``seed``,
   ``steps``, ``log_every``.
 
@@ -28,10 +33,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from agents.state_policy import validate_policy
+from agents.level_policy import resolve_policy
 from launch.communicator import LAUNCHES
 from topology.registry import SCHEDULES, make_schedule
-from topology.schedule import Schedule
+from topology.schedule import MultilayerSchedule, Schedule
 
 #: Where a run can take place: the serial reference, or the simulator's communicators.
 MODES = ("serial",) + LAUNCHES
@@ -55,7 +60,7 @@ class Job:
     problem_name: str
     schedule: Schedule
     optimizer: Callable[[list], torch.optim.Optimizer]
-    state_policy: str
+    state_policy: object                    # a str, or per-level (list / {level: policy})
     mode: str
     device: str
     dtype: torch.dtype
@@ -63,6 +68,12 @@ class Job:
     steps: int
     log_every: int
     evaluate_on_device: bool                # the problem was built for ``device``
+    outer: dict | None = None               # agents.outer, validated (see :func:`make_outer`)
+    stages: tuple | None = None             # SLRLA's agents.slrla.Stage list (topology=stagewise)
+
+    def make_outer(self):
+        """A fresh outer rule for the simulator (``Simulation(outer=...)``), or None."""
+        return make_outer(self.outer)
 
     def model(self) -> nn.Module:
         """A fresh model in the run's dtype (global RNG seeded with ``seed`` first)."""
@@ -99,12 +110,28 @@ def build_job(cfg: DictConfig) -> Job:
     _check_options(SCHEDULES[name], topology_options, f"topology {name!r}", "topology")
     schedule = make_schedule(name, **topology_options)
 
+    stages = None
+    if name == "stagewise":
+        from agents.slrla import check_stages
+
+        stages = check_stages(topology_options["stages"])
+        total = sum(stage.steps for stage in stages)
+        if steps > total:
+            raise ValueError(f"launch.steps must be at most the stages' total number of steps ({total}) "
+                             f"with topology=stagewise; got {steps}")
+
     agent_options = _options(cfg.agents, "agents")
-    state_policy = validate_policy(agent_options.get("state_policy", "maintain"))
-    extra = set(agent_options) - {"optimizer", "state_policy"}
+    extra = set(agent_options) - {"optimizer", "state_policy", "outer"}
     if extra:
-        raise ValueError(f"agents has unknown key(s) {sorted(extra)}; allowed: optimizer, state_policy")
+        raise ValueError(f"agents has unknown key(s) {sorted(extra)}; allowed: optimizer, state_policy, outer")
+    state_policy = _state_policy(agent_options.get("state_policy", "maintain"), schedule)
     optimizer = _optimizer_factory(dict(agent_options.get("optimizer") or {}))
+    outer = _outer_options(agent_options.get("outer"))
+    if outer is not None and stages is not None:
+        raise ValueError("agents.outer must be null with topology=stagewise (SLRLA's slow update is plain Lookahead)")
+    if outer is not None and len(schedule.passive) != 1:
+        raise ValueError(f"agents.outer needs a topology with exactly one slow (passive) agent (lookahead, "
+                         f"with_slow_agent); topology {name!r} has {len(schedule.passive)}")
 
     from experiments.problems import PROBLEMS  # the problems pull in their own dependencies
 
@@ -121,8 +148,88 @@ def build_job(cfg: DictConfig) -> Job:
             problem_options[key] = value
     torch.manual_seed(seed)
     problem = factory(**problem_options)
+    if outer is not None and outer["name"] == "adaptive":
+        try:  # the inner optimizer must keep Adam's second moment (one throwaway step on a copy)
+            make_outer(outer).check(problem.model().to(dtype=dtype), optimizer)
+        except ValueError as err:
+            raise ValueError(f"agents.outer={{name: adaptive}}: {err}") from None
     return Job(problem, problem_name, schedule, optimizer, state_policy, mode, device, dtype, seed, steps,
-               log_every, evaluate_on_device="device" in problem_options)
+               log_every, evaluate_on_device="device" in problem_options, outer=outer, stages=stages)
+
+
+OUTER_KEYS = {"sgd": {"lr", "momentum", "nesterov"}, "adaptive": {"alpha_low"}}
+
+
+def make_outer(options: dict | None):
+    """The simulator's outer rule of validated ``agents.outer`` options: None, an
+    :class:`agents.outer.OuterOptimizer` over ``torch.optim.SGD(lr, momentum, nesterov)`` (outer
+    SGD with lr alpha and no momentum is Lookahead; with momentum SlowMo; with nesterov DiLoCo),
+    or an :class:`agents.adaptive.AdaptiveAlpha`."""
+    if options is None:
+        return None
+    if options["name"] == "adaptive":
+        from agents.adaptive import AdaptiveAlpha
+
+        return AdaptiveAlpha(options["alpha_low"])
+    from agents.outer import OuterOptimizer
+
+    return OuterOptimizer(outer_factory(options))
+
+
+def outer_factory(options: dict) -> Callable[[list], torch.optim.Optimizer]:
+    """``params -> torch.optim.SGD(params, lr, momentum, nesterov)`` of ``agents.outer`` (sgd)."""
+    kwargs = {k: v for k, v in options.items() if k != "name"}
+    return lambda params: torch.optim.SGD(params, **kwargs)
+
+
+def _outer_options(outer) -> dict | None:
+    """``agents.outer`` validated: None, ``{name: sgd, lr, momentum=0, nesterov=false}`` or
+    ``{name: adaptive, alpha_low=0.1}``."""
+    if outer is None:
+        return None
+    if not isinstance(outer, dict):
+        raise ValueError(f"agents.outer must be null or a mapping with a name (sgd | adaptive); got {outer!r}")
+    outer = dict(outer)
+    name = outer.get("name")
+    if name not in OUTER_KEYS:
+        raise ValueError(f"agents.outer.name must be one of sgd, adaptive; got {name!r}")
+    unknown = sorted(set(outer) - OUTER_KEYS[name] - {"name"})
+    if unknown:
+        raise ValueError(f"agents.outer has key(s) {unknown} that outer {name} does not take; "
+                         f"allowed: {sorted(OUTER_KEYS[name])}")
+    if name == "adaptive":
+        from agents.adaptive import AdaptiveAlpha
+
+        outer.setdefault("alpha_low", 0.1)
+        try:
+            AdaptiveAlpha(outer["alpha_low"])
+        except ValueError as err:
+            raise ValueError(f"agents.outer.{err}") from None
+        return outer
+    if "lr" not in outer:
+        raise ValueError("agents.outer.lr must be set for outer sgd (the outer learning rate; lr=alpha, "
+                         "no momentum, is Lookahead)")
+    outer.setdefault("momentum", 0.0)
+    outer.setdefault("nesterov", False)
+    try:
+        outer_factory(outer)([nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"agents.outer: torch.optim.SGD refuses {outer}: {err}") from None
+    return outer
+
+
+def _state_policy(policy, schedule: Schedule):
+    """``agents.state_policy`` validated for ``schedule`` (per level only for a multilayer one)
+    by :func:`agents.level_policy.resolve_policy`; mapping keys given as strings ("1") become
+    levels (ints)."""
+    if isinstance(policy, dict):
+        try:
+            policy = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in policy.items()}
+        except ValueError:
+            pass
+    depth = schedule.depth if isinstance(schedule, MultilayerSchedule) else None
+    resolve_policy(policy, depth, name="agents.state_policy")
+    return policy
 
 
 # -- helpers -----------------------------------------------------------------------------------

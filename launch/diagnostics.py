@@ -37,6 +37,14 @@ import torch
 from topology.diagnostics import spectral_gap
 
 
+def local_models(sim) -> dict[int, torch.Tensor]:
+    """``{agent: z_i}`` of this rank's agents: the model of each, de-biased under push-sum
+    (:meth:`agents.agent.Agent.debiased`: x_i / w_i, a new tensor; else x_i, a live view).  Every
+    consensus distance of the project (:func:`consensus_distance`, the per-agent column of
+    ``metrics.csv``, :class:`launch.metrics.MetricsProbe`) is measured on these."""
+    return {i: agent.debiased() for i, agent in sim.agents.items()}
+
+
 def _gathered(sim, local: dict) -> dict:
     merged: dict = {}
     for part in sim.comm.all_gather_object(local):
@@ -54,7 +62,8 @@ def consensus_distance(sim, agents: Iterable[int] | None = None) -> float:
     members = sorted(set(sim.schedule.workers if agents is None else agents))
     if not members or not all(0 <= i < sim.schedule.num_agents for i in members):
         raise ValueError(f"agents must be agent indices in [0, {sim.schedule.num_agents}); got {members}")
-    local = {i: sim.agents[i].debiased() for i in members if i in sim.agents}
+    models = local_models(sim)
+    local = {i: models[i] for i in members if i in models}
     # Pass 1: zbar from the per-rank sums (summed in rank order: the same bits on every rank).
     total = None
     for part in sim.comm.all_gather_object(

@@ -34,8 +34,7 @@ from omegaconf import DictConfig
 from launch.app import open_run, run_job
 from launch.build import Job
 from launch.deviation import DeviationTracker, format_table, tolerance_for
-from launch.runs import plant_deviation_, role
-from topology.registry import has_serial_reference
+from launch.runs import plant_deviation_, role, serial_reference_of
 
 _STATUS = [0]
 
@@ -46,7 +45,7 @@ def compare(job: Job, comm, plant=None) -> dict[tuple[str, str], DeviationTracke
     merged over the ranks of ``comm`` (identical on every rank)."""
     model = job.model()
     runs = {}
-    if has_serial_reference(job.schedule):
+    if serial_reference_of(job.schedule, job.outer, job.stages) is None:
         runs["serial"] = open_run(job, None, model, "serial")
     runs["colocated"] = open_run(job, None, model, "colocated")
     if comm is not None:

@@ -13,9 +13,12 @@ One row per agent per logged step, columns :data:`COLUMNS`:
 ``grad_norm``
     ||g||_2 of that step's gradient, over all parameters (empty for a passive agent).
 ``consensus_distance``
-    ||x_i - X a||_2 after the s-th iteration (its sync included), with a = schedule.consensus()
+    ||z_i - X a||_2 after the s-th iteration (its sync included), with a = schedule.consensus()
     and X a = theta, the virtual iterate (Wang et al. eq. 8); empty when the schedule has no
-    consensus vector.
+    consensus vector.  z_i is agent i's model (:func:`launch.diagnostics.local_models`): x_i,
+    or under push-sum the de-biased x_i / w_i.  (Push-sum's matrices are row-stochastic, so
+    a = 1/m and theta = mean_i x_i = sum_i x_i / sum_i w_i, the value every z_i converges to;
+    the raw x_i do not converge to it.)
 ``wall_time``
     seconds on rank 0 since the first iteration began.
 
@@ -45,7 +48,7 @@ class MetricsProbe:
     """Measures every agent's row at a logged step (a collective when the run spans ranks).
 
     Args:
-        run: a :mod:`launch.runs` run (its ``columns()``, ``grad_norms()``, ``agents``).
+        run: a :mod:`launch.runs` run (its ``columns()``, ``models()``, ``grad_norms()``, ``agents``).
         comm: the run's communicator, or None for a single-process run.
         num_agents: m.
         consensus: the vector a (float64, length m), or None.
@@ -84,10 +87,11 @@ class MetricsProbe:
         theta, stats = buf[:d], buf[d:].cpu().tolist()
         distances = [math.nan] * self.m
         if self.a is not None:
-            # (2) ||x_i - theta|| where x_i lives, then shared.
+            # (2) ||z_i - theta|| where z_i lives, then shared (z_i: de-biased under push-sum).
+            models = self.run.models()
             squared = torch.zeros(self.m, dtype=torch.float64, device=any_column.device)
-            for i, x in columns.items():
-                squared[i] = float(torch.sum((x - theta) ** 2))
+            for i, z in models.items():
+                squared[i] = float(torch.sum((z - theta) ** 2))
             self._all_reduce(squared)
             distances = squared.sqrt().cpu().tolist()
         return [

@@ -22,7 +22,9 @@ from torch import nn
 
 from agents.flat import load_flat_
 from agents.reference import MultilayerLookahead
+from agents.slrla import SLRLAController, proximal, stage_lookahead
 from launch.communicator import Communicator
+from launch.diagnostics import local_models
 from launch.simulation import Simulation
 from topology.registry import has_serial_reference
 from topology.schedule import Schedule
@@ -38,33 +40,75 @@ def _grad_norm(params) -> float:
 
 
 def role(schedule: Schedule, agent: int) -> str:
-    """What agent ``agent`` is: ``fast (worker)`` / ``slow level l`` for (multilayer) Lookahead,
-    else ``worker`` / ``passive``."""
-    if has_serial_reference(schedule):
+    """What agent ``agent`` is: ``fast (worker)`` / ``slow level l`` for (multilayer) Lookahead and
+    any one-worker, one-slow-agent schedule (stagewise SLRLA), else ``worker`` / ``passive``."""
+    if has_serial_reference(schedule) or (schedule.num_agents == 2 and schedule.workers == (0,)):
         return "fast (worker)" if agent == 0 else f"slow level {agent}"
     return "worker" if agent in schedule.workers else "passive"
 
 
-class SerialRun:
-    """The serial reference of a (multilayer) Lookahead schedule: one module, its inner optimizer
-    wrapped in :class:`~agents.reference.MultilayerLookahead`, fed ``data`` (worker 0's stream).
+def serial_reference_of(schedule: Schedule, outer=None, stages=None) -> str | None:
+    """Why a job has no serial reference (a sentence), or None when it has one: (multilayer /
+    nested) Lookahead with any state policy; with an outer rule (``agents.outer``) only
+    Lookahead (one level: :class:`agents.outer.OuterLookahead`,
+    :class:`agents.adaptive.AdaptiveLookahead`); SLRLA (``stages``: :func:`agents.slrla.slrla_reference`)."""
+    if stages is not None:
+        return None
+    if not has_serial_reference(schedule):
+        return (f"topology {schedule!r} has no serial reference (only lookahead, multilayer, nested and "
+                f"stagewise do)")
+    if outer is not None and schedule.depth != 1:
+        return f"agents.outer has a serial reference only with one slow level (lookahead); {schedule!r} has {schedule.depth}"
+    return None
 
-    ``ValueError`` when ``schedule`` has no serial reference.
+
+def _serial_optimizer(params, schedule: Schedule, optimizer, state_policy, outer):
+    """The serial reference's optimizer on ``params`` (see :func:`serial_reference_of`)."""
+    inner = optimizer(params)
+    if outer is None:
+        return MultilayerLookahead(inner, schedule.ks, schedule.alphas, state_policy=state_policy)
+    from launch.build import outer_factory
+
+    k, alpha = schedule.ks[0], schedule.alphas[0]
+    if outer["name"] == "adaptive":
+        from agents.adaptive import AdaptiveLookahead
+
+        return AdaptiveLookahead(inner, k, outer["alpha_low"], state_policy=state_policy)
+    from agents.outer import OuterLookahead
+
+    return OuterLookahead(inner, k, outer_factory(outer), alpha=alpha, state_policy=state_policy)
+
+
+class SerialRun:
+    """The serial reference of a (multilayer / nested) Lookahead schedule: one module, its inner
+    optimizer wrapped in :class:`~agents.reference.MultilayerLookahead` (or, with ``outer``, the
+    options of ``agents.outer``, in :class:`~agents.outer.OuterLookahead` /
+    :class:`~agents.adaptive.AdaptiveLookahead`), fed ``data`` (worker 0's stream).  With
+    ``stages`` (SLRLA) each stage is a fresh :func:`agents.slrla.stage_lookahead`, begun after
+    the last step of the previous stage, as :func:`agents.slrla.slrla_reference` does.
+
+    ``ValueError`` when the job has no serial reference (:func:`serial_reference_of`).
     """
 
     name = "serial"
 
-    def __init__(self, model: nn.Module, loss_fn, data, schedule: Schedule, optimizer, state_policy: str):
-        if not has_serial_reference(schedule):
-            raise ValueError(
-                f"topology {schedule!r} has no serial reference (only lookahead and multilayer do); "
-                f"use launch=colocated, torch or mpi"
-            )
+    def __init__(self, model: nn.Module, loss_fn, data, schedule: Schedule, optimizer, state_policy,
+                 outer: dict | None = None, stages=None):
+        why = serial_reference_of(schedule, outer, stages)
+        if why is not None:
+            raise ValueError(f"{why}; use launch=colocated, torch or mpi")
         self.schedule = schedule
         self.module = copy.deepcopy(model)
         self.params = list(self.module.parameters())
-        self.optimizer = MultilayerLookahead(optimizer(self.params), schedule.ks, schedule.alphas,
-                                             state_policy=state_policy)
+        self.stages, self.state_policy, self.inner = stages, state_policy, optimizer
+        if stages is None:
+            self.optimizer = _serial_optimizer(self.params, schedule, optimizer, state_policy, outer)
+            self.depth = schedule.depth
+        else:
+            self.optimizer = stage_lookahead(self.params, optimizer, stages[0], state_policy)
+            self.ends = SLRLAController(stages).ends
+            self.depth = 1
+        self.t = 0
         self.loss_fn = loss_fn
         self.data = iter(data)
         self.agents = tuple(range(schedule.num_agents))
@@ -75,16 +119,23 @@ class SerialRun:
         loss = self.loss_fn(self.module, next(self.data))
         loss.backward()
         self.optimizer.step()
+        self.t += 1
+        if self.stages is not None and self.t in self.ends[1:-1]:
+            self.optimizer = stage_lookahead(self.params, self.inner, self.stages[self.ends.index(self.t)],
+                                             self.state_policy)
         return {0: loss.detach()}
 
     def columns(self) -> dict[int, torch.Tensor]:
         columns = {0: _flat(self.params)}
-        for level in range(1, self.schedule.depth + 1):
+        for level in range(1, self.depth + 1):
             columns[level] = _flat(self.optimizer.slow_params(level))
         return columns
 
     def grad_norms(self) -> dict[int, float]:
         return {0: _grad_norm(self.params)}
+
+    def models(self) -> dict[int, torch.Tensor]:
+        return self.columns()
 
     def state_dicts(self, template: nn.Module) -> list[dict]:
         """Every column loaded into ``template``; buffers (if any) are the module's."""
@@ -93,11 +144,14 @@ class SerialRun:
 
 
 class SimulationRun:
-    """A :class:`launch.Simulation` seen as a run (its agents are those of this rank)."""
+    """A :class:`launch.Simulation` seen as a run (its agents are those of this rank).
+    ``controller``: called as ``controller(simulation)`` after every step (SLRLA's
+    :class:`agents.slrla.SLRLAController`, already started)."""
 
-    def __init__(self, simulation: Simulation, name: str):
+    def __init__(self, simulation: Simulation, name: str, controller=None):
         self.simulation = simulation
         self.name = name
+        self.controller = controller
         self.agents = tuple(sorted(simulation.agents))
         self.rank = simulation.comm.rank
         self.world_size = simulation.comm.world_size
@@ -107,10 +161,17 @@ class SimulationRun:
         return self.simulation.comm
 
     def step(self) -> dict[int, torch.Tensor]:
-        return self.simulation.step()
+        losses = self.simulation.step()
+        if self.controller is not None:
+            self.controller(self.simulation)
+        return losses
 
     def columns(self) -> dict[int, torch.Tensor]:
         return self.simulation.local_parameters()
+
+    def models(self) -> dict[int, torch.Tensor]:
+        """The local agents' models: ``columns()`` de-biased under push-sum (x_i / w_i)."""
+        return local_models(self.simulation)
 
     def grad_norms(self) -> dict[int, float]:
         return {i: _grad_norm(a.parameters) for i, a in self.simulation.agents.items() if a.is_worker}
@@ -162,3 +223,20 @@ def plant_deviation_(run, plant, t: int) -> None:
                 p.add_(plant.get("size", 1e-6))
         else:
             columns[agent].add_(plant.get("size", 1e-6))
+
+
+def open_simulation_run(job, comm, model, mode: str) -> SimulationRun:
+    """The :class:`SimulationRun` of ``job`` on ``comm`` (a ``LocalCommunicator`` co-located):
+    its outer rule (``agents.outer``) and, for SLRLA, the optimizer factory wrapped in
+    :func:`agents.slrla.proximal` and a started :class:`agents.slrla.SLRLAController`."""
+    from launch.communicator import LocalCommunicator
+
+    optimizer = proximal(job.optimizer) if job.stages is not None else job.optimizer
+    sim = Simulation(model, job.problem.loss_fn, job.batches, job.schedule, optimizer,
+                     state_policy=job.state_policy, comm=comm if comm is not None else LocalCommunicator(),
+                     device=job.device, outer=job.make_outer())
+    controller = None
+    if job.stages is not None:
+        controller = SLRLAController(job.stages)
+        controller.start(sim)
+    return SimulationRun(sim, mode, controller)

@@ -225,7 +225,7 @@ def test_equivalence_without_a_reference_and_without_processes_is_a_clear_error(
         (["agents.optimizer.lr=-1"], "agents.optimizer: torch.optim.SGD refuses"),
         (["+problem.width=3"], "problem has option(s) ['width'] that problem 'teacher_student' does not take"),
         (["problem.name=nope"], "problem.name must be one of"),
-        (["topology.name=ring"], "topology.name must be one of"),
+        (["topology.name=nope"], "topology.name must be one of"),
         (["topology.ks=[5,0]"], "ks[1] must be an integer >= 1"),
         (["launch.dtype=float8"], "launch.dtype must be one of"),
         (["launch.steps=0"], "launch.steps must be an integer >= 1"),

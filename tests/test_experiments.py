@@ -88,3 +88,23 @@ def test_e3_bound_terms():
     assert drift == pytest.approx(0.25 * 0.01 * 4.0 * 3.0 * 4)
     # alpha = 1 is SGD: no drift term, SGD's bound 2 gap / (gamma K) + gamma L sigma^2.
     assert e3_convergence_bound.theorem2_bound(100, 0.1, 1.0, 5, 2.0, 3.0, 1.5)[2] == 0.0
+
+
+def test_variants_experiments_use_the_registered_digits_problem():
+    """E4-E6 (experiments.variants.make_problem) run PROBLEMS["digits_mlp"], with training-split
+    metrics added: the same model, the same batches, the same test metrics."""
+    import itertools
+
+    import torch
+
+    from experiments.problems import PROBLEMS
+    from experiments.variants import make_problem
+
+    ours, registered = make_problem(3), PROBLEMS["digits_mlp"](seed=3)
+    a, b = ours.model(), registered.model()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    for (x, y), (u, v) in itertools.islice(zip(ours.batches(1), registered.batches(1)), 3):
+        assert torch.equal(x, u) and torch.equal(y, v)
+    metrics = ours.evaluate(a)
+    assert metrics["loss"] == registered.evaluate(b)["loss"]
+    assert 0.0 <= metrics["train_accuracy"] <= 1.0 and metrics["train_loss"] > 0
