@@ -30,6 +30,7 @@ Example: ``python -m launch.bench --tiny --json /tmp/bench.json`` (seconds);
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -175,9 +176,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     config = config_from(args)
-    results = {"machine": machine(), "command": "python -m launch.bench " + " ".join(
-        sys.argv[1:] if argv is None else argv), "config": vars(config) | {}}
-    results["config"] = {k: list(v) if isinstance(v, tuple) else v for k, v in results["config"].items()}
+    results = {"machine": machine(),
+               "command": " ".join(["python -m launch.bench"] + list(sys.argv[1:] if argv is None else argv)),
+               "config": dataclasses.asdict(config)}
     for name in BENCHMARK_TITLES:
         if name not in args.only:
             results[name] = {"skipped": "not selected (--only)"}

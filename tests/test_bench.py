@@ -109,8 +109,9 @@ def test_merge_flags_a_rank_whose_counts_differ_from_the_plan():
     row = {"collectives_per_sync": 1, "bytes_per_sync": 40, "plan_collectives": 1, "plan_bytes": 40}
     good = [{"rows": [dict(row)]} for _ in range(3)]
     assert _merge_sync_rows(good)[0]["counts_match_plan_on_every_rank"] is True
-    bad = [{"rows": [dict(row)]}, {"rows": [dict(row, collectives_per_sync=2, bytes_per_sync=80)]}]
-    assert _merge_sync_rows(bad)[0]["counts_match_plan_on_every_rank"] is False
+    for wrong in (dict(collectives_per_sync=2, bytes_per_sync=80), dict(bytes_per_sync=80)):
+        bad = [{"rows": [dict(row)]}, {"rows": [dict(row, **wrong)]}]
+        assert _merge_sync_rows(bad)[0]["counts_match_plan_on_every_rank"] is False, wrong
 
 
 def test_interleave_rotates_the_order_and_ratio_is_the_median_of_per_round_ratios():

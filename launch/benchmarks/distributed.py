@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from launch.processes import kill_process_groups
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,12 +65,7 @@ def spawn(nprocs: int, task: dict, timeout: float = 600.0) -> list[dict]:
             for p in procs:
                 outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
         except subprocess.TimeoutExpired:
-            for p in procs:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.communicate()
+            kill_process_groups(procs)
             raise RuntimeError(f"{nprocs} benchmark processes did not finish within {timeout} s") from None
         for rank, (p, text) in enumerate(zip(procs, outputs)):
             if p.returncode != 0:
