@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from launch.processes import kill_process_groups
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"
 
@@ -65,12 +67,7 @@ def _wait_all(procs, timeout: float) -> list[tuple[int, str]]:
                         kill(pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
                         pass
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            p.communicate()
+        kill_process_groups(procs)
         pytest.fail(f"processes did not finish within {timeout} s (a hang)")
     return results
 
