@@ -88,7 +88,13 @@ def _mix_chain_(chain: list[list[torch.Tensor]], alphas: Sequence[float]) -> Non
     if not chain[0]:
         return
     for level in range(1, len(chain)):
-        delta = torch._foreach_sub(chain[level - 1], chain[level])
+        if level == 1:
+            # chain[0] is overwritten by the copies below and read by no other level, so level
+            # 1's difference is formed in its storage (the same op, x - y: no allocation).
+            torch._foreach_sub_(chain[0], chain[1])
+            delta = chain[0]
+        else:
+            delta = torch._foreach_sub(chain[level - 1], chain[level])
         torch._foreach_mul_(delta, alphas[level - 1])
         torch._foreach_add_(chain[level], delta)
     for level in range(len(chain) - 1):

@@ -33,7 +33,8 @@ class RegionProgram(RankProgram):
         self.numel = numel
         self.state_weight = state_weight
 
-    def _weighted_sum(self, acc: torch.Tensor, terms, old, *, in_place: bool) -> None:
+    def _weighted_sum(self, acc: torch.Tensor, terms, old, *, in_place: bool,
+                      spare: frozenset = frozenset()) -> None:
         if not terms:
             acc.zero_()
             return
@@ -45,12 +46,12 @@ class RegionProgram(RankProgram):
         else:
             torch.mul(old[i0][:n], w0, out=acc[:n])
             torch.mul(old[i0][n:], b[i0], out=acc[n:])
-        if rest:
-            tmp = self._buffer("tmp", acc)
-            for i, w in rest:
-                torch.mul(old[i][:n], w, out=tmp[:n])
-                torch.mul(old[i][n:], b[i], out=tmp[n:])
-                acc.add_(tmp)
+        for i, w in rest:
+            # As RankProgram: in place in a spare receiver's buffer (same ops, same bits), else tmp.
+            product = old[i] if i in spare else self._buffer("tmp", acc)
+            torch.mul(old[i][:n], w, out=product[:n])
+            torch.mul(old[i][n:], b[i], out=product[n:])
+            acc.add_(product)
 
 
 class SyncPolicy:

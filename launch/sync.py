@@ -14,6 +14,12 @@ Arithmetic of a block on one rank (receivers R, local members with non-zero weig
 Each product is rounded once before it is added, so a two-agent block gives the same bits
 co-located as with one agent per rank (a sum of two terms is commutative).  With one agent per
 rank the block is ``x.mul_(w); all_reduce(x)``: one collective, in place, no allocation.
+
+Memory: a product ``w_i * x_i`` is formed in place in ``x_i`` itself when i is a local receiver of
+the block whose old value nothing else reads (not in the snapshot): x_i is overwritten by acc
+afterwards anyway.  So a co-located Lookahead block needs no scratch buffer at all; the others
+(products of passive members, snapshots, received values, gossip accumulators) use buffers
+allocated once per program.
 """
 
 from __future__ import annotations
@@ -119,14 +125,21 @@ class RankProgram:
             terms = [t for t in step.terms if t[0] == first] + [t for t in step.terms if t[0] != first]
         else:
             terms = list(step.terms)
-        self._weighted_sum(acc, terms, old, in_place=in_place)
+        # Receivers other than acc's owner are overwritten by acc below: scale them in place.
+        spare = frozenset(r for r in step.receivers[1:] if r not in self.snapshot)
+        self._weighted_sum(acc, terms, old, in_place=in_place, spare=spare)
         if len(step.ranks) > 1:
             comm.all_reduce_(acc, step.ranks)
         for r in step.receivers[1:]:
             tensors[r].copy_(acc)
 
-    def _weighted_sum(self, acc: torch.Tensor, terms, old, *, in_place: bool) -> None:
-        """acc = sum of w * old[i] over ``terms`` in order; ``in_place``: acc is old[terms[0]]."""
+    def _weighted_sum(self, acc: torch.Tensor, terms, old, *, in_place: bool,
+                      spare: frozenset = frozenset()) -> None:
+        """acc = sum of w * old[i] over ``terms`` in order; ``in_place``: acc is old[terms[0]].
+
+        ``spare``: agents whose old value may be destroyed; their product is formed in place
+        (``old[i].mul_(w)`` rounds exactly as ``torch.mul(old[i], w, out=tmp)``: same bits).
+        """
         if not terms:
             acc.zero_()
             return
@@ -135,8 +148,9 @@ class RankProgram:
             acc.mul_(w0)
         else:
             torch.mul(old[i0], w0, out=acc)
-        if rest:
-            tmp = self._buffer("tmp", acc)
-            for i, w in rest:
-                torch.mul(old[i], w, out=tmp)
-                acc.add_(tmp)
+        for i, w in rest:
+            if i in spare:
+                product = old[i].mul_(w)
+            else:
+                product = torch.mul(old[i], w, out=self._buffer("tmp", acc))
+            acc.add_(product)

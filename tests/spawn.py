@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from launch.processes import kill_process_groups
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"
 
@@ -79,12 +81,7 @@ def _wait_all(procs, timeout: float, kill_on: tuple[int, Path] | None = None) ->
                         kill(pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
                         pass
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            p.communicate()
+        kill_process_groups(procs)
         pytest.fail(f"processes did not finish within {timeout} s (a hang)")
     return results
 

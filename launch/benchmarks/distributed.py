@@ -1,0 +1,210 @@
+"""B2 (sync cost), B3 (end to end) and the GPU benchmark: spawned torch.distributed processes.
+
+:func:`spawn` starts ``nprocs`` copies of this module as one torch.distributed job (the environment
+torchrun would set, ``OMP_NUM_THREADS=1`` per process, one session each so that a timeout kills
+them all) and returns what each rank wrote.  Every timed block starts after a barrier and counts
+as the slowest rank's time (an all-reduce MAX outside the timed region).
+
+B2 (``task = "sync"``): LA-n on n + 1 processes, one agent per rank; the outermost sync (level n,
+a block over every rank: ``x.mul_(a_i); all_reduce(x)``) is timed against a raw
+``dist.all_reduce`` of the same flat buffer on the same (world) group.  The buffers are zeroed
+first, so that the raw sums, repeated, stay finite (a sum's speed does not depend on its values).
+The weighting pass ``x.mul_(a_i)`` alone is timed too, in the same rounds: a weighted all-reduce
+needs it and gloo cannot fuse it, so ``(sync - scale) / raw`` shows what remains.
+Collectives and bytes of one sync are read from the communicator's stats and compared with the
+plan's count: one all-reduce per block, d x itemsize bytes each.
+
+B3 (``task = "end_to_end"``): LA-2 on 3 processes (rank 0 the fast worker) against the serial
+``MultilayerLookahead`` run by rank 0 alone in the same job (the other ranks wait at a barrier).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from launch.processes import kill_process_groups
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(nprocs: int, task: dict, timeout: float = 600.0) -> list[dict]:
+    """Run ``task`` on ``nprocs`` ranks (gloo on CPU, NCCL with ``task["device"] == "cuda"``).
+
+    Returns each rank's result dict; raises ``RuntimeError`` with the output of a failed rank,
+    or after killing every rank when they take longer than ``timeout`` seconds.
+    """
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out:
+        procs = []
+        for rank in range(nprocs):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank),
+                       LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       OMP_NUM_THREADS="1")
+            env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "launch.benchmarks.distributed", json.dumps(task), out],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True, cwd=ROOT,
+            ))
+        deadline = time.monotonic() + timeout
+        outputs = []
+        try:
+            for p in procs:
+                outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            kill_process_groups(procs)
+            raise RuntimeError(f"{nprocs} benchmark processes did not finish within {timeout} s") from None
+        for rank, (p, text) in enumerate(zip(procs, outputs)):
+            if p.returncode != 0:
+                raise RuntimeError(f"benchmark rank {rank} of {nprocs} failed ({p.returncode}):\n{text}")
+        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(nprocs)]
+
+
+# ------------------------------------------------------------------------------ inside a rank
+def _slowest(seconds: float, device) -> float:
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
+
+
+def _contender(body, device):
+    """``run(n)``: barrier, n calls of ``body`` (then wait for the device), slowest rank's s/call."""
+    import torch
+    import torch.distributed as dist
+
+    def run(n: int) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(n):
+            body()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return _slowest((time.perf_counter() - start) / n, device)
+    return run
+
+
+def sync_cost(comm, sizes, units: int, repeats: int) -> list[dict]:
+    """B2 on this rank (see the module docstring), one row per size in ``sizes``."""
+    import torch
+    import torch.distributed as dist
+
+    import topology
+    from launch.benchmarks import workloads
+    from launch.benchmarks.colocated import sgd
+    from launch.benchmarks.timing import interleave, median, ratio
+    from launch.simulation import Simulation
+
+    depth = comm.world_size - 1
+    schedule = topology.multilayer((2,) * depth, (0.5,) * depth)
+    outermost = schedule.period - 1          # L(t) = depth: one block over every rank
+    rows = []
+    for d in sizes:
+        sim = Simulation(workloads.FlatVector(d), workloads.loss_fn, iter(()), schedule, sgd(),
+                         comm=comm, device=comm.device)
+        agent = sim.agents[comm.rank]
+        buffer = agent.sync_tensor()
+        buffer.zero_()
+        before = (comm.stats.all_reduces, comm.stats.all_reduce_bytes)
+        sim.sync(outermost)
+        collectives = comm.stats.all_reduces - before[0]
+        nbytes = comm.stats.all_reduce_bytes - before[1]
+        plan = sim.programs[schedule.matrix_index(outermost)].plan
+        weight = plan.blocks[0].weights[plan.blocks[0].members.index(comm.rank)]
+        times = interleave({
+            "raw all_reduce": _contender(lambda: dist.all_reduce(buffer), comm.device),
+            "LA sync": _contender(lambda: sim.sync(outermost), comm.device),
+            # The weighting pass alone (x.mul_(a_i)), to explain the difference of the two.
+            "scale": _contender(lambda: buffer.mul_(weight), comm.device),
+        }, units=units, repeats=repeats)
+        rows.append({
+            "processes": comm.world_size, "parameters": d, "ratio": ratio(times, "LA sync", "raw all_reduce"),
+            "sync_seconds": median(times["LA sync"]), "raw_seconds": median(times["raw all_reduce"]),
+            "scale_seconds": median(times["scale"]),
+            "ratio_without_scale": ratio({"x": [s - c for s, c in zip(times["LA sync"], times["scale"])],
+                                          "raw": times["raw all_reduce"]}, "x", "raw"),
+            "collectives_per_sync": collectives, "bytes_per_sync": nbytes,
+            "plan_collectives": plan.num_all_reduces,
+            "plan_bytes": plan.num_all_reduces * d * buffer.element_size(),
+        })
+        del sim, agent, buffer
+    return rows
+
+
+def end_to_end(comm, width: int, batch_size: int, ks, units: int, repeats: int) -> dict:
+    """B3 on this rank (see the module docstring)."""
+    import copy
+
+    import torch.distributed as dist
+
+    import topology
+    from agents.reference import MultilayerLookahead
+    from launch.benchmarks import workloads
+    from launch.benchmarks.colocated import _bare_step, sgd
+    from launch.benchmarks.timing import interleave, median, ratio
+    from launch.simulation import Simulation
+
+    model = workloads.mlp(width)
+    fixed = workloads.batches(model, batch_size)
+    alphas = (0.5,) * len(ks)
+    sim = Simulation(model, workloads.loss_fn, workloads.stream(fixed), topology.multilayer(ks, alphas),
+                     sgd(), comm=comm)
+    serial = lambda: None  # noqa: E731 - the other ranks only wait
+    if comm.rank == 0:
+        ref = copy.deepcopy(model)
+        serial = _bare_step(ref, MultilayerLookahead(sgd()(list(ref.parameters())), ks, alphas),
+                            workloads.stream(fixed))
+    times = interleave({"serial reference": _contender(serial, comm.device),
+                        "distributed": _contender(sim.step, comm.device)}, units=units, repeats=repeats)
+    dist.barrier()
+    return {"ratio": ratio(times, "distributed", "serial reference"),
+            "distributed_seconds": median(times["distributed"]),
+            "serial_seconds": median(times["serial reference"]),
+            "parameters": workloads.num_parameters(model)}
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    torch.set_num_threads(1)
+    from launch.torch_comm import TorchCommunicator
+
+    task, out = json.loads(argv[0]), argv[1]
+    comm = TorchCommunicator(device=task.get("device", "cpu"), timeout_s=task.get("timeout_s", 300))
+    try:
+        if task["task"] == "sync":
+            result = {"rows": sync_cost(comm, task["sizes"], task["units"], task["repeats"])}
+            if comm.device.type == "cuda":
+                result["device_name"] = torch.cuda.get_device_name(comm.device)
+        elif task["task"] == "memory":
+            from launch.benchmarks.memory import run_case
+
+            result = run_case(task["case"], comm)
+        elif task["task"] == "end_to_end":
+            result = end_to_end(comm, task["width"], task["batch_size"], tuple(task["ks"]),
+                                task["units"], task["repeats"])
+        else:
+            raise ValueError(f"task must be sync, end_to_end or memory; got {task['task']!r}")
+        Path(out, f"rank{comm.rank}.json").write_text(json.dumps(result))
+    finally:
+        comm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
