@@ -38,6 +38,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from launch.app_checkpoint import checkpointer_for
 from launch.build import Job, build_job
 from launch.communicator import make_communicator
 from launch.deviation import DeviationTracker, format_table, tolerance_for
@@ -115,7 +116,12 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     gap = spectral_gap(schedule)  # 1 - |lambda_2| of P_0 ... P_{period-1} (topology.diagnostics)
     model = job.model()
     run_ = open_run(job, comm, model)
+    checkpointer, resume = checkpointer_for(cfg, job, out_dir)
+    first = checkpointer.load(run_.simulation, required=True) if resume else 0
     check = bool(job.mode == "colocated" and cfg.launch.get("check_reference", False))
+    if check and resume:
+        check = False
+        print("note: resumed from a checkpoint; launch.check_reference is skipped", file=sys.stderr)
     no_reference = serial_reference_of(schedule, job.outer, job.stages)
     if check and no_reference is not None:
         check = False
@@ -125,14 +131,16 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     probe = MetricsProbe(run_, comm, schedule.num_agents, schedule.consensus())
     writer = MetricsWriter(out_dir / "metrics.csv") if rank0 else None
     where = job.mode if comm is None else f"{job.mode}, {comm.world_size} processes ({comm.backend})"
-    bar = tqdm(total=job.steps, desc=f"{job.problem_name} {where}", unit="step", disable=not rank0,
-               mininterval=0.5)
+    bar = tqdm(total=job.steps, initial=first, desc=f"{job.problem_name} {where}", unit="step",
+               disable=not rank0, mininterval=0.5)
 
     start = time.perf_counter()
     if writer is not None:
         writer.start = start
-    for t in range(job.steps):
+    for t in range(first, job.steps):
         losses = run_.step()
+        # Decided from t alone, identically on every rank (saving is collective).
+        saved = checkpointer is not None and checkpointer.maybe_save(run_.simulation)
         plant_deviation_(run_, cfg.get("plant"), t)
         if reference is not None:
             reference.step()
@@ -147,6 +155,8 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
         bar.update()
     bar.close()
     elapsed = time.perf_counter() - start
+    if checkpointer is not None and first < job.steps and not saved:
+        checkpointer.save(run_.simulation)  # and at the end
 
     template = job.model()
     state_dicts = run_.state_dicts(template)  # a collective: every rank
@@ -180,7 +190,7 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     parts.append(f"spectral_gap={gap:.6g}")
     if check:
         parts.append(f"max_deviation={worst:.3e}")
-    parts += [f"time_s={elapsed:.2f}", f"steps_per_s={job.steps / elapsed:.1f}",
+    parts += [f"time_s={elapsed:.2f}", f"steps_per_s={(job.steps - first) / max(elapsed, 1e-9):.1f}",
               "status=" + ("ok" if status == 0 else f"FAILED (deviation above tolerance {tolerance:g})")]
     summary = "summary: " + " ".join(parts)
     print(summary, flush=True)
