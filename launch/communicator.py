@@ -43,10 +43,35 @@ class Communicator:
 
     def __init__(self) -> None:
         self.stats = CommStats()
+        #: Process groups by their sorted rank tuple (only those this rank belongs to).
+        self._groups: dict[tuple[int, ...], object] = {}
 
     # -- set-up ----------------------------------------------------------------------------------
     def init_groups(self, groups: Sequence[tuple[int, ...]]) -> None:
-        """Create (collectively, on every rank, in this order) the groups the plans need."""
+        """Create (collectively, on every rank, in this order) the groups the plans need, then
+        warm each group this rank belongs to with one tiny collective.  Groups of fewer than two
+        ranks need none; the whole world is the world group."""
+        for ranks in groups:
+            if ranks in self._groups or len(ranks) < 2:
+                continue
+            group = self._world_group() if len(ranks) == self.world_size else self._new_group(ranks)
+            if self.rank in ranks:
+                self._groups[ranks] = group
+        for ranks in groups:
+            if self.rank in ranks and len(ranks) >= 2:
+                self._warm(self._groups[ranks])
+
+    # Backends override these three; the defaults suit a communicator with no real groups.
+    def _world_group(self):
+        """The group of every rank."""
+        return None
+
+    def _new_group(self, ranks: tuple[int, ...]):
+        """A new group of ``ranks``; called by every rank, members or not, in the same order."""
+        return None
+
+    def _warm(self, group) -> None:
+        """One tiny collective on ``group`` (this rank is a member)."""
 
     def all_gather_object(self, obj) -> list:
         """Every rank's ``obj``, indexed by rank (a collective on all ranks)."""

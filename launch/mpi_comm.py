@@ -6,7 +6,6 @@ float32 and float64 here.
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 
@@ -39,23 +38,18 @@ class MPICommunicator(Communicator):
         self.comm = MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.world_size = self.comm.Get_size()
-        self._groups: dict[tuple[int, ...], object] = {}
 
-    def init_groups(self, groups: Sequence[tuple[int, ...]]) -> None:
-        for ranks in groups:
-            if ranks in self._groups or len(ranks) < 2:
-                continue
-            if len(ranks) == self.world_size:
-                self._groups[ranks] = self.comm
-                continue
-            # Split is collective over COMM_WORLD: every rank calls it, in the same order.
-            color = 0 if self.rank in ranks else self.MPI.UNDEFINED
-            sub = self.comm.Split(color, key=self.rank)
-            if self.rank in ranks:
-                self._groups[ranks] = sub
-        for ranks in groups:
-            if self.rank in ranks and len(ranks) >= 2:
-                self._groups[ranks].Allreduce(self.MPI.IN_PLACE, torch.zeros(1).numpy())
+    def _world_group(self):
+        return self.comm
+
+    def _new_group(self, ranks: tuple[int, ...]):
+        # Split is collective over COMM_WORLD: every rank calls it, in the same order; a
+        # non-member gets MPI.COMM_NULL.
+        color = 0 if self.rank in ranks else self.MPI.UNDEFINED
+        return self.comm.Split(color, key=self.rank)
+
+    def _warm(self, group) -> None:
+        group.Allreduce(self.MPI.IN_PLACE, torch.zeros(1).numpy())
 
     def all_gather_object(self, obj) -> list:
         return self.comm.allgather(obj)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,20 +52,16 @@ class TorchCommunicator(Communicator):
         self.backend = dist.get_backend()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self._groups: dict[tuple[int, ...], object] = {}
 
-    def init_groups(self, groups: Sequence[tuple[int, ...]]) -> None:
-        for ranks in groups:
-            if ranks in self._groups or len(ranks) < 2:
-                continue
-            if len(ranks) == self.world_size:
-                self._groups[ranks] = dist.group.WORLD
-            else:
-                # new_group is collective over the whole world: every rank calls it, in order.
-                self._groups[ranks] = dist.new_group(list(ranks), timeout=self.timeout)
-        for ranks in groups:
-            if self.rank in ranks and len(ranks) >= 2:
-                dist.all_reduce(torch.zeros(1, device=self.device), group=self._groups[ranks])
+    def _world_group(self):
+        return dist.group.WORLD
+
+    def _new_group(self, ranks: tuple[int, ...]):
+        # new_group is collective over the whole world: every rank calls it, in order.
+        return dist.new_group(list(ranks), timeout=self.timeout)
+
+    def _warm(self, group) -> None:
+        dist.all_reduce(torch.zeros(1, device=self.device), group=group)
 
     def all_gather_object(self, obj) -> list:
         out = [None] * self.world_size
