@@ -28,10 +28,34 @@ class CommStats:
     send_bytes: int = 0
     broadcasts: int = 0
     flag_reduces: int = 0   # the health checks' tiny all-reduces (launch.health), not the plans'
+    # Overlapped syncs (launch.overlap): a block's reduce to its hub rank, then the hub's broadcast.
+    reduces: int = 0
+    reduce_bytes: int = 0
+    block_broadcasts: int = 0
+    block_broadcast_bytes: int = 0
 
     def reset(self) -> None:
         self.all_reduces = self.all_reduce_bytes = self.sends = self.send_bytes = self.broadcasts = 0
-        self.flag_reduces = 0
+        self.flag_reduces = self.reduces = self.reduce_bytes = 0
+        self.block_broadcasts = self.block_broadcast_bytes = 0
+
+
+class Pending:
+    """A started asynchronous collective: ``wait()`` returns once this rank's part is done
+    (its buffer may then be read and written again).  Waiting twice is harmless."""
+
+    def __init__(self, wait) -> None:
+        self._wait = wait
+
+    @property
+    def done(self) -> bool:
+        """True once waited for."""
+        return self._wait is None
+
+    def wait(self) -> None:
+        if self._wait is not None:
+            wait, self._wait = self._wait, None
+            wait()
 
 
 class Communicator:
@@ -45,6 +69,8 @@ class Communicator:
         self.stats = CommStats()
         #: Process groups by their sorted rank tuple (only those this rank belongs to).
         self._groups: dict[tuple[int, ...], object] = {}
+        #: Asynchronous collectives started and not yet waited for (see :meth:`wait_in_flight`).
+        self._in_flight: list[Pending] = []
 
     # -- set-up ----------------------------------------------------------------------------------
     def init_groups(self, groups: Sequence[tuple[int, ...]]) -> None:
@@ -97,6 +123,17 @@ class Communicator:
         """
         raise NotImplementedError
 
+    # -- overlapped syncs (launch.overlap) ------------------------------------------------------
+    def reduce_async_(self, tensor: torch.Tensor, dst: int, ranks: tuple[int, ...]) -> Pending:
+        """Start summing ``tensor`` over the group ``ranks`` into rank ``dst``'s ``tensor`` (the
+        others' tensors are only read; none may be written before ``wait()``)."""
+        raise NotImplementedError(f"the {self.backend} communicator has no asynchronous reduce")
+
+    def broadcast_async_(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...]) -> Pending:
+        """Start overwriting ``tensor`` on every rank of the group ``ranks`` with rank ``src``'s
+        (which must not be written before ``wait()``)."""
+        raise NotImplementedError(f"the {self.backend} communicator has no asynchronous broadcast")
+
     def max_flags_(self, flags: torch.Tensor) -> None:
         """Element-wise maximum of the small float tensor ``flags`` over every rank, in place
         (a collective on all ranks; one rank: nothing to do).  Counted in ``stats.flag_reduces``."""
@@ -117,6 +154,31 @@ class Communicator:
     def _count_all_reduce(self, tensor: torch.Tensor) -> None:
         self.stats.all_reduces += 1
         self.stats.all_reduce_bytes += tensor.numel() * tensor.element_size()
+
+    def _track(self, wait) -> Pending:
+        pending = Pending(wait)
+        self._in_flight = [p for p in self._in_flight if not p.done] + [pending]
+        return pending
+
+    def wait_in_flight(self, *, ignore_errors: bool = False) -> None:
+        """Wait for every asynchronous collective this communicator started.  ``close`` does, with
+        ``ignore_errors`` (a failed collective has already raised where its result was needed):
+        a process group must not be destroyed under a collective still in flight."""
+        in_flight, self._in_flight = self._in_flight, []
+        for pending in in_flight:
+            try:
+                pending.wait()
+            except Exception:  # noqa: BLE001 - see the docstring
+                if not ignore_errors:
+                    raise
+
+    def _count_reduce(self, tensor: torch.Tensor) -> None:
+        self.stats.reduces += 1
+        self.stats.reduce_bytes += tensor.numel() * tensor.element_size()
+
+    def _count_block_broadcast(self, tensor: torch.Tensor) -> None:
+        self.stats.block_broadcasts += 1
+        self.stats.block_broadcast_bytes += tensor.numel() * tensor.element_size()
 
     def _count_sends(self, sends) -> None:
         self.stats.sends += len(sends)

@@ -28,8 +28,9 @@ class RegionProgram(RankProgram):
     """A :class:`RankProgram` whose blocks scale ``buffer[:numel]`` (parameters) by the plan's
     weights and ``buffer[numel:]`` (state slots) by ``state_weight[agent]``.  Same collectives."""
 
-    def __init__(self, plan: Plan, placement: Placement, rank: int, numel: int, state_weight: dict[int, float]):
-        super().__init__(plan, placement, rank)
+    def __init__(self, plan: Plan, placement: Placement, rank: int, numel: int, state_weight: dict[int, float],
+                 hub_of=None):
+        super().__init__(plan, placement, rank, hub_of)
         self.numel = numel
         self.state_weight = state_weight
 
@@ -88,13 +89,15 @@ class SyncPolicy:
             self.weights = [None] * count
             self.resets = [self.levels[0] == "reset"] * count
 
-    def program(self, index: int, plan: Plan, placement: Placement, rank: int, numel: int) -> RankProgram:
-        """The program of distinct matrix ``index`` on ``rank`` (parameters: ``numel`` entries)."""
+    def program(self, index: int, plan: Plan, placement: Placement, rank: int, numel: int,
+                hub_of=None) -> RankProgram:
+        """The program of distinct matrix ``index`` on ``rank`` (parameters: ``numel`` entries;
+        ``hub_of``: see :class:`RankProgram`)."""
         if self.uniform or self.agent_policy != "pullback" or index == 0:
-            return RankProgram(plan, placement, rank)
+            return RankProgram(plan, placement, rank, hub_of)
         level_weights = self.schedule.level_weights(index).tolist()
         b = self.weights[index]
         if all(x == y for x, y in zip(level_weights, b)):
-            return RankProgram(plan, placement, rank)
+            return RankProgram(plan, placement, rank, hub_of)
         weight = {j: b[j] for j in range(len(b))}
-        return RegionProgram(plan, placement, rank, numel, weight)
+        return RegionProgram(plan, placement, rank, numel, weight, hub_of)

@@ -41,6 +41,7 @@ from torch import nn
 from agents.agent import Agent, LossFn, OptimizerFactory, StateLayout, probe_state_layout
 from agents.flat import check_dtype_device, check_uniform_parameters, module_signature
 from launch import health
+from launch.overlap import Prefetcher, hub_of as overlap_hub_of
 from launch.communicator import Communicator, LocalCommunicator
 from launch.level_sync import SyncPolicy
 from launch.outer_sync import OuterSync
@@ -74,6 +75,10 @@ class Simulation:
         check_finite: before every non-identity sync, check collectively that every agent's
             parameters and losses are finite, else raise :class:`launch.health.NonFiniteError`
             on every rank (one all-reduce of 2m flags per sync; see :mod:`launch.health`).
+        overlap: run the blocks whose workers all live on one rank (a distributed Lookahead's
+            syncs) overlapped with the inner steps: the passive agents' part is reduced to that
+            rank while it computes (:mod:`launch.overlap`); default False (one all-reduce per
+            block).  Not with ``outer``.
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class Simulation:
         device: str | torch.device | None = None,
         outer=None,
         check_finite: bool = True,
+        overlap: bool = False,
     ):
         # -- local validation: the same result on every rank, before any communication ------
         if not isinstance(schedule, Schedule):
@@ -106,6 +112,10 @@ class Simulation:
         if not isinstance(check_finite, bool):
             raise ValueError(f"check_finite must be True or False; got {check_finite!r}")
         self.check_finite = check_finite
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False; got {overlap!r}")
+        if overlap and outer is not None:
+            raise ValueError("overlap=True applies to plain mixing syncs; it cannot be combined with outer=...")
         self.comm = comm if comm is not None else LocalCommunicator()
         self.schedule = schedule
         self.loss_fn = loss_fn
@@ -134,8 +144,13 @@ class Simulation:
         # -- process groups, created by every rank in the same order ---------------------------
         plans = [compile_plan(p) for p in schedule.distinct_matrices]
         numel = sum(p.numel() for p in model.parameters())
+        hub = None
+        if overlap:
+            def hub(block, plan):
+                return overlap_hub_of(block, plan, self.placement, set(schedule.workers), schedule.push_sum)
         self.programs = [
-            self.sync_policy.program(index, plan, self.placement, self.rank, numel)
+            self.sync_policy.program(index, plan, self.placement, self.rank, numel,
+                                     hub_of=(lambda block, plan=plan: hub(block, plan)) if hub else None)
             for index, plan in enumerate(plans)
         ]
         groups = {self.placement.ranks_of(b.members) for plan in plans for b in plan.blocks}
@@ -160,6 +175,7 @@ class Simulation:
         if self.outer is not None:
             self.outer.start(self.agents)
         self.t = 0
+        self.prefetcher = Prefetcher(self)
 
     def _broadcast_initial_parameters(self) -> None:
         """theta_0 = agent 0's parameters on rank 0, copied into every column of X."""
@@ -177,6 +193,7 @@ class Simulation:
 
         Returns the losses of the local workers (evaluated before their update), by agent.
         """
+        self.prefetcher.ensure(self.t)      # overlap: start the next sync's reduces
         losses = {
             i: agent.inner_step(self.loss_fn) for i, agent in self.agents.items() if agent.is_worker
         }
@@ -193,6 +210,7 @@ class Simulation:
         program = self.programs[index]
         if program.plan.is_identity:
             return
+        self.prefetcher.wait_broadcasts()
         if self.check_finite:
             health.check_finite(self, t)
         if self.outer is not None:
@@ -203,9 +221,19 @@ class Simulation:
         tensors = {i: agent.sync_tensor() for i, agent in self.agents.items()}
         peers = {r for g in program.group_ranks for r in g} | {r for _, r in program.sends + program.recvs}
         with health.collective(self.comm, t, "sync", tuple(sorted(peers | {self.rank}))):
+            self.prefetcher.ensure(t)
             program.run(tensors, self.comm)
+        self.prefetcher.consumed(t)
+        if self.sync_policy.resets[index] and any(self.agents[i].layout.numel for i in touched):
+            self.prefetcher.wait_broadcasts()   # a reset writes state slots that may be in flight
         for i in touched:
             self.agents[i].after_sync(reset=self.sync_policy.resets[index])
+
+    def wait_in_flight(self) -> None:
+        """Wait for this rank's asynchronous sync traffic (``overlap=True``): after it, every local
+        buffer may be written.  Collective-free; needed only by code that writes parameters
+        between steps."""
+        self.prefetcher.wait_broadcasts()
 
     def run(self, steps: int, callback: Callable[["Simulation", dict], None] | None = None) -> None:
         """``steps`` iterations; ``callback(sim, losses)`` after each."""

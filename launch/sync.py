@@ -15,6 +15,13 @@ Each product is rounded once before it is added, so a two-agent block gives the 
 co-located as with one agent per rank (a sum of two terms is commutative).  With one agent per
 rank the block is ``x.mul_(w); all_reduce(x)``: one collective, in place, no allocation.
 
+A *hub block* (``hub_of``, see :mod:`launch.overlap`) runs instead as a reduce of the passive
+ranks' weighted sums to the hub rank, started before the workers' inner steps
+(:meth:`RankProgram.launch_prefetch`), and a broadcast of the hub's result at the sync:
+
+    hub:           acc = sum of w_i * x_i over its members (as above);  acc += S;  broadcast(acc)
+    other ranks:   s_q = sum of w_i * x_i over their members (at the prefetch);  S = reduce(s_q)
+
 Memory: a product ``w_i * x_i`` is formed in place in ``x_i`` itself when i is a local receiver of
 the block whose old value nothing else reads (not in the snapshot): x_i is overwritten by acc
 afterwards anyway.  So a co-located Lookahead block needs no scratch buffer at all; the others
@@ -38,6 +45,7 @@ class _BlockStep:
     terms: tuple[tuple[int, float], ...]   # local members with non-zero weight
     receivers: tuple[int, ...]             # local receivers
     ranks: tuple[int, ...]                 # ranks of all members: the process group
+    hub: int | None = None                 # a hub block's hub rank (launch.overlap), else None
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,9 @@ class _MixStep:
 class RankProgram:
     """What rank ``rank`` does to apply ``plan``."""
 
-    def __init__(self, plan: Plan, placement: Placement, rank: int):
+    def __init__(self, plan: Plan, placement: Placement, rank: int, hub_of=None):
+        """``hub_of(block) -> rank | None``: which blocks run overlapped (:mod:`launch.overlap`);
+        default none."""
         self.plan = plan
         self.rank = rank
         local = set(placement.agents_on(rank))
@@ -64,6 +74,7 @@ class RankProgram:
                     terms=tuple((i, w) for i, w in zip(block.members, block.weights) if i in local and w != 0.0),
                     receivers=tuple(r for r in block.receivers if r in local),
                     ranks=placement.ranks_of(block.members),
+                    hub=hub_of(block) if hub_of is not None else None,
                 )
             )
         sends, recvs, mixes = set(), set(), []
@@ -82,11 +93,39 @@ class RankProgram:
         self.mixes = tuple(mixes)
         self.group_ranks = tuple(b.ranks for b in self.blocks if len(b.ranks) > 1)
         self._scratch: dict[str, torch.Tensor] = {}
+        #: Hub blocks' reduces started by launch_prefetch and not yet consumed, by block position.
+        self._prefetch: dict[int, object] = {}
+        #: The hub's broadcasts still in flight (their source, the receivers' acc, is read-only
+        #: until waited for: see launch.overlap.Prefetcher.wait_broadcasts).
+        self.broadcasts: list = []
 
     @property
     def num_collectives(self) -> int:
-        """All-reduces this rank enters per run."""
-        return len(self.group_ranks)
+        """All-reduces this rank enters per run (hub blocks: a reduce and a broadcast instead)."""
+        return sum(1 for b in self.blocks if len(b.ranks) > 1 and b.hub is None)
+
+    @property
+    def has_hub_blocks(self) -> bool:
+        return any(b.hub is not None for b in self.blocks)
+
+    def launch_prefetch(self, tensors: dict[int, torch.Tensor], comm: Communicator) -> None:
+        """Start the reduce of every hub block: this rank's weighted sum of its members (zeros on
+        the hub, whose members are added at the sync), summed into the hub's scratch S.
+
+        The members' values must not change until the sync: they are the values the sync mixes.
+        """
+        for position, step in enumerate(self.blocks):
+            if step.hub is None:
+                continue
+            scratch = self._buffer(f"prefetch{position}", next(iter(tensors.values())))
+            earlier = self._prefetch.pop(position, None)
+            if earlier is not None:         # launched for a sync that never ran: its data is stale
+                earlier.wait()
+            if self.rank == step.hub:
+                scratch.zero_()
+            else:
+                self._weighted_sum(scratch, step.terms, tensors, in_place=False)
+            self._prefetch[position] = comm.reduce_async_(scratch, step.hub, step.ranks)
 
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         buf = self._scratch.get(name)
@@ -110,8 +149,11 @@ class RankProgram:
             )
             old.update(received)
 
-        for step in self.blocks:
-            self._run_block(step, tensors, old, comm)
+        for position, step in enumerate(self.blocks):
+            if step.hub is None:
+                self._run_block(step, tensors, old, comm)
+            else:
+                self._run_hub_block(position, step, tensors, old, comm)
         for step in self.mixes:
             acc = self._buffer("acc", tensors[step.receiver])
             self._weighted_sum(acc, step.terms, old, in_place=False)
@@ -130,6 +172,29 @@ class RankProgram:
         self._weighted_sum(acc, terms, old, in_place=in_place, spare=spare)
         if len(step.ranks) > 1:
             comm.all_reduce_(acc, step.ranks)
+        for r in step.receivers[1:]:
+            tensors[r].copy_(acc)
+
+    def _run_hub_block(self, position: int, step: _BlockStep, tensors, old, comm: Communicator) -> None:
+        prefetched = self._prefetch.pop(position, None)
+        if prefetched is None:
+            raise RuntimeError("a hub block ran without launch_prefetch (launch.overlap.Prefetcher.ensure)")
+        scratch = self._buffer(f"prefetch{position}", next(iter(tensors.values())))
+        first = step.receivers[0] if step.receivers else None
+        if self.rank == step.hub:
+            # The hub holds every worker of the block, and they are receivers: first exists.
+            in_place = first not in self.snapshot and any(i == first for i, _ in step.terms)
+            terms = sorted(step.terms, key=lambda t: t[0] != first) if in_place else list(step.terms)
+            spare = frozenset(r for r in step.receivers[1:] if r not in self.snapshot)
+            acc = tensors[first]
+            self._weighted_sum(acc, terms, old, in_place=in_place, spare=spare)
+            prefetched.wait()
+            acc.add_(scratch)                # + S, the other ranks' part, rounded once
+            self.broadcasts.append(comm.broadcast_async_(acc, step.hub, step.ranks))
+        else:
+            prefetched.wait()
+            acc = tensors[first] if first is not None else scratch
+            comm.broadcast_async_(acc, step.hub, step.ranks).wait()
         for r in step.receivers[1:]:
             tensors[r].copy_(acc)
 

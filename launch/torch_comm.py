@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from launch.communicator import Communicator
+from launch.communicator import Communicator, Pending
 
 
 def choose_device_and_backend(device: str | None = None) -> tuple[torch.device, str]:
@@ -76,6 +76,15 @@ class TorchCommunicator(Communicator):
         self._count_all_reduce(tensor)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._groups[ranks])
 
+    def reduce_async_(self, tensor: torch.Tensor, dst: int, ranks: tuple[int, ...]) -> Pending:
+        self._count_reduce(tensor)
+        work = dist.reduce(tensor, dst=dst, op=dist.ReduceOp.SUM, group=self._groups[ranks], async_op=True)
+        return self._track(work.wait)
+
+    def broadcast_async_(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...]) -> Pending:
+        self._count_block_broadcast(tensor)
+        return self._track(dist.broadcast(tensor, src=src, group=self._groups[ranks], async_op=True).wait)
+
     def exchange(self, sends, recvs) -> None:
         if not sends and not recvs:
             return
@@ -112,5 +121,6 @@ class TorchCommunicator(Communicator):
         dist.barrier()
 
     def close(self) -> None:
+        self.wait_in_flight(ignore_errors=True)
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()

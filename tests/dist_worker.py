@@ -1,10 +1,11 @@
 """One rank of a multi-process test: runs a simulation and saves what it saw.
 
 Usage: python tests/dist_worker.py SPEC_JSON.  SPEC keys: backend (torch | mpi), ks, alphas,
-optimizer, policy, steps, out (a folder), and optionally agents_per_rank, matrices (instead of
+optimizer, policy, steps, out (a folder), and optionally overlap, agents_per_rank, matrices (instead of
 ks/alphas), workers, timeout_s, scramble_init, wider_model_on_rank, outer (see make_outer), slrla (a list
 of agents.slrla.Stage kwargs: the schedule is their stagewise Lookahead).  Writes
-``out/rank{R}.pt`` ({"agents", "trajectory", "all_reduces", "sends", "bytes"}) or, on a
+``out/rank{R}.pt`` ({"agents", "trajectory", "all_reduces", "sends", "bytes", "reduces",
+"broadcasts": per step, the last two as (count, bytes)}) or, on a
 ValueError, ``out/rank{R}.err`` with its message and exit status 3.
 """
 
@@ -79,24 +80,30 @@ def main() -> int:
         sim = Simulation(
             model, problems.loss_fn, data, schedule, optimizer,
             state_policy=spec["policy"], comm=comm, agents_per_rank=spec.get("agents_per_rank"),
-            device=device, outer=make_outer(spec),
+            device=device, outer=make_outer(spec), overlap=spec.get("overlap", False),
         )
-        rows, all_reduces, sends, nbytes = [], [], [], []
+        rows, all_reduces, sends, nbytes, reduces, broadcasts = [], [], [], [], [], []
         if controller is not None:
             controller.start(sim)
         for _ in range(spec["steps"]):
             before = (comm.stats.all_reduces, comm.stats.sends, comm.stats.all_reduce_bytes + comm.stats.send_bytes)
+            overlapped = (comm.stats.reduces, comm.stats.block_broadcasts, comm.stats.reduce_bytes,
+                          comm.stats.block_broadcast_bytes)
             sim.step()
             if controller is not None:
                 controller(sim)
             all_reduces.append(comm.stats.all_reduces - before[0])
             sends.append(comm.stats.sends - before[1])
             nbytes.append(comm.stats.all_reduce_bytes + comm.stats.send_bytes - before[2])
+            reduces.append((comm.stats.reduces - overlapped[0], comm.stats.reduce_bytes - overlapped[2]))
+            broadcasts.append((comm.stats.block_broadcasts - overlapped[1],
+                               comm.stats.block_broadcast_bytes - overlapped[3]))
             params = sim.local_parameters()
             rows.append(torch.stack([params[i].detach().cpu().clone() for i in sorted(params)]))
         torch.save(
             {"agents": sorted(sim.agents), "trajectory": torch.stack(rows), "all_reduces": all_reduces,
-             "sends": sends, "bytes": nbytes, "gathered": sim.gather_parameters()},
+             "sends": sends, "bytes": nbytes, "reduces": reduces, "broadcasts": broadcasts,
+             "gathered": sim.gather_parameters()},
             os.path.join(out, f"rank{comm.rank}.pt"),
         )
     except ValueError as err:

@@ -1,7 +1,8 @@
 """One rank of a reliability test: runs jobs with checkpoints, and can pause, die or see NaN.
 
 Usage: python tests/reliability_worker.py SPEC_JSON.  SPEC keys: backend (torch | mpi | local),
-ks, alphas, optimizer, policy, out (a folder), jobs, and optionally timeout_s, pause, die, poison.
+ks, alphas, optimizer, policy, out (a folder), jobs, and optionally overlap, timeout_s, pause, die,
+poison.
 
 * jobs: a list of {name, dtype, steps, noisy, ckpt, every, resume}: each builds a fresh
   Simulation of the spec (``noisy``: the loss of tests/test_checkpoint.py that draws from the
@@ -68,6 +69,7 @@ def run_job(spec, job, comm):
         problems.make_model(0, dtype), noisy_loss if job.get("noisy") else problems.loss_fn,
         stream(spec, 0, dtype), schedule, problems.OPTIMIZERS[spec["optimizer"]],
         state_policy=spec["policy"], comm=comm, agents_per_rank=spec.get("agents_per_rank"),
+        overlap=spec.get("overlap", False),
     )
     if job.get("resume"):
         Checkpointer(job["resume"]).load(sim, required=True)
