@@ -7,10 +7,12 @@ B1  co-located overhead: LA-1, LA-2, LA-4 over the bare inner optimizer (torch.o
     foreach), an MLP of about 1M parameters; target <= 1 + 1/k_1 + 0.05.  The serial reference
     Lookahead over torch-optimizer's Lookahead; target <= 1.0.
 B2  sync cost: a distributed LA-n sync over a raw dist.all_reduce of the same flat buffer on the
-    same group (gloo, 2 to 4 processes, 1M to 25M parameters); target <= 1.10.  Collectives and
+    same group (gloo, 2 to 4 processes, 1M to 25M parameters); target <= 1.10.  The sync as its
+    plan compiles it (check_finite off); with the finiteness check on a second line.  Collectives and
     bytes per sync, from the communicator's stats, against the plan's count.
 B3  end to end: time per iteration of distributed LA-2 on 3 processes over the serial reference
-    on one, k_1 >= 5; target <= 1.15.
+    on one, k_1 >= 5; target <= 1.15.  Three variants: the default (one all-reduce per sync, the
+    finiteness check), overlap=True (launch.overlap), and overlap without the check.
 B4  memory: peak resident memory per rank over the bare model plus optimizer, in flat copies;
     target: at most 1 on the fast rank, about m for m co-located agents.
 B5  scale: co-located gossip ring with 8, 32, 128 agents of a 100k-parameter model, time per
@@ -159,6 +161,10 @@ def table(results: dict) -> str:
                     f"{'':8}per sync: {row['collectives_per_sync']} all-reduce, {row['bytes_per_sync']:,} bytes "
                     f"(plan: {row['plan_collectives']}, {row['plan_bytes']:,}); equal on every rank: "
                     f"{'yes' if row['counts_match_plan_on_every_rank'] else 'NO'}")
+            if "ratio_with_check" in row:
+                lines.append(
+                    f"{'':8}with the finiteness check (the default, launch.health): {row['ratio_with_check']:.3f}x "
+                    f"({row['checked_sync_seconds'] * 1e3:.2f} ms)")
             if "scale_seconds" in row:
                 lines.append(
                     f"{'':8}sync {row['sync_seconds'] * 1e3:.2f} ms, all_reduce {row['raw_seconds'] * 1e3:.2f} ms, "

@@ -70,6 +70,7 @@ class Job:
     evaluate_on_device: bool                # the problem was built for ``device``
     outer: dict | None = None               # agents.outer, validated (see :func:`make_outer`)
     stages: tuple | None = None             # SLRLA's agents.slrla.Stage list (topology=stagewise)
+    overlap: bool = False                   # launch.overlap: Simulation(overlap=...) (launch.overlap)
 
     def make_outer(self):
         """A fresh outer rule for the simulator (``Simulation(outer=...)``), or None."""
@@ -102,6 +103,9 @@ def build_job(cfg: DictConfig) -> Job:
     seed = _integer(launch.seed, "launch.seed", minimum=0)
     steps = _integer(launch.steps, "launch.steps", minimum=1)
     log_every = _integer(launch.log_every, "launch.log_every", minimum=1)
+    overlap = launch.get("overlap", False)
+    if not isinstance(overlap, bool):
+        raise ValueError(f"launch.overlap must be true or false; got {overlap!r}")
 
     topology_options = _options(cfg.topology, "topology")
     name = topology_options.pop("name", None)
@@ -129,6 +133,8 @@ def build_job(cfg: DictConfig) -> Job:
     outer = _outer_options(agent_options.get("outer"))
     if outer is not None and stages is not None:
         raise ValueError("agents.outer must be null with topology=stagewise (SLRLA's slow update is plain Lookahead)")
+    if outer is not None and overlap:
+        raise ValueError("launch.overlap=true applies to plain mixing syncs; it cannot be combined with agents.outer")
     if outer is not None and len(schedule.passive) != 1:
         raise ValueError(f"agents.outer needs a topology with exactly one slow (passive) agent (lookahead, "
                          f"with_slow_agent); topology {name!r} has {len(schedule.passive)}")
@@ -154,7 +160,8 @@ def build_job(cfg: DictConfig) -> Job:
         except ValueError as err:
             raise ValueError(f"agents.outer={{name: adaptive}}: {err}") from None
     return Job(problem, problem_name, schedule, optimizer, state_policy, mode, device, dtype, seed, steps,
-               log_every, evaluate_on_device="device" in problem_options, outer=outer, stages=stages)
+               log_every, evaluate_on_device="device" in problem_options, outer=outer, stages=stages,
+               overlap=overlap)
 
 
 OUTER_KEYS = {"sgd": {"lr", "momentum", "nesterov"}, "adaptive": {"alpha_low"}}

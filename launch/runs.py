@@ -234,7 +234,7 @@ def open_simulation_run(job, comm, model, mode: str) -> SimulationRun:
     optimizer = proximal(job.optimizer) if job.stages is not None else job.optimizer
     sim = Simulation(model, job.problem.loss_fn, job.batches, job.schedule, optimizer,
                      state_policy=job.state_policy, comm=comm if comm is not None else LocalCommunicator(),
-                     device=job.device, outer=job.make_outer())
+                     device=job.device, outer=job.make_outer(), overlap=job.overlap)
     controller = None
     if job.stages is not None:
         controller = SLRLAController(job.stages)

@@ -122,5 +122,9 @@ class TorchCommunicator(Communicator):
 
     def close(self) -> None:
         self.wait_in_flight(ignore_errors=True)
+        # Drop our references to the process groups with them: a group kept alive past
+        # destroy_process_group is destroyed at interpreter exit instead, after gloo's own
+        # statics, and aborts the process ("terminate called without an active exception").
+        self._groups.clear()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()

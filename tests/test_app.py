@@ -114,9 +114,11 @@ def test_serial_launch_equals_colocated(colocated, tmp_path):
     assert_metrics_equal(tmp_path / "metrics.csv", out / "metrics.csv")
 
 
-def test_torchrun_three_processes_equals_colocated(colocated, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_torchrun_three_processes_equals_colocated(colocated, tmp_path, overlap):
     out, _ = colocated
-    code, output = run_torchrun(3, ["-m", "launch", *LA2, "launch=torch", f"hydra.run.dir={tmp_path}"], cwd=ROOT)
+    code, output = run_torchrun(3, ["-m", "launch", *LA2, "launch=torch", f"launch.overlap={str(overlap).lower()}",
+                                    f"hydra.run.dir={tmp_path}"], cwd=ROOT)
     assert code == 0, output
     assert output.count("summary: ") == 1 and "launch=torch processes=3" in output  # ranks 1, 2 quiet
     assert_agents_equal(tmp_path / "agents.pt", out / "agents.pt")
@@ -233,6 +235,8 @@ def test_equivalence_without_a_reference_and_without_processes_is_a_clear_error(
         (["agents.state_policy=keep"], "state_policy"),
         (["tolerance=-1"], "tolerance must be a number >= 0 or null"),
         (["launch=torch"], "launch=torch must be started by torchrun"),
+        (["launch.overlap=sometimes"], "launch.overlap must be true or false; got 'sometimes'"),
+        (["launch.overlap=true", "topology=lookahead", "agents.outer={name:sgd,lr:0.5}"], "cannot be combined with agents.outer"),
         (["problem=cifar10_resnet18"], "problem.root must be set"),
     ],
 )

@@ -40,7 +40,11 @@ def test_tiny_run_exits_0_and_writes_every_benchmark(tiny):
         rows = results[name]["rows"]
         assert rows and all(row["ratio"] > 0 for row in rows if "skipped" not in row), name
     assert [r["name"] for r in results["B1"]["rows"][:3]] == [f"LA-{n} / bare SGD" for n in (1, 2, 4)]
-    assert {r["name"] for r in results["B4"]["rows"]} >= {"bare", "colocated LA-1", "distributed LA-1 fast rank"}
+    assert {r["name"] for r in results["B4"]["rows"]} >= {"bare", "colocated LA-1", "distributed LA-1 fast rank",
+                                                          "distributed LA-1 fast rank, overlap"}
+    b3 = [r["name"] for r in results["B3"]["rows"]]
+    assert len(b3) == 3 and "(overlap)" in b3[1] and "(overlap, no check)" in b3[2], b3
+    assert all(r["ratio_with_check"] > 0 for r in results["B2"]["rows"])
     assert all(r["peak_bytes"] > 0 for r in results["B4"]["rows"])
     if torch.cuda.is_available():
         assert "rows" in results["GPU"] or "needs 2 CUDA devices" in results["GPU"]["skipped"]

@@ -7,15 +7,21 @@ as the slowest rank's time (an all-reduce MAX outside the timed region).
 
 B2 (``task = "sync"``): LA-n on n + 1 processes, one agent per rank; the outermost sync (level n,
 a block over every rank: ``x.mul_(a_i); all_reduce(x)``) is timed against a raw
-``dist.all_reduce`` of the same flat buffer on the same (world) group.  The buffers are zeroed
-first, so that the raw sums, repeated, stay finite (a sum's speed does not depend on its values).
-The weighting pass ``x.mul_(a_i)`` alone is timed too, in the same rounds: a weighted all-reduce
-needs it and gloo cannot fuse it, so ``(sync - scale) / raw`` shows what remains.
-Collectives and bytes of one sync are read from the communicator's stats and compared with the
-plan's count: one all-reduce per block, d x itemsize bytes each.
+``dist.all_reduce`` of the same flat buffer on the same (world) group.  The sync is timed as the
+plan compiles it (``check_finite`` off: the plan's collectives and nothing else) and, in the same
+rounds, with the default finiteness check before it (one pass over the buffer and one all-reduce
+of 2m flags over every rank: :mod:`launch.health`).  The buffers are zeroed first, so that the
+raw sums, repeated, stay finite (a sum's speed does not depend on its values).  The weighting
+pass ``x.mul_(a_i)`` alone is timed too: a weighted all-reduce needs it and gloo cannot fuse it,
+so ``(sync - scale) / raw`` shows what remains.  Collectives and bytes of one sync are read from
+the communicator's stats and compared with the plan's count: one all-reduce per block, d x
+itemsize bytes each.
 
 B3 (``task = "end_to_end"``): LA-2 on 3 processes (rank 0 the fast worker) against the serial
-``MultilayerLookahead`` run by rank 0 alone in the same job (the other ranks wait at a barrier).
+``MultilayerLookahead`` run by rank 0 alone in the same job (the other ranks wait at a barrier):
+the default simulation (one all-reduce per sync, finiteness check), the overlapped one
+(``overlap=True``, :mod:`launch.overlap`), and the overlapped one without the finiteness check
+(the serial reference checks nothing either).
 """
 
 from __future__ import annotations
@@ -116,7 +122,7 @@ def sync_cost(comm, sizes, units: int, repeats: int) -> list[dict]:
     rows = []
     for d in sizes:
         sim = Simulation(workloads.FlatVector(d), workloads.loss_fn, iter(()), schedule, sgd(),
-                         comm=comm, device=comm.device)
+                         comm=comm, device=comm.device, check_finite=False)
         agent = sim.agents[comm.rank]
         buffer = agent.sync_tensor()
         buffer.zero_()
@@ -126,15 +132,23 @@ def sync_cost(comm, sizes, units: int, repeats: int) -> list[dict]:
         nbytes = comm.stats.all_reduce_bytes - before[1]
         plan = sim.programs[schedule.matrix_index(outermost)].plan
         weight = plan.blocks[0].weights[plan.blocks[0].members.index(comm.rank)]
+        def checked_sync():
+            sim.check_finite = True
+            sim.sync(outermost)
+            sim.check_finite = False
+
         times = interleave({
             "raw all_reduce": _contender(lambda: dist.all_reduce(buffer), comm.device),
             "LA sync": _contender(lambda: sim.sync(outermost), comm.device),
+            "LA sync + check": _contender(checked_sync, comm.device),
             # The weighting pass alone (x.mul_(a_i)), to explain the difference of the two.
             "scale": _contender(lambda: buffer.mul_(weight), comm.device),
         }, units=units, repeats=repeats)
         rows.append({
             "processes": comm.world_size, "parameters": d, "ratio": ratio(times, "LA sync", "raw all_reduce"),
             "sync_seconds": median(times["LA sync"]), "raw_seconds": median(times["raw all_reduce"]),
+            "ratio_with_check": ratio(times, "LA sync + check", "raw all_reduce"),
+            "checked_sync_seconds": median(times["LA sync + check"]),
             "scale_seconds": median(times["scale"]),
             "ratio_without_scale": ratio({"x": [s - c for s, c in zip(times["LA sync"], times["scale"])],
                                           "raw": times["raw all_reduce"]}, "x", "raw"),
@@ -162,20 +176,24 @@ def end_to_end(comm, width: int, batch_size: int, ks, units: int, repeats: int) 
     model = workloads.mlp(width)
     fixed = workloads.batches(model, batch_size)
     alphas = (0.5,) * len(ks)
-    sim = Simulation(model, workloads.loss_fn, workloads.stream(fixed), topology.multilayer(ks, alphas),
-                     sgd(), comm=comm)
+    variants = {"default": {}, "overlap": {"overlap": True},
+                "overlap, no check": {"overlap": True, "check_finite": False}}
+    sims = {name: Simulation(model, workloads.loss_fn, workloads.stream(fixed),
+                             topology.multilayer(ks, alphas), sgd(), comm=comm, **kwargs)
+            for name, kwargs in variants.items()}
     serial = lambda: None  # noqa: E731 - the other ranks only wait
     if comm.rank == 0:
         ref = copy.deepcopy(model)
         serial = _bare_step(ref, MultilayerLookahead(sgd()(list(ref.parameters())), ks, alphas),
                             workloads.stream(fixed))
-    times = interleave({"serial reference": _contender(serial, comm.device),
-                        "distributed": _contender(sim.step, comm.device)}, units=units, repeats=repeats)
+    contenders = {"serial reference": _contender(serial, comm.device)}
+    contenders.update({name: _contender(sim.step, comm.device) for name, sim in sims.items()})
+    times = interleave(contenders, units=units, repeats=repeats)
     dist.barrier()
-    return {"ratio": ratio(times, "distributed", "serial reference"),
-            "distributed_seconds": median(times["distributed"]),
+    return {"parameters": workloads.num_parameters(model),
             "serial_seconds": median(times["serial reference"]),
-            "parameters": workloads.num_parameters(model)}
+            "variants": {name: {"ratio": ratio(times, name, "serial reference"), "seconds": median(times[name])}
+                         for name in variants}}
 
 
 def main(argv: list[str]) -> int:
