@@ -124,15 +124,27 @@ class Communicator:
         raise NotImplementedError
 
     # -- overlapped syncs (launch.overlap) ------------------------------------------------------
-    def reduce_async_(self, tensor: torch.Tensor, dst: int, ranks: tuple[int, ...]) -> Pending:
+    def reduce_async_(self, tensor: torch.Tensor, dst: int, ranks: tuple[int, ...], *,
+                      flags: bool = False) -> Pending:
         """Start summing ``tensor`` over the group ``ranks`` into rank ``dst``'s ``tensor`` (the
-        others' tensors are only read; none may be written before ``wait()``)."""
+        others' tensors are only read; none may be written before ``wait()``).  ``flags``: a
+        health check's, counted in ``stats.flag_reduces`` instead of ``stats.reduces``."""
         raise NotImplementedError(f"the {self.backend} communicator has no asynchronous reduce")
 
-    def broadcast_async_(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...]) -> Pending:
+    def broadcast_async_(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...], *,
+                         flags: bool = False) -> Pending:
         """Start overwriting ``tensor`` on every rank of the group ``ranks`` with rank ``src``'s
-        (which must not be written before ``wait()``)."""
+        (which must not be written before ``wait()``); ``flags`` as in :meth:`reduce_async_`."""
         raise NotImplementedError(f"the {self.backend} communicator has no asynchronous broadcast")
+
+    def _group(self, ranks: tuple[int, ...]):
+        """The group of ``ranks`` made by :meth:`init_groups`; every rank: the world group."""
+        group = self._groups.get(ranks)
+        if group is None and ranks == tuple(range(self.world_size)):
+            return self._world_group()
+        if group is None:
+            raise KeyError(f"no process group for ranks {ranks} (init_groups did not create it)")
+        return group
 
     def max_flags_(self, flags: torch.Tensor) -> None:
         """Element-wise maximum of the small float tensor ``flags`` over every rank, in place
@@ -172,11 +184,17 @@ class Communicator:
                 if not ignore_errors:
                     raise
 
-    def _count_reduce(self, tensor: torch.Tensor) -> None:
+    def _count_reduce(self, tensor: torch.Tensor, flags: bool = False) -> None:
+        if flags:
+            self.stats.flag_reduces += 1
+            return
         self.stats.reduces += 1
         self.stats.reduce_bytes += tensor.numel() * tensor.element_size()
 
-    def _count_block_broadcast(self, tensor: torch.Tensor) -> None:
+    def _count_block_broadcast(self, tensor: torch.Tensor, flags: bool = False) -> None:
+        if flags:
+            self.stats.flag_reduces += 1
+            return
         self.stats.block_broadcasts += 1
         self.stats.block_broadcast_bytes += tensor.numel() * tensor.element_size()
 

@@ -89,10 +89,28 @@ def check_finite(sim, t: int, where: str = "sync") -> None:
     """Raise :class:`NonFiniteError` on every rank if any agent of any rank is not finite.
 
     Collective: every rank must call it at the same point (every rank runs the same plans).
+    (Overlapped syncs check through :class:`launch.overlap.Prefetcher` instead: the same flags,
+    gathered on the hub while it computes.)
+    """
+    flags = local_flags(sim)
+    if sim.comm.world_size == 1 and not flags.any():
+        return
+    if sim.comm.world_size > 1:
+        flags = flags.to(next(iter(sim.agents.values())).flat.buffer.device)
+        with collective(sim.comm, t, f"finiteness check before the {where}", tuple(range(sim.comm.world_size))):
+            sim.comm.max_flags_(flags)
+        flags = flags.cpu()
+    raise_if_flagged(sim, flags, t, where)
 
-    Local test, one reduction per tensor and one host transfer: NaN and Inf propagate through a
-    sum (any NaN gives NaN; +Inf gives +Inf or NaN), so ``isfinite(sum(x))`` is False whenever x
-    holds a non-finite entry.  The converse can fail only when finite entries overflow the sum
+
+@torch.no_grad()
+def local_flags(sim) -> torch.Tensor:
+    """This rank's 2m flags (float32, CPU): ``flags[i]`` for agent i's buffer, ``flags[m + i]`` for
+    its losses since the last check (which are then forgotten); zero for other ranks' agents.
+
+    One reduction per tensor and one host transfer: NaN and Inf propagate through a sum (any NaN
+    gives NaN; +Inf gives +Inf or NaN), so ``isfinite(sum(x))`` is False whenever x holds a
+    non-finite entry.  The converse can fail only when finite entries overflow the sum
     (|sum| > the dtype's max); such a flag is confirmed with the exact ``isfinite(x).all()``.
     """
     m = sim.schedule.num_agents
@@ -106,17 +124,17 @@ def check_finite(sim, t: int, where: str = "sync") -> None:
     suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
     bad = [k for k in suspects if not torch.isfinite(tensors[k]).all()]
     pending.clear()
-    if not bad and sim.comm.world_size == 1:
-        return
     flags = torch.zeros(2 * m, dtype=torch.float32)
     for k in bad:
         flags[local[k % len(local)] + (m if k >= len(local) else 0)] = 1.0
-    if sim.comm.world_size > 1:
-        flags = flags.to(device)
-        with collective(sim.comm, t, f"finiteness check before the {where}", tuple(range(sim.comm.world_size))):
-            sim.comm.max_flags_(flags)
-        flags = flags.cpu()
+    return flags
+
+
+def raise_if_flagged(sim, flags: torch.Tensor, t: int, where: str) -> None:
+    """:class:`NonFiniteError` naming the flagged agents, if any (``flags`` as :func:`local_flags`,
+    combined over every rank)."""
     if flags.any():
+        m = sim.schedule.num_agents
         parameters = [i for i in range(m) if flags[i]]
         losses = [i for i in range(m) if flags[m + i]]
         raise NonFiniteError(t, parameters, losses, where)

@@ -70,18 +70,20 @@ class MPICommunicator(Communicator):
         requests += [self.comm.Irecv(_buffer(t), source=peer, tag=tag) for t, peer, tag in recvs]
         self.MPI.Request.Waitall(requests)
 
-    def reduce_async_(self, tensor: torch.Tensor, dst: int, ranks: tuple[int, ...]) -> Pending:
-        self._count_reduce(tensor)
-        group, root = self._groups[ranks], ranks.index(dst)   # Split keeps the order of ranks
+    def reduce_async_(self, tensor: torch.Tensor, dst: int, ranks: tuple[int, ...], *,
+                      flags: bool = False) -> Pending:
+        self._count_reduce(tensor, flags)
+        group, root = self._group(ranks), ranks.index(dst)   # Split keeps the order of ranks
         if self.rank == dst:
             request = group.Ireduce(self.MPI.IN_PLACE, _buffer(tensor), op=self.MPI.SUM, root=root)
         else:
             request = group.Ireduce(_buffer(tensor), None, op=self.MPI.SUM, root=root)
         return self._track(request.Wait)
 
-    def broadcast_async_(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...]) -> Pending:
-        self._count_block_broadcast(tensor)
-        return self._track(self._groups[ranks].Ibcast(_buffer(tensor), root=ranks.index(src)).Wait)
+    def broadcast_async_(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...], *,
+                         flags: bool = False) -> Pending:
+        self._count_block_broadcast(tensor, flags)
+        return self._track(self._group(ranks).Ibcast(_buffer(tensor), root=ranks.index(src)).Wait)
 
     def max_flags_(self, flags: torch.Tensor) -> None:
         super().max_flags_(flags)

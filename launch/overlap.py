@@ -31,6 +31,16 @@ h and a receiver, every receiver a member, in a plan with no point-to-point mixe
 without push-sum.  Other blocks (gossip, local SGD with workers everywhere) run as plain
 all-reduces.  Not with ``outer`` (a state-dependent slow update).
 
+**The finiteness check** (``check_finite``, :mod:`launch.health`) needs, before the sync mixes,
+the flags of every agent on every rank, and every rank must raise the same error.  When every
+worker of the schedule lives on the hub and every block that crosses ranks is a hub block (a
+distributed Lookahead), the other ranks hold only passive agents, whose flags are known at the
+start of the step too: they are summed into the hub (an asynchronous reduce of 2m numbers,
+started with the data's), the hub adds its own at the sync and decides alone, without waiting
+for anyone, then broadcasts the verdict; the other ranks wait for it (they are idle anyway) and
+raise with the hub.  This replaces the all-reduce of the flags that would put a round trip
+through every rank on the hub's critical path at every sync.
+
 **Timing contract.**  The reduce of the next sync t' is started at the start of
 :meth:`Simulation.step` (and by :meth:`Simulation.sync` when it was not): between then and the
 sync nothing may write a passive member's buffer (callbacks run between steps, before the launch).
@@ -39,6 +49,8 @@ code outside the simulation that writes them must call :meth:`Simulation.wait_in
 """
 
 from __future__ import annotations
+
+import torch
 
 from launch import health
 from launch.placement import Placement
@@ -68,11 +80,33 @@ class Prefetcher:
         self.active = any(p.has_hub_blocks for p in sim.programs)
         #: The iteration whose hub blocks' reduces are in flight, or None.
         self.launched_for: int | None = None
+        #: The rank that decides the finiteness check alone (see the module docstring), or None.
+        self.hub = self._single_hub() if self.active else None
+        self._flags = self._flag_reduce = None
         if self.active:
             for agent in sim.agents.values():
                 if agent.is_worker:
                     # The broadcast reads the hub's buffer: its optimizer must not write it before.
                     agent.optimizer.register_step_pre_hook(lambda *_: self.wait_broadcasts())
+
+    def _single_hub(self) -> int | None:
+        """The rank h holding every worker when every block that crosses ranks is a hub block of
+        h and no plan has point-to-point mixes (the same answer on every rank), else None."""
+        sim = self.sim
+        workers = set(sim.schedule.workers)
+        hubs = {sim.placement.rank_of(i) for i in workers}
+        if len(hubs) != 1:
+            return None
+        hub = hubs.pop()
+        for program in sim.programs:
+            plan = program.plan
+            if plan.mixes:
+                return None
+            for block in plan.blocks:
+                crosses = len(sim.placement.ranks_of(block.members)) > 1
+                if crosses and hub_of(block, plan, sim.placement, workers, sim.schedule.push_sum) != hub:
+                    return None
+        return hub
 
     def next_sync(self, t_from: int) -> int | None:
         """The first iteration t >= t_from with a non-identity P_t (None when there is none)."""
@@ -93,7 +127,46 @@ class Prefetcher:
         if program.has_hub_blocks:
             tensors = {i: agent.sync_tensor() for i, agent in self.sim.agents.items()}
             program.launch_prefetch(tensors, self.sim.comm)
+        if self.hub is not None and self.sim.check_finite:
+            self._launch_flags()
         self.launched_for = t
+
+    def _launch_flags(self) -> None:
+        sim, comm = self.sim, self.sim.comm
+        if self._flag_reduce is not None:
+            self._flag_reduce.wait()
+        if comm.rank == self.hub:
+            flags = torch.zeros(2 * sim.schedule.num_agents)        # the hub's own: at the sync
+        else:
+            flags = health.local_flags(sim)                        # passive agents only: final
+        self._flags = flags.to(self._device())
+        self._flag_reduce = comm.reduce_async_(self._flags, self.hub, self._world(), flags=True)
+
+    def check_finite(self, t: int) -> bool:
+        """The finiteness check of sync t decided by the hub (module docstring); False when this
+        simulation does not check that way (then :func:`launch.health.check_finite` does)."""
+        if self.hub is None or self._flag_reduce is None:
+            return False
+        sim, comm, world = self.sim, self.sim.comm, self._world()
+        with health.collective(comm, t, "finiteness check before the sync", world):
+            self._flag_reduce.wait()
+            if comm.rank == self.hub:
+                flags = health.local_flags(sim).to(self._device()) + self._flags
+                verdict = comm.broadcast_async_(flags, self.hub, world, flags=True)
+                if flags.any():
+                    verdict.wait()      # deliver the verdict before raising
+            else:
+                flags = torch.zeros_like(self._flags)
+                comm.broadcast_async_(flags, self.hub, world, flags=True).wait()
+        self._flags = self._flag_reduce = None
+        health.raise_if_flagged(sim, flags.cpu(), t, "sync")
+        return True
+
+    def _world(self) -> tuple[int, ...]:
+        return tuple(range(self.sim.comm.world_size))
+
+    def _device(self):
+        return next(iter(self.sim.agents.values())).flat.buffer.device
 
     def consumed(self, t: int) -> None:
         """Sync t ran: its reduces were used."""

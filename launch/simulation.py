@@ -211,7 +211,8 @@ class Simulation:
         if program.plan.is_identity:
             return
         self.prefetcher.wait_broadcasts()
-        if self.check_finite:
+        self.prefetcher.ensure(t)           # overlap: the reduces of sync t, when not started yet
+        if self.check_finite and not self.prefetcher.check_finite(t):
             health.check_finite(self, t)
         if self.outer is not None:
             with health.collective(self.comm, t, "sync", tuple(range(self.comm.world_size))):
@@ -221,7 +222,6 @@ class Simulation:
         tensors = {i: agent.sync_tensor() for i, agent in self.agents.items()}
         peers = {r for g in program.group_ranks for r in g} | {r for _, r in program.sends + program.recvs}
         with health.collective(self.comm, t, "sync", tuple(sorted(peers | {self.rank}))):
-            self.prefetcher.ensure(t)
             program.run(tensors, self.comm)
         self.prefetcher.consumed(t)
         if self.sync_policy.resets[index] and any(self.agents[i].layout.numel for i in touched):

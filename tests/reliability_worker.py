@@ -13,6 +13,8 @@ poison.
   (the test kills it, or lets the others time out).
 * die {rank, t}: that rank SIGKILLs itself before iteration t (t >= 1).
 * poison {agent, at}: batch ``at`` of that agent's stream is NaN.
+* corrupt {agent, t}: before iteration t, the rank holding that agent sets its first parameter to
+  NaN (a passive agent, which no batch can reach).
 
 Exit status: 0, or 3 (ValueError), 4 (NonFiniteError), 5 (RankFailureError), with
 ``out/rank{R}.err`` holding ``ExceptionType: message``.
@@ -79,6 +81,9 @@ def run_job(spec, job, comm):
     def after_step(sim, losses):
         """Record iteration t - 1; then, before iteration t starts, pause or die if asked."""
         rows.append(torch.stack([sim.agents[i].flat.buffer.clone() for i in sorted(sim.agents)]))
+        corrupt = spec.get("corrupt")
+        if corrupt and corrupt["agent"] in sim.agents and corrupt["t"] == sim.t:
+            sim.agents[corrupt["agent"]].flat.buffer[0] = float("nan")
         if pause and pause["rank"] == comm.rank and pause["t"] == sim.t:
             with open(pause["marker"], "w") as f:
                 f.write(str(os.getpid()))

@@ -2,6 +2,8 @@
 the workers' rank during the inner steps.  Same trajectories as co-located (bit for bit on two
 ranks), its own collective counts, checkpoints and NaN detection as without it."""
 
+import re
+
 import pytest
 import torch
 
@@ -87,8 +89,8 @@ def test_overlapped_mpi_equals_colocated(tmp_path):
 def test_overlapped_resume_mid_round_and_nan(tmp_path):
     """3 gloo ranks with overlap: a run cut at t=7 (mid-round, with the reduce of the sync of t=8
     in flight) and resumed gives the uninterrupted trajectory bit for bit (float32 and float64);
-    two agents per rank also agree with co-located.  Then a NaN batch of agent 0 at t=7 stops
-    every rank with NonFiniteError at the sync of t=8, before the sync mixes it."""
+    then a NaN on the hub or in a passive agent stops every rank with the same NonFiniteError at
+    the next sync."""
     from tests.test_checkpoint import CUT, STEPS as CKPT_STEPS
 
     base = dict(BASE, out=str(tmp_path), overlap=True)
@@ -105,17 +107,26 @@ def test_overlapped_resume_mid_round_and_nan(tmp_path):
         assert torch.equal(resumed, full[CUT:]), dt
         assert (full[-1] - full[CUT]).abs().max() > 1e-4
 
-    nan = tmp_path / "nan"
-    nan.mkdir()
-    spec = dict(base, out=str(nan), poison=dict(agent=0, at=7),
-                jobs=[dict(name="run", steps=30, ckpt=str(nan / "ckpt"), every=3)])
-    results = run_torch(3, spec, timeout=120, worker=WORKER)
-    assert [code for code, _ in results] == [4, 4, 4], results
-    for rank in range(3):
-        message = (nan / f"rank{rank}.err").read_text()
-        assert message.startswith("NonFiniteError") and "parameters of agent(s) [0]" in message
-        assert "t=8" in message
-    assert Checkpointer(nan / "ckpt").latest_step() == 6
+    # The hub decides the check alone: a NaN on the hub (agent 0's batch at t=7; checkpoints every
+    # 3 iterations, the last at t=6) and one written into a passive agent on another rank between
+    # steps (agent 2 before t=3, before the reduces of the sync of t=5 start: the timing contract
+    # of launch.overlap; no checkpoint, whose own check would find it first) stop every rank with
+    # the same error at the next sync.
+    for name, fault, agent, t, every in (("hub", dict(poison=dict(agent=0, at=7)), 0, 8, 3),
+                                         ("passive", dict(corrupt=dict(agent=2, t=3)), 2, 5, None)):
+        nan = tmp_path / f"nan-{name}"
+        nan.mkdir()
+        job = dict(name="run", steps=30)
+        if every:
+            job.update(ckpt=str(nan / "ckpt"), every=every)
+        results = run_torch(3, dict(base, out=str(nan), jobs=[job], **fault), timeout=120, worker=WORKER)
+        assert [code for code, _ in results] == [4, 4, 4], results
+        for rank in range(3):
+            message = (nan / f"rank{rank}.err").read_text()
+            assert message.startswith("NonFiniteError") and f"parameters of agent(s) [{agent}]" in message, message
+            assert re.search(rf"iteration t={t}\b", message), message
+        if every:
+            assert Checkpointer(nan / "ckpt").latest_step() == 6
 
 
 def test_two_agents_per_rank_overlapped_equals_colocated(tmp_path):

@@ -105,8 +105,15 @@ def _contender(body, device):
     return run
 
 
+def syncs_per_round(units: int, d: int) -> int:
+    """``units`` syncs per round for 5M parameters and more; proportionally more below (at most
+    10x): a small sync is latency-bound, and its rounds must last long enough to be steady."""
+    return min(10 * units, max(units, round(units * 5_000_000 / d)))
+
+
 def sync_cost(comm, sizes, units: int, repeats: int) -> list[dict]:
-    """B2 on this rank (see the module docstring), one row per size in ``sizes``."""
+    """B2 on this rank (see the module docstring), one row per size in ``sizes``; ``units``:
+    syncs per round at 5M parameters and more (:func:`syncs_per_round`)."""
     import torch
     import torch.distributed as dist
 
@@ -143,8 +150,9 @@ def sync_cost(comm, sizes, units: int, repeats: int) -> list[dict]:
             "LA sync + check": _contender(checked_sync, comm.device),
             # The weighting pass alone (x.mul_(a_i)), to explain the difference of the two.
             "scale": _contender(lambda: buffer.mul_(weight), comm.device),
-        }, units=units, repeats=repeats)
+        }, units=syncs_per_round(units, d), repeats=repeats)
         rows.append({
+            "syncs_per_round": syncs_per_round(units, d),
             "processes": comm.world_size, "parameters": d, "ratio": ratio(times, "LA sync", "raw all_reduce"),
             "sync_seconds": median(times["LA sync"]), "raw_seconds": median(times["raw all_reduce"]),
             "ratio_with_check": ratio(times, "LA sync + check", "raw all_reduce"),
