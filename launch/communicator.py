@@ -185,18 +185,18 @@ class Communicator:
                     raise
 
     def _count_reduce(self, tensor: torch.Tensor, flags: bool = False) -> None:
-        if flags:
-            self.stats.flag_reduces += 1
-            return
-        self.stats.reduces += 1
-        self.stats.reduce_bytes += tensor.numel() * tensor.element_size()
+        self._count_overlapped("reduce", tensor, flags)
 
     def _count_block_broadcast(self, tensor: torch.Tensor, flags: bool = False) -> None:
+        self._count_overlapped("block_broadcast", tensor, flags)
+
+    def _count_overlapped(self, kind: str, tensor: torch.Tensor, flags: bool) -> None:
+        """``stats.<kind>s`` and ``stats.<kind>_bytes``; a health check's in ``flag_reduces``."""
         if flags:
             self.stats.flag_reduces += 1
             return
-        self.stats.block_broadcasts += 1
-        self.stats.block_broadcast_bytes += tensor.numel() * tensor.element_size()
+        setattr(self.stats, f"{kind}s", getattr(self.stats, f"{kind}s") + 1)
+        setattr(self.stats, f"{kind}_bytes", getattr(self.stats, f"{kind}_bytes") + tensor.numel() * tensor.element_size())
 
     def _count_sends(self, sends) -> None:
         self.stats.sends += len(sends)

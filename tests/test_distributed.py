@@ -32,17 +32,26 @@ def check_against_colocated(ranks, schedule, optimizer, policy, steps):
     return worst
 
 
-@pytest.mark.parametrize("nprocs", [2, 3, 4])
-def test_torch_gloo_equals_colocated(tmp_path, nprocs):
+POLICIES = {2: "maintain", 3: "pullback", 4: "reset"}
+
+
+def run_gloo_case(tmp_path, nprocs, **extra):
+    """LA-(nprocs - 1) of CASES with Adam and POLICIES[nprocs] on nprocs gloo ranks (``extra``:
+    more worker spec keys), checked against co-located: (ranks' records, schedule, deviation)."""
     ks, alphas = CASES[nprocs]
-    policy = {2: "maintain", 3: "pullback", 4: "reset"}[nprocs]
-    spec = dict(backend="torch", ks=ks, alphas=alphas, optimizer="adam", policy=policy, steps=STEPS,
-                out=str(tmp_path), scramble_init=True)
+    spec = dict(backend="torch", ks=ks, alphas=alphas, optimizer="adam", policy=POLICIES[nprocs], steps=STEPS,
+                out=str(tmp_path), scramble_init=True, **extra)
     results = run_torch(nprocs, spec)
     assert all(code == 0 for code, _ in results), results
     ranks = load_ranks(tmp_path, nprocs)
     schedule = topology.multilayer(ks, alphas)
-    worst = check_against_colocated(ranks, schedule, "adam", policy, STEPS)
+    return ranks, schedule, check_against_colocated(ranks, schedule, "adam", POLICIES[nprocs], STEPS)
+
+
+@pytest.mark.parametrize("nprocs", [2, 3, 4])
+def test_torch_gloo_equals_colocated(tmp_path, nprocs):
+    ranks, schedule, worst = run_gloo_case(tmp_path, nprocs)
+    policy = POLICIES[nprocs]
     if nprocs == 2:
         # A two-term sum is commutative: co-located and distributed agree bit for bit.
         assert worst == 0.0

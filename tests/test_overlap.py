@@ -16,11 +16,8 @@ from launch.simulation import Simulation
 from topology.plan import compile_plan
 from tests import problems
 from tests.spawn import run_mpi, run_torch
-from tests.test_distributed import CASES, STEPS, check_against_colocated, load_ranks
+from tests.test_distributed import CASES, POLICIES, STEPS, check_against_colocated, load_ranks, run_gloo_case
 from tests.test_reliability_dist import BASE, WORKER, check_ok, load
-
-POLICIES = {2: "maintain", 3: "pullback", 4: "reset"}
-
 
 def participates(schedule, placement, rank, t):
     """Does ``rank`` hold a member of some block of P_t (spanning several ranks)?"""
@@ -47,15 +44,8 @@ def expected_counts(schedule, placement, rank, steps):
 
 @pytest.mark.parametrize("nprocs", [2, 3, 4])
 def test_overlapped_gloo_equals_colocated(tmp_path, nprocs):
-    ks, alphas = CASES[nprocs]
+    ranks, schedule, worst = run_gloo_case(tmp_path, nprocs, overlap=True)
     policy = POLICIES[nprocs]
-    spec = dict(backend="torch", ks=ks, alphas=alphas, optimizer="adam", policy=policy, steps=STEPS,
-                out=str(tmp_path), scramble_init=True, overlap=True)
-    results = run_torch(nprocs, spec)
-    assert all(code == 0 for code, _ in results), results
-    ranks = load_ranks(tmp_path, nprocs)
-    schedule = topology.multilayer(ks, alphas)
-    worst = check_against_colocated(ranks, schedule, "adam", policy, STEPS)
     if nprocs == 2:
         # acc = w_0 x_0 + (0 + w_1 x_1): the same two-term sum as co-located, bit for bit.
         assert worst == 0.0
