@@ -64,6 +64,18 @@ def test_overlapped_gloo_equals_colocated(tmp_path, nprocs):
         assert sum(broadcasts) > 0
 
 
+@pytest.mark.parametrize("policy", [["reset", "pullback"], "pullback_inner"], ids=["reset-pullback", "pullback_inner"])
+def test_overlapped_per_level_policies_equal_colocated(tmp_path, policy):
+    """Per-level state policies (the state slots mixed with other weights than the parameters,
+    resets of slots a broadcast may still be reading) on 3 gloo ranks."""
+    ks, alphas = CASES[3]
+    spec = dict(backend="torch", ks=ks, alphas=alphas, optimizer="adam", policy=policy, steps=60,
+                out=str(tmp_path), scramble_init=True, overlap=True)
+    results = run_torch(3, spec)
+    assert all(code == 0 for code, _ in results), results
+    check_against_colocated(load_ranks(tmp_path, 3), topology.multilayer(ks, alphas), "adam", policy, 60)
+
+
 def test_overlapped_mpi_equals_colocated(tmp_path):
     ks, alphas = CASES[3]
     spec = dict(backend="mpi", ks=ks, alphas=alphas, optimizer="sgd_momentum", policy="pullback",
