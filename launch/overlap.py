@@ -123,12 +123,12 @@ class Prefetcher:
         t = self.next_sync(t_from)
         if t is None or t == self.launched_for:
             return
+        if self.hub is not None and self.sim.check_finite:
+            self._launch_flags()            # first: a tiny reduce, not queued behind the data's
         program = self.sim.programs[self.sim.schedule.matrix_index(t)]
         if program.has_hub_blocks:
             tensors = {i: agent.sync_tensor() for i, agent in self.sim.agents.items()}
             program.launch_prefetch(tensors, self.sim.comm)
-        if self.hub is not None and self.sim.check_finite:
-            self._launch_flags()
         self.launched_for = t
 
     def _launch_flags(self) -> None:
