@@ -106,14 +106,14 @@ def _contender(body, device):
 
 
 def syncs_per_round(units: int, d: int) -> int:
-    """``units`` syncs per round for 5M parameters and more; proportionally more below (at most
+    """``units`` syncs per round for 10M parameters and more; proportionally more below (at most
     10x): a small sync is latency-bound, and its rounds must last long enough to be steady."""
-    return min(10 * units, max(units, round(units * 5_000_000 / d)))
+    return min(10 * units, max(units, round(units * 10_000_000 / d)))
 
 
 def sync_cost(comm, sizes, units: int, repeats: int) -> list[dict]:
     """B2 on this rank (see the module docstring), one row per size in ``sizes``; ``units``:
-    syncs per round at 5M parameters and more (:func:`syncs_per_round`)."""
+    syncs per round at 10M parameters and more (:func:`syncs_per_round`)."""
     import torch
     import torch.distributed as dist
 

@@ -18,7 +18,7 @@ BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "GPU")
 class Config:
     """Sizes and repeats of every benchmark (see ``python -m launch.bench --help``)."""
 
-    repeats: int = 7                       # interleaved rounds of every timed benchmark
+    repeats: int = 11                      # interleaved rounds of every timed benchmark (B2, B3, B5)
     # B1: co-located overhead
     b1_width: int = 1024                   # MLP width: 1024 -> 1.06M parameters
     b1_batch: int = 64
@@ -28,7 +28,7 @@ class Config:
     # B2: sync cost
     b2_processes: tuple[int, ...] = (2, 3, 4)
     b2_sizes: tuple[int, ...] = (1_000_000, 25_000_000)
-    b2_syncs: int = 5                      # syncs per round at d >= 5M (more below: see syncs_per_round)
+    b2_syncs: int = 5                      # syncs per round at d >= 10M (more below: see syncs_per_round)
     # B3: end to end
     b3_width: int = 1024
     b3_batch: int = 64
@@ -84,7 +84,7 @@ def sync_cost(config: Config) -> dict:
             row.update(name=f"LA-{n - 1} sync / all_reduce, {n} procs, d={row['parameters']:,}",
                        target=1.10, met=row["ratio"] <= 1.10)
             rows.append(row)
-    return {"backend": "gloo", "syncs_per_round_at_5M": config.b2_syncs, "repeats": config.repeats, "rows": rows}
+    return {"backend": "gloo", "syncs_per_round_at_10M": config.b2_syncs, "repeats": config.repeats, "rows": rows}
 
 
 def end_to_end(config: Config) -> dict:
