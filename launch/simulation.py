@@ -144,13 +144,14 @@ class Simulation:
         # -- process groups, created by every rank in the same order ---------------------------
         plans = [compile_plan(p) for p in schedule.distinct_matrices]
         numel = sum(p.numel() for p in model.parameters())
-        hub = None
-        if overlap:
-            def hub(block, plan):
-                return overlap_hub_of(block, plan, self.placement, set(schedule.workers), schedule.push_sum)
+        def hubs(plan):
+            """``block -> hub rank | None`` for the blocks of ``plan`` (overlap), else None."""
+            if not overlap:
+                return None
+            return lambda block: overlap_hub_of(block, plan, self.placement, set(schedule.workers), schedule.push_sum)
+
         self.programs = [
-            self.sync_policy.program(index, plan, self.placement, self.rank, numel,
-                                     hub_of=(lambda block, plan=plan: hub(block, plan)) if hub else None)
+            self.sync_policy.program(index, plan, self.placement, self.rank, numel, hub_of=hubs(plan))
             for index, plan in enumerate(plans)
         ]
         groups = {self.placement.ranks_of(b.members) for plan in plans for b in plan.blocks}

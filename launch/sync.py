@@ -159,7 +159,9 @@ class RankProgram:
             self._weighted_sum(acc, step.terms, old, in_place=False)
             tensors[step.receiver].copy_(acc)
 
-    def _run_block(self, step: _BlockStep, tensors, old, comm: Communicator) -> None:
+    def _local_sum(self, step: _BlockStep, tensors, old) -> torch.Tensor:
+        """acc = this rank's part of the block, sum of w_i * x_i over its local members, held in
+        the first local receiver (a scratch buffer when there is none)."""
         first = step.receivers[0] if step.receivers else None
         in_place = first is not None and first not in self.snapshot and any(i == first for i, _ in step.terms)
         acc = tensors[first] if first is not None else self._buffer("acc", next(iter(tensors.values())))
@@ -170,6 +172,10 @@ class RankProgram:
         # Receivers other than acc's owner are overwritten by acc below: scale them in place.
         spare = frozenset(r for r in step.receivers[1:] if r not in self.snapshot)
         self._weighted_sum(acc, terms, old, in_place=in_place, spare=spare)
+        return acc
+
+    def _run_block(self, step: _BlockStep, tensors, old, comm: Communicator) -> None:
+        acc = self._local_sum(step, tensors, old)
         if len(step.ranks) > 1:
             comm.all_reduce_(acc, step.ranks)
         for r in step.receivers[1:]:
@@ -180,20 +186,15 @@ class RankProgram:
         if prefetched is None:
             raise RuntimeError("a hub block ran without launch_prefetch (launch.overlap.Prefetcher.ensure)")
         scratch = self._buffer(f"prefetch{position}", next(iter(tensors.values())))
-        first = step.receivers[0] if step.receivers else None
         if self.rank == step.hub:
-            # The hub holds every worker of the block, and they are receivers: first exists.
-            in_place = first not in self.snapshot and any(i == first for i, _ in step.terms)
-            terms = sorted(step.terms, key=lambda t: t[0] != first) if in_place else list(step.terms)
-            spare = frozenset(r for r in step.receivers[1:] if r not in self.snapshot)
-            acc = tensors[first]
-            self._weighted_sum(acc, terms, old, in_place=in_place, spare=spare)
+            # The hub holds every worker of the block, and they are receivers: acc is one of them.
+            acc = self._local_sum(step, tensors, old)
             prefetched.wait()
             acc.add_(scratch)                # + S, the other ranks' part, rounded once
             self.broadcasts.append(comm.broadcast_async_(acc, step.hub, step.ranks))
         else:
             prefetched.wait()
-            acc = tensors[first] if first is not None else scratch
+            acc = tensors[step.receivers[0]] if step.receivers else scratch
             comm.broadcast_async_(acc, step.hub, step.ranks).wait()
         for r in step.receivers[1:]:
             tensors[r].copy_(acc)
