@@ -34,7 +34,8 @@ import math
 
 import torch
 
-from agents.reference import Lookahead, _mix_chain_
+from agents.reference import Lookahead, mix_chain_
+from agents.slow_rule import SlowRule
 from topology.validation import check_alpha
 
 
@@ -76,8 +77,8 @@ def adaptive_alpha(fast: torch.Tensor, slow: torch.Tensor, grad: torch.Tensor, f
     return min(1.0, max(alpha_low, alpha))
 
 
-class AdaptiveAlpha:
-    """The simulator's adaptive slow update (:mod:`launch.outer_sync`): the worker computes
+class AdaptiveAlpha(SlowRule):
+    """The simulator's adaptive slow update (a :class:`~agents.slow_rule.SlowRule`): the worker computes
     alpha* from its fast weights, its copy of the slow weights theta_{t,0} (every member of the
     block keeps one), its last gradient and Adam's second moment, and adds it to the sync's
     all-reduce as one extra scalar; every rank then applies
@@ -85,6 +86,8 @@ class AdaptiveAlpha:
 
     Args:
         alpha_low: the lower clip, a real in (0, 1].
+
+    ``history``: every alpha* taken, in order (saved in checkpoints).
     """
 
     extra = 1
@@ -122,6 +125,12 @@ class AdaptiveAlpha:
         slow.add_(delta)
         return alpha_star
 
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+
 
 class AdaptiveLookahead(Lookahead):
     """Serial Lookahead with alpha* of Proposition 1 at every sync (one Adam-like worker).
@@ -157,5 +166,5 @@ class AdaptiveLookahead(Lookahead):
         alpha = adaptive_alpha(fast_flat, slow_flat, flat_grad(params), flat_fisher(self.optimizer, params),
                                self.alpha_low)
         self.alphas_used.append(alpha)
-        _mix_chain_([params, slow], (alpha,))
+        mix_chain_([params, slow], (alpha,))
         self._sync_state(level, params, (alpha,))

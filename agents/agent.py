@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from agents.flat import FlatBuffer, flatten_module_
+from agents.flat import FlatBuffer, cpu_copy, flatten_module_
 from agents.state_policy import mixable_state_keys, reset_state_, validate_policy
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
@@ -171,7 +171,7 @@ class Agent:
         """Apply the state policy's post-sync action (``reset`` zeroes a worker's state).
 
         ``reset`` overrides the agent's policy for this sync (per-level policies decide it per
-        sync: :class:`launch.level_sync.SyncPolicy`).
+        sync: :class:`launch.engine.state_weights.SyncPolicy`).
         """
         if (self.state_policy == "reset" if reset is None else reset) and self.is_worker:
             reset_state_(self.optimizer.state.values())
@@ -203,8 +203,8 @@ class Agent:
         entry = {"index": self.index, "worker": self.is_worker, "steps": self.steps,
                  "buffer": self.flat.buffer.detach().to("cpu", copy=True)}
         if self.is_worker:
-            entry["optimizer"] = _cpu_copy(self.optimizer.state_dict())
-            entry["data"] = _cpu_copy(self.data.state_dict()) if hasattr(self.data, "state_dict") else None
+            entry["optimizer"] = cpu_copy(self.optimizer.state_dict())
+            entry["data"] = cpu_copy(self.data.state_dict()) if hasattr(self.data, "state_dict") else None
         return entry
 
     def load_state_dict(self, entry: dict) -> None:
@@ -253,15 +253,3 @@ class Agent:
         if self.push_weight is None:
             return self.flat.params
         return self.flat.params / self.push_weight
-
-def _cpu_copy(obj):
-    """``obj`` with every tensor replaced by a detached, compact CPU copy (dicts, lists, tuples)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cpu_copy(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_cpu_copy(v) for v in obj)
-    return obj

@@ -111,3 +111,18 @@ def load_flat_(module: nn.Module, flat: torch.Tensor) -> nn.Module:
     for p, chunk in zip(params, flat.split([p.numel() for p in params])):
         p.copy_(chunk.view_as(p))
     return module
+
+
+def cpu_copy(obj):
+    """``obj`` with every tensor replaced by a detached, compact CPU copy (dicts, lists and tuples
+    are copied recursively; other values are kept): a state to save that shares nothing with the
+    live one."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(cpu_copy(v) for v in obj)
+    return obj

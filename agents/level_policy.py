@@ -144,7 +144,7 @@ def run_state_chain_(
     """The state chain of a level-``level`` sync, in place, in the reference's arithmetic.
 
     ``live`` are the live mixable state tensors, ``caches[l - 1]`` level l's copies (same order).
-    Pullback levels use the three separately rounded ops of :func:`agents.reference._mix_chain_`
+    Pullback levels use the three separately rounded ops of :func:`agents.reference.mix_chain_`
     (``d = prev - cache; d = alpha * d; cache = cache + d``).  Returns True when the result is
     the zero state (a reset with no pullback above it): the caller then zeroes the whole state,
     ``step`` included, and the caches of levels 1..L are zeroed here.

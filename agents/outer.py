@@ -14,7 +14,7 @@ the slow weights)::
 * outer SGD with ``nesterov=True``: DiLoCo's outer step (Douillard et al. 2023).
 
 Which is which is only the outer optimizer's hyperparameters: :class:`OuterOptimizer` wraps the
-factory, and the simulator (:mod:`launch.outer_sync`) and the serial reference
+factory, and the simulator (``launch.engine.outer_program``) and the serial reference
 (:class:`OuterLookahead`) run the same ``outer.step()`` on the same numbers.
 
 Arithmetic: torch's SGD without momentum computes ``s + (-lr) * (s - x)``; ``-(s - x)`` is
@@ -32,24 +32,24 @@ from typing import Callable
 
 import torch
 
+from agents.flat import cpu_copy
 from agents.reference import Lookahead
+from agents.slow_rule import SlowRule
 
 OuterFactory = Callable[[list], torch.optim.Optimizer]
 
 
-class OuterOptimizer:
+class OuterOptimizer(SlowRule):
     """The slow agent's update as an outer optimizer on the pseudo-gradient ``s - mixed``.
 
     Args:
         factory: ``params -> torch.optim.Optimizer``, e.g.
             ``lambda p: torch.optim.SGD(p, lr=0.7, momentum=0.9, nesterov=True)`` (DiLoCo).
 
-    Used by :class:`launch.outer_sync.OuterSync`: one replica per rank, all bitwise equal (the
-    same steps on the same all-reduced inputs), so no rank ever sends the slow weights.
+    A :class:`~agents.slow_rule.SlowRule`: one replica per rank, all bitwise equal (the same steps
+    on the same all-reduced inputs), so no rank ever sends the slow weights.  No extra scalars:
+    the outer step needs only ``mixed``.
     """
-
-    #: Scalars each worker adds to the sync's all-reduce (none: the outer step needs only mixed).
-    extra = 0
 
     def __init__(self, factory: OuterFactory):
         if not callable(factory):
@@ -64,15 +64,19 @@ class OuterOptimizer:
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise ValueError(f"outer must return a torch.optim.Optimizer; got {type(self.optimizer).__name__}")
 
-    def worker_extras(self, agent, slow: torch.Tensor) -> torch.Tensor | None:
-        return None
-
     @torch.no_grad()
     def step_(self, slow: torch.Tensor, mixed: torch.Tensor, extras: torch.Tensor, alpha: float) -> float:
         """``slow <- outer step on slow.grad = slow - mixed``; returns the state-mixing alpha."""
         torch.sub(slow, mixed, out=slow.grad)
         self.optimizer.step()
         return alpha
+
+    def state_dict(self) -> dict:
+        """The outer optimizer's ``state_dict`` (momentum buffers...), as CPU copies."""
+        return {"optimizer": cpu_copy(self.optimizer.state_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class OuterLookahead(Lookahead):

@@ -71,7 +71,7 @@ __all__ = ["MultilayerLookahead", "Lookahead"]
 
 
 @torch.no_grad()
-def _mix_chain_(chain: list[list[torch.Tensor]], alphas: Sequence[float]) -> None:
+def mix_chain_(chain: list[list[torch.Tensor]], alphas: Sequence[float]) -> None:
     """The synchronization of levels ``1..L``, in place, for ``L = len(chain) - 1``.
 
     ``chain[0]`` are the live tensors (fast weights, or live optimizer state), ``chain[l]`` the
@@ -364,7 +364,7 @@ class MultilayerLookahead(torch.optim.Optimizer):
     @torch.no_grad()
     def _sync(self, level: int) -> None:
         params = self._params()
-        _mix_chain_([params] + self._slow[:level], self._alphas)
+        mix_chain_([params] + self._slow[:level], self._alphas)
         self._sync_state(level, params, self._alphas)
 
     def _sync_state(self, level: int, params: list[torch.Tensor], alphas: Sequence[float]) -> None:

@@ -134,7 +134,7 @@ def begin_stage_(optimizer: Proximal, stage: Stage) -> None:
 
 
 class SLRLAController:
-    """Drives SLRLA's stages in a :class:`launch.simulation.Simulation` built with the schedule
+    """Drives SLRLA's stages in a :class:`launch.engine.simulation.Simulation` built with the schedule
     :func:`topology.stagewise.stagewise_lookahead` of the same stages and the optimizer factory
     :func:`proximal`.  Call :meth:`start` before the first step and pass it as the run's
     callback: after the final step of each stage it begins the next one on this rank's agents

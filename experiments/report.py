@@ -22,7 +22,7 @@ import torch
 import topology
 from agents.flat import load_flat_
 from experiments.base import Problem
-from launch.simulation import Simulation
+from launch import Simulation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

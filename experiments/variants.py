@@ -21,7 +21,7 @@ from agents.flat import load_flat_
 from experiments.base import classification_metrics
 from experiments.digits import digits_split
 from experiments.problems import PROBLEMS, Problem
-from launch.simulation import Simulation
+from launch import Simulation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,14 +1,22 @@
-"""Communicators, placement, the simulation loop and the command-line entry point.
+"""The multi-agent simulator's Python API, and its entry points.
 
-The Python entry point is :func:`launch.simulate` (or :class:`launch.Simulation` for step-by-step
-control); ``python -m launch`` is the hydra app (:mod:`launch.app`; the default job with no override).
+- :class:`Simulation` / :func:`simulate`: every agent of a schedule on the ranks a communicator
+  spans (:mod:`launch.engine`);
+- :func:`make_communicator`, :class:`Communicator`, :class:`LocalCommunicator`: where the agents
+  run (:mod:`launch.comm`);
+- ``python -m launch``: the hydra app (:mod:`launch.cli`); ``python -m launch.equivalence``:
+  compare a configuration everywhere it runs; ``python -m launch.bench``: the benchmarks
+  (:mod:`launch.bench`).
+
+Inside, one sub-package per job: ``comm`` <- ``engine`` <- ``cli`` / ``bench`` (arrows: "is
+imported by"); ``launch`` itself imports only ``comm`` and ``engine``.
 """
 
-from launch.communicator import LAUNCHES, Communicator, LocalCommunicator, make_communicator
-from launch.placement import Placement
-from launch.simulation import Simulation, SimulationResult, simulate
+from launch.comm import LAUNCHES, Communicator, LocalCommunicator, make_communicator
+from launch.engine import Checkpointer, Placement, Simulation, SimulationResult, simulate
 
 __all__ = [
+    "Checkpointer",
     "Communicator",
     "LocalCommunicator",
     "LAUNCHES",

@@ -1,7 +1,7 @@
-"""``python -m launch``: the hydra application (see :mod:`launch.app`)."""
+"""``python -m launch``: the hydra application (see :mod:`launch.cli.app`)."""
 
 import sys
 
-from launch.app import main
+from launch.cli.app import main
 
 sys.exit(main())

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from launch.diagnostics import consensus_distance
-from launch.simulation import Simulation
+from launch.engine.diagnostics import consensus_distance
+from launch.engine.simulation import Simulation
 from tests import problems
 from topology import decentralized
 

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from launch.torch_comm import TorchCommunicator  # noqa: E402
+from launch.comm.torch_dist import TorchCommunicator  # noqa: E402
 from tests.decentralized_cases import run_case  # noqa: E402
 
 

@@ -19,16 +19,16 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import topology  # noqa: E402
-from launch.simulation import Simulation  # noqa: E402
+from launch.engine.simulation import Simulation  # noqa: E402
 from tests import problems  # noqa: E402
 
 
 def make_comm(spec):
     if spec["backend"] == "mpi":
-        from launch.mpi_comm import MPICommunicator
+        from launch.comm.mpi import MPICommunicator
 
         return MPICommunicator()
-    from launch.torch_comm import TorchCommunicator
+    from launch.comm.torch_dist import TorchCommunicator
 
     return TorchCommunicator(device=spec.get("device", "cpu"), timeout_s=spec.get("timeout_s", 60))
 

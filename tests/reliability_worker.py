@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import topology  # noqa: E402
-from launch.checkpoint import Checkpointer, run_with_checkpoints  # noqa: E402
-from launch.communicator import LocalCommunicator  # noqa: E402
-from launch.health import NonFiniteError, RankFailureError  # noqa: E402
-from launch.simulation import Simulation  # noqa: E402
+from launch.engine.checkpoint import Checkpointer, run_with_checkpoints  # noqa: E402
+from launch.comm import LocalCommunicator  # noqa: E402
+from launch.engine.health import NonFiniteError, RankFailureError  # noqa: E402
+from launch.engine.simulation import Simulation  # noqa: E402
 from tests import problems  # noqa: E402
 from tests.test_checkpoint import noisy_loss  # noqa: E402
 
@@ -46,12 +46,12 @@ EXIT = {ValueError: 3, NonFiniteError: 4, RankFailureError: 5}
 
 def make_comm(spec):
     if spec["backend"] == "mpi":
-        from launch.mpi_comm import MPICommunicator
+        from launch.comm.mpi import MPICommunicator
 
         return MPICommunicator()
     if spec["backend"] == "local":
         return LocalCommunicator()
-    from launch.torch_comm import TorchCommunicator
+    from launch.comm.torch_dist import TorchCommunicator
 
     return TorchCommunicator(device="cpu", timeout_s=spec.get("timeout_s", 60))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.processes import kill_process_groups
+from launch.bench.processes import kill_process_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"

@@ -2,7 +2,7 @@
 
 The commands run as users run them: in subprocesses (torchrun and mpiexec for the distributed
 launches), bounded in time, with hydra's run directory under pytest's tmp_path.  Configuration
-checks that need no process of their own call :func:`launch.app.run` on a composed config.
+checks that need no process of their own call :func:`launch.cli.app.run` on a composed config.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from hydra import compose, initialize_config_module
 
 import topology
-from launch import app, equivalence
-from launch.metrics import COLUMNS, read_metrics
+from launch.cli import app, equivalence
+from launch.cli.metrics import COLUMNS, read_metrics
 from tests.spawn import ROOT, run_command, run_mpiexec, run_torchrun
 
 TOL = 1e-12
@@ -28,7 +28,7 @@ STEPS, AGENTS = 33, 3
 
 
 def config(*overrides):
-    with initialize_config_module(config_module="launch.conf", version_base="1.3"):
+    with initialize_config_module(config_module="launch.cli.conf", version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
 
@@ -260,10 +260,10 @@ def test_topology_without_serial_reference_runs_colocated(tmp_path, capsys):
     assert all(r["consensus_distance"] <= 1e-12 for r in rows if r["step"] == 4)  # averaged
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "launch" / "conf" / "problem").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((ROOT / "launch" / "cli" / "conf" / "problem").glob("*.yaml")), ids=lambda p: p.stem)
 def test_problem_configs_name_registered_problems_with_their_options(path):
     from experiments.problems import PROBLEMS
-    from launch.build import _parameters
+    from launch.cli.build import _parameters
 
     cfg = config(f"problem={path.stem}")
     if cfg.problem.name not in PROBLEMS:

@@ -2,8 +2,8 @@
 
 import torch
 
-from launch import app
-from launch.metrics import read_metrics
+from launch.cli import app
+from launch.cli.metrics import read_metrics
 from tests.test_app import config, flat
 
 BASE = ("topology=multilayer", "agents=adam", "agents.state_policy=pullback", "launch.log_every=5",

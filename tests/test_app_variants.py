@@ -3,7 +3,7 @@ launch``): every registered topology runs, ``launch=serial`` equals ``launch=col
 variants with a serial reference, torchrun equals co-located, push-sum metrics are de-biased, and
 bad variant configurations are one line with status 2.
 
-In-process calls of :func:`launch.app.run` (as tests/test_app.py does for configuration checks),
+In-process calls of :func:`launch.cli.app.run` (as tests/test_app.py does for configuration checks),
 except one torchrun run.
 """
 
@@ -16,14 +16,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from launch import app
-from launch.build import build_job
-from launch.metrics import MetricsProbe, read_metrics
-from launch.runs import open_simulation_run
+from launch.cli import app
+from launch.cli.build import build_job
+from launch.cli.metrics import MetricsProbe, read_metrics
+from launch.cli.runs import open_simulation_run
 from tests.spawn import ROOT, run_torchrun
 
 TOL = 1e-12
-CONF = Path(__file__).resolve().parent.parent / "launch" / "conf" / "topology"
+CONF = Path(__file__).resolve().parent.parent / "launch" / "cli" / "conf" / "topology"
 NEW_TOPOLOGIES = ["nested", "with_slow_agent", "stagewise", "ring", "torus", "exponential", "one_peer_exponential",
                   "push_sum_random", "local_sgd", "hierarchical", "lookahead_local_sgd", "multilayer_local_sgd"]
 # Small, fast runs: float64 teacher-student (the default problem), 12 steps, every step logged.
@@ -31,7 +31,7 @@ FAST = ["problem.dim=4", "problem.hidden=4", "launch.log_every=1"]
 
 
 def config(*overrides):
-    with initialize_config_module(config_module="launch.conf", version_base="1.3"):
+    with initialize_config_module(config_module="launch.cli.conf", version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import topology
-from launch.benchmarks import workloads
-from launch.benchmarks.colocated import ring, sgd
-from launch.benchmarks.suite import BENCHMARKS, TINY, _merge_sync_rows
-from launch.benchmarks.timing import interleave, ratio
-from launch.communicator import Communicator
-from launch.simulation import Simulation
+from launch.bench import workloads
+from launch.bench.colocated import ring, sgd
+from launch.bench.suite import BENCHMARKS, TINY, _merge_sync_rows
+from launch.bench.timing import interleave, ratio
+from launch.comm import Communicator
+from launch.engine.simulation import Simulation
 from tests.spawn import ROOT, _env
 
 
@@ -144,7 +144,7 @@ def test_gossip_ring_of_the_scale_benchmark_is_doubly_stochastic():
 
 
 def test_bad_options_are_refused_naming_the_option(capsys):
-    from launch.bench import parse
+    from launch.bench.cli import parse
 
     with pytest.raises(SystemExit) as err:
         parse(["--only", "B1,B9"])

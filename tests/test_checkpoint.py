@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import topology
-from launch import checkpoint as ckpt_module
-from launch.checkpoint import Checkpointer, run_with_checkpoints
-from launch.simulation import Simulation, simulate
+from launch.engine import checkpoint as ckpt_module
+from launch.engine.checkpoint import Checkpointer, run_with_checkpoints
+from launch.engine.simulation import Simulation, simulate
 from tests import problems
 
 KS, ALPHAS = (3, 2), (0.5, 0.6)   # syncs after iterations 2, 5 (level 2), 8, 11 (level 2), ...
@@ -214,9 +214,9 @@ def test_resume_with_an_outer_optimizer_is_bitwise_identical(tmp_path, rule):
     Checkpointer(tmp_path).load(resumed)
     assert torch.equal(record(resumed, STEPS), full[CUT:])
     if rule == "adaptive":
-        assert resumed.outer.rule.history == uninterrupted.outer.rule.history
+        assert resumed.slow_sync.rule.history == uninterrupted.slow_sync.rule.history
     else:  # the momentum matters: without it the resumed run differs
         resumed = make()
         Checkpointer(tmp_path).load(resumed)
-        resumed.outer.rule.optimizer.state.clear()
+        resumed.slow_sync.rule.optimizer.state.clear()
         assert not torch.equal(record(resumed, STEPS), full[CUT:])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import topology
-from launch.simulation import Simulation, simulate
+from launch.engine.simulation import Simulation, simulate
 from tests import problems
 from tests.trajectories import reference_trajectory, relative_deviation, simulation_trajectory
 

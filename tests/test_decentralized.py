@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import topology
-from launch.diagnostics import MetricsHook, agent_losses, consensus_distance
-from launch.placement import Placement
-from launch.simulation import Simulation
+from launch.engine.diagnostics import MetricsHook, agent_losses, consensus_distance
+from launch.engine.placement import Placement
+from launch.engine.simulation import Simulation
 from tests import problems
 from tests.trajectories import reference_trajectory, relative_deviation
 from topology import decentralized as dec

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from launch.placement import Placement
+from launch.engine.placement import Placement
 from tests.decentralized_cases import build_schedule, run_case
 from tests.spawn import ROOT, run_torch
 from tests.trajectories import relative_deviation

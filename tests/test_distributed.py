@@ -125,7 +125,7 @@ def test_mpi_bad_world_size_fails_on_every_rank(tmp_path):
 
 
 def test_nccl_refuses_two_ranks_on_one_gpu(monkeypatch):
-    from launch import torch_comm
+    from launch.comm import torch_dist as torch_comm
 
     monkeypatch.setattr(torch_comm.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch_comm.torch.cuda, "device_count", lambda: 1)

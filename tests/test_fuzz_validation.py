@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 import topology
 from agents.state_policy import validate_policy
-from launch.checkpoint import Checkpointer
-from launch.placement import Placement
-from launch.simulation import Simulation
+from launch.engine.checkpoint import Checkpointer
+from launch.engine.placement import Placement
+from launch.engine.simulation import Simulation
 from tests import problems
 from topology.validation import check_mixing_matrix
 

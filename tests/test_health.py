@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import topology
-from launch.checkpoint import Checkpointer, run_with_checkpoints
-from launch.health import NonFiniteError
-from launch.simulation import Simulation
+from launch.engine.checkpoint import Checkpointer, run_with_checkpoints
+from launch.engine.health import NonFiniteError
+from launch.engine.simulation import Simulation
 from tests import problems
 
 
@@ -93,9 +93,9 @@ def test_check_can_be_turned_off():
 
 def test_pending_losses_are_folded_without_losing_a_nan(monkeypatch):
     """Between two rare syncs the losses are folded into max |loss|, which keeps a NaN."""
-    from launch import health
+    from launch.engine import finiteness
 
-    monkeypatch.setattr(health, "FOLD_LOSSES", 4)
+    monkeypatch.setattr(finiteness, "FOLD_LOSSES", 4)
     counter = itertools.count()
 
     def loss_fn(module, batch):
@@ -104,7 +104,7 @@ def test_pending_losses_are_folded_without_losing_a_nan(monkeypatch):
     sim = make_sim(problems.batches(1), k=20, loss_fn=loss_fn)
     for _ in range(12):
         sim.step()
-        assert len(sim._pending_losses[0]) <= 5
+        assert len(sim.finiteness.pending[0]) <= 5
     with pytest.raises(NonFiniteError) as info:
         sim.run(10)
     assert info.value.step == 19 and 0 in info.value.losses

@@ -6,7 +6,7 @@ import torch
 import topology
 from agents.level_policy import NAMED, resolve_policy, state_weights
 from agents.nested import NestedLookahead
-from launch.simulation import Simulation
+from launch.engine.simulation import Simulation
 from tests.spawn import run_torch
 from tests.trajectories import reference_trajectory, relative_deviation, simulation_trajectory
 

@@ -7,7 +7,7 @@ import torch
 import topology
 from agents.adaptive import AdaptiveAlpha, AdaptiveLookahead, adaptive_alpha
 from agents.outer import OuterLookahead, OuterOptimizer
-from launch.simulation import Simulation
+from launch.engine.simulation import Simulation
 from tests.spawn import run_torch
 from tests.trajectories import reference_trajectory, relative_deviation, simulation_trajectory
 
@@ -101,7 +101,7 @@ def test_adaptive_alpha_by_hand():
         loss(model, None).backward()
         opt.step()
         sim.step()
-    assert opt.alphas_used == [alpha] and sim.outer.rule.history == [alpha]
+    assert opt.alphas_used == [alpha] and sim.slow_sync.rule.history == [alpha]
     assert model.w.tolist() == expected
     for i in range(2):
         assert sim.agents[i].params.tolist() == expected

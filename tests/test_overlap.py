@@ -9,10 +9,10 @@ import torch
 
 import topology
 from topology import decentralized
-from launch.checkpoint import Checkpointer
-from launch.overlap import hub_of
-from launch.placement import Placement
-from launch.simulation import Simulation
+from launch.engine.checkpoint import Checkpointer
+from launch.engine.overlap import hub_of
+from launch.engine.placement import Placement
+from launch.engine.simulation import Simulation
 from topology.plan import compile_plan
 from tests import problems
 from tests.spawn import run_mpi, run_torch
@@ -186,5 +186,5 @@ def test_overlap_is_a_no_op_co_located():
                          topology.multilayer((3, 2), (0.5, 0.6)), problems.OPTIMIZERS["adam"], overlap=overlap)
         sim.run(30)
         runs.append(torch.stack([a.params.clone() for a in sim.agents.values()]))
-        assert not sim.prefetcher.active
+        assert not sim.overlap.active
     assert torch.equal(*runs)

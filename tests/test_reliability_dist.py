@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from launch.checkpoint import Checkpointer
+from launch.engine.checkpoint import Checkpointer
 from tests.spawn import ROOT, _env, run_mpiexec, run_torch, run_torchrun
 import topology
-from launch.simulation import Simulation
+from launch.engine.simulation import Simulation
 from tests import problems
 from tests.test_checkpoint import CUT, STEPS, record
 from tests.trajectories import relative_deviation

@@ -5,7 +5,7 @@ import torch
 
 import topology
 from agents.slrla import SLRLAController, Stage, proximal, slrla_reference
-from launch.simulation import Simulation
+from launch.engine.simulation import Simulation
 from tests import problems
 from tests.spawn import run_torch
 from tests.trajectories import relative_deviation

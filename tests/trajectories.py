@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from agents.reference import MultilayerLookahead
-from launch.simulation import Simulation
+from launch.engine.simulation import Simulation
 from tests import problems
 
 

@@ -1,0 +1,129 @@
+"""The benchmark suite's configuration and the runners of B2, B3 and GPU around :func:`spawn`.
+
+:class:`Config` holds every size and repeat count; :data:`TINY` is a configuration that runs in
+seconds (what the test suite runs), the defaults are the figures in the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from launch.bench.processes import spawn
+
+BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "GPU")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes and repeats of every benchmark (see ``python -m launch.bench --help``)."""
+
+    repeats: int = 11                      # interleaved rounds of every timed benchmark (B2, B3, B5)
+    # B1: co-located overhead
+    b1_width: int = 1024                   # MLP width: 1024 -> 1.06M parameters
+    b1_batch: int = 64
+    k: int = 5                             # k_1 of LA-n (B1) and of LA-2 (B3)
+    b1_iterations: int = 40                # per round: a multiple of LA-4's period 5 * 2 * 2 * 2
+    b1_repeats: int = 15
+    # B2: sync cost
+    b2_processes: tuple[int, ...] = (2, 3, 4)
+    b2_sizes: tuple[int, ...] = (1_000_000, 25_000_000)
+    b2_syncs: int = 5                      # syncs per round at d >= 10M (more below: see syncs_per_round)
+    # B3: end to end
+    b3_width: int = 1024
+    b3_batch: int = 64
+    b3_iterations: int = 20                # per round: a multiple of LA-2's period k * 2
+    # B4: memory
+    b4_width: int = 4096                   # 16.8M parameters: 67 MB per flat float32 copy
+    b4_batch: int = 16
+    b4_depths: tuple[int, ...] = (1, 2, 4)
+    b4_repeats: int = 3
+    # B5: scale
+    b5_agents: tuple[int, ...] = (8, 32, 128)
+    b5_width: int = 320                    # 104k parameters
+    b5_batch: int = 32
+    b5_agent_iterations: int = 512         # per round, for every number of agents
+    # GPU
+    gpu_sizes: tuple[int, ...] = (25_000_000,)
+    gpu_syncs: int = 20
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+#: A configuration that runs every benchmark in seconds (what tests/test_bench.py runs).
+TINY = Config(
+    repeats=2, b1_width=64, b1_batch=8, b1_iterations=10, b1_repeats=2, b2_processes=(2,), b2_sizes=(10_000,),
+    b2_syncs=2, b3_width=64, b3_batch=8, b3_iterations=10, b4_width=512, b4_batch=4,
+    b4_depths=(1,), b4_repeats=1, b5_agents=(2, 4), b5_width=32, b5_batch=4, b5_agent_iterations=8,
+    gpu_sizes=(10_000,), gpu_syncs=2,
+)
+
+
+def _merge_sync_rows(ranks: list[dict]) -> list[dict]:
+    """Rank 0's rows of a ``sync`` task, with the counts checked on every rank."""
+    rows = []
+    for i, row in enumerate(ranks[0]["rows"]):
+        per_rank = [r["rows"][i] for r in ranks]
+        row = dict(row)
+        row["counts_match_plan_on_every_rank"] = all(
+            r["collectives_per_sync"] == r["plan_collectives"] and r["bytes_per_sync"] == r["plan_bytes"]
+            for r in per_rank
+        )
+        rows.append(row)
+    return rows
+
+
+def sync_cost(config: Config) -> dict:
+    """B2: one spawned job per number of processes, every size inside it."""
+    rows = []
+    for n in config.b2_processes:
+        ranks = spawn(n, {"task": "sync", "sizes": list(config.b2_sizes), "units": config.b2_syncs,
+                          "repeats": config.repeats})
+        for row in _merge_sync_rows(ranks):
+            row.update(name=f"LA-{n - 1} sync / all_reduce, {n} procs, d={row['parameters']:,}",
+                       target=1.10, met=row["ratio"] <= 1.10)
+            rows.append(row)
+    return {"backend": "gloo", "syncs_per_round_at_10M": config.b2_syncs, "repeats": config.repeats, "rows": rows}
+
+
+def end_to_end(config: Config) -> dict:
+    """B3: distributed LA-2 on 3 processes over the serial reference on one."""
+    ks = (config.k, 2)
+    result = spawn(3, {"task": "end_to_end", "width": config.b3_width, "batch_size": config.b3_batch,
+                       "ks": list(ks), "units": config.b3_iterations, "repeats": config.repeats})[0]
+    rows = [dict(name=f"LA-2 ks={ks}, 3 procs ({variant}) / serial reference, 1 proc", target=1.15,
+                 met=figures["ratio"] <= 1.15, **figures)
+            for variant, figures in result["variants"].items()]
+    return {"ks": list(ks), "batch_size": config.b3_batch, "iterations_per_round": config.b3_iterations,
+            "repeats": config.repeats, "parameters": result["parameters"],
+            "serial_seconds": result["serial_seconds"], "rows": rows}
+
+
+def gpu(config: Config) -> dict:
+    """NCCL: weighted all-reduce (an LA sync) bandwidth over raw all-reduce, one rank per GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    count = torch.cuda.device_count()
+    name = torch.cuda.get_device_name(0)
+    if count < 2:
+        return {"skipped": f"needs 2 CUDA devices (NCCL: one rank per GPU); found 1: {name}",
+                "device_name": name}
+    ranks = spawn(count, {"task": "sync", "device": "cuda", "sizes": list(config.gpu_sizes),
+                          "units": config.gpu_syncs, "repeats": config.repeats})
+    rows = []
+    for row in _merge_sync_rows(ranks):
+        # bandwidth = bytes / time, the same bytes: the bandwidth ratio is raw time / sync time.
+        bandwidth_ratio = 1.0 / row["ratio"]
+        row.update(name=f"NCCL weighted / raw all-reduce bandwidth, {count} GPUs, d={row['parameters']:,}",
+                   ratio=bandwidth_ratio, target=0.95, met=bandwidth_ratio >= 0.95,
+                   sync_bandwidth_bytes_per_s=row["bytes_per_sync"] / row["sync_seconds"],
+                   raw_bandwidth_bytes_per_s=row["bytes_per_sync"] / row["raw_seconds"])
+        rows.append(row)
+    return {"backend": "nccl", "device_name": ranks[0].get("device_name", name), "devices": count,
+            "rows": rows}
+
+
+__all__ = ["BENCHMARKS", "Config", "TINY", "sync_cost", "end_to_end", "gpu"]

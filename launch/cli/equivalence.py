@@ -1,0 +1,128 @@
+"""``python -m launch.equivalence <overrides>``: is your configuration the same everywhere it runs?
+
+Takes exactly the configuration and overrides of ``python -m launch`` and runs the job, in
+lockstep, in every place available to it, comparing every agent after every iteration:
+
+- ``serial``: the serial reference (:class:`agents.reference.MultilayerLookahead`), when the
+  topology has one (Lookahead, multilayer);
+- ``colocated``: the simulation with every agent in this process;
+- ``torch`` / ``mpi``: the simulation with one agent per process, when started under torchrun
+  with ``launch=torch`` or under mpiexec with ``launch=mpi``; every process then also runs the
+  serial and co-located runs, and compares its own agent with them.
+
+    python -m launch.equivalence topology=lookahead agents=adam launch.steps=300
+    torchrun --nproc_per_node 3 -m launch.equivalence launch=torch
+    mpiexec -n 3 python -m launch.equivalence launch=mpi tolerance=1e-10
+
+Nothing is stored: the runs advance together and the largest deviation
+``max|x_i - y_i| / max|y_i|`` (the scale of the reference y) is kept per agent and per pair of
+runs.  Rank 0 prints the table (and writes it to ``equivalence.txt`` in hydra's run directory).
+Every rank exits with the same status: 0 when every deviation is at most ``tolerance`` (default
+by dtype, :data:`launch.cli.deviation.TOLERANCES`: 1e-12 in float64), 1 above it, 2 for an invalid configuration.  ``plant`` (test only,
+see ``launch/cli/conf/config.yaml``) perturbs one agent of one run to show that the check can fail.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from launch.cli.app import open_run, run_job
+from launch.cli.build import Job
+from launch.cli.deviation import DeviationTracker, format_table, tolerance_for
+from launch.cli.registry import serial_reference_missing
+from launch.cli.runs import plant_deviation_, role
+
+_STATUS = [0]
+
+
+def compare(job: Job, comm, plant=None) -> dict[tuple[str, str], DeviationTracker]:
+    """Run ``job`` in every place available (see the module docstring) for ``job.steps``
+    iterations; the largest deviation per agent for every pair (run under test, reference run),
+    merged over the ranks of ``comm`` (identical on every rank)."""
+    model = job.model()
+    runs = {}
+    if serial_reference_missing(job.schedule, job.outer, job.stages) is None:
+        runs["serial"] = open_run(job, None, model, "serial")
+    runs["colocated"] = open_run(job, None, model, "colocated")
+    if comm is not None:
+        runs[job.mode] = open_run(job, comm, model)
+    names = list(runs)
+    if len(names) < 2:
+        raise ValueError(
+            f"nothing to compare: topology {job.schedule!r} has no serial reference; start the "
+            f"command under torchrun (launch=torch) or mpiexec (launch=mpi) to compare co-located "
+            f"with distributed"
+        )
+    pairs = [(a, b) for j, a in enumerate(names) for b in names[:j]]
+    trackers = {pair: DeviationTracker() for pair in pairs}
+    for t in range(job.steps):
+        for run in runs.values():
+            run.step()
+            plant_deviation_(run, plant, t)
+        columns = {name: run.columns() for name, run in runs.items()}
+        for (a, b), tracker in trackers.items():
+            tracker.update(columns[a], columns[b])
+    if comm is not None:
+        gathered = comm.all_gather_object({pair: tracker.worst for pair, tracker in trackers.items()})
+        for pair, tracker in trackers.items():
+            tracker.merge(part[pair] for part in gathered)
+    return trackers
+
+
+def report(job: Job, trackers, tolerance: float, processes: int) -> tuple[str, int]:
+    """The printed table and the exit status."""
+    rows = []
+    for i in range(job.schedule.num_agents):
+        row = {"agent": i, "role": role(job.schedule, i)}
+        for (a, b), tracker in trackers.items():
+            row[f"{a} vs {b}"] = tracker.worst.get(i)
+        rows.append(row)
+    columns = [("agent", "agent", "d"), ("role", "role", "s")]
+    columns += [(f"{a} vs {b}", f"{a} vs {b}", "e") for a, b in trackers]
+    worst = max((v for t in trackers.values() for v in t.worst.values()), default=0.0)
+    status = 0 if worst <= tolerance else 1
+    where = f", {processes} processes" if processes > 1 else ""
+    text = (
+        f"equivalence of {job.problem_name} on {job.schedule!r}, {job.steps} steps, "
+        f"{str(job.dtype).replace('torch.', '')}{where}\n"
+        f"largest relative deviation max|x_i - y_i| / max|y_i| over every step (x vs y):\n"
+        f"{format_table(rows, columns)}\n"
+        + (f"PASS: every deviation <= {tolerance:g} (largest {worst:.3e})" if status == 0 else
+           f"FAIL: largest deviation {worst:.3e} > tolerance {tolerance:g}")
+    )
+    return text, status
+
+
+def run(cfg: DictConfig, out_dir: Path | str) -> int:
+    """The equivalence check of ``cfg``; returns the exit status (the same on every rank)."""
+
+    def body(job: Job, comm) -> int:
+        tolerance = tolerance_for(cfg.tolerance, job.dtype)
+        trackers = compare(job, comm, cfg.get("plant"))
+        text, status = report(job, trackers, tolerance, 1 if comm is None else comm.world_size)
+        if comm is None or comm.rank == 0:
+            print(text, flush=True)
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / "equivalence.txt").write_text(text + "\n")
+        return status
+
+    return run_job(cfg, body)
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    _STATUS[0] = max(_STATUS[0], run(cfg, HydraConfig.get().runtime.output_dir))
+
+
+def main() -> int:
+    hydra_main()
+    return _STATUS[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""One interface over the two ways to run a job: the serial reference and the simulation.
+
+A *run* holds the columns x_i of X that live in this process and advances them one iteration at a
+time.  :class:`SerialRun` is :class:`agents.reference.MultilayerLookahead` on one module (its
+columns: the fast weights, then slow levels 1..n); :class:`SimulationRun` is a
+:class:`launch.Simulation` on any communicator.  Both offer:
+
+- ``step()``: iteration t (inner step, then the sync of P_t); returns the losses of the local
+  workers, evaluated at their parameters before the update, by agent;
+- ``columns()``: ``{agent: flat parameter vector}`` of the local agents (live views; treat as
+  read-only, except :func:`plant_deviation_`);
+- ``grad_norms()``: ``{worker: ||g||_2}`` of the gradient of the last inner step (local workers);
+- ``state_dicts(template)``: every agent's final ``state_dict`` (a collective on every rank).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from agents.flat import load_flat_
+from agents.slrla import SLRLAController, proximal, stage_lookahead
+from launch.cli.registry import has_serial_reference, serial_optimizer, serial_reference_missing
+from launch.comm import Communicator, LocalCommunicator
+from launch.engine.diagnostics import local_models
+from launch.engine.simulation import Simulation
+from topology.schedule import Schedule
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _grad_norm(params) -> float:
+    grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
+    return float(torch.cat(grads).norm()) if grads else float("nan")
+
+
+def role(schedule: Schedule, agent: int) -> str:
+    """What agent ``agent`` is: ``fast (worker)`` / ``slow level l`` for (multilayer) Lookahead and
+    any one-worker, one-slow-agent schedule (stagewise SLRLA), else ``worker`` / ``passive``."""
+    if has_serial_reference(schedule) or (schedule.num_agents == 2 and schedule.workers == (0,)):
+        return "fast (worker)" if agent == 0 else f"slow level {agent}"
+    return "worker" if agent in schedule.workers else "passive"
+
+
+class SerialRun:
+    """The serial reference of a (multilayer / nested) Lookahead schedule: one module, its inner
+    optimizer wrapped in :class:`~agents.reference.MultilayerLookahead` (or, with ``outer``, the
+    options of ``agents.outer``, in :class:`~agents.outer.OuterLookahead` /
+    :class:`~agents.adaptive.AdaptiveLookahead`: :func:`launch.cli.registry.serial_optimizer`), fed
+    ``data`` (worker 0's stream).  With
+    ``stages`` (SLRLA) each stage is a fresh :func:`agents.slrla.stage_lookahead`, begun after
+    the last step of the previous stage, as :func:`agents.slrla.slrla_reference` does.
+
+    ``ValueError`` when the job has no serial reference
+    (:func:`launch.cli.registry.serial_reference_missing`).
+    """
+
+    name = "serial"
+
+    def __init__(self, model: nn.Module, loss_fn, data, schedule: Schedule, optimizer, state_policy,
+                 outer: dict | None = None, stages=None):
+        why = serial_reference_missing(schedule, outer, stages)
+        if why is not None:
+            raise ValueError(f"{why}; use launch=colocated, torch or mpi")
+        self.schedule = schedule
+        self.module = copy.deepcopy(model)
+        self.params = list(self.module.parameters())
+        self.stages, self.state_policy, self.inner = stages, state_policy, optimizer
+        if stages is None:
+            self.optimizer = serial_optimizer(self.params, schedule, optimizer, state_policy, outer)
+            self.depth = schedule.depth
+        else:
+            self.optimizer = stage_lookahead(self.params, optimizer, stages[0], state_policy)
+            self.ends = SLRLAController(stages).ends
+            self.depth = 1
+        self.t = 0
+        self.loss_fn = loss_fn
+        self.data = iter(data)
+        self.agents = tuple(range(schedule.num_agents))
+        self.rank, self.world_size = 0, 1
+
+    def step(self) -> dict[int, torch.Tensor]:
+        self.optimizer.zero_grad()
+        loss = self.loss_fn(self.module, next(self.data))
+        loss.backward()
+        self.optimizer.step()
+        self.t += 1
+        if self.stages is not None and self.t in self.ends[1:-1]:
+            self.optimizer = stage_lookahead(self.params, self.inner, self.stages[self.ends.index(self.t)],
+                                             self.state_policy)
+        return {0: loss.detach()}
+
+    def columns(self) -> dict[int, torch.Tensor]:
+        columns = {0: _flat(self.params)}
+        for level in range(1, self.depth + 1):
+            columns[level] = _flat(self.optimizer.slow_params(level))
+        return columns
+
+    def grad_norms(self) -> dict[int, float]:
+        return {0: _grad_norm(self.params)}
+
+    def models(self) -> dict[int, torch.Tensor]:
+        return self.columns()
+
+    def state_dicts(self, template: nn.Module) -> list[dict]:
+        """Every column loaded into ``template``; buffers (if any) are the module's."""
+        buffers = dict(self.module.named_buffers())
+        return [_state_dict(template, column, buffers) for column in self.columns().values()]
+
+
+class SimulationRun:
+    """A :class:`launch.Simulation` seen as a run (its agents are those of this rank).
+    ``controller``: called as ``controller(simulation)`` after every step (SLRLA's
+    :class:`agents.slrla.SLRLAController`, already started)."""
+
+    def __init__(self, simulation: Simulation, name: str, controller=None):
+        self.simulation = simulation
+        self.name = name
+        self.controller = controller
+        self.agents = tuple(sorted(simulation.agents))
+        self.rank = simulation.comm.rank
+        self.world_size = simulation.comm.world_size
+
+    @property
+    def comm(self) -> Communicator:
+        return self.simulation.comm
+
+    def step(self) -> dict[int, torch.Tensor]:
+        losses = self.simulation.step()
+        if self.controller is not None:
+            self.controller(self.simulation)
+        return losses
+
+    def columns(self) -> dict[int, torch.Tensor]:
+        return self.simulation.local_parameters()
+
+    def models(self) -> dict[int, torch.Tensor]:
+        """The local agents' models: ``columns()`` de-biased under push-sum (x_i / w_i)."""
+        return local_models(self.simulation)
+
+    def grad_norms(self) -> dict[int, float]:
+        return {i: _grad_norm(a.parameters) for i, a in self.simulation.agents.items() if a.is_worker}
+
+    def state_dicts(self, template: nn.Module) -> list[dict]:
+        """Every agent's parameters (gathered from every rank), in ``template``'s state_dict
+        layout.  Buffers (BatchNorm statistics...) are not mixed by P_t: a worker keeps its own,
+        a passive agent gets those of the lowest-numbered worker.  Collective: every rank calls."""
+        sim = self.simulation
+        parameters = sim.gather_parameters()
+        buffers: dict[int, dict] = {}
+        if any(True for _ in template.buffers()):
+            local = {i: {n: b.detach().cpu().clone() for n, b in a.module.named_buffers()}
+                     for i, a in sim.agents.items() if a.is_worker}
+            for part in sim.comm.all_gather_object(local):
+                buffers.update(part)
+        first = min(sim.schedule.workers)
+        out = []
+        for i, params in enumerate(parameters):
+            column = _flat(params[n] for n in sim.parameter_names)
+            out.append(_state_dict(template, column, buffers.get(i, buffers.get(first, {}))))
+        return out
+
+
+def _state_dict(template: nn.Module, column: torch.Tensor, buffers: dict) -> dict:
+    """``template``'s state_dict with the parameters of the flat ``column`` and ``buffers``."""
+    module = load_flat_(copy.deepcopy(template), column.detach().to(next(template.parameters()).device))
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in buffers:
+                buf.copy_(buffers[name])
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+@torch.no_grad()
+def plant_deviation_(run, plant, t: int) -> None:
+    """TEST ONLY: add ``plant.size`` to every parameter of agent ``plant.agent`` after iteration
+    ``plant.step`` of the run named ``plant.run`` (serial | colocated | torch | mpi), if that
+    agent lives here.  ``plant`` is the configuration's ``plant`` (None: nothing)."""
+    if plant is None or plant.get("run", "colocated") != run.name or t != plant.get("step", 0):
+        return
+    columns = run.columns()
+    agent = plant.get("agent", 0)
+    if agent in columns:
+        if isinstance(run, SerialRun):
+            # The serial columns are copies: perturb the tensors they are made of.
+            target = run.params if agent == 0 else run.optimizer.slow_params(agent)
+            for p in target:
+                p.add_(plant.get("size", 1e-6))
+        else:
+            columns[agent].add_(plant.get("size", 1e-6))
+
+
+def open_simulation_run(job, comm, model, mode: str) -> SimulationRun:
+    """The :class:`SimulationRun` of ``job`` on ``comm`` (a ``LocalCommunicator`` co-located):
+    its outer rule (``agents.outer``) and, for SLRLA, the optimizer factory wrapped in
+    :func:`agents.slrla.proximal` and a started :class:`agents.slrla.SLRLAController`."""
+    optimizer = proximal(job.optimizer) if job.stages is not None else job.optimizer
+    sim = Simulation(model, job.problem.loss_fn, job.batches, job.schedule, optimizer,
+                     state_policy=job.state_policy, comm=comm if comm is not None else LocalCommunicator(),
+                     device=job.device, outer=job.make_outer(), overlap=job.overlap)
+    controller = None
+    if job.stages is not None:
+        controller = SLRLAController(job.stages)
+        controller.start(sim)
+    return SimulationRun(sim, mode, controller)

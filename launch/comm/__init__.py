@@ -1,0 +1,17 @@
+"""Communicators: how flat tensors move between the ranks that hold the agents.
+
+Owns the :class:`Communicator` interface (collectives on groups of ranks, asynchronous reduce and
+broadcast, point-to-point exchange, the counters of :class:`CommStats`) and its three
+implementations: co-located (:class:`LocalCommunicator`), torch.distributed
+(:class:`launch.comm.torch_dist.TorchCommunicator`: NCCL on CUDA, gloo on CPU) and MPI
+(:class:`launch.comm.mpi.MPICommunicator`, through mpi4py).
+
+Imports: torch (and mpi4py, lazily) only; nothing else of ``launch``, nor agents or topology:
+a communicator moves tensors and knows nothing of schedules.
+"""
+
+from launch.comm.base import CommStats, Communicator, Pending
+from launch.comm.factory import LAUNCHES, make_communicator
+from launch.comm.local import LocalCommunicator
+
+__all__ = ["CommStats", "Communicator", "Pending", "LAUNCHES", "LocalCommunicator", "make_communicator"]

@@ -1,0 +1,33 @@
+"""``make_communicator(launch)``: the communicator of a launch name."""
+
+from __future__ import annotations
+
+from launch.comm.base import Communicator
+from launch.comm.local import LocalCommunicator
+
+#: Where the simulator's agents can run: one process, torch.distributed, MPI.
+LAUNCHES = ("colocated", "torch", "mpi")
+
+
+def make_communicator(launch: str = "colocated", *, device: str | None = None, timeout_s: float = 300.0) -> Communicator:
+    """The communicator for ``launch``: ``colocated`` (one process holds every agent), ``torch``
+    (one agent per rank under torchrun; NCCL on CUDA, gloo on CPU) or ``mpi`` (under mpiexec).
+
+    The torch.distributed and MPI communicators are imported only when asked for (mpi4py is an
+    optional dependency).
+
+    Example:
+        >>> make_communicator("colocated").world_size
+        1
+    """
+    if launch == "colocated":
+        return LocalCommunicator()
+    if launch == "torch":
+        from launch.comm.torch_dist import TorchCommunicator
+
+        return TorchCommunicator(device=device, timeout_s=timeout_s)
+    if launch == "mpi":
+        from launch.comm.mpi import MPICommunicator
+
+        return MPICommunicator()
+    raise ValueError(f"launch must be one of {', '.join(LAUNCHES)}; got {launch!r}")

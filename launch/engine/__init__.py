@@ -1,0 +1,30 @@
+"""The simulation engine: agents on ranks, the loop, the syncs, checkpoints and health checks.
+
+Owns :class:`Simulation` (the agents of a schedule on this rank and the loop that drives them)
+and :func:`simulate`; the placement of agents on ranks (:mod:`.placement`); the compilation of
+every distinct P_t into this rank's program, where each sync's strategy is chosen once
+(:mod:`.compile`, :mod:`.program`, :mod:`.blocks`, the weighted-sum kernel :mod:`.kernel`,
+overlapped syncs :mod:`.overlap`, slow rules :mod:`.outer_program`, per-level state weights
+:mod:`.state_weights`); the finiteness check and the lost-rank handler (:mod:`.finiteness`,
+:mod:`.health`); checkpoints (:mod:`.checkpoint`); diagnostics of a running simulation
+(:mod:`.diagnostics`).
+
+Imports: :mod:`launch.comm`, :mod:`agents`, :mod:`topology`; never the command line
+(:mod:`launch.cli`), the benchmarks or :mod:`experiments`.  It knows no configuration names.
+"""
+
+from launch.engine.checkpoint import Checkpointer, run_with_checkpoints
+from launch.engine.health import NonFiniteError, RankFailureError
+from launch.engine.placement import Placement
+from launch.engine.simulation import Simulation, SimulationResult, simulate
+
+__all__ = [
+    "Checkpointer",
+    "run_with_checkpoints",
+    "NonFiniteError",
+    "RankFailureError",
+    "Placement",
+    "Simulation",
+    "SimulationResult",
+    "simulate",
+]

@@ -1,0 +1,197 @@
+"""How one rank runs the operations of a plan: the sync strategies.
+
+A :class:`topology.Plan` has *blocks* (receivers that all get the same weighted sum) and *mixes*
+(one receiver, a weighted sum of a few sources).  On one rank each becomes one of these steps,
+chosen once when the plan is compiled for the rank (:mod:`launch.engine.compile`):
+
+:class:`AllReduceBlock`
+    ``acc = sum of w_i x_i`` over the block's local members (the kernel of
+    :mod:`launch.engine.kernel`), then one all-reduce (SUM) of ``acc`` over the ranks of the
+    block when it spans more than one, then every other local receiver copies ``acc``.  With one
+    agent per rank that is ``x.mul_(w); all_reduce(x)``: one collective, in place.
+:class:`HubBlock`
+    the overlapped form of a block whose workers all live on one rank, the hub
+    (:mod:`launch.engine.overlap` says why it is exact and when it applies): the other ranks'
+    part ``S = sum of w_i x_i`` is reduced to the hub before the sync (:meth:`HubBlock.prefetch`),
+    the hub adds its own members' part at the sync and broadcasts the result.
+:class:`PointToPointMixes`
+    every mix of the plan that has a receiver or a source here: one batched exchange of the
+    messages between ranks (one per (source agent, destination rank) pair), then the local
+    weighted sums.
+
+Memory: ``acc`` is the first local receiver's own buffer whenever it is a receiver whose old value
+nothing else reads (not in the plan's snapshot) -- it is overwritten by ``acc`` anyway -- and the
+other receivers' products are formed in place for the same reason; so a co-located Lookahead
+block needs no scratch buffer.  Products of passive members, snapshots, received values and
+gossip accumulators use the program's :class:`~launch.engine.kernel.Scratch`, allocated once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from launch.comm.base import Communicator
+from launch.engine.kernel import Scratch, Term, WeightedSum
+
+Tensors = dict[int, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LocalBlock:
+    """A block of a plan as one rank sees it."""
+
+    terms: tuple[Term, ...]         # local members with a non-zero weight, in agent order
+    receivers: tuple[int, ...]      # local receivers, in agent order
+    ranks: tuple[int, ...]          # the ranks of all members: the block's process group
+
+
+@dataclass(frozen=True)
+class ProgramContext:
+    """What the steps of one compiled program share: the agents snapshotted before the sync
+    (their old values are read by an operation other than the one that overwrites them), the
+    scratch buffers and the kernel."""
+
+    snapshot: frozenset
+    scratch: Scratch
+    kernel: WeightedSum
+
+
+class AllReduceBlock:
+    """A block: local weighted sum, all-reduce over the block's ranks, copies to local receivers."""
+
+    def __init__(self, block: LocalBlock, ctx: ProgramContext):
+        self.block = block
+        self.ctx = ctx
+
+    @property
+    def groups(self) -> tuple[tuple[int, ...], ...]:
+        """The process groups this step communicates on."""
+        return (self.block.ranks,) if len(self.block.ranks) > 1 else ()
+
+    @property
+    def all_reduces(self) -> int:
+        """All-reduces this rank enters per run."""
+        return 1 if len(self.block.ranks) > 1 else 0
+
+    def prefetch(self, tensors: Tensors, comm: Communicator) -> None:
+        """Nothing to start ahead of the sync."""
+
+    def local_sum(self, tensors: Tensors, old: Tensors) -> torch.Tensor:
+        """acc = this rank's part of the block, held in the first local receiver (a scratch
+        buffer when there is none or when its old value must survive)."""
+        block, ctx = self.block, self.ctx
+        first = block.receivers[0] if block.receivers else None
+        in_place = first is not None and first not in ctx.snapshot and any(i == first for i, _ in block.terms)
+        acc = tensors[first] if first is not None else ctx.scratch.like("acc", next(iter(tensors.values())))
+        terms = list(block.terms)
+        if in_place:  # acc's own term first: it is scaled in place
+            terms = [t for t in terms if t[0] == first] + [t for t in terms if t[0] != first]
+        # Receivers other than acc's owner are overwritten by acc below: scale them in place.
+        spare = frozenset(r for r in block.receivers[1:] if r not in ctx.snapshot)
+        return ctx.kernel(acc, terms, old, in_place=in_place, spare=spare)
+
+    def copy_to_receivers(self, tensors: Tensors, acc: torch.Tensor) -> None:
+        for r in self.block.receivers[1:]:
+            tensors[r].copy_(acc)
+
+    def run(self, tensors: Tensors, old: Tensors, comm: Communicator) -> None:
+        acc = self.local_sum(tensors, old)
+        if len(self.block.ranks) > 1:
+            comm.all_reduce_(acc, self.block.ranks)
+        self.copy_to_receivers(tensors, acc)
+
+
+class HubBlock(AllReduceBlock):
+    """A block run overlapped around its hub rank (see :mod:`launch.engine.overlap`):
+
+        hub:          acc = sum of w_i x_i over its members;  acc += S;  broadcast(acc)
+        other ranks:  s_q = sum of w_i x_i over theirs (at the prefetch);  S = reduce(s_q) to hub
+
+    ``name`` keys this block's scratch buffer (S on the hub, s_q elsewhere).
+    """
+
+    def __init__(self, block: LocalBlock, ctx: ProgramContext, hub: int, rank: int, name: str):
+        super().__init__(block, ctx)
+        self.hub, self.rank, self.name = hub, rank, name
+        self._reduce = None
+        #: The hub's broadcasts in flight: their source (the receivers' acc) stays read-only
+        #: until they are waited for (:meth:`launch.engine.overlap.Overlap.wait`).
+        self.broadcasts: list = []
+
+    @property
+    def all_reduces(self) -> int:
+        return 0
+
+    def _scratch(self, tensors: Tensors) -> torch.Tensor:
+        return self.ctx.scratch.like(self.name, next(iter(tensors.values())))
+
+    def prefetch(self, tensors: Tensors, comm: Communicator) -> None:
+        """Start the reduce of the other ranks' part into the hub's scratch S.  The members'
+        values must not change until the sync: they are the values the sync mixes."""
+        scratch = self._scratch(tensors)
+        if self._reduce is not None:        # started for a sync that never ran: stale
+            self._reduce.wait()
+        if self.rank == self.hub:
+            scratch.zero_()
+        else:
+            self.ctx.kernel(scratch, self.block.terms, tensors)
+        self._reduce = comm.reduce_async_(scratch, self.hub, self.block.ranks)
+
+    def run(self, tensors: Tensors, old: Tensors, comm: Communicator) -> None:
+        reduce, self._reduce = self._reduce, None
+        if reduce is None:
+            raise RuntimeError("a hub block ran without its prefetch (launch.engine.overlap.Overlap.before_sync)")
+        scratch = self._scratch(tensors)
+        if self.rank == self.hub:
+            # The hub holds every worker of the block, and they are receivers: acc is one of them.
+            acc = self.local_sum(tensors, old)
+            reduce.wait()
+            acc.add_(scratch)                # + S, the other ranks' part, rounded once
+            self.broadcasts.append(comm.broadcast_async_(acc, self.hub, self.block.ranks))
+        else:
+            reduce.wait()
+            acc = tensors[self.block.receivers[0]] if self.block.receivers else scratch
+            comm.broadcast_async_(acc, self.hub, self.block.ranks).wait()
+        self.copy_to_receivers(tensors, acc)
+
+
+@dataclass(frozen=True)
+class LocalMix:
+    """A mix whose receiver lives here: ``receiver <- sum of w x_source`` (sources local or
+    received)."""
+
+    receiver: int
+    terms: tuple[Term, ...]
+
+
+class PointToPointMixes:
+    """The mixes of a plan on one rank: the messages, then the local weighted sums.
+
+    ``sends``: (local source agent, destination rank); ``recvs``: (remote source agent, its rank).
+    Messages between one pair of ranks are matched by the source agent's index (the tag).
+    """
+
+    def __init__(self, sends, recvs, mixes: tuple[LocalMix, ...], ctx: ProgramContext):
+        self.sends, self.recvs, self.mixes, self.ctx = tuple(sends), tuple(recvs), tuple(mixes), ctx
+
+    @property
+    def peers(self) -> set[int]:
+        return {r for _, r in self.sends + self.recvs}
+
+    def run(self, tensors: Tensors, old: Tensors, comm: Communicator) -> None:
+        """Exchange, then mix.  Reads only ``old`` (snapshots where a value is also overwritten),
+        so it may run before or after the blocks."""
+        if self.sends or self.recvs:
+            like = next(iter(tensors.values()))
+            received = {i: self.ctx.scratch.like(f"recv{i}", like) for i, _ in self.recvs}
+            comm.exchange(
+                [(old[i], dst, i) for i, dst in self.sends],
+                [(received[i], src, i) for i, src in self.recvs],
+            )
+            old = {**old, **received}
+        for mix in self.mixes:
+            acc = self.ctx.scratch.like("acc", tensors[mix.receiver])
+            self.ctx.kernel(acc, mix.terms, old)
+            tensors[mix.receiver].copy_(acc)
