@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m launch
 
 test: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs multirun

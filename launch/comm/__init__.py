@@ -6,8 +6,10 @@ implementations: co-located (:class:`LocalCommunicator`), torch.distributed
 (:class:`launch.comm.torch_dist.TorchCommunicator`: NCCL on CUDA, gloo on CPU) and MPI
 (:class:`launch.comm.mpi.MPICommunicator`, through mpi4py).
 
-Imports: torch (and mpi4py, lazily) only; nothing else of ``launch``, nor agents or topology:
-a communicator moves tensors and knows nothing of schedules.
+Imports: torch (and mpi4py, lazily), and :class:`topology.network.RankCounts` (the per-rank
+counts that the cost model computes for a plan, which :class:`CommStats` extends); nothing of
+``launch`` outside this package, nor agents: a communicator moves tensors and knows nothing of
+schedules.
 """
 
 from launch.comm.base import CommStats, Communicator, Pending

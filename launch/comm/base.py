@@ -13,32 +13,28 @@ in that order and warms each with one collective.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
 
+from topology.network import RankCounts
+
 
 @dataclass
-class CommStats:
-    """Counts of the communication that went through a communicator."""
+class CommStats(RankCounts):
+    """Counts of the communication that went through a communicator: the plans' collectives and
+    bytes (the fields of :class:`topology.network.RankCounts`, which the cost model computes for
+    a plan: all-reduces, point-to-point sends, and the overlapped syncs' reduces to a hub and the
+    hub's broadcasts), plus the start-up broadcasts and the finiteness checks' tiny collectives
+    (``flag_reduces``), which are not the plans'."""
 
-    all_reduces: int = 0
-    all_reduce_bytes: int = 0
-    sends: int = 0
-    send_bytes: int = 0
     broadcasts: int = 0
-    flag_reduces: int = 0   # the health checks' tiny all-reduces (launch.engine.health), not the plans'
-    # Overlapped syncs (launch.engine.overlap): a block's reduce to its hub rank, then the hub's broadcast.
-    reduces: int = 0
-    reduce_bytes: int = 0
-    block_broadcasts: int = 0
-    block_broadcast_bytes: int = 0
+    flag_reduces: int = 0
 
     def reset(self) -> None:
-        self.all_reduces = self.all_reduce_bytes = self.sends = self.send_bytes = self.broadcasts = 0
-        self.flag_reduces = self.reduces = self.reduce_bytes = 0
-        self.block_broadcasts = self.block_broadcast_bytes = 0
+        for f in fields(self):
+            setattr(self, f.name, 0)
 
 
 class Pending:
