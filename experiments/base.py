@@ -3,19 +3,24 @@
 A problem is a :class:`Problem`: ``model()`` builds a fresh module (seeded), ``loss_fn(module,
 batch)`` is the training loss, ``batches(agent)`` the endless stream of worker ``agent``, and
 ``evaluate(module)`` the metrics on a fixed held-out set (a dict with at least ``"loss"``;
-classifiers add ``"accuracy"``).  Losses and evaluations move the batch to the module's device and
-dtype, so a problem runs unchanged on whatever ``launch`` puts the agents on.
+classifiers add ``"accuracy"``); a classifier's ``partition`` says which training examples each
+worker reads (:mod:`experiments.partition`; None for the other problems).  Losses and
+evaluations move the batch to the module's device and dtype, so a problem runs unchanged on
+whatever ``launch`` puts the agents on.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:  # experiments.partition imports this module
+    from experiments.partition import Partition
 
 #: Seed of worker ``agent``'s data stream: ``seed + AGENT_SEED_STRIDE * (agent + 1)``.
 AGENT_SEED_STRIDE = 1000
@@ -30,6 +35,7 @@ class Problem:
     loss_fn: Callable[[nn.Module, object], torch.Tensor]
     batches: Callable[[int], Iterator]
     evaluate: Callable[[nn.Module], dict]
+    partition: Partition | None = None  # experiments.partition.Partition (classifiers)
 
 
 def as_dtype(dtype) -> torch.dtype:
