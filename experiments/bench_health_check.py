@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import topology  # noqa: E402
-from launch.simulation import Simulation  # noqa: E402
+from launch import LocalCommunicator, Simulation, make_communicator  # noqa: E402
 
 SIZES = (1_000, 1_000_000)
 BLOCKS, STEPS = 10, 20
@@ -57,9 +57,7 @@ def measure(comm, d):
 def rank_main(rank, port, results):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from launch.torch_comm import TorchCommunicator
-
-    comm = TorchCommunicator(device="cpu")
+    comm = make_communicator("torch", device="cpu")
     for d in SIZES:
         on, off = measure(comm, d)
         if rank == 0:
@@ -69,7 +67,6 @@ def rank_main(rank, port, results):
 
 def main():
     torch.set_num_threads(1)
-    from launch.communicator import LocalCommunicator
     from tests.spawn import free_port
 
     print(f"{'where':<22} {'d':>9} {'check on':>12} {'check off':>12} {'ratio':>7}")

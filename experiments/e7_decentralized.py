@@ -35,8 +35,8 @@ import torch
 
 from agents.flat import load_flat_
 from experiments.problems import teacher_student
+from launch import Simulation
 from launch.diagnostics import MetricsHook
-from launch.simulation import Simulation
 from topology import decentralized as dec
 from topology.diagnostics import spectral_gap, vectors_sent_per_agent
 
