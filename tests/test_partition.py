@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import topology
-from experiments import digits
+from experiments import cifar, digits
 from experiments.base import agent_generator, epoch_batches
 from experiments.partition import make_partition, write_label_histograms
 from experiments.problems import PROBLEMS
@@ -191,12 +191,18 @@ def test_non_iid_problem_trains_through_a_decentralized_schedule():
 
 
 def test_cifar_partition_and_stream(tmp_path):
+    """iid (with or without num_workers) is the historical stream: one generator per worker for the
+    epoch permutations and, between them, the augmentation; a shards worker sees its labels only."""
     write_fake_cifar(tmp_path / "cifar-10-batches-py", per_batch=6)
+    data = cifar.load_cifar10(tmp_path)
+    g = agent_generator(0, 1)
+    historical = ((cifar.augment(cifar.normalize(data.x_train[i], torch.float32), g), data.y_train[i])
+                  for i in epoch_batches(30, 2, g))
     iid = PROBLEMS["cifar10_resnet18"](root=str(tmp_path), batch_size=2, test_size=2)
     again = PROBLEMS["cifar10_resnet18"](root=str(tmp_path), batch_size=2, test_size=2, partition="iid",
                                          num_workers=2)
-    for (x, y), (u, v) in itertools.islice(zip(iid.batches(1), again.batches(1)), 20):
-        assert torch.equal(x, u) and torch.equal(y, v)
+    for (x, y), (u, v), (a, b) in itertools.islice(zip(iid.batches(1), again.batches(1), historical), 20):
+        assert torch.equal(x, a) and torch.equal(y, b) and torch.equal(u, a) and torch.equal(v, b)
     problem = PROBLEMS["cifar10_resnet18"](root=str(tmp_path), batch_size=2, test_size=2, partition="shards",
                                            num_workers=3, shards_per_worker=2, split_seed=4)
     labels = problem.partition.labels
