@@ -80,8 +80,9 @@ def split_dirichlet(labels: np.ndarray, num_workers: int, beta: float, rng: np.r
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
         proportions = rng.dirichlet(np.full(num_workers, beta))
-        # Cut i at round(n_c * (p_0 + ... + p_i)): cumsum is non-decreasing and rint monotone, so the
-        # cuts are ordered; the last is n_c exactly (the float sum may miss 1 by an ulp).
+        # Cut i at round(n_c * (p_0 + ... + p_i)), i < W - 1: cumsum is non-decreasing and rint
+        # monotone, so the cuts are ordered; np.split's last piece ends at n_c itself (a float sum
+        # that misses 1 by an ulp loses no example), and the minimum keeps a sum above 1 in range.
         cuts = np.minimum(np.rint(len(members) * np.cumsum(proportions)[:-1]).astype(np.int64), len(members))
         for worker, piece in enumerate(np.split(members, cuts)):
             pieces[worker].append(piece)
