@@ -3,8 +3,10 @@
 A problem is a :class:`Problem`: ``model()`` builds a fresh module (seeded), ``loss_fn(module,
 batch)`` is the training loss, ``batches(agent)`` the endless stream of worker ``agent``, and
 ``evaluate(module)`` the metrics on a fixed held-out set (a dict with at least ``"loss"``;
-classifiers add ``"accuracy"``).  Losses and evaluations move the batch to the module's device and
-dtype, so a problem runs unchanged on whatever ``launch`` puts the agents on.
+classifiers add ``"accuracy"``); a classifier's ``partition`` says which training examples each
+worker reads (:mod:`experiments.partition`; None for the other problems).  Losses and
+evaluations move the batch to the module's device and dtype, so a problem runs unchanged on
+whatever ``launch`` puts the agents on.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Problem:
     loss_fn: Callable[[nn.Module, object], torch.Tensor]
     batches: Callable[[int], Iterator]
     evaluate: Callable[[nn.Module], dict]
+    partition: object = None  # an experiments.partition.Partition (classifiers), or None
 
 
 def as_dtype(dtype) -> torch.dtype:

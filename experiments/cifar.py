@@ -21,8 +21,9 @@ import torch
 
 from experiments import models
 from experiments.base import (
-    Problem, agent_generator, as_dtype, check_positive_int, classification_metrics, cross_entropy_loss, epoch_batches,
+    Problem, agent_generator, as_dtype, check_positive_int, classification_metrics, cross_entropy_loss,
 )
+from experiments.partition import make_partition
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -123,8 +124,19 @@ def augment(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> to
     return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
 
 
+def training_batches(data: CifarData, indices, generator: torch.Generator, dtype: torch.dtype,
+                     augment_data: bool):
+    """The normalized (and with ``augment_data`` augmented, from ``generator``) training images
+    and labels of each index batch of ``indices``."""
+    for index in indices:
+        x = normalize(data.x_train[index], dtype)
+        yield (augment(x, generator) if augment_data else x), data.y_train[index]
+
+
 def cifar10_resnet18(root: str = "data", batch_size: int = 128, augment_data: bool = True, seed: int = 0,
-                     test_size: int | None = None, dtype=torch.float32) -> Problem:
+                     test_size: int | None = None, dtype=torch.float32, partition: str = "iid",
+                     num_workers: int | None = None, beta: float | None = None,
+                     shards_per_worker: int | None = None, split_seed: int = 0) -> Problem:
     """ResNet-18 (:class:`experiments.models.ResNet18`) on CIFAR-10 read from ``root``.
 
     Args:
@@ -134,6 +146,10 @@ def cifar10_resnet18(root: str = "data", batch_size: int = 128, augment_data: bo
         seed: model initialization; worker ``agent`` shuffles and augments from
             ``seed + 1000 * (agent + 1)``.
         test_size: evaluate on the first ``test_size`` test images (default all 10000).
+        partition, num_workers, beta, shards_per_worker, split_seed: which training images each
+            worker reads (:func:`experiments.partition.make_partition`): all of them under
+            ``"iid"`` (the default), its own part of a ``"dirichlet"`` or ``"shards"`` split
+            among ``num_workers`` workers, fixed by ``split_seed``; ``problem.partition`` holds it.
 
     ``evaluate`` returns the test ``loss`` and ``accuracy`` in eval mode (batch norm uses the
     module's running statistics: these are buffers, not parameters, so a sync does not mix them).
@@ -145,6 +161,9 @@ def cifar10_resnet18(root: str = "data", batch_size: int = 128, augment_data: bo
     if n_test > len(data.y_test):
         raise ValueError(f"test_size must be at most the {len(data.y_test)} test images; got {test_size}")
     x_test, y_test = normalize(data.x_test[:n_test], dtype), data.y_test[:n_test]
+    workers = make_partition(data.y_train, partition, num_workers=num_workers, beta=beta,
+                             shards_per_worker=shards_per_worker, split_seed=split_seed, batch_size=batch_size,
+                             num_classes=10)
 
     def model():
         torch.manual_seed(seed)
@@ -152,11 +171,9 @@ def cifar10_resnet18(root: str = "data", batch_size: int = 128, augment_data: bo
 
     def batches(agent: int = 0):
         g = agent_generator(seed, agent)
-        for index in epoch_batches(len(data.y_train), batch_size, g):
-            x = normalize(data.x_train[index], dtype)
-            yield (augment(x, g) if augment_data else x), data.y_train[index]
+        return training_batches(data, workers.batch_indices(agent, batch_size, g), g, dtype, augment_data)
 
     def evaluate(module) -> dict:
         return classification_metrics(module, x_test, y_test, chunk=500)
 
-    return Problem("cifar10_resnet18", model, cross_entropy_loss, batches, evaluate)
+    return Problem("cifar10_resnet18", model, cross_entropy_loss, batches, evaluate, workers)

@@ -3,8 +3,11 @@ downloads): logistic regression, a small MLP and a small CNN.
 
 The split is fixed by ``split_seed`` alone (stratified, ``test_fraction`` of the images held out),
 so runs with different ``seed`` (initialization and batch order) are evaluated on the same test
-images.  Features are standardized with the training split's per-pixel mean and standard deviation
-(pixels constant on the training split are only centred).
+images.  ``split_seed`` also fixes the split of the training images among the workers under a
+non-iid ``partition`` (:mod:`experiments.partition`: ``iid``, the default, ``dirichlet`` with
+``beta``, or ``shards`` with ``shards_per_worker``, among ``num_workers`` workers).  Features are
+standardized with the training split's per-pixel mean and standard deviation (pixels constant on
+the training split are only centred).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from torch import nn
 
 from experiments import models
 from experiments.base import (
-    Problem, agent_generator, as_dtype, check_positive_int, classification_metrics, cross_entropy_loss, epoch_batches,
+    Problem, agent_generator, as_dtype, check_positive_int, classification_metrics, cross_entropy_loss,
 )
+from experiments.partition import make_partition
 
 
 @dataclass(frozen=True)
@@ -47,50 +51,64 @@ def digits_split(split_seed: int = 0, test_fraction: float = 0.2) -> DigitsSplit
     return DigitsSplit((x_train - mean) / std, torch.tensor(y_train), (x_test - mean) / std, torch.tensor(y_test))
 
 
-def _digits_problem(name: str, build, *, batch_size, seed, split_seed, test_fraction, dtype) -> Problem:
+def _digits_problem(name: str, build, *, batch_size, seed, split_seed, test_fraction, dtype, partition,
+                    num_workers, beta, shards_per_worker) -> Problem:
     batch_size = check_positive_int(batch_size, "batch_size")
     dtype = as_dtype(dtype)
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be a number in (0, 1); got {test_fraction!r}")
-    if isinstance(split_seed, bool) or not isinstance(split_seed, int):
-        raise ValueError(f"split_seed must be an integer; got {split_seed!r}")
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise ValueError(f"split_seed must be a non-negative integer; got {split_seed!r}")
     split = digits_split(split_seed, float(test_fraction))
     x_train, x_test = split.x_train.to(dtype), split.x_test.to(dtype)
+    workers = make_partition(split.y_train, partition, num_workers=num_workers, beta=beta,
+                             shards_per_worker=shards_per_worker, split_seed=split_seed, batch_size=batch_size,
+                             num_classes=10)
 
     def model() -> nn.Module:
         torch.manual_seed(seed)
         return build().to(dtype)
 
     def batches(agent: int = 0):
-        for index in epoch_batches(len(split.y_train), batch_size, agent_generator(seed, agent)):
-            yield x_train[index], split.y_train[index]
+        indices = workers.batch_indices(agent, batch_size, agent_generator(seed, agent))
+        return ((x_train[index], split.y_train[index]) for index in indices)
 
     def evaluate(module) -> dict:
         return classification_metrics(module, x_test, split.y_test)
 
-    return Problem(name, model, cross_entropy_loss, batches, evaluate)
+    return Problem(name, model, cross_entropy_loss, batches, evaluate, workers)
 
 
 def digits_logistic(batch_size: int = 32, seed: int = 0, split_seed: int = 0, test_fraction: float = 0.2,
-                    dtype=torch.float32) -> Problem:
+                    dtype=torch.float32, partition: str = "iid", num_workers: int | None = None,
+                    beta: float | None = None, shards_per_worker: int | None = None) -> Problem:
     """Multinomial logistic regression on the digits; ``evaluate``: test ``loss`` and ``accuracy``.
 
-    Worker ``agent`` reads shuffled epochs of the training split from ``seed + 1000 * (agent + 1)``.
+    Worker ``agent`` reads shuffled epochs of its training images from ``seed + 1000 * (agent + 1)``:
+    of all of them under ``partition="iid"``, of its own part of them under ``"dirichlet"``
+    (concentration ``beta``) or ``"shards"`` (``shards_per_worker``) among ``num_workers``
+    workers (:func:`experiments.partition.make_partition`; ``problem.partition`` holds the split).
     """
     return _digits_problem("digits_logistic", models.digits_logistic, batch_size=batch_size, seed=seed,
-                           split_seed=split_seed, test_fraction=test_fraction, dtype=dtype)
+                           split_seed=split_seed, test_fraction=test_fraction, dtype=dtype, partition=partition,
+                           num_workers=num_workers, beta=beta, shards_per_worker=shards_per_worker)
 
 
 def digits_mlp(hidden: int = 64, batch_size: int = 32, seed: int = 0, split_seed: int = 0,
-               test_fraction: float = 0.2, dtype=torch.float32) -> Problem:
+               test_fraction: float = 0.2, dtype=torch.float32, partition: str = "iid",
+               num_workers: int | None = None, beta: float | None = None,
+               shards_per_worker: int | None = None) -> Problem:
     """A 64 -> ``hidden`` -> 10 ReLU MLP on the digits (otherwise as :func:`digits_logistic`)."""
     hidden = check_positive_int(hidden, "hidden")
     return _digits_problem("digits_mlp", lambda: models.digits_mlp(hidden), batch_size=batch_size, seed=seed,
-                           split_seed=split_seed, test_fraction=test_fraction, dtype=dtype)
+                           split_seed=split_seed, test_fraction=test_fraction, dtype=dtype, partition=partition,
+                           num_workers=num_workers, beta=beta, shards_per_worker=shards_per_worker)
 
 
 def digits_cnn(batch_size: int = 32, seed: int = 0, split_seed: int = 0, test_fraction: float = 0.2,
-               dtype=torch.float32) -> Problem:
+               dtype=torch.float32, partition: str = "iid", num_workers: int | None = None,
+               beta: float | None = None, shards_per_worker: int | None = None) -> Problem:
     """:class:`experiments.models.DigitsCNN` on the 8 x 8 images (otherwise as :func:`digits_logistic`)."""
     return _digits_problem("digits_cnn", models.DigitsCNN, batch_size=batch_size, seed=seed,
-                           split_seed=split_seed, test_fraction=test_fraction, dtype=dtype)
+                           split_seed=split_seed, test_fraction=test_fraction, dtype=dtype, partition=partition,
+                           num_workers=num_workers, beta=beta, shards_per_worker=shards_per_worker)

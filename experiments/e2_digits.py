@@ -18,7 +18,6 @@ The table reports mean ± sample standard deviation (n - 1) over seeds.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -27,7 +26,7 @@ import topology
 from experiments.digits import digits_split
 from experiments.problems import PROBLEMS
 from experiments.report import (
-    Timer, markdown_table, parser, pyplot, save_figure, sgd_schedule, simulation, write_markdown,
+    Timer, markdown_table, mean_std, parser, pyplot, save_figure, sgd_schedule, simulation, write_markdown,
 )
 
 NAME = "e2_digits"
@@ -89,12 +88,6 @@ def train(problem_name: str, optimizer: str, seed: int, args) -> list[tuple[int,
         if t < args.steps:
             sim.step()
     return curve
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -35,8 +35,8 @@ import torch
 
 from agents.flat import load_flat_
 from experiments.problems import teacher_student
-from launch.engine.diagnostics import MetricsHook
 from launch import Simulation
+from launch.engine.diagnostics import MetricsHook
 from topology import decentralized as dec
 from topology.diagnostics import spectral_gap, vectors_sent_per_agent
 

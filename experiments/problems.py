@@ -10,6 +10,10 @@ least ``"loss"``; the classifiers add ``"accuracy"``).  Problems are registered 
 - ``noisy_quadratic``: Zhang et al.'s noisy quadratic model (:mod:`experiments.nqm`);
 - ``digits_logistic``, ``digits_mlp``, ``digits_cnn``: scikit-learn's digits (:mod:`experiments.digits`);
 - ``cifar10_resnet18``: CIFAR-10 from a local folder, ResNet-18 (:mod:`experiments.cifar`).
+
+The classifiers (``digits_*``, ``cifar10_resnet18``) also take ``partition`` (``iid``, the default,
+``dirichlet`` or ``shards``), ``num_workers``, ``beta``, ``shards_per_worker`` and ``split_seed``:
+which training examples each worker reads (:mod:`experiments.partition`; ``problem.partition``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments import e1_noisy_quadratic, e2_digits, e3_convergence_bound
+from experiments import e1_noisy_quadratic, e2_digits, e3_convergence_bound, e4_nested, e5_slrla, e6_adaptive
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -90,21 +90,87 @@ def test_e3_bound_terms():
     assert e3_convergence_bound.theorem2_bound(100, 0.1, 1.0, 5, 2.0, 3.0, 1.5)[2] == 0.0
 
 
-def test_variants_experiments_use_the_registered_digits_problem():
-    """E4-E6 (experiments.variants.make_problem) run PROBLEMS["digits_mlp"], with training-split
-    metrics added: the same model, the same batches, the same test metrics."""
+def test_e4_to_e6_use_the_registered_digits_problem():
+    """E4-E6 (experiments.report.digits_with_train_metrics) run PROBLEMS["digits_mlp"], with
+    training-split metrics added: the same model, the same batches, the same test metrics."""
     import itertools
 
     import torch
 
+    from experiments import digits
+    from experiments.base import classification_metrics
     from experiments.problems import PROBLEMS
-    from experiments.variants import make_problem
+    from experiments.report import digits_with_train_metrics
 
-    ours, registered = make_problem(3), PROBLEMS["digits_mlp"](seed=3)
+    ours, registered = digits_with_train_metrics(3), PROBLEMS["digits_mlp"](seed=3)
     a, b = ours.model(), registered.model()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     for (x, y), (u, v) in itertools.islice(zip(ours.batches(1), registered.batches(1)), 3):
         assert torch.equal(x, u) and torch.equal(y, v)
     metrics = ours.evaluate(a)
     assert metrics["loss"] == registered.evaluate(b)["loss"]
-    assert 0.0 <= metrics["train_accuracy"] <= 1.0 and metrics["train_loss"] > 0
+    split = digits.digits_split()
+    train = classification_metrics(a, split.x_train.float(), split.y_train)
+    assert metrics["train_loss"] == train["loss"] and metrics["train_accuracy"] == train["accuracy"]
+    assert metrics["train_loss"] != metrics["loss"]
+
+
+def table_rows(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")
+            and not line.startswith("| Adam lr")]
+
+
+def check_header(folder, name, argv):
+    """The .md starts with the title and the command that regenerates it, arguments included."""
+    text = (folder / f"{name}.md").read_text()
+    assert (folder / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    assert text.startswith("# E") and f"`python -m experiments.{name} {' '.join(argv)}`" in text
+    return text
+
+
+def test_e4_tiny(tmp_path):
+    argv = ["--out", str(tmp_path), "--steps", "15", "--seeds", "2"]
+    results = e4_nested.main(argv)["results"]
+    text = check_header(tmp_path, "e4_nested", argv)
+    assert "15 inner steps, batch 32, 2 seeds" in text
+    configs = list(e4_nested.configs())
+    assert len(results) == 2 * len(configs) == 22 and all(len(finals) == 2 for finals in results.values())
+    rows = table_rows(text)
+    assert [row.split(" | ")[:2] for row in rows] == [[f"| {m}", p] for m, p, _ in configs]
+    # Row "alone": SGD's accuracy cell is the mean ± std over the two seeds, in percent.
+    sgd = [100 * f["accuracy"] for f in results["SGD", "alone", "-"]]
+    mean = sum(sgd) / 2
+    std = (sum((a - mean) ** 2 for a in sgd)) ** 0.5  # n - 1 = 1
+    assert rows[0].split(" | ")[2] == f"{mean:.2f} ± {std:.2f}"
+    # 15 steps (one nested period) of SGD with momentum learn well beyond chance (10%).
+    assert min(sgd) > 30
+    # The momentum policy matters: reset and maintain differ after the syncs.
+    assert results["SGD", "Nested", "maintain"] != results["SGD", "Nested", "reset_both"]
+
+
+def test_e5_tiny(tmp_path):
+    argv = ["--out", str(tmp_path), "--stage-steps", "10", "--seeds", "2"]
+    results = e5_slrla.main(argv)["results"]
+    text = check_header(tmp_path, "e5_slrla", argv)
+    assert "(k 5, alpha 0.5), 30 steps," in text
+    assert [row.split(" | ")[0] for row in table_rows(text)] == [f"| {name}" for name in e5_slrla.configs(10)]
+    for runs in results.values():
+        for seed, run in enumerate(runs):
+            assert [c["step"] for c in run["curve"]] == [0, 30]
+            # Every configuration of a seed starts from that seed's model.
+            assert run["curve"][0] == results["SLRLA"][seed]["curve"][0]
+    # The regularizer changes the run: SLRLA (beta > 0) differs from its beta = 0 ablation.
+    assert results["SLRLA"][0]["final"] != results["LA, stagewise lr (beta = 0)"][0]["final"]
+
+
+def test_e6_tiny(tmp_path):
+    argv = ["--out", str(tmp_path), "--steps", "20", "--seeds", "2"]
+    out = e6_adaptive.main(argv)
+    text = check_header(tmp_path, "e6_adaptive", argv)
+    assert len(table_rows(text)) == len(e6_adaptive.LRS) * len(e6_adaptive.CONFIGS)
+    for lr in e6_adaptive.LRS:
+        histories = out["alphas"][lr]
+        assert len(histories) == 2 and all(len(h) == 20 // 5 for h in histories)  # one alpha* per sync
+        assert all(0.2 <= a <= 1.0 for h in histories for a in h)
+        every = [a for h in histories for a in h]
+        assert f"| {sum(every) / len(every):.3f} |" in text
