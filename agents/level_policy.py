@@ -1,6 +1,6 @@
 """State policies per Lookahead level: nested Lookahead's ``reset_inner``, ``pullback_outer``, ...
 
-Gilbert's nested Lookahead (``../shared/papers/nested-lookahead.md``) resets or pulls back the
+Gilbert's nested Lookahead (Lookahead inside Lookahead, with momentum policies) resets or pulls back the
 inner optimizer's momentum "upon finishing an inner loop", at the inner sync, the outer sync or
 both.  For a multilayer schedule (level 1 innermost, level n outermost) a state policy is here one
 of ``maintain`` / ``reset`` / ``pullback`` *per level*: ``policies[l - 1]`` says what level ``l``

@@ -1,8 +1,8 @@
 """Serial reference optimizers: Lookahead and Multilayer Lookahead, straight from the papers.
 
 These are ordinary :class:`torch.optim.Optimizer` wrappers, written for clarity, not speed.  They
-are the oracle that the multi-agent simulator is compared with (DESIGN.md, sections 1 and 4), so
-every step is stated exactly here and implemented in exactly that form.
+are the oracle that the multi-agent simulator is compared with (README, "Design"), so every step
+is stated exactly here and implemented in exactly that form.
 
 References:
     - M. R. Zhang, J. Lucas, G. Hinton, J. Ba. *Lookahead Optimizer: k steps forward, 1 step
@@ -11,12 +11,17 @@ References:
       arXiv:2110.14254 (Algorithm 2, generalized here from two levels to n).
     - J. Wang, V. Tantia, N. Ballas, M. Rabbat. *Lookahead converges to stationary points of
       smooth non-convex functions.* ICASSP 2020 (the multi-agent view, the virtual iterate).
-    - DESIGN.md section 4 (conventions: theta_0 at construction, first sync after exactly k
-      inner steps, state_dict keyed by parameter index, ``param_groups`` shared).
+
+Conventions (where the public implementations disagree, this is what we do and why): slow weights
+start at theta_0, *copied* at construction (one public version starts them at 0); the first sync
+comes after exactly k inner steps (others use k + 1 or 2k); slow weights and the step counter are
+saved in ``state_dict``, keyed by parameter index (not ``id()``, which changes across processes);
+``param_groups`` is the inner optimizer's own list, also after ``load_state_dict``, so LR
+schedulers keep working; ``defaults`` and the optimizer hook dicts are set.
 
 Indexing: level 1 is the *innermost* slow weights, synchronized every ``ks[0]`` inner steps, as
 ``alpha_1, k_1`` in Pushkin & Barba's Algorithm 2 (their prose calls level 1 the "outer"
-weights; we follow the algorithm and DESIGN.md section 1).
+weights; we follow the algorithm, where level 1 is the one synced most often).
 
 The whole update, for levels ``l = 1..n`` with slow weights ``slow_l`` and fast (live) weights
 ``slow_0 = x``::
@@ -132,7 +137,7 @@ class MultilayerLookahead(torch.optim.Optimizer):
     Pushkin & Barba's Algorithm 2, generalized to ``n = len(ks)`` levels; level 1 is the
     innermost.  ``Lookahead`` is the case ``n = 1`` (Zhang et al. 2019, arXiv:1907.08610).
 
-    Semantics (DESIGN.md sections 1 and 4):
+    Semantics (the conventions of the module docstring):
 
     * At construction every level's slow weights are *copies* of the parameters (theta_0) and
       the step counter is 0.
