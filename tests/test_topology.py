@@ -1,11 +1,14 @@
 """Schedules, their validation and consensus vectors, and their compilation to plans."""
 
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
 import topology
+from topology import checks
 from topology.plan import compile_plan
 
 
@@ -189,3 +192,88 @@ def test_plan_snapshots_agents_read_by_another_operation():
     plan = compile_plan(p)
     assert plan.blocks == () and [m.receiver for m in plan.mixes] == [0, 1]
     assert plan.snapshot == (1,)
+
+
+# -- shared argument checks (topology.checks) ----------------------------------------------------------
+@pytest.mark.parametrize("value", [1, 7, np.int64(3), np.int8(2), 10**30])
+def test_check_integer_accepts_integers_and_returns_int(value):
+    got = checks.check_integer(value, "k", minimum=1)
+    assert got == value and type(got) is int
+
+
+@pytest.mark.parametrize(
+    "value, bounds, words",
+    [
+        (True, dict(minimum=1), "k must be an integer >= 1; got True of type bool"),
+        (np.bool_(True), dict(minimum=1), "k must be an integer >= 1; got"),
+        (2.0, dict(minimum=1), "k must be an integer >= 1; got 2.0 of type float"),
+        ("3", dict(), "k must be an integer; got '3' of type str"),
+        (torch.tensor(3), dict(minimum=1), "k must be an integer >= 1"),
+        (0, dict(minimum=1), "k must be an integer >= 1; got 0"),
+        (5, dict(minimum=0, maximum=4), "k must be an integer in [0, 4]; got 5"),
+        (5, dict(maximum=4), "k must be an integer <= 4; got 5"),
+    ],
+)
+def test_check_integer_rejects(value, bounds, words):
+    with pytest.raises(ValueError) as err:
+        checks.check_integer(value, "k", **bounds)
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5, 1, Fraction(1, 3), np.float32(0.25)])
+def test_check_real_accepts_finite_reals_in_range(value):
+    got = checks.check_real(value, "lr", minimum=0.0, maximum=1.0)
+    assert got == float(value) and type(got) is float
+
+
+@pytest.mark.parametrize(
+    "value, bounds, words",
+    [
+        (float("nan"), dict(), "lr must be a finite real; got nan"),
+        (float("inf"), dict(minimum=0.0), "lr must be a finite real >= 0; got inf"),
+        (-0.1, dict(minimum=0.0), "lr must be a finite real >= 0; got -0.1"),
+        (0.0, dict(minimum=0.0, min_open=True), "lr must be a finite real > 0; got 0.0"),
+        (1.0, dict(minimum=0.0, maximum=1.0, max_open=True), "lr must be a finite real in [0, 1); got 1.0"),
+        (2.0, dict(maximum=1.5), "lr must be a finite real <= 1.5; got 2.0"),
+        (True, dict(), "lr must be a finite real; got True"),
+        ("0.1", dict(), "lr must be a finite real; got '0.1'"),
+        (10**400, dict(), "lr must be a finite real; got 1000"),
+        (1j, dict(), "lr must be a finite real; got 1j"),
+    ],
+)
+def test_check_real_rejects(value, bounds, words):
+    with pytest.raises(ValueError) as err:
+        checks.check_real(value, "lr", **bounds)
+    assert words in str(err.value)
+
+
+def test_check_step_size_is_the_half_open_unit_interval():
+    assert checks.check_step_size(1, "alpha") == 1.0 and checks.check_step_size(1e-300, "alpha") == 1e-300
+    for bad in (0, 0.0, -1e-300, 1.0000001, float("nan"), None, True):
+        with pytest.raises(ValueError, match=r"alpha must be a real number in \(0, 1\]; got"):
+            checks.check_step_size(bad, "alpha")
+
+
+def test_check_bool_and_check_choice():
+    assert checks.check_bool(True, "launch.overlap") is True and checks.check_bool(np.bool_(False), "x") is False
+    for bad in (0, 1, "true", None):
+        with pytest.raises(ValueError, match="launch.overlap must be true or false; got"):
+            checks.check_bool(bad, "launch.overlap")
+    assert checks.check_choice("ring", ("ring", "torus"), "name") == "ring"
+    for bad in ("Ring", None, torch.tensor([1, 2]), True):
+        with pytest.raises(ValueError, match="name must be one of ring, torus; got"):
+            checks.check_choice(bad, ("ring", "torus"), "name")
+    with pytest.raises(ValueError, match="x must be one of 1, 2; got True"):
+        checks.check_choice(True, (1, 2), "x")  # True == 1, but a bool is no choice among integers
+
+
+def test_one_dtype_table():
+    assert set(checks.DTYPES) == {"float16", "bfloat16", "float32", "float64"}
+    for name, dtype in checks.DTYPES.items():
+        assert dtype.is_floating_point and str(dtype) == f"torch.{name}"
+        assert checks.dtype_from_name(name, "launch.dtype") is dtype
+        assert checks.dtype_from_name(f"torch.{name}", "launch.dtype") is dtype
+        assert checks.dtype_from_name(dtype, "launch.dtype") is dtype
+    for bad in ("float8", "int32", torch.int32, None, 32):
+        with pytest.raises(ValueError, match="launch.dtype must be one of float16, bfloat16, float32, float64; got"):
+            checks.dtype_from_name(bad, "launch.dtype")
