@@ -42,6 +42,8 @@ def _phase_cases():
         "stagewise inside": [(9, topology.stagewise_lookahead([Stage(4, 0.1, 0.5, 2, 0.0), Stage(3, 0.1, 0.8, 3, 0.0)])),
                              (None, topology.lookahead(2, 0.5))],
         "single phase": [(None, topology.multilayer((2, 3), (0.5, 0.6)))],
+        "last phase syncs first": [(3, dec.local_sgd(3, 2)),
+                                   (None, topology.from_matrices([dec.local_sgd(3, 1).matrix(0), EYE3, EYE3]))],
         "nested phases": [(4, topology.lookahead(2, 0.6)),
                           (11, topology.phases([(3, topology.lookahead(1, 0.5)), (None, topology.lookahead(4, 0.9))])),
                           (None, topology.phases([(5, topology.lookahead(5, 0.3)), (None, topology.lookahead(2, 0.6))]))],

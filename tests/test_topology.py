@@ -3,6 +3,7 @@ argument checks; compressed schedules (absurd periods, next_sync) and SLRLA's st
 
 import math
 from fractions import Fraction
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -424,8 +425,9 @@ def test_schedules_keep_their_distinct_matrices_in_order_of_first_appearance():
     assert len(topology.with_slow_agent(2, 1, 0.5).distinct_matrices) == 1
     ring = topology.decentralized.ring(5)  # every step: the identity never occurs
     assert len(ring.distinct_matrices) == 1 and not torch.equal(ring.distinct_matrices[0], torch.eye(5, dtype=torch.float64))
-    st_ = topology.stagewise_lookahead([Stage(4, 0.1, 0.5, 2, 0.0), Stage(2, 0.1, 0.8, 1, 0.0), Stage(2, 0.1, 0.5, 2, 0.0)])
-    assert [d[0, 0].item() for d in st_.distinct_matrices] == [1.0, 0.5, 0.8]
+    # The first stage syncs at every step: its matrix comes before the identity (built first).
+    st_ = topology.stagewise_lookahead([Stage(2, 0.1, 0.8, 1, 0.0), Stage(4, 0.1, 0.5, 2, 0.0), Stage(2, 0.1, 0.8, 2, 0.0)])
+    assert [d[0, 0].item() for d in st_.distinct_matrices] == [0.8, 1.0, 0.5]
     for s in (topology.decentralized.hierarchical(8, {2: 2, 3: 4, 12: 8}), topology.decentralized.local_sgd(3, 4), st_):
         seen = []
         for t in range(s.prefix_length + s.period):
@@ -461,6 +463,13 @@ def _next_sync_schedules():
         "identity": lambda k: topology.from_matrices([eye] * k),
         "sequence": lambda k: topology.from_matrices([eye] * k + [avg] + [eye] * (k % 3) + [avg]),
         "function": lambda k: topology.from_matrices(lambda t: avg if t % (k + 1) == k else eye, period=3 * (k + 1)),
+        # Periods that do not end with a sync: the next one is in the next period.
+        "sync first": lambda k: topology.from_matrices([avg] + [eye] * k),
+        "function, sync first": lambda k: topology.from_matrices(lambda t: avg if t % (k + 1) == 1 else eye,
+                                                                 period=2 * (k + 1)),
+        "stagewise, trailing steps": lambda k: topology.stagewise_lookahead(
+            [SimpleNamespace(steps=k + 2, k=2, alpha=0.5), SimpleNamespace(steps=k + 1, k=k + 1, alpha=0.7),
+             SimpleNamespace(steps=k, k=k + 1, alpha=0.9)]),
     }
 
 
