@@ -275,6 +275,13 @@ def test_check_bool_and_check_choice():
         checks.check_choice(True, (1, 2), "x")  # True == 1, but a bool is no choice among integers
 
 
+def test_check_list_refuses_strings_mappings_and_scalars():
+    assert checks.check_list((1, 2), "stages", "stages") == [1, 2]
+    for bad in ("ab", b"ab", {"a": 1}, 3, None):
+        with pytest.raises(ValueError, match="stages must be a list of mappings; got"):
+            checks.check_list(bad, "stages", "mappings")
+
+
 def test_one_dtype_table():
     assert set(checks.DTYPES) == {"float16", "bfloat16", "float32", "float64"}
     for name, dtype in checks.DTYPES.items():

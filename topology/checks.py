@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -128,6 +128,14 @@ def check_choice(value, allowed: Iterable, name: str):
     return value
 
 
+def check_list(value, name: str, what: str) -> list:
+    """A list or tuple (any ``Sequence`` but a string or bytes; a mapping is no ``Sequence``) of
+    ``what``; returns a list.  Its items are the caller's to check."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a list of {what}; got {value!r}")
+    return list(value)
+
+
 #: The floating dtypes a run may use, by the name a configuration file gives.
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -152,6 +160,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_integer",
+    "check_list",
     "check_real",
     "check_step_size",
     "dtype_from_name",

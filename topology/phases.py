@@ -71,7 +71,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 
-from topology.checks import check_integer
+from topology.checks import check_integer, check_list
 from topology.schedule import Schedule, canonical
 from topology.word import concat, renumber
 
@@ -109,8 +109,7 @@ class PhasedSchedule(Schedule):
 
 
 def _check_phases(spec) -> tuple[tuple[int | None, Schedule], ...]:
-    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
-        raise ValueError(f"phases must be a list of (steps, schedule) pairs; got {spec!r}")
+    spec = check_list(spec, "phases", "(steps, schedule) pairs")
     if not spec:
         raise ValueError("phases must hold at least one (steps, schedule) pair")
     checked = []

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from typing import Callable, Sequence
 
 from topology import decentralized
-from topology.checks import check_integer
+from topology.checks import check_integer, check_list
 from topology.nested import nested
 from topology.phases import phases as phased
 from topology.schedule import MultilayerSchedule, Schedule, from_matrices, lookahead, multilayer
@@ -61,8 +61,7 @@ def phases(phases: Sequence) -> Schedule:
 
 
 def _phases(entries, key: str) -> Schedule:
-    if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
-        raise ValueError(f"{key} must be a list of {{steps, topology}} mappings; got {entries!r}")
+    entries = check_list(entries, key, "{steps, topology} mappings")
     spec = []
     for i, entry in enumerate(entries):
         at = f"{key}[{i}]"

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from topology.checks import check_real
+from topology.checks import check_list, check_real
 from topology.schedule import Schedule, compose
 from topology.validation import check_alpha, check_mixing_matrix, check_period
 from topology.word import concat, repeat, run
@@ -55,8 +55,7 @@ def check_stages(stages, *, name: str = "stages") -> tuple[Stage, ...]:
         >>> check_stages([{"steps": 4, "lr": 0.1, "alpha": 0.5, "k": 2, "beta": 0.0}])[0].k
         2
     """
-    if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Sequence):
-        raise ValueError(f"{name} must be a list of {{{', '.join(STAGE_KEYS)}}} mappings; got {stages!r}")
+    stages = check_list(stages, name, f"{{{', '.join(STAGE_KEYS)}}} mappings")
     checked = []
     for q, stage in enumerate(stages):
         if isinstance(stage, Stage):
