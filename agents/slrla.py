@@ -27,45 +27,24 @@ syncs at start-up.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from agents.reference import Lookahead, init_optimizer_hooks
 from agents.state_policy import reset_state_
-from topology.validation import check_alpha, check_period
+from topology.stagewise import Stage, check_stages  # the stages live beside their schedule
 
-
-@dataclass(frozen=True)
-class Stage:
-    """One SLRLA stage: ``steps`` inner steps (a multiple of ``k``) of Lookahead (``k``,
-    ``alpha``) with inner learning rate ``lr`` on ``F + beta / 2 ||theta - theta_{q-1}||^2``."""
-
-    steps: int
-    lr: float
-    alpha: float
-    k: int
-    beta: float
-
-    def __post_init__(self):
-        check_period(self.steps, name="steps")
-        check_period(self.k, name="k")
-        check_alpha(self.alpha, name="alpha")
-        if self.steps % self.k:
-            raise ValueError(f"steps must be a multiple of k (a stage ends with a sync); got steps={self.steps}, k={self.k}")
-        for name in ("lr", "beta"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite real >= 0; got {value!r}")
-
-
-def check_stages(stages: Sequence) -> tuple[Stage, ...]:
-    stages = tuple(s if isinstance(s, Stage) else Stage(**s) for s in stages)
-    if not stages:
-        raise ValueError("stages must hold at least one Stage")
-    return stages
+__all__ = [
+    "Proximal",
+    "SLRLAController",
+    "Stage",
+    "begin_stage_",
+    "check_stages",
+    "proximal",
+    "slrla_reference",
+    "stage_lookahead",
+]
 
 
 class Proximal(torch.optim.Optimizer):

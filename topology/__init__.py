@@ -9,12 +9,13 @@ Example:
 """
 
 from topology.nested import nested
+from topology.phases import PhasedSchedule, phases
 from topology.slow import with_slow_agent
 from topology.stagewise import stagewise_lookahead
 from topology.plan import Block, Mix, Plan, compile_plan
 from topology.schedule import MultilayerSchedule, Schedule, from_matrices, lookahead, multilayer
 from topology.validation import check_mixing_matrix
-from topology import decentralized, diagnostics, graphs  # noqa: E402  (gossip, workers, spectral gap)
+from topology import checks, decentralized, diagnostics, graphs, word  # noqa: E402  (gossip, workers, spectral gap)
 
 __all__ = [
     "Block",
@@ -23,6 +24,8 @@ __all__ = [
     "compile_plan",
     "Schedule",
     "MultilayerSchedule",
+    "PhasedSchedule",
+    "phases",
     "lookahead",
     "multilayer",
     "nested",
@@ -30,6 +33,8 @@ __all__ = [
     "stagewise_lookahead",
     "from_matrices",
     "check_mixing_matrix",
+    "checks",
+    "word",
     "decentralized",
     "diagnostics",
     "graphs",

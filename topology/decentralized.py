@@ -63,8 +63,10 @@ from typing import Mapping, Sequence
 import torch
 
 from topology import graphs
-from topology.schedule import MultilayerSchedule, Schedule, from_matrices
-from topology.validation import check_levels, check_period
+from topology.checks import check_choice
+from topology.schedule import MAX_ENUMERATED_PERIOD, MultilayerSchedule, Schedule, compose, from_matrices
+from topology.validation import check_levels, check_mixing_matrix, check_period
+from topology.word import chain, concat, run
 
 
 def _named(schedule: Schedule, name: str) -> Schedule:
@@ -113,6 +115,45 @@ def _worker_matrix(t: int, num_workers: int, averaging: dict[int, int], levels) 
     return matrix
 
 
+def _worker_schedule(num_workers: int, averaging: dict[int, int], levels, *, name: str) -> Schedule:
+    """The schedule of :func:`_worker_matrix`, without enumerating its period when possible.
+
+    P_t depends on t only through which of the periods (the averaging periods and the levels'
+    cumulative periods k_1 ... k_l) divide t + 1.  When these periods, sorted, form a divisibility
+    chain (each dividing the next: local SGD, Lookahead over workers, ``{2: 2, 4: 4}``...), the
+    periods dividing t + 1 are exactly those up to the largest one, q, so P_t is the matrix of
+    t = q - 1 and the word is :func:`topology.word.chain`: O(number of periods) to build, whatever
+    the period.  Otherwise (e.g. ``{2: 2, 3: 4}``) the lcm period is enumerated by
+    :func:`topology.from_matrices`, and must be at most :data:`topology.schedule.MAX_ENUMERATED_PERIOD`
+    (else a ``ValueError`` naming ``name``, the averaging argument).
+    """
+    periods = sorted(set(averaging) | set(levels.cumulative_periods if levels else ()))
+    workers = range(num_workers)
+    if any(b % a for a, b in zip(periods, periods[1:])):
+        period = math.lcm(*periods)
+        if period > MAX_ENUMERATED_PERIOD:
+            raise ValueError(
+                f"{name} must have periods that divide one another, or whose lcm (a period enumerated "
+                f"step by step) is at most {MAX_ENUMERATED_PERIOD}; got periods {periods} (averaging and "
+                f"slow levels' k_1 ... k_l), lcm {period}"
+            )
+        # P_t depends only on which periods divide t + 1: one matrix object per such set.
+        cache: dict[tuple, torch.Tensor] = {}
+
+        def matrix(t: int) -> torch.Tensor:
+            due = tuple(q for q in periods if (t + 1) % q == 0)
+            if due not in cache:
+                cache[due] = _worker_matrix(t, num_workers, averaging, levels)
+            return cache[due]
+
+        return from_matrices(matrix, period=period, workers=workers)
+    m = num_workers + (levels.depth if levels else 0)
+    matrices = [torch.eye(m, dtype=torch.float64)]
+    matrices += [check_mixing_matrix(_worker_matrix(q - 1, num_workers, averaging, levels), m,
+                                     name=f"the matrix of period {q}") for q in periods]
+    return compose(matrices, chain(periods, range(1, len(periods) + 1), base=0), workers=workers)
+
+
 def multilayer_local_sgd(
     num_workers: int,
     ks: Sequence[int] = (),
@@ -135,11 +176,7 @@ def multilayer_local_sgd(
         levels = MultilayerSchedule(ks, alphas)
     if levels is None and not averaging:
         raise ValueError("give averaging periods or slow levels (ks, alphas); got neither")
-    period = math.lcm(*averaging, levels.period if levels else 1)
-    schedule = from_matrices(
-        lambda t: _worker_matrix(t, num_workers, averaging, levels), period=period,
-        workers=range(num_workers),
-    )
+    schedule = _worker_schedule(num_workers, averaging, levels, name="averaging")
     parts = [f"{num_workers} workers"]
     if averaging:
         parts.append(f"averaging={averaging}")
@@ -172,7 +209,7 @@ def hierarchical(num_workers: int, period_group_sizes: Mapping[int, int]) -> Sch
             f"period_group_sizes[{largest}] (the largest period) must be {num_workers}, every "
             f"worker, so that all workers reach consensus; got {averaging[largest]}"
         )
-    return _named(multilayer_local_sgd(num_workers, averaging=averaging),
+    return _named(_worker_schedule(num_workers, averaging, None, name="period_group_sizes"),
                   f"hierarchical({num_workers} workers, {averaging})")
 
 
@@ -190,22 +227,25 @@ def lookahead_local_sgd(num_workers: int, k: int, alpha: float,
 def gossip(matrices, *, every: int = 1, push_sum: bool = False, name: str | None = None) -> Schedule:
     """Gossip rounds ``matrices`` (one matrix, or a list cycled round after round), one round every
     ``every`` steps (P_t = round (t + 1) / every - 1 when every divides t + 1, else I); every agent
-    is a worker.  ``push_sum``: the matrices are row-stochastic and run with push-sum weights."""
+    is a worker.  ``push_sum``: the matrices are row-stochastic and run with push-sum weights.
+
+    The period, ``every * len(matrices)``, is the word (I^(every - 1) round_r) over the rounds r:
+    O(len(matrices)) to build, whatever ``every``.
+    """
     every = check_period(every, name="every")
     if isinstance(matrices, torch.Tensor) and matrices.dim() == 2:
         matrices = [matrices]
     rounds = list(matrices)
     if not rounds:
         raise ValueError("matrices must hold at least one gossip round")
-    n = torch.as_tensor(rounds[0]).shape[0]
-    eye = torch.eye(n, dtype=torch.float64)
-
-    def matrix(t):
-        if (t + 1) % every:
-            return eye
-        return rounds[((t + 1) // every - 1) % len(rounds)]
-
-    schedule = from_matrices(matrix, period=every * len(rounds), push_sum=push_sum)
+    first = check_mixing_matrix(rounds[0], None, name="matrices[0]", push_sum=push_sum)
+    n = first.shape[0]
+    checked = [first] + [check_mixing_matrix(p, n, name=f"matrices[{r}]", push_sum=push_sum)
+                         for r, p in enumerate(rounds[1:], start=1)]
+    # Index 0: the identity; index r + 1: round r.
+    cycle = concat(*(concat(run(0, every - 1), run(r + 1, 1)) for r in range(len(checked))))
+    schedule = compose([torch.eye(n, dtype=torch.float64)] + checked, cycle, workers=range(n),
+                       push_sum=push_sum)
     return _named(schedule, name or f"gossip({n} agents, every={every})")
 
 
@@ -226,9 +266,7 @@ def torus(rows: int, cols: int, weights: str = "metropolis", every: int = 1) -> 
 
 
 def _symmetric_weights(weights: str) -> str:
-    if weights not in ("metropolis", "uniform"):
-        raise ValueError(f"weights must be one of metropolis, uniform; got {weights!r}")
-    return weights
+    return check_choice(weights, ("metropolis", "uniform"), "weights")
 
 
 def _exponential_weights(graph: torch.Tensor, weights: str) -> torch.Tensor:

@@ -14,6 +14,14 @@ graph on 2^k agents), gap = 0 means no consensus (a disconnected graph, or P_t =
 second singular value it is a rate, not a one-period bound: for non-normal Q the disagreement
 can grow transiently.  ``per_step=True`` gives 1 - |lambda_2(Q)|^(1/T), the gap of one step at the
 same asymptotic rate, which compares schedules of different periods.
+
+A phased schedule (:func:`topology.phases`) is periodic only after its prefix: "one period" is
+then one period of the repeating part, from t = prefix_length on (the last, open-ended phase);
+the finite prefix changes the values reached, not the asymptotic rate or the long-run cost.
+
+Cost: every function here works on the schedule's words (:mod:`topology.word`): O(nodes * log
+period) m x m products, never one per iteration, so ``spectral_gap(lookahead(10**21, 0.5))``
+takes as long as ``spectral_gap(lookahead(5, 0.5))``.
 """
 
 from __future__ import annotations
@@ -21,17 +29,17 @@ from __future__ import annotations
 import torch
 
 from topology.schedule import Schedule
+from topology.word import counts, product
 
 #: |lambda_2| at or below this is taken as 0 (an exact average up to rounding).
 EXACT_TOL = 1e-12
 
 
 def period_product(schedule: Schedule) -> torch.Tensor:
-    """Q = P_0 P_1 ... P_{T-1} over one period T (float64, m x m)."""
-    q = torch.eye(schedule.num_agents, dtype=torch.float64)
-    for t in range(schedule.period):
-        q = q @ schedule.distinct_matrices[schedule.matrix_index(t)]
-    return q
+    """Q = P_S P_{S+1} ... P_{S+T-1} over one period T of the repeating part, S =
+    ``prefix_length`` (0 but for phased schedules), float64, m x m.  Runs of one matrix and
+    repeated sub-patterns are raised to their power by repeated squaring (:func:`topology.word.product`)."""
+    return product(schedule.cycle, schedule.distinct_matrices)
 
 
 def second_eigenvalue_modulus(matrix: torch.Tensor) -> float:
@@ -67,23 +75,21 @@ def is_doubly_stochastic(matrix: torch.Tensor, tol: float = 1e-12) -> bool:
 
 
 def vectors_sent_per_agent(schedule: Schedule) -> float:
-    """Communication per agent per step, in parameter vectors, averaged over one period, when
-    every agent has its own rank (the cost model used to compare schedules at equal budget).
+    """Communication per agent per step, in parameter vectors, averaged over one period (of the
+    repeating part, for a phased schedule), when every agent has its own rank (the cost model
+    used to compare schedules at equal budget).
 
     A mix (gossip column j) costs one vector per source i != j (a point-to-point message); a
     block of g members costs 2 (g - 1) / g vectors per member, what a ring all-reduce sends.
-    Identity steps cost nothing.
+    Identity steps cost nothing.  Computed as sum over distinct matrices d of cost(d) * (number
+    of iterations of the period using d) / period.
     """
     from topology.plan import compile_plan  # local: plan imports nothing from here, keep it so
 
-    cost = {}
     total = 0.0
-    for t in range(schedule.period):
-        index = schedule.matrix_index(t)
-        if index not in cost:
-            plan = compile_plan(schedule.distinct_matrices[index])
-            vectors = sum(len([i for i in mix.sources if i != mix.receiver]) for mix in plan.mixes)
-            vectors += sum(2.0 * (len(b.members) - 1) for b in plan.blocks)
-            cost[index] = vectors / schedule.num_agents
-        total += cost[index]
+    for index, count in sorted(counts(schedule.cycle).items()):
+        plan = compile_plan(schedule.distinct_matrices[index])
+        vectors = sum(len([i for i in mix.sources if i != mix.receiver]) for mix in plan.mixes)
+        vectors += sum(2.0 * (len(b.members) - 1) for b in plan.blocks)
+        total += vectors / schedule.num_agents * count
     return total / schedule.period

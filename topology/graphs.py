@@ -29,17 +29,12 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
+from topology.checks import check_choice, check_integer
+
 WEIGHTS = ("metropolis", "uniform", "push")
-
-
-def _check_count(n, name: str, minimum: int = 1) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {n!r}")
-    return int(n)
 
 
 def _graph(n: int, edges) -> torch.Tensor:
@@ -52,13 +47,13 @@ def _graph(n: int, edges) -> torch.Tensor:
 
 def ring_graph(n: int) -> torch.Tensor:
     """Undirected ring: agent i exchanges with i - 1 and i + 1 (mod n)."""
-    n = _check_count(n, "n")
+    n = check_integer(n, "n", minimum=1)
     return _graph(n, [(i, (i + s) % n) for i in range(n) for s in (-1, 1)])
 
 
 def torus_graph(rows: int, cols: int) -> torch.Tensor:
     """Undirected 2-D torus: agent r * cols + c exchanges with its 4 grid neighbours (wrapping)."""
-    rows, cols = _check_count(rows, "rows"), _check_count(cols, "cols")
+    rows, cols = check_integer(rows, "rows", minimum=1), check_integer(cols, "cols", minimum=1)
     edges = []
     for r in range(rows):
         for c in range(cols):
@@ -70,7 +65,7 @@ def torus_graph(rows: int, cols: int) -> torch.Tensor:
 
 def exponential_offsets(n: int) -> list[int]:
     """The hops 1, 2, 4, ... < n of the exponential graphs (tau = ceil(log2 n) of them)."""
-    n = _check_count(n, "n")
+    n = check_integer(n, "n", minimum=1)
     return [2**k for k in range(math.ceil(math.log2(n)))] if n > 1 else []
 
 
@@ -89,8 +84,8 @@ def one_peer_exponential_graphs(n: int) -> list[torch.Tensor]:
 def random_directed_graph(n: int, extra_edges: int, seed: int = 0) -> torch.Tensor:
     """A strongly connected directed graph that is not regular: the directed ring i -> i + 1 plus
     ``extra_edges`` distinct random chords (seeded), so in- and out-degrees differ."""
-    n = _check_count(n, "n", minimum=3)
-    extra_edges = _check_count(extra_edges, "extra_edges", minimum=0)
+    n = check_integer(n, "n", minimum=3)
+    extra_edges = check_integer(extra_edges, "extra_edges", minimum=0)
     adjacency = _graph(n, [(i, (i + 1) % n) for i in range(n)])
     free = [(i, j) for i in range(n) for j in range(n) if i != j and not adjacency[i, j]]
     if extra_edges > len(free):
@@ -107,8 +102,7 @@ def is_undirected(adjacency: torch.Tensor) -> bool:
 
 def mixing_matrix(adjacency: torch.Tensor, weights: str = "metropolis") -> torch.Tensor:
     """The float64 mixing matrix of a graph with ``weights`` (one of :data:`WEIGHTS`)."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
+    check_choice(weights, WEIGHTS, "weights")
     a = adjacency.to(torch.float64)
     n = a.shape[0]
     eye = torch.eye(n, dtype=torch.float64)

@@ -9,9 +9,16 @@ matrix: P[i, j] is the weight of agent i's value in agent j's new value, applied
 inner step of iteration t.  Iterations count from 0, so Lookahead's first sync, after exactly k
 inner steps, is the one at t = k - 1.
 
-A schedule is periodic: ``matrix(t) == matrix(t % period)``.  It stores each distinct matrix once
-and maps every t to the index of its matrix (:meth:`Schedule.matrix_index`), so that plans can be
-compiled once per distinct matrix and process groups created at start-up.
+A schedule is periodic, ``matrix(t) == matrix(t % period)``, or (:func:`topology.phases`)
+periodic after a finite prefix.  It stores each distinct matrix once and maps every t to the
+index of its matrix (:meth:`Schedule.matrix_index`), so that plans can be compiled once per
+distinct matrix and process groups created at start-up.  The map is a compressed word
+(:mod:`topology.word`): building a schedule, looking up P_t, finding the next sync
+(:meth:`Schedule.next_sync`) and the diagnostics of :mod:`topology.diagnostics` cost time in the
+number of distinct matrices and pattern nodes, not in the period, so that ``lookahead(10**21,
+0.5)`` is as cheap as ``lookahead(5, 0.5)``.  The one exception is :func:`from_matrices` with a
+function of t, which must call it at every t of a period: its period is limited to
+:data:`MAX_ENUMERATED_PERIOD`.
 """
 
 from __future__ import annotations
@@ -21,53 +28,102 @@ from typing import Callable, Sequence
 
 import torch
 
-from topology.validation import check_levels, check_mixing_matrix, check_period, check_workers
+from topology.validation import as_matrix, check_levels, check_mixing_matrix, check_period, check_workers
+from topology.word import EMPTY, Word, chain, concat, from_indices, order_of_appearance, renumber, repeat
 
 #: Two eigen-solutions closer than this are taken as the same consensus vector.
 CONSENSUS_TOL = 1e-10
 
+#: The largest period of :func:`from_matrices` with a function of t: it is called at every t of
+#: the period at construction (about 25 microseconds per t for a function that builds a new
+#: tensor each time, 2-3 s at this limit; every other schedule is built without enumerating its
+#: period).
+MAX_ENUMERATED_PERIOD = 100_000
+
 
 class Schedule:
-    """A periodic sequence of column-stochastic mixing matrices over ``num_agents`` agents.
+    """A sequence t -> P_t of mixing matrices over ``num_agents`` agents, periodic after a prefix.
+
+    The sequence is a finite *prefix* of ``prefix_length`` iterations (empty for every schedule
+    but :func:`topology.phases`) followed by a *cycle* of ``period`` iterations repeated forever:
+
+        P_t = distinct[prefix[t]]                                             (t < prefix_length)
+        P_t = distinct[cycle[(t - prefix_length) % period]]                   (t >= prefix_length)
+
+    ``prefix`` and ``cycle`` are :class:`topology.word.Word` (compressed index sequences), so
+    nothing here costs time or memory proportional to the period.
 
     Args:
         distinct: the distinct matrices, each validated (float64, m x m).
-        index_of: maps t in [0, period) to the index of P_t in ``distinct``.
-        period: the schedule's period.
+        cycle: the indices of one period, a word of length >= 1.
         workers: agents that run the inner optimizer; the others are passive (f_i = 0).
         push_sum: the matrices are row-stochastic (mass-preserving) and every agent also carries
             a push-sum weight mixed by the same P_t (see :mod:`topology.decentralized`).
+        prefix: the indices of the first ``prefix.length`` iterations (default: none).
     """
 
     def __init__(
         self,
         distinct: Sequence[torch.Tensor],
-        index_of: Callable[[int], int],
-        period: int,
+        cycle: Word,
         workers: Sequence[int],
         push_sum: bool = False,
+        prefix: Word = EMPTY,
     ):
         self.push_sum = bool(push_sum)
         self._distinct = tuple(distinct)
-        self._index_of = index_of
-        self.period = check_period(period, name="period")
+        self.cycle, self.prefix = cycle, prefix
+        self.period = check_period(cycle.length, name="period")
+        self.prefix_length = prefix.length
         self.num_agents = self._distinct[0].shape[0]
         self.workers = check_workers(workers, self.num_agents)
+        eye = torch.eye(self.num_agents, dtype=torch.float64)
+        #: Indices of the non-identity distinct matrices (the syncs).
+        self.sync_indices = frozenset(i for i, p in enumerate(self._distinct) if not torch.equal(p, eye))
 
     # -- the map t -> P_t ---------------------------------------------------------------------
     def matrix_index(self, t: int) -> int:
         """Index of P_t among :attr:`distinct_matrices`."""
         if t < 0:
             raise ValueError(f"t must be a non-negative iteration number; got {t}")
-        return self._index_of(t % self.period)
+        if t < self.prefix_length:
+            return self.prefix.at(t)
+        return self.cycle.at((t - self.prefix_length) % self.period)
 
     def matrix(self, t: int) -> torch.Tensor:
         """P_t as an m x m float64 tensor (a copy: changing it changes nothing here)."""
         return self._distinct[self.matrix_index(t)].clone()
 
+    def next_sync(self, t: int) -> int | None:
+        """The first iteration t' >= t whose P_t' is not the identity (bitwise); None if there is
+        none (every later P is the identity).  Costs O(depth * log(size)) of the words, not the
+        period: within the prefix, then within the current cycle, then the next cycle's first."""
+        if t < 0:
+            raise ValueError(f"t must be a non-negative iteration number; got {t}")
+        marked = self.sync_indices
+        if t < self.prefix_length:
+            found = self.prefix.next_marked(t, marked)
+            if found is not None:
+                return found
+            t = self.prefix_length
+        local = (t - self.prefix_length) % self.period
+        found = self.cycle.next_marked(local, marked)
+        if found is not None:
+            return t - local + found
+        first = self.cycle.first(marked)
+        return None if first is None else t - local + self.period + first
+
+    def head(self, steps: int) -> Word:
+        """The indices of P_0 ... P_{steps-1} as a word (how :func:`topology.phases` cuts a phase)."""
+        if steps <= self.prefix_length:
+            return self.prefix.take(steps)
+        cycles, rest = divmod(steps - self.prefix_length, self.period)
+        return concat(self.prefix, repeat(self.cycle, cycles), self.cycle.take(rest))
+
     @property
     def distinct_matrices(self) -> tuple[torch.Tensor, ...]:
-        """Every distinct P_t of one period, in order of first appearance."""
+        """Every distinct P_t, in order of first appearance (:class:`MultilayerSchedule`: matrix L
+        is the level-L matrix, the identity included even when k_1 = 1 and it never occurs)."""
         return self._distinct
 
     @property
@@ -79,9 +135,11 @@ class Schedule:
     def consensus(self) -> torch.Tensor | None:
         """The vector a >= 0, sum(a) = 1, with P_t a = a for every t; None if there is no unique one.
 
-        Found as the null space of the stacked (P_d - I) over the distinct matrices: a unique
-        solution exists when that null space is one-dimensional.  With it the virtual iterate
-        theta_t = X_t a obeys theta_{t+1} = theta_t - lr * G_t a (Wang eq. 8).
+        Found as the null space of the stacked (P_d - I) over the distinct matrices (for a phased
+        schedule: those of every phase), so that a is a fixed point of *every* P_t, prefix
+        included: then the virtual iterate theta_t = X_t a obeys theta_{t+1} = theta_t - lr *
+        G_t a at every t (Wang eq. 8).  A unique solution exists when that null space is
+        one-dimensional.
         """
         m = self.num_agents
         eye = torch.eye(m, dtype=torch.float64)
@@ -103,10 +161,45 @@ class Schedule:
     def __repr__(self) -> str:
         if self.name:
             return self.name
+        prefix = f"prefix_length={self.prefix_length}, " if self.prefix_length else ""
         return (
-            f"{type(self).__name__}(num_agents={self.num_agents}, period={self.period}, "
+            f"{type(self).__name__}(num_agents={self.num_agents}, {prefix}period={self.period}, "
             f"workers={self.workers}, distinct={len(self._distinct)})"
         )
+
+
+def _key(matrix: torch.Tensor) -> tuple:
+    """Equal exactly when two float64 matrices are ``torch.equal`` (same shape, same values;
+    + 0.0 turns -0.0 into 0.0; NaN cannot occur in a validated matrix)."""
+    return tuple(matrix.shape), (matrix + 0.0).numpy().tobytes()
+
+
+def compose(
+    matrices: Sequence[torch.Tensor],
+    cycle: Word,
+    *,
+    workers: Sequence[int],
+    push_sum: bool = False,
+    prefix: Word = EMPTY,
+) -> Schedule:
+    """A :class:`Schedule` from validated ``matrices`` and the words that index them: bitwise
+    equal matrices are merged, matrices that never occur dropped, and the rest numbered in order
+    of first appearance (prefix first), as :attr:`Schedule.distinct_matrices` promises."""
+    distinct, cycle, prefix = canonical(matrices, cycle, prefix)
+    return Schedule(distinct, cycle, workers, push_sum, prefix)
+
+
+def canonical(matrices: Sequence[torch.Tensor], cycle: Word, prefix: Word = EMPTY):
+    """(distinct, cycle, prefix) of :func:`compose`, for subclasses of :class:`Schedule`."""
+    merged: dict[tuple, int] = {}
+    first_of = [merged.setdefault(_key(p), i) for i, p in enumerate(matrices)]
+    order = order_of_appearance(concat(prefix, cycle))
+    number: dict[int, int] = {}
+    for i in order:
+        number.setdefault(first_of[i], len(number))
+    mapping = {i: number[first_of[i]] for i in order}
+    distinct = [matrices[i] for i in number]
+    return distinct, renumber(cycle, mapping), renumber(prefix, mapping)
 
 
 class MultilayerSchedule(Schedule):
@@ -127,7 +220,10 @@ class MultilayerSchedule(Schedule):
         n = len(self.ks)
         self.cumulative_periods = tuple(math.prod(self.ks[: l + 1]) for l in range(n))
         distinct = [self._level_matrix(level) for level in range(n + 1)]
-        super().__init__(distinct, self.level, self.cumulative_periods[-1], workers=(0,))
+        # Distinct matrix L is the level-L matrix, selected by the largest cumulative period
+        # dividing t + 1: a divisibility chain (topology.word.chain), 2 nodes per level.
+        cycle = chain(self.cumulative_periods, range(1, n + 1), base=0)
+        super().__init__(distinct, cycle, workers=(0,))
 
     @property
     def depth(self) -> int:
@@ -142,6 +238,14 @@ class MultilayerSchedule(Schedule):
                 break
             level += 1
         return level
+
+    def next_sync(self, t: int) -> int | None:
+        """The first t' >= t with t' + 1 a multiple of k_1 (every level-L >= 1 matrix differs
+        from the identity: its columns 0 and 1 are equal), in closed form."""
+        if t < 0:
+            raise ValueError(f"t must be a non-negative iteration number; got {t}")
+        k = self.ks[0]
+        return -(-(t + 1) // k) * k - 1
 
     def level_weights(self, level: int) -> torch.Tensor:
         """The weights (a_0, ..., a_L) of a level-L sync, in float64."""
@@ -202,7 +306,8 @@ def from_matrices(
     Args:
         matrices: a sequence of m x m matrices cycled (P_t = matrices[t % len]), or a function
             t -> matrix, evaluated once for t in [0, period) at construction.
-        period: required with a function (the schedule repeats with it); with a sequence it
+        period: required with a function (the schedule repeats with it; at most
+            :data:`MAX_ENUMERATED_PERIOD`, since every t is evaluated); with a sequence it
             defaults to, and must equal, its length.
         workers: agents running the inner optimizer; default: every agent.
         push_sum: the matrices are row-stochastic and run with push-sum weights (validated as
@@ -217,6 +322,9 @@ def from_matrices(
         if period is None:
             raise ValueError("period is required when matrices is a function of t")
         period = check_period(period, name="period")
+        if period > MAX_ENUMERATED_PERIOD:
+            raise ValueError(f"period must be at most {MAX_ENUMERATED_PERIOD} when matrices is a function "
+                             f"of t (it is called at every t of the period); got {period}")
         raw = [matrices(t) for t in range(period)]
         names = [f"matrices({t})" for t in range(period)]
     else:
@@ -230,20 +338,28 @@ def from_matrices(
             raise ValueError("matrices must hold at least one matrix")
         if period is not None and check_period(period, name="period") != len(raw):
             raise ValueError(f"period must equal len(matrices) = {len(raw)} for a sequence; got {period}")
-        period = len(raw)
-        names = [f"matrices[{t}]" for t in range(period)]
-    first = check_mixing_matrix(raw[0], None, name=names[0], push_sum=push_sum)
-    m = first.shape[0]
-    checked = [first] + [check_mixing_matrix(p, m, name=n, push_sum=push_sum) for p, n in zip(raw[1:], names[1:])]
+        names = [f"matrices[{t}]" for t in range(len(raw))]
+    distinct, indices = _validated(raw, names, push_sum)
+    workers = tuple(range(distinct[0].shape[0])) if workers is None else workers
+    return compose(distinct, from_indices(indices), workers=workers, push_sum=push_sum)
+
+
+def _validated(raw: Sequence, names: Sequence[str], push_sum: bool) -> tuple[list[torch.Tensor], list[int]]:
+    """Validate every matrix (named ``names[t]``), each distinct one once: the distinct matrices
+    and the index of each raw one among them.  A value that is the very object of an earlier one
+    (a function returning cached tensors) is not converted again (``raw`` keeps every value
+    alive, so no id is reused meanwhile)."""
     distinct: list[torch.Tensor] = []
-    index = []
-    for p in checked:
-        for d, q in enumerate(distinct):
-            if torch.equal(p, q):
-                index.append(d)
-                break
-        else:
-            index.append(len(distinct))
-            distinct.append(p)
-    workers = tuple(range(m)) if workers is None else workers
-    return Schedule(distinct, index.__getitem__, period, workers, push_sum=push_sum)
+    seen: dict[tuple, int] = {}
+    by_id: dict[int, int] = {}
+    indices = []
+    for value, name in zip(raw, names):
+        if id(value) not in by_id:
+            key = _key(as_matrix(value, name=name))
+            if key not in seen:
+                size = distinct[0].shape[0] if distinct else None
+                seen[key] = len(distinct)
+                distinct.append(check_mixing_matrix(value, size, name=name, push_sum=push_sum))
+            by_id[id(value)] = seen[key]
+        indices.append(by_id[id(value)])
+    return distinct, indices

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from topology.schedule import Schedule, from_matrices
-from topology.validation import check_alpha, check_period
+from topology.schedule import Schedule, compose
+from topology.validation import check_alpha, check_mixing_matrix, check_period
+from topology.word import concat, run
 
 
 def with_slow_agent(num_workers: int, k: int, alpha: float) -> Schedule:
@@ -26,6 +27,7 @@ def with_slow_agent(num_workers: int, k: int, alpha: float) -> Schedule:
     m = num_workers + 1
     a = torch.full((m,), alpha / num_workers, dtype=torch.float64)
     a[-1] = 1.0 - alpha
-    sync = a.unsqueeze(1).repeat(1, m)
+    sync = check_mixing_matrix(a.unsqueeze(1).repeat(1, m), m, name="the sync matrix")
     eye = torch.eye(m, dtype=torch.float64)
-    return from_matrices([eye] * (k - 1) + [sync], workers=tuple(range(num_workers)))
+    # One period: k - 1 identities, then the sync (a word of 2 runs, whatever k).
+    return compose([eye, sync], concat(run(0, k - 1), run(1, 1)), workers=tuple(range(num_workers)))

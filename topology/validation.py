@@ -7,34 +7,25 @@ schedule raises the same error before any collective is entered.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from topology.checks import check_integer, check_step_size, is_integer
 
 #: Largest allowed deviation of a column sum from 1.
 COLUMN_SUM_TOL = 1e-12
 
 
 def check_period(k, *, name: str = "k") -> int:
-    """A synchronization period: an int >= 1 (bool is rejected)."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= 1; got {k!r} of type {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {k}")
-    return int(k)
+    """A synchronization period: an integer >= 1 (bool is refused); :func:`topology.checks.check_integer`."""
+    return check_integer(k, name, minimum=1)
 
 
 def check_alpha(alpha, *, name: str = "alpha") -> float:
-    """A slow step size: a finite real number in (0, 1]."""
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise ValueError(f"{name} must be a real number in (0, 1]; got {alpha!r}")
-    alpha = float(alpha)
-    if not math.isfinite(alpha) or not 0.0 < alpha <= 1.0:
-        raise ValueError(f"{name} must be a real number in (0, 1]; got {alpha}")
-    return alpha
+    """A slow step size: a finite real number in (0, 1]; :func:`topology.checks.check_step_size`."""
+    return check_step_size(alpha, name)
 
 
 def check_levels(ks: Sequence, alphas: Sequence) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -125,7 +116,7 @@ def check_workers(workers, num_agents: int) -> tuple[int, ...]:
     if not workers:
         raise ValueError("workers must name at least one agent")
     for w in workers:
-        if isinstance(w, bool) or not isinstance(w, numbers.Integral) or not 0 <= w < num_agents:
+        if not is_integer(w) or not 0 <= w < num_agents:
             raise ValueError(f"workers must be agent indices in [0, {num_agents}); got {w!r}")
     if len(set(workers)) != len(workers):
         raise ValueError(f"workers must be distinct; got {workers}")
