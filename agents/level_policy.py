@@ -53,6 +53,7 @@ from typing import Sequence
 import torch
 
 from agents.state_policy import POLICIES, validate_policy
+from topology.checks import is_integer
 
 NAMED = (
     "reset_inner", "reset_outer", "reset_both", "pullback_inner", "pullback_outer",
@@ -100,7 +101,7 @@ def resolve_policy(policy, depth: int | None, *, name: str = "state_policy") -> 
             f"{name} must be one of {', '.join(POLICIES)} for a schedule without levels; got {policy!r}"
         )
     if isinstance(policy, Mapping):
-        bad = [lv for lv in policy if isinstance(lv, bool) or not isinstance(lv, int) or not 1 <= lv <= depth]
+        bad = [lv for lv in policy if not (is_integer(lv) and 1 <= lv <= depth)]
         if bad:
             raise ValueError(f"{name} levels must be ints in 1..{depth}; got {bad!r}")
         return tuple(

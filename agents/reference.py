@@ -53,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import numbers
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, Sequence
 
@@ -61,6 +60,7 @@ import torch
 
 from agents.level_policy import any_pullback, resolve_policy, run_state_chain_, state_weights
 from agents.state_policy import mixable_state_keys, reset_state_
+from topology.checks import check_integer
 from topology.validation import check_alpha, check_levels, check_period
 
 __all__ = ["MultilayerLookahead", "Lookahead"]
@@ -323,11 +323,7 @@ class MultilayerLookahead(torch.optim.Optimizer):
         return self._step_count
 
     def _check_level(self, level: Any) -> int:
-        if isinstance(level, bool) or not isinstance(level, numbers.Integral):
-            raise ValueError(f"level must be an int in 1..{self.num_levels}; got {level!r}")
-        if not 1 <= level <= self.num_levels:
-            raise ValueError(f"level must be in 1..{self.num_levels}; got {level}")
-        return int(level)
+        return check_integer(level, "level", minimum=1, maximum=self.num_levels)
 
     def slow_params(self, level: int) -> list[torch.Tensor]:
         """Level ``level``'s slow weights (1 = innermost), the live tensors, in parameter order.
@@ -487,11 +483,7 @@ class MultilayerLookahead(torch.optim.Optimizer):
         saved = state_dict["lookahead"]
         ks, alphas = check_levels(saved["ks"], saved["alphas"])
         policy = _policy_value(saved["state_policy"], len(ks))
-        step_count = saved["step_count"]
-        if isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral):
-            raise ValueError(f"step_count must be an int >= 0; got {step_count!r}")
-        if step_count < 0:
-            raise ValueError(f"step_count must be an int >= 0; got {step_count!r}")
+        step_count = check_integer(saved["step_count"], "step_count", minimum=0)
 
         params = self._params()
         slow_saved = saved["slow_weights"]

@@ -1,5 +1,5 @@
-"""Stagewise locally-regularized Lookahead (SLRLA; Zhou et al., Algorithm 3 of
-``../shared/papers/why-lookahead-generalizes-slrla-slides.md``)::
+"""Stagewise locally-regularized Lookahead (SLRLA; Zhou et al., *Towards understanding why
+LookAhead generalizes better than SGD and beyond*, Algorithm 3)::
 
     for q = 1..Q:
         F_q(theta) = F(theta) + beta_q / 2 ||theta - theta_{q-1}||^2

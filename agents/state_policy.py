@@ -29,6 +29,8 @@ from typing import Iterable
 
 import torch
 
+from topology.checks import check_choice
+
 POLICIES = ("maintain", "reset", "pullback")
 
 #: State keys that are never mixed, whatever their shape.
@@ -37,9 +39,7 @@ NON_MIXABLE_KEYS = frozenset({"step"})
 
 def validate_policy(policy: str, *, name: str = "state_policy") -> str:
     """Return ``policy`` if it is one of :data:`POLICIES`, else raise ``ValueError``."""
-    if not isinstance(policy, str) or policy not in POLICIES:
-        raise ValueError(f"{name} must be one of {', '.join(POLICIES)}; got {policy!r}")
-    return policy
+    return check_choice(policy, POLICIES, name)
 
 
 def mixable_state_keys(state: dict, param: torch.Tensor) -> list[str]:

@@ -1,6 +1,6 @@
 """Decentralized schedules: several workers, hierarchical periods, slow levels over workers, gossip.
 
-Every function returns a :class:`topology.Schedule` (DESIGN section 1): P_t is applied after the
+Every function returns a :class:`topology.Schedule` (the model of the README's "Design" section): P_t is applied after the
 inner step of iteration t, counting from 0, and "every p steps" means at the t with (t + 1) % p ==
 0, so the first averaging comes after exactly p inner steps.  Workers read their own data streams
 (``data(agent_index)`` in :class:`launch.Simulation`).

@@ -2,7 +2,7 @@
 
 A graph on n agents is a boolean ``n x n`` tensor ``A`` with ``A[i, j]`` true when agent i's value
 reaches agent j (an edge i -> j), without self loops.  Weights turn a graph into a mixing matrix in
-this project's convention (DESIGN section 1): ``P[i, j]`` is the weight of agent i's old value in
+this project's convention (topology.schedule): ``P[i, j]`` is the weight of agent i's old value in
 agent j's new value, x_j' = sum_i P[i, j] x_i.  Every agent always keeps a share of its own value.
 
 Weights (``d_in(j)``: in-degree of j, ``d_out(i)``: out-degree of i, ``d(i)``: degree of an

@@ -1,4 +1,4 @@
-"""Nested Lookahead (Gilbert, ``../shared/papers/nested-lookahead.md``) as a schedule.
+"""Nested Lookahead (Gilbert, *Nested Lookahead: a Lookahead optimizer that uses Lookahead*) as a schedule.
 
 Lookahead (k, alpha) inside Lookahead (s, h): fast weights theta take k inner steps, then the
 inner slow weights phi move ``phi <- phi + alpha (theta - phi)`` and theta is pulled to phi; after
@@ -21,8 +21,9 @@ Where the paper's pseudocode is ambiguous, and what is taken here:
   mixed indices (phi_{t,i-1} vs phi_{t-1}) are read as the one current phi, i.e. standard
   Lookahead ``phi <- phi + alpha (theta - phi)``; likewise the outer update uses ``phi_{t,k}``
   for what is the phi after the s-th inner cycle (the loop over i runs to s, not k).
-* Slow weights start at theta_0 and the first sync comes after exactly k inner steps (DESIGN
-  section 4); one outer update per s inner cycles, as the paper's algorithm says.
+* Slow weights start at theta_0 and the first sync comes after exactly k inner steps (the
+  project's conventions, :mod:`agents.reference`); one outer update per s inner cycles, as the
+  paper's algorithm says.
 
 Momentum policies at the inner sync, the outer sync or both (``reset_inner``,
 ``pullback_outer``, ...) are per-level state policies: :mod:`agents.level_policy`.

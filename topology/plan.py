@@ -1,4 +1,4 @@
-"""Compilation of one mixing matrix P into a plan of collectives (DESIGN section 2).
+"""Compilation of one mixing matrix P into a plan of collectives (the README's "Design": from P_t to collectives).
 
 The new value of agent j is column j of P applied to the old values: x_j' = sum_i P[i, j] x_i.
 The columns of P fall into three kinds:

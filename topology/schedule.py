@@ -1,6 +1,6 @@
 """Schedules: the map t -> P_t of the multi-agent model.
 
-One iteration t of the model (DESIGN section 1; Wang et al. eq. 4, Pushkin & Barba eq. 1) is
+One iteration t of the model (Wang et al. eq. 4, Pushkin & Barba eq. 1) is
 
     X_{t+1} = (X_t - lr * G_t) P_t,
 
@@ -203,7 +203,7 @@ def canonical(matrices: Sequence[torch.Tensor], cycle: Word, prefix: Word = EMPT
 
 
 class MultilayerSchedule(Schedule):
-    """Multilayer Lookahead LA-n as a schedule (Pushkin & Barba; DESIGN section 1).
+    """Multilayer Lookahead LA-n as a schedule (Pushkin & Barba, Algorithm 2).
 
     m = n + 1 agents: agent 0 is the fast worker, agent l (1..n) holds the slow weights of level l,
     level 1 being the innermost.  After the inner step of iteration t, let L be the largest l with
