@@ -93,3 +93,26 @@ def test_invalid_command_line_under_torchrun_is_one_line_per_rank(overrides, wor
         assert len(lines) == 1 and words in lines[0], output
     assert "exitcode  : 2" in output
     assert "/launch/cli/" not in output and "/experiments/" not in output  # no traceback of ours
+
+
+def test_equivalence_command_reports_hydra_errors_the_same_way(tmp_path, monkeypatch, capsys):
+    from launch.cli import equivalence
+
+    monkeypatch.setattr(sys, "argv", ["launch.equivalence", f"hydra.run.dir={tmp_path}", "topology=foo"])
+    assert equivalence.main() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "topology=foo: there is no topology configuration 'foo'" in err
+
+
+def test_a_lost_rank_is_one_line_and_status_4(tmp_path, monkeypatch, capsys):
+    """A RankFailureError (raised by the engine when a peer dies) ends the run with status 4."""
+    from launch.engine.health import RankFailureError
+
+    def lost(schedule):
+        raise RankFailureError("rank 0: the sync of iteration t=3 failed; rank 1 seems lost")
+
+    monkeypatch.setattr(app, "spectral_gap", lost)
+    monkeypatch.setattr(sys, "argv", ["launch", f"hydra.run.dir={tmp_path}", "launch.steps=3"])
+    assert app.main() == 4
+    err = capsys.readouterr().err
+    assert err == "error [rank 0]: rank 0: the sync of iteration t=3 failed; rank 1 seems lost\n"
