@@ -490,3 +490,24 @@ def test_agents_per_rank_is_a_launch_key_passed_to_the_simulation(tmp_path):
     for rank in (0, 1):
         assert (f"error [rank {rank}]: world size 2 does not fit the schedule's 2 agents with "
                 f"launch.agents_per_rank=2: start 1 processes") in output, output
+
+
+# -- on a GPU (skipped without one) ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_simulate_on_cuda_moves_the_batches_and_returns_cpu_state_dicts():
+    result = simulate(bn_model(), mse, bn_batches(), topology.lookahead(3, 0.5), lambda p: torch.optim.SGD(p, lr=0.05),
+                      steps=4, device="cuda")
+    assert all(v.device.type == "cpu" for state in result.state_dicts for v in state.values())
+    assert int(result.state_dicts[1]["1.num_batches_tracked"]) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eval_rows_on_cuda_match_the_cpu_run(evaluated, tmp_path):
+    assert app.run(config(*EVAL, "launch.device=cuda"), tmp_path) == 0
+    got, want = read_eval(tmp_path / "eval.csv"), read_eval(evaluated / "eval.csv")
+    assert [(r["step"], r["agent"]) for r in got] == [(r["step"], r["agent"]) for r in want]
+    for a, b in zip(got, want):
+        assert (math.isnan(a["heldout_loss"]) and math.isnan(b["heldout_loss"])) or close(
+            a["heldout_loss"], b["heldout_loss"], 1e-6), (a, b)
