@@ -12,6 +12,7 @@ whatever ``launch`` puts the agents on.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -45,10 +46,38 @@ def as_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype must be a floating torch.dtype or one of {sorted(_DTYPES)}; got {dtype!r}")
 
 
+#: The largest tensor a built-in problem allocates, in entries (2 GiB of float64): a size option
+#: that would exceed it is a ``ValueError`` naming it, not an allocator error.
+MAX_ENTRIES = 2**28
+
+
 def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
     return value
+
+
+def check_number(value, name: str, minimum: float = -math.inf) -> float:
+    """A finite real number >= ``minimum`` (bool rejected), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        bound = "" if minimum == -math.inf else f" >= {minimum:g}"
+        raise ValueError(f"{name} must be a finite number{bound}; got {value!r}")
+    return float(value)
+
+
+def check_entries(name: str, value: int, entries: int, what: str) -> None:
+    """``ValueError`` naming option ``name`` (= ``value``) when ``what`` would hold more than
+    :data:`MAX_ENTRIES` entries.
+
+    Example:
+        >>> check_entries("dim", 10**11, 1024 * 10**11, "the held-out inputs (1024 x dim)")
+        Traceback (most recent call last):
+        ...
+        ValueError: dim=100000000000 is too large: the held-out inputs (1024 x dim) would hold 102400000000000 entries; at most 268435456 (2**28) per tensor
+    """
+    if entries > MAX_ENTRIES:
+        raise ValueError(f"{name}={value} is too large: {what} would hold {entries} entries; at most "
+                         f"{MAX_ENTRIES} (2**28) per tensor")
 
 
 def agent_generator(seed: int, agent: int) -> torch.Generator:

@@ -24,12 +24,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from experiments.base import Problem, agent_generator, as_dtype, module_place
+from experiments.base import (
+    Problem, agent_generator, as_dtype, check_entries, check_number, check_positive_int, module_place,
+)
 from experiments.cifar import cifar10_resnet18
 from experiments.digits import digits_cnn, digits_logistic, digits_mlp
 from experiments.nqm import noisy_quadratic
 
 __all__ = ["PROBLEMS", "Problem", "make_problem", "teacher_student"]
+
+#: The teacher-student problem's held-out points.
+EVAL_POINTS = 1024
 
 
 def teacher_student(
@@ -40,8 +45,15 @@ def teacher_student(
 
     The student is a ``dim -> hidden -> 1`` tanh MLP.  Worker ``agent`` draws its batches from a
     generator seeded with ``seed + 1000 * (agent + 1)``; the held-out set (1024 points) from
-    ``seed + 7``.
+    ``seed + 7``.  ``dim``, ``hidden`` and ``batch_size`` are positive integers (no tensor above
+    :data:`experiments.base.MAX_ENTRIES` entries), ``noise`` a finite number >= 0.
     """
+    dim, hidden = check_positive_int(dim, "dim"), check_positive_int(hidden, "hidden")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    noise = check_number(noise, "noise", minimum=0.0)
+    check_entries("dim", dim, EVAL_POINTS * dim, f"the held-out inputs ({EVAL_POINTS} x dim)")
+    check_entries("hidden", hidden, dim * hidden, "the first layer (dim x hidden)")
+    check_entries("batch_size", batch_size, batch_size * dim, "a batch (batch_size x dim)")
     dtype = as_dtype(dtype)
     gen = torch.Generator().manual_seed(seed)
     w1 = torch.randn(dim, hidden, generator=gen, dtype=dtype) / dim**0.5
@@ -66,7 +78,7 @@ def teacher_student(
             yield x, teacher(x) + noise * torch.randn(batch_size, 1, generator=g, dtype=dtype)
 
     held = torch.Generator().manual_seed(seed + 7)
-    x_eval = torch.randn(1024, dim, generator=held, dtype=dtype)
+    x_eval = torch.randn(EVAL_POINTS, dim, generator=held, dtype=dtype)
     eval_batch = (x_eval, teacher(x_eval))
 
     @torch.no_grad()

@@ -5,8 +5,8 @@
 - :func:`make_communicator`, :class:`Communicator`, :class:`LocalCommunicator`: where the agents
   run (:mod:`launch.comm`);
 - ``python -m launch``: the hydra app (:mod:`launch.cli`); ``python -m launch.equivalence``:
-  compare a configuration everywhere it runs; ``python -m launch.bench``: the benchmarks
-  (:mod:`launch.bench`).
+  compare a configuration everywhere it runs; ``python -m launch.plot``: figures and tables of a
+  run or a sweep; ``python -m launch.bench``: the benchmarks (:mod:`launch.bench`).
 
 Inside, one sub-package per job: ``comm`` <- ``engine`` <- ``cli`` / ``bench`` (arrows: "is
 imported by"); ``launch`` itself imports only ``comm`` and ``engine``.

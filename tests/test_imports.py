@@ -34,6 +34,7 @@ LAYERS = {
     "launch.bench": 5,
     "launch.__main__": 6,     # entry points: python -m launch, -m launch.equivalence
     "launch.equivalence": 6,
+    "launch.plot": 6,
 }
 
 

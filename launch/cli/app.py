@@ -9,19 +9,25 @@
 
 The configuration is in ``launch/cli/conf`` (groups ``agents``, ``topology``, ``problem``,
 ``launch``); :mod:`launch.cli.build` turns it into a job.  Outputs, in hydra's run directory
-(written by rank 0): ``.hydra/config.yaml`` (the resolved configuration), ``metrics.csv``
-(:mod:`launch.cli.metrics`, written as the run goes), ``agents.pt`` (every agent's final
-``state_dict``, a list indexed by agent) and ``summary.txt`` (the one-line summary, also printed;
-it includes ``spectral_gap``, 1 - |lambda_2| of the product of one period's mixing matrices,
-:func:`topology.diagnostics.spectral_gap`).
+(``outputs/<date>/<time>``, the same for every process of a job: :mod:`launch.cli.rundir`;
+written by rank 0): ``.hydra/config.yaml`` (the resolved configuration), ``metrics.csv``
+(:mod:`launch.cli.metrics`, written as the run goes), ``eval.csv`` (held-out metrics of every
+agent and of X a, every ``launch.eval_every`` steps and at the end, and the inner learning rates:
+:mod:`launch.cli.evaluation`), ``agents.pt`` (every agent's final ``state_dict``, buffers
+included, a list indexed by agent), ``summary.json`` and ``summary.txt`` (:mod:`launch.cli.summary`;
+the line is also printed; it includes ``spectral_gap``, 1 - |lambda_2| of the product of one
+period's mixing matrices, :func:`topology.diagnostics.spectral_gap`), and with
+``launch.tensorboard=true`` TensorBoard event files (:mod:`launch.cli.tensorboard`).
+``python -m launch.plot DIR`` draws a run or a sweep (:mod:`launch.cli.plot`).
 Rank 0 shows a progress bar; the other ranks print nothing but errors.
 
 With ``launch=colocated`` and ``launch.check_reference=true`` (the default) every agent is
 compared with the serial reference at every step, and the run fails above ``tolerance``.
 
-Exit status: 0 success; 1 a deviation above ``tolerance``; 2 an invalid configuration (a
-``ValueError``, printed as one line on every rank, e.g. a process count that does not match the
-topology's number of agents).  In a multirun sweep the status is the worst of its jobs.
+Exit status (:mod:`launch.cli.errors`): 0 success; 1 a deviation above ``tolerance``; 2 an
+invalid configuration or missing data (one line naming the key, on every rank: hydra's own
+errors too); 3 the run stopped on NaN or Inf (one line per rank); 4 a lost rank.  In a multirun
+sweep the status is the worst of its jobs.
 """
 
 from __future__ import annotations
@@ -38,15 +44,24 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from launch.cli import rundir
 from launch.cli.build import Job, build_job
 from launch.cli.checkpoint_options import checkpointer_for
 from launch.cli.deviation import DeviationTracker, format_table, tolerance_for
-from launch.cli.errors import in_config_terms, report_error
+from launch.cli.errors import (EXIT_CONFIG, EXIT_DEVIATION, EXIT_NONFINITE, EXIT_OK, EXIT_RANK_FAILURE,
+                               in_config_terms, linger, report_error, run_hydra_app)
+from launch.cli.evaluation import VIRTUAL, EvalWriter, Evaluator
 from launch.cli.metrics import MetricsProbe, MetricsWriter
 from launch.cli.registry import serial_reference_missing
 from launch.cli.runs import SerialRun, open_simulation_run, plant_deviation_, role
+from launch.cli.summary import summary_record, write_summary
+from launch.cli.tensorboard import TensorBoardLog
 from launch.comm import make_communicator
+from launch.engine.health import NonFiniteError, RankFailureError
+from launch.engine.simulation import check_resume_step
 from topology.diagnostics import spectral_gap
+
+rundir.register()  # ${launch_stamp:} of the default run directory, before hydra composes
 
 #: The worst exit status of the jobs this process ran (a multirun runs several).
 _STATUS = [0]
@@ -73,19 +88,26 @@ def make_comm(job: Job):
 
 
 def run_job(cfg: DictConfig, body) -> int:
-    """Build the job of ``cfg``, open its communicator, return ``body(job, comm)``; a
-    ``ValueError`` (an invalid configuration, on every rank alike) is reported as one line and
-    gives status 2.  The communicator is closed in any case."""
+    """Build the job of ``cfg``, open its communicator, return ``body(job, comm)``.  Reported as
+    one line on every rank, each raised alike on every rank: a ``ValueError`` (an invalid
+    configuration or missing data) gives status 2, a ``NonFiniteError`` 3, a
+    ``RankFailureError`` 4.  The communicator is closed in any case."""
     comm = None
     try:
         job = build_job(cfg)
-        if cfg.launch.get("num_threads"):
-            torch.set_num_threads(cfg.launch.num_threads)
+        if job.num_threads is not None:
+            torch.set_num_threads(job.num_threads)
         comm = make_comm(job)
         return body(job, comm)
     except ValueError as err:
         report_error(in_config_terms(err))
-        return 2
+        return EXIT_CONFIG
+    except NonFiniteError as err:  # raised alike on every rank: each says so once
+        report_error(err)
+        return EXIT_NONFINITE
+    except RankFailureError as err:
+        report_error(err)
+        return EXIT_RANK_FAILURE
     finally:
         if comm is not None:
             comm.close()
@@ -105,22 +127,36 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     model = job.model()
     run_ = open_run(job, comm, model)
     checkpointer, resume = checkpointer_for(cfg, job, out_dir)
-    first = checkpointer.load(run_.simulation, required=True) if resume else 0
+    first = 0
+    if resume:
+        first = checkpointer.load(run_.simulation, required=True)  # the same t on every rank
+        check_resume_step(first, job.steps, checkpointer.directory, "launch.steps")
+        if rank0:
+            left = (f"running iterations {first}..{job.steps - 1}" if first < job.steps else "nothing left to run")
+            print(f"note: resumed from the checkpoint at t={first} in {checkpointer.directory}; {left} "
+                  f"(launch.steps={job.steps})", file=sys.stderr)
     reference = _reference_run(job, cfg, model, resume)
-    tracker, elapsed = _loop(job, cfg, comm, run_, reference, checkpointer, first, out_dir if rank0 else None)
+    tracker, elapsed, final = _loop(job, cfg, comm, run_, reference, checkpointer, first, out_dir if rank0 else None)
 
     template = job.model()
     state_dicts = run_.state_dicts(template)  # a collective: every rank
     if not rank0:
-        return 0
+        return EXIT_OK
     torch.save(state_dicts, out_dir / "agents.pt")
-    rows = _evaluate(job, template, state_dicts, tracker if reference is not None else None)
+    rows = _table_rows(job, final, tracker if reference is not None else None)
+    virtual = next((r for r in final if r["agent"] == VIRTUAL), None)
+    checked = reference is not None
+    worst = max((r["deviation"] for r in rows), default=0.0) if checked else None
+    status = EXIT_DEVIATION if checked and not worst <= tolerance else EXIT_OK
     where = _where(job, comm)
-    status, summary = _summary(job, comm, rows, gap, tolerance if reference is not None else None, where, elapsed,
-                               first)
-    print(f"\n{_title(job, where, reference is not None)}\n{_table(rows, reference is not None)}")
-    print(summary, flush=True)
-    (out_dir / "summary.txt").write_text(summary + "\n")
+    record = summary_record(job, processes=1 if comm is None else comm.world_size, agent_rows=rows,
+                            virtual_row=virtual, gap=gap, tolerance=tolerance if checked else None, worst=worst,
+                            elapsed=elapsed, first=first, status="ok" if status == EXIT_OK else "FAILED")
+    print(f"\n{_title(job, where, checked)}\n{_table(rows, checked)}")
+    print(write_summary(out_dir, record), flush=True)
+    if status != EXIT_OK:
+        print(f"FAILED: a deviation of {worst:.3e} from the serial reference, above tolerance {tolerance:g}",
+              file=sys.stderr)
     return status
 
 
@@ -141,55 +177,84 @@ def _reference_run(job: Job, cfg: DictConfig, model, resume: bool):
 
 def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first: int, out_dir: Path | None):
     """Iterations ``first`` .. ``job.steps - 1``: step, checkpoint, plant (test only), compare with
-    the reference, log.  Returns the deviation tracker and the loop's wall time.  ``out_dir``:
-    where rank 0 writes metrics.csv (None on the other ranks)."""
+    the reference, log, evaluate.  Returns the deviation tracker, the loop's wall time and (on rank
+    0) the rows of the last evaluation (at ``job.steps``).  ``out_dir``: where rank 0 writes
+    metrics.csv, eval.csv and TensorBoard's files (None on the other ranks)."""
     tracker = DeviationTracker()
     probe = MetricsProbe(run_, comm, job.schedule.num_agents, job.schedule.consensus())
+    evaluator = Evaluator(job, run_, comm)
     writer = MetricsWriter(out_dir / "metrics.csv") if out_dir is not None else None
+    evals = EvalWriter(out_dir / "eval.csv") if out_dir is not None else None
+    board = TensorBoardLog(out_dir) if out_dir is not None and job.tensorboard else None
     bar = tqdm(total=job.steps, initial=first, desc=f"{job.problem_name} {_where(job, comm)}", unit="step",
                disable=writer is None, mininterval=0.5)
     start = time.perf_counter()
     if writer is not None:
         writer.start = start
-    saved = False
-    for t in range(first, job.steps):
-        losses = run_.step()
-        # Decided from t alone, identically on every rank (saving is collective).
-        saved = checkpointer is not None and checkpointer.maybe_save(run_.simulation)
-        plant_deviation_(run_, cfg.get("plant"), t)
-        if reference is not None:
-            reference.step()
-            tracker.update(run_.columns(), reference.columns())
-        done = t + 1
-        if done % job.log_every == 0 or done == job.steps:
-            rows = probe.measure(losses)
-            if writer is not None:
-                writer.write(done, rows)
-                worker_losses = [r["loss"] for r in rows if not math.isnan(r["loss"])]
-                bar.set_postfix(loss=f"{sum(worker_losses) / max(len(worker_losses), 1):.4g}", refresh=False)
-        bar.update()
-    bar.close()
+    saved, final = False, []
+    try:
+        for t in range(first, job.steps):
+            done = t + 1
+            logged = done % job.log_every == 0 or done == job.steps
+            if logged or evaluator.due(done):
+                evaluator.note_lr(done)  # the learning rate of this iteration, before it runs
+            losses = run_.step()
+            # Decided from t alone, identically on every rank (saving is collective).
+            saved = checkpointer is not None and checkpointer.maybe_save(run_.simulation)
+            plant_deviation_(run_, cfg.get("plant"), t)
+            if reference is not None:
+                reference.step()
+                tracker.update(run_.columns(), reference.columns())
+            if logged:
+                rows = probe.measure(losses)
+                if writer is not None:
+                    writer.write(done, rows)
+                    if board is not None:
+                        board.metrics(done, rows)
+                    worker_losses = [r["loss"] for r in rows if not math.isnan(r["loss"])]
+                    bar.set_postfix(loss=f"{sum(worker_losses) / max(len(worker_losses), 1):.4g}", refresh=False)
+            if evaluator.due(done):
+                final = _write_evaluation(evaluator.evaluate(done), evals, board)
+            bar.update()
+        if evaluator.evaluated != job.steps:  # resumed at the end: nothing ran, evaluate anyway
+            final = _write_evaluation(evaluator.evaluate(job.steps), evals, board)
+    finally:
+        bar.close()
+        for sink in (writer, evals, board):
+            if sink is not None:
+                sink.close()
     elapsed = time.perf_counter() - start
     if checkpointer is not None and first < job.steps and not saved:
         checkpointer.save(run_.simulation)  # and at the end
-    if writer is not None:
-        writer.close()
-    return tracker, elapsed
+    return tracker, elapsed, [r for r in final if r["step"] == job.steps]
 
 
-def _evaluate(job: Job, template, state_dicts: list, tracker: DeviationTracker | None) -> list[dict]:
-    """One row per agent: its role, the problem's held-out metrics, its deviation when checked."""
+def _write_evaluation(rows: list[dict] | None, evals: EvalWriter | None, board) -> list[dict]:
+    """Rank 0: append ``rows`` to eval.csv (and TensorBoard); returns them ([] elsewhere)."""
+    if rows is None:
+        return []
+    if evals is not None:
+        evals.write(rows)
+    if board is not None:
+        board.evaluation(rows)
+    return rows
+
+
+def _table_rows(job: Job, final: list[dict], tracker: DeviationTracker | None) -> list[dict]:
+    """One row per agent: its role, its held-out metrics at the end (the last evaluation), its
+    deviation when checked."""
     rows = []
-    for i, state in enumerate(state_dicts):
-        template.load_state_dict(state)
-        metrics = job.evaluate(template.to(job.device) if job.evaluate_on_device else template)
-        rows.append({"agent": i, "role": role(job.schedule, i), **metrics,
+    for row in final:
+        if row["agent"] == VIRTUAL:
+            continue
+        i = row["agent"]
+        rows.append({"agent": i, "role": role(job.schedule, i), **{k: v for k, v in row.items() if k.startswith("heldout_")},
                      **({"deviation": tracker.worst.get(i, 0.0)} if tracker is not None else {})})
     return rows
 
 
 def _metric_keys(rows: list[dict]) -> list[str]:
-    return [k for k in rows[0] if k not in ("agent", "role", "deviation")]
+    return [k for k in rows[0] if k.startswith("heldout_")]
 
 
 def _where(job: Job, comm) -> str:
@@ -203,28 +268,10 @@ def _title(job: Job, where: str, checked: bool) -> str:
 
 def _table(rows: list[dict], checked: bool) -> str:
     columns = [("agent", "agent", "d"), ("role", "role", "s")]
-    columns += [(k, "held-out loss" if k == "loss" else f"held-out {k}", "f") for k in _metric_keys(rows)]
+    columns += [(k, "held-out " + k.removeprefix("heldout_"), "f") for k in _metric_keys(rows)]
     if checked:
         columns.append(("deviation", "max rel. deviation", "e"))
     return format_table(rows, columns)
-
-
-def _summary(job: Job, comm, rows, gap: float, tolerance: float | None, where: str, elapsed: float,
-             first: int) -> tuple[int, str]:
-    """The exit status and the one-line summary (``tolerance``: None when nothing was checked)."""
-    checked = tolerance is not None
-    worst = max((r["deviation"] for r in rows), default=0.0) if checked else None
-    status = 1 if checked and not worst <= tolerance else 0
-    parts = [f"problem={job.problem_name}", f"topology={job.schedule!r}", f"launch={job.mode}",
-             f"processes={1 if comm is None else comm.world_size}", f"steps={job.steps}",
-             f"dtype={str(job.dtype).replace('torch.', '')}", f"seed={job.seed}"]
-    parts += [f"heldout_{k}=[{', '.join(f'{r[k]:.6g}' for r in rows)}]" for k in _metric_keys(rows)]
-    parts.append(f"spectral_gap={gap:.6g}")
-    if checked:
-        parts.append(f"max_deviation={worst:.3e}")
-    parts += [f"time_s={elapsed:.2f}", f"steps_per_s={(job.steps - first) / max(elapsed, 1e-9):.1f}",
-              "status=" + ("ok" if status == 0 else f"FAILED (deviation above tolerance {tolerance:g})")]
-    return status, "summary: " + " ".join(parts)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -234,6 +281,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> int:
-    """Entry point of ``python -m launch``: runs the hydra app, returns the worst exit status."""
-    hydra_main()
-    return _STATUS[0]
+    """Entry point of ``python -m launch``: runs the hydra app, returns the worst exit status
+    (hydra's own errors: one line and :data:`~launch.cli.errors.EXIT_CONFIG`)."""
+    _STATUS[0] = 0
+    status = run_hydra_app(hydra_main)
+    return linger(_STATUS[0] if status is None else status)

@@ -14,18 +14,24 @@
   :class:`agents.outer.OuterOptimizer`; ``{name: adaptive, alpha_low}``: Zhang et al.'s adaptive
   alpha, :class:`agents.adaptive.AdaptiveAlpha`);
 - ``launch``: ``name`` (serial | colocated | torch | mpi), ``device``, ``dtype``, ``seed``,
-  ``steps``, ``log_every``.
+  ``steps``, ``log_every``, ``num_threads``, ``eval_every``, ``tensorboard``; ``check_reference``
+  (colocated); ``checkpoint_every``, ``checkpoint_dir``, ``resume``, ``overlap`` (the simulator's
+  launches); ``agents_per_rank`` (torch, mpi).  A key a launch does not take is an error.
 
 One builder per group (:func:`build_launch`, :func:`build_topology`, :func:`build_agents`,
 :func:`build_problem`); the names they accept are those of :mod:`launch.cli.registry`.  Everything
 is validated here, locally and identically on every rank, before any communicator exists: a wrong
-value is a ``ValueError`` naming the configuration key, what is wrong and what is allowed.
+value is a ``ValueError`` naming the configuration key as the user types it, what is wrong and
+what is allowed (a factory's own message is put in those terms by
+:func:`launch.cli.errors.in_group_terms`; a missing data file is one too, naming ``problem.root``).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -35,14 +41,36 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from agents.level_policy import resolve_policy
+from launch.cli.errors import in_group_terms, launcher_world
 from launch.cli.registry import OUTER_RULES, SCHEDULES, make_schedule, optimizers, problems
+from launch.cli.tensorboard import summary_writer_class
 from launch.comm import LAUNCHES
+from launch.engine.simulation import convert_batch
 from topology.schedule import MultilayerSchedule, Schedule
 
 #: Where a run can take place: the serial reference, or the simulator's communicators.
 MODES = ("serial",) + LAUNCHES
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+#: The top-level keys of the configuration.
+TOP_LEVEL = ("agents", "topology", "problem", "launch", "tolerance", "plant")
+
+#: The ``launch`` keys every launch takes, and those of some launches only.
+LAUNCH_KEYS = ("name", "device", "dtype", "seed", "steps", "log_every", "num_threads", "eval_every", "tensorboard")
+SIMULATOR_KEYS = ("checkpoint_every", "checkpoint_dir", "resume", "overlap")
+MODE_KEYS = {"serial": (), "colocated": SIMULATOR_KEYS + ("check_reference",),
+             "torch": SIMULATOR_KEYS + ("agents_per_rank",), "mpi": SIMULATOR_KEYS + ("agents_per_rank",)}
+
+#: ``launch.seed`` is at most this (every generator seeded from it accepts it, agents' offsets included).
+MAX_SEED = 2**32 - 1
+
+#: The command line runs at most this many agents: every P_t is a dense m x m float64 matrix,
+#: compiled on every rank, and the spectral gap is an eigenvalue problem of that size.
+MAX_AGENTS = 1024
+
+#: Options of the topology factories that count agents (``rows`` x ``cols`` for the torus).
+AGENT_COUNTS = ("n", "num_workers", "rows", "cols")
 
 
 @dataclass
@@ -64,6 +92,12 @@ class Job:
     outer: dict | None = None               # agents.outer, validated (see OUTER_RULES)
     stages: tuple | None = None             # SLRLA's agents.slrla.Stage list (topology=stagewise)
     overlap: bool = False                   # launch.overlap: Simulation(overlap=...)
+    topology_name: str = ""                 # topology.name, and its options as configured
+    topology_options: dict | None = None
+    num_threads: int | None = None          # launch.num_threads (None: torch's default)
+    eval_every: int | None = None           # launch.eval_every (None: at the end only)
+    tensorboard: bool = False               # launch.tensorboard
+    agents_per_rank: int | None = None      # launch.agents_per_rank (torch, mpi)
 
     def make_outer(self):
         """A fresh slow rule for the simulator (``Simulation(outer=...)``), or None."""
@@ -77,7 +111,7 @@ class Job:
     def batches(self, agent: int) -> Iterator:
         """Worker ``agent``'s stream, its floating tensors in the run's dtype, on the run's device."""
         for batch in self.problem.batches(agent):
-            yield _convert(batch, self.dtype, self.device)
+            yield convert_batch(batch, self.dtype, self.device)
 
     def evaluate(self, module: nn.Module) -> dict:
         """The problem's held-out metrics of ``module`` (a CPU copy unless the problem was built
@@ -98,10 +132,18 @@ class LaunchOptions:
     steps: int
     log_every: int
     overlap: bool
+    num_threads: int | None = None
+    eval_every: int | None = None
+    tensorboard: bool = False
+    agents_per_rank: int | None = None
 
 
 def build_job(cfg: DictConfig) -> Job:
     """Validate ``cfg`` and build the problem, schedule and inner optimizer of the run."""
+    unknown = sorted(set(cfg) - set(TOP_LEVEL))
+    if unknown:
+        raise ValueError(f"unknown top-level key(s) {unknown}; the configuration has {', '.join(TOP_LEVEL)}")
+    check_plant(cfg.get("plant"))
     launch = build_launch(cfg.launch)
     schedule, stages = build_topology(cfg.topology, launch.steps)
     state_policy, optimizer, outer = build_agents(cfg.agents, schedule, stages)
@@ -111,23 +153,51 @@ def build_job(cfg: DictConfig) -> Job:
             OUTER_RULES[outer["name"]].make(outer).check(problem.model().to(dtype=launch.dtype), optimizer)
         except ValueError as err:
             raise ValueError(f"agents.outer={{name: {outer['name']}}}: {err}") from None
+    topology_options = {k: v for k, v in _options(cfg.topology, "topology").items() if k != "name"}
     return Job(problem, problem_name, schedule, optimizer, state_policy, launch.mode, launch.device, launch.dtype,
                launch.seed, launch.steps, launch.log_every, evaluate_on_device=on_device, outer=outer,
-               stages=stages, overlap=launch.overlap)
+               stages=stages, overlap=launch.overlap, topology_name=str(cfg.topology.name),
+               topology_options=topology_options, num_threads=launch.num_threads, eval_every=launch.eval_every,
+               tensorboard=launch.tensorboard, agents_per_rank=launch.agents_per_rank)
 
 
 def build_launch(node) -> LaunchOptions:
-    """The ``launch`` group: ``name``, ``dtype``, ``device``, ``seed``, ``steps``, ``log_every``,
-    ``overlap``."""
-    mode = _choice(node.name, MODES, "launch.name")
-    overlap = node.get("overlap", False)
-    if not isinstance(overlap, bool):
-        raise ValueError(f"launch.overlap must be true or false; got {overlap!r}")
+    """The ``launch`` group (see the module docstring); a launch that would run the whole job in
+    each of several processes (``serial`` / ``colocated`` under torchrun or mpiexec) is an error."""
+    mode = _choice(node.get("name"), MODES, "launch.name")
+    allowed = LAUNCH_KEYS + MODE_KEYS[mode]
+    unknown = sorted(set(node) - set(allowed))
+    if unknown:
+        hint = (" (launch.agents_per_rank is a key of launch=torch and launch=mpi)"
+                if "agents_per_rank" in unknown else "")
+        raise ValueError(f"launch has key(s) {unknown} that launch={mode} does not take{hint}; "
+                         f"allowed: {', '.join(allowed)}")
+    _check_world(mode)
+    tensorboard = _boolean(node.get("tensorboard", False), "launch.tensorboard")
+    if tensorboard:
+        summary_writer_class()  # the package is there, or the same error on every rank
     return LaunchOptions(
         mode=mode, dtype=DTYPES[_choice(node.dtype, tuple(DTYPES), "launch.dtype")],
-        device=_device(str(node.device), mode), seed=_integer(node.seed, "launch.seed", minimum=0),
+        device=_device(str(node.device), mode), seed=_integer(node.seed, "launch.seed", minimum=0, maximum=MAX_SEED),
         steps=_integer(node.steps, "launch.steps", minimum=1),
-        log_every=_integer(node.log_every, "launch.log_every", minimum=1), overlap=overlap)
+        log_every=_integer(node.log_every, "launch.log_every", minimum=1),
+        overlap=_boolean(node.get("overlap", False), "launch.overlap"),
+        num_threads=_optional_integer(node.get("num_threads"), "launch.num_threads", "torch's default"),
+        eval_every=_optional_integer(node.get("eval_every"), "launch.eval_every", "only at the end"),
+        tensorboard=tensorboard, agents_per_rank=_optional_integer(node.get("agents_per_rank"), "launch.agents_per_rank",
+                                          "number of agents / number of processes"))
+
+
+def _check_world(mode: str) -> None:
+    """``launch=serial`` / ``colocated`` run every agent in one process: started as one of several
+    processes (torchrun, mpiexec) each would run the whole job into the same folder."""
+    size, launcher, variable = launcher_world()
+    if size > 1 and mode in ("serial", "colocated"):
+        fix = "launch=torch" if launcher == "torchrun" else "launch=mpi"
+        raise ValueError(f"launch={mode} runs the whole job in one process, but {launcher} started {size} "
+                         f"processes ({variable}={size}): add {fix} (the agents spread over the processes)")
+    if size > 1 and mode == "mpi" and launcher == "torchrun":
+        raise ValueError(f"launch=mpi needs mpiexec, but torchrun started {size} processes: use launch=torch")
 
 
 def build_topology(node, steps: int) -> tuple[Schedule, tuple | None]:
@@ -137,7 +207,11 @@ def build_topology(node, steps: int) -> tuple[Schedule, tuple | None]:
     if name not in SCHEDULES:
         raise ValueError(f"topology.name must be one of {', '.join(sorted(SCHEDULES))}; got {name!r}")
     _check_options(SCHEDULES[name], options, f"topology {name!r}", "topology")
-    schedule = make_schedule(name, **options)
+    _check_agent_count(options)
+    try:
+        schedule = make_schedule(name, **options)
+    except ValueError as err:
+        raise in_group_terms(err, "topology", name, options, _parameters(SCHEDULES[name])) from None
     if name != "stagewise":
         return schedule, None
     from agents.slrla import check_stages
@@ -180,12 +254,19 @@ def build_problem(node, launch: LaunchOptions):
         raise ValueError(f"problem.name must be one of {', '.join(sorted(table))}; got {name!r}")
     factory = table[name]
     _check_options(factory, options, f"problem {name!r}", "problem")
+    given = dict(options)
     accepted = _parameters(factory)
     for key, value in {"seed": launch.seed, "dtype": launch.dtype, "device": launch.device}.items():
         if accepted is not None and key in accepted and key not in options:
             options[key] = value
     torch.manual_seed(launch.seed)
-    return factory(**options), name, "device" in options
+    try:
+        return factory(**options), name, "device" in options
+    except ValueError as err:
+        raise in_group_terms(err, "problem", name, given, accepted) from None
+    except (OSError, EOFError) as err:  # missing or unreadable data files
+        where = f"problem.root={given['root']}" if "root" in given else f"problem={name}"
+        raise ValueError(f"{where}: {' '.join(str(err).split())}") from None
 
 
 def _outer_options(outer) -> dict | None:
@@ -246,10 +327,62 @@ def _device(device: str, mode: str) -> str:
     return device
 
 
-def _integer(value, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}; got {value!r}")
+def _integer(value, key: str, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{key} must be an integer {allowed}; got {value!r}")
     return value
+
+
+def _optional_integer(value, key: str, null_means: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be null ({null_means}) or an integer >= 1; got {value!r}")
+    return value
+
+
+def _boolean(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false; got {value!r}")
+    return value
+
+
+def _finite_number(value) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+            and math.isfinite(float(value)))
+
+
+def _check_agent_count(options: dict) -> None:
+    """At most :data:`MAX_AGENTS` agents, checked on the options that count them before the
+    factory builds m x m matrices (``topology.n=100000`` would ask for 80 GB)."""
+    counts = {k: options[k] for k in AGENT_COUNTS
+              if k in options and not isinstance(options[k], bool) and isinstance(options[k], int)}
+    for key, value in counts.items():
+        if value > MAX_AGENTS:
+            raise ValueError(f"topology.{key}={value} asks for more agents than the command line runs "
+                             f"(at most {MAX_AGENTS}: every P_t is a dense m x m matrix)")
+    if "rows" in counts and "cols" in counts and counts["rows"] * counts["cols"] > MAX_AGENTS:
+        raise ValueError(f"topology.rows x topology.cols = {counts['rows'] * counts['cols']} agents; the command "
+                         f"line runs at most {MAX_AGENTS} (every P_t is a dense m x m matrix)")
+
+
+def check_plant(plant) -> None:
+    """``plant`` (test only): null, or a mapping with keys among run, agent, step, size."""
+    if plant is None:
+        return
+    keys = ("run", "agent", "step", "size")
+    if not isinstance(plant, DictConfig | dict):
+        raise ValueError(f"plant must be null or a mapping {{run, agent, step, size}}; got {plant!r}")
+    unknown = sorted(set(plant) - set(keys))
+    if unknown:
+        raise ValueError(f"plant has key(s) {unknown}; allowed: {', '.join(keys)}")
+    if plant.get("run", "colocated") not in MODES:
+        raise ValueError(f"plant.run must be one of {', '.join(MODES)}; got {plant.get('run')!r}")
+    for key in ("agent", "step"):
+        _integer(plant.get(key, 0), f"plant.{key}", minimum=0)
+    if not _finite_number(plant.get("size", 1e-6)):
+        raise ValueError(f"plant.size must be a finite number; got {plant.get('size')!r}")
 
 
 def _options(node, key: str) -> dict:
@@ -271,10 +404,15 @@ def _parameters(fn) -> set[str] | None:
     return {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
 
 
+#: Parameters of a factory that are not options (a method's ``self``, an optimizer's ``params``).
+NOT_OPTIONS = frozenset({"self", "params"})
+
+
 def _check_options(fn, options: dict, what: str, key: str) -> None:
     accepted = _parameters(fn)
     if accepted is None:
         return
+    accepted = accepted - NOT_OPTIONS
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(f"{key} has option(s) {unknown} that {what} does not take; allowed: {sorted(accepted)}")
@@ -282,27 +420,38 @@ def _check_options(fn, options: dict, what: str, key: str) -> None:
 
 def _optimizer_factory(options: dict) -> Callable[[list], torch.optim.Optimizer]:
     """``agents.optimizer`` validated: ``name`` (a ``torch.optim`` optimizer) and its keyword
-    options; the factory ``params -> optimizer``."""
+    options; the factory ``params -> optimizer``.  An option whose default is a number (and
+    ``lr``) must be a finite number, one whose default is a bool a bool, one whose default is a
+    tuple of numbers (``betas``) a list of as many finite numbers; then the optimizer is built
+    on a throwaway parameter, so that what torch refuses (lr < 0...) fails here too."""
     known = optimizers()
     name = str(options.pop("name", "")).lower()
     if name not in known:
         raise ValueError(f"agents.optimizer.name must be a torch.optim optimizer ({', '.join(sorted(known))}); got {name!r}")
     cls = known[name]
     _check_options(cls.__init__, options, f"torch.optim.{cls.__name__}", "agents.optimizer")
-    # Build one on a throwaway parameter now, so that a bad value (lr < 0...) fails here.
+    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()}
+    for key, value in options.items():
+        options[key] = _optimizer_option(f"agents.optimizer.{key}", value, defaults.get(key), key == "lr")
     try:
         cls([nn.Parameter(torch.zeros(1))], **options)
-    except ValueError as err:
+    except (ValueError, TypeError, RuntimeError) as err:
         raise ValueError(f"agents.optimizer: torch.optim.{cls.__name__} refuses {options}: {err}") from None
     return lambda params: cls(params, **options)
 
 
-def _convert(batch, dtype: torch.dtype, device):
-    """``batch`` with floating tensors in ``dtype`` and every tensor on ``device`` (recursively)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device=device, dtype=dtype if batch.is_floating_point() else None)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_convert(b, dtype, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _convert(v, dtype, device) for k, v in batch.items()}
-    return batch
+def _optimizer_option(key: str, value, default, numeric: bool):
+    """One optimizer option checked against the type of its default (see :func:`_optimizer_factory`)."""
+    if isinstance(default, bool):
+        return _boolean(value, key)
+    if numeric or (isinstance(default, numbers.Real) and not isinstance(default, bool)):
+        if not _finite_number(value):
+            raise ValueError(f"{key} must be a finite number; got {value!r}")
+        return value
+    if isinstance(default, tuple) and default and all(_finite_number(v) for v in default):
+        if (not isinstance(value, (list, tuple)) or len(value) != len(default)
+                or not all(_finite_number(v) for v in value)):
+            raise ValueError(f"{key} must be a list of {len(default)} finite numbers, like "
+                             f"[{','.join(map(str, default))}]; got {value!r}")
+        return tuple(value)
+    return value

@@ -5,7 +5,8 @@
   ``checkpoint_dir`` (relative paths are taken from the run directory; give an absolute path, or
   the same ``hydra.run.dir``, to resume a run in a new process);
 - ``resume: true`` starts from the latest complete checkpoint in ``checkpoint_dir`` (a clear error
-  when there is none) and runs on until t reaches ``launch.steps``.  The trajectory is the
+  when there is none) and runs on until t reaches ``launch.steps``, a total: a checkpoint past it
+  is an error naming both (:func:`launch.engine.simulation.check_resume_step`, in the app).  The trajectory is the
   uninterrupted run's, bit for bit (same layout) or within 1e-12 (another layout).
 
 Only simulator runs (colocated, torch, mpi) checkpoint; the co-located reference check is skipped

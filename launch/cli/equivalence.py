@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from launch.cli.app import open_run, run_job
 from launch.cli.build import Job
 from launch.cli.deviation import DeviationTracker, format_table, tolerance_for
+from launch.cli.errors import linger, run_hydra_app
 from launch.cli.registry import serial_reference_missing
 from launch.cli.runs import plant_deviation_, role
 
@@ -120,8 +121,10 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> int:
-    hydra_main()
-    return _STATUS[0]
+    """Entry point of ``python -m launch.equivalence`` (hydra's own errors: one line, status 2)."""
+    _STATUS[0] = 0
+    status = run_hydra_app(hydra_main)
+    return linger(_STATUS[0] if status is None else status)
 
 
 if __name__ == "__main__":

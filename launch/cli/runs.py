@@ -146,23 +146,10 @@ class SimulationRun:
         return {i: _grad_norm(a.parameters) for i, a in self.simulation.agents.items() if a.is_worker}
 
     def state_dicts(self, template: nn.Module) -> list[dict]:
-        """Every agent's parameters (gathered from every rank), in ``template``'s state_dict
-        layout.  Buffers (BatchNorm statistics...) are not mixed by P_t: a worker keeps its own,
-        a passive agent gets those of the lowest-numbered worker.  Collective: every rank calls."""
-        sim = self.simulation
-        parameters = sim.gather_parameters()
-        buffers: dict[int, dict] = {}
-        if any(True for _ in template.buffers()):
-            local = {i: {n: b.detach().cpu().clone() for n, b in a.module.named_buffers()}
-                     for i, a in sim.agents.items() if a.is_worker}
-            for part in sim.comm.all_gather_object(local):
-                buffers.update(part)
-        first = min(sim.schedule.workers)
-        out = []
-        for i, params in enumerate(parameters):
-            column = _flat(params[n] for n in sim.parameter_names)
-            out.append(_state_dict(template, column, buffers.get(i, buffers.get(first, {}))))
-        return out
+        """Every agent's full state_dict, gathered from every rank
+        (:meth:`launch.Simulation.gather_state_dicts`: buffers are not mixed by P_t; a passive
+        agent carries the lowest-numbered worker's).  Collective: every rank calls."""
+        return self.simulation.gather_state_dicts()
 
 
 def _state_dict(template: nn.Module, column: torch.Tensor, buffers: dict) -> dict:
@@ -201,7 +188,8 @@ def open_simulation_run(job, comm, model, mode: str) -> SimulationRun:
     optimizer = proximal(job.optimizer) if job.stages is not None else job.optimizer
     sim = Simulation(model, job.problem.loss_fn, job.batches, job.schedule, optimizer,
                      state_policy=job.state_policy, comm=comm if comm is not None else LocalCommunicator(),
-                     device=job.device, outer=job.make_outer(), overlap=job.overlap)
+                     device=job.device, outer=job.make_outer(), overlap=job.overlap,
+                     agents_per_rank=job.agents_per_rank if comm is not None else None)
     controller = None
     if job.stages is not None:
         controller = SLRLAController(job.stages)

@@ -27,6 +27,8 @@ Example (co-located, LA-1 on a least-squares problem):
     ...                   lambda p: torch.optim.SGD(p, lr=0.1), steps=50)
     >>> len(result.parameters), sorted(result.parameters[1])
     (2, ['bias', 'weight'])
+    >>> model.load_state_dict(result.state_dicts[1])   # the slow weights, buffers included
+    <All keys matched successfully>
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class Simulation(SyncEngine):
             ..., see :mod:`agents.level_policy`).
         comm: where the agents run; default co-located (:class:`launch.comm.LocalCommunicator`).
         agents_per_rank: default: num_agents / world_size (all agents on one rank co-located).
-        dtype, device: convert the agents' copies of the model (default: as the model is).
+        dtype, device: convert the agents' copies of the model, and every batch as it is drawn
+            (floating tensors to ``dtype``, every tensor to ``device``, inside tuples, lists and
+            dicts: :func:`convert_batch`); default: the model and the batches as they are.
         outer: a state-dependent slow update, an :class:`agents.slow_rule.SlowRule`
             (:class:`agents.outer.OuterOptimizer`: outer SGD, SlowMo, DiLoCo;
             :class:`agents.adaptive.AdaptiveAlpha`), run by
@@ -98,13 +102,17 @@ class Simulation(SyncEngine):
     ):
         _check_arguments(model, loss_fn, data, schedule, optimizer)
         check_dtype_device(dtype, device)
-        if dtype is not None or device is not None:
+        convert = dtype is not None or device is not None
+        if convert:
             model = copy.deepcopy(model).to(device=device, dtype=dtype)
         self.loss_fn = loss_fn
+        self._state_layout = _state_layout(model)
 
         def make_agent(i: int, layout: StateLayout, policy: str) -> Agent:
             worker = i in schedule.workers
             stream = iter(data(i) if callable(data) else data) if worker else None
+            if stream is not None and convert:
+                stream = ConvertedStream(stream, dtype, device)
             return Agent(i, model, worker=worker, optimizer=optimizer, data=stream, state_policy=policy,
                          layout=layout, push_sum=schedule.push_sum)
 
@@ -123,6 +131,34 @@ class Simulation(SyncEngine):
         self.end_step(losses)
         return losses
 
+    def gather_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Every agent's full ``state_dict``, indexed by agent, on every rank (collective).
+
+        The keys are the model's ``state_dict`` keys, in its order, so that
+        ``model.load_state_dict(sim.gather_state_dicts()[i])`` works; CPU copies.  Parameters are
+        :meth:`gather_parameters`' (de-biased under push-sum).  Buffers (BatchNorm running
+        statistics, ``num_batches_tracked``...) are not mixed by P_t: a worker's are its own
+        module's; a passive agent, which has no module, gets those of the lowest-numbered worker
+        (so Lookahead's slow weights are evaluated with the fast worker's statistics, as the serial
+        optimizer does: it has one module).
+        """
+        parameters = self.gather_parameters()
+        keys, aliases, has_buffers = self._state_layout
+        buffers: dict[int, dict[str, torch.Tensor]] = {}
+        if has_buffers:
+            local = {i: {n: b.detach().cpu().clone() for n, b in a.module.named_buffers()}
+                     for i, a in self.agents.items() if a.is_worker}
+            parts = self.comm.all_gather_object(local) if self.comm.world_size > 1 else [local]
+            for part in parts:
+                buffers.update(part)
+        first = min(self.schedule.workers)
+        out = []
+        for i, params in enumerate(parameters):
+            own = buffers.get(i, buffers.get(first, {}))
+            out.append({key: (params[aliases.get(key, key)] if aliases.get(key, key) in params else own[key])
+                        for key in keys})
+        return out
+
     def run(self, steps: int, callback: Callable[["Simulation", dict], None] | None = None) -> None:
         """``steps`` iterations; ``callback(sim, losses)`` after each."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -135,12 +171,19 @@ class Simulation(SyncEngine):
 
 @dataclass
 class SimulationResult:
-    """What :func:`simulate` returns: every agent's final parameters (``{name: tensor}``, indexed
-    by agent), the final losses of this rank's workers, and the simulation itself."""
+    """What :func:`simulate` returns, on every rank.
+
+    ``parameters``: every agent's final parameters (``{name: tensor}``, indexed by agent);
+    ``losses``: the final losses of this rank's workers; ``simulation``: the simulation itself;
+    ``state_dicts``: every agent's full ``state_dict``, buffers included
+    (:meth:`Simulation.gather_state_dicts`: a passive agent carries the lowest-numbered
+    worker's buffers), so ``model.load_state_dict(result.state_dicts[i])`` evaluates agent i.
+    """
 
     parameters: list[dict[str, torch.Tensor]]
     losses: dict[int, float]
     simulation: Simulation
+    state_dicts: list[dict[str, torch.Tensor]]
 
 
 def simulate(
@@ -157,7 +200,10 @@ def simulate(
     The same call runs co-located (the default), under torchrun (``comm=TorchCommunicator()``)
     or under mpiexec (``comm=MPICommunicator()``); see :class:`Simulation` for the arguments.
     ``checkpoint=launch.engine.checkpoint.Checkpointer(...)``: resume from its latest checkpoint if any,
-    run until t == ``steps`` (a total), saving every ``every`` iterations and at the end.
+    run until t == ``steps`` (a total), saving every ``every`` iterations and at the end; a
+    checkpoint already past ``steps`` is a ``ValueError`` naming both (on every rank alike).
+    ``dtype`` / ``device``: the agents' models and every batch are converted (see
+    :class:`Simulation`).
     """
     callback = options.pop("callback", None)
     checkpoint = options.pop("checkpoint", None)
@@ -172,9 +218,77 @@ def simulate(
     if checkpoint is None:
         sim.run(steps, record)
     else:
-        checkpoint.load(sim)
+        resumed = checkpoint.load(sim)  # the same t on every rank (load agrees on it)
+        check_resume_step(resumed, steps, checkpoint.directory)
         run_with_checkpoints(sim, steps, checkpoint, record)
-    return SimulationResult(sim.gather_parameters(), {i: float(v) for i, v in last.items()}, sim)
+    state_dicts = sim.gather_state_dicts()
+    parameters = [{name: state[name] for name in sim.parameter_names} for state in state_dicts]
+    return SimulationResult(parameters, {i: float(v) for i, v in last.items()}, sim, state_dicts)
+
+
+def check_resume_step(t: int | None, steps, directory, steps_name: str = "steps") -> None:
+    """``ValueError`` when a checkpoint at iteration ``t`` is past the run's total ``steps``: the
+    run cannot go back (``steps_name``: how the caller spells the argument).
+
+    Example:
+        >>> check_resume_step(300, 200, "ckpt")
+        Traceback (most recent call last):
+        ...
+        ValueError: steps=200 is before the checkpoint in ckpt, which is at t=300: a resumed run goes on to steps (a total, not a count of new steps); pass steps >= 300
+    """
+    if t is not None and not isinstance(steps, bool) and isinstance(steps, int) and t > steps:
+        raise ValueError(f"{steps_name}={steps} is before the checkpoint in {directory}, which is at t={t}: a "
+                         f"resumed run goes on to {steps_name} (a total, not a count of new steps); pass "
+                         f"{steps_name} >= {t}")
+
+
+def convert_batch(batch, dtype: torch.dtype | None, device):
+    """``batch`` with its floating tensors in ``dtype`` and every tensor on ``device`` (None: left
+    as it is), recursively inside tuples, lists and dicts; anything else unchanged.
+
+    Example:
+        >>> x, y = convert_batch((torch.zeros(2), torch.ones(2, dtype=torch.long)), torch.float64, None)
+        >>> x.dtype, y.dtype
+        (torch.float64, torch.int64)
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device=device, dtype=dtype if batch.is_floating_point() else None)
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(convert_batch(b, dtype, device) for b in batch)
+    if isinstance(batch, tuple):  # a named tuple
+        return type(batch)(*(convert_batch(b, dtype, device) for b in batch))
+    if isinstance(batch, dict):
+        return {k: convert_batch(v, dtype, device) for k, v in batch.items()}
+    return batch
+
+
+class ConvertedStream:
+    """A worker's stream whose batches go through :func:`convert_batch`.  A stream with
+    ``state_dict()`` / ``load_state_dict()`` keeps them (checkpoints restore its position)."""
+
+    def __init__(self, stream, dtype: torch.dtype | None, device):
+        self.stream, self.dtype, self.device = stream, dtype, device
+        for name in ("state_dict", "load_state_dict"):
+            if hasattr(stream, name):
+                setattr(self, name, getattr(stream, name))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return convert_batch(next(self.stream), self.dtype, self.device)
+
+
+def _state_layout(model: nn.Module) -> tuple[list[str], dict[str, str], bool]:
+    """The model's ``state_dict`` keys (in order), each tied parameter's alias -> the name
+    ``named_parameters`` keeps, and whether the model has buffers."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical = first.setdefault(id(p), name)
+        if canonical != name:
+            aliases[name] = canonical
+    return list(model.state_dict()), aliases, any(True for _ in model.buffers())
 
 
 def _check_arguments(model, loss_fn, data, schedule, optimizer) -> None:

@@ -1,0 +1,222 @@
+"""``eval.csv``: held-out metrics during training, and the inner learning rate.
+
+``launch.eval_every=N`` evaluates, after every N-th iteration and after the last one
+(``null``: after the last one only), the problem's held-out metrics (``problem.evaluate``) of
+
+- every agent i, on its model z_i (x_i, or x_i / w_i under push-sum) with its buffers (a
+  worker's own; a passive agent's: those of the lowest-numbered worker, as in ``agents.pt``);
+- the virtual iterate theta = X a (Wang et al. eq. 8), when the schedule has a consensus vector
+  a (``schedule.consensus()``), with the lowest-numbered worker's buffers;
+
+and records, at every logged step (``launch.log_every``, the last one included) and every
+evaluated step, each worker's inner learning rate during that iteration
+(``param_groups[0]["lr"]`` of its optimizer, read before the iteration: SLRLA's stages change it).
+
+Columns (:func:`eval_columns`):
+
+``step``
+    s, the number of iterations completed.
+``agent``
+    the agent's index i, or ``virtual`` for theta = X a (after the agents of its step).
+``lr``
+    worker i's inner learning rate during iteration s; empty for a passive agent and ``virtual``.
+``heldout_<metric>``
+    the problem's held-out metrics (``heldout_loss``, ``heldout_accuracy`` ...) after iteration
+    s; empty at a logged step that is not evaluated.
+
+Distributed, each rank evaluates its own agents; an evaluated step costs, over the world, one
+all-gather of the lowest worker's buffers (only when the model has buffers), one all-reduce of
+d numbers (the partial sums of X a; only with a consensus vector; rank 0 evaluates theta) and
+one all-gather of the rows and of the learning rates recorded since the last evaluation.  Other
+steps communicate nothing, so rank 0 writes (and flushes) the rows of the steps up to s at each
+evaluated step.  Evaluation reads the agents and never changes them: the trajectory is that of
+a run without it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import torch
+
+from agents.flat import load_flat_
+
+VIRTUAL = "virtual"
+
+
+def eval_columns(metrics) -> list[str]:
+    """The columns of ``eval.csv`` for a problem whose ``evaluate`` returns ``metrics``."""
+    return ["step", "agent", "lr"] + [f"heldout_{k}" for k in metrics]
+
+
+class Evaluator:
+    """The held-out metrics of a run's agents (see the module docstring).
+
+    Args:
+        job: the :class:`launch.cli.build.Job` (its problem, schedule, ``eval_every``, ``steps``).
+        run: a :mod:`launch.cli.runs` run (``models()``, ``columns()``, ``agents``).
+        comm: the run's communicator, or None for a single-process run.
+    """
+
+    def __init__(self, job, run, comm):
+        self.job, self.run = job, run
+        self.comm = comm if comm is not None and comm.world_size > 1 else None
+        self.rank = 0 if comm is None else comm.rank
+        self.template = job.model()
+        if job.evaluate_on_device:
+            self.template = self.template.to(job.device)
+        self.has_buffers = any(True for _ in self.template.buffers())
+        a = job.schedule.consensus()
+        self.a = None if a is None else [float(v) for v in a]
+        self.first_worker = min(job.schedule.workers)
+        self.m = job.schedule.num_agents
+        self.pending_lrs: dict[int, dict[int, float]] = {}  # step -> {local worker: lr}, not yet gathered
+        self.evaluated = 0  # the last evaluated step
+
+    # -- when -----------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """Whether step s is evaluated: every ``eval_every``-th and the last."""
+        every = self.job.eval_every
+        return step == self.job.steps or (every is not None and step % every == 0)
+
+    def note_lr(self, step: int) -> None:
+        """Record the local workers' learning rates for step ``step`` (call before its iteration)."""
+        self.pending_lrs[step] = local_learning_rates(self.run)
+
+    # -- evaluating -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, step: int) -> list[dict] | None:
+        """Evaluate after step ``step`` (collective when distributed: every rank calls).  On rank 0
+        the rows of ``eval.csv`` for every step recorded since the last evaluation, up to
+        ``step`` (the evaluated one with metrics); None on the other ranks."""
+        self.evaluated = step
+        if hasattr(self.run, "simulation"):
+            self.run.simulation.wait_in_flight()  # overlapped syncs: a receiver may still be written
+        buffers = self._lowest_worker_buffers()
+        own = local_buffers(self.run)
+        metrics = {i: self._metrics(z, own.get(i, buffers)) for i, z in self.run.models().items()}
+        virtual = self._virtual(buffers)
+        lrs, self.pending_lrs = self.pending_lrs, {}
+        parts = self.comm.all_gather_object((metrics, lrs)) if self.comm is not None else [(metrics, lrs)]
+        if self.rank != 0:
+            return None
+        merged_metrics: dict[int, dict] = {}
+        merged_lrs: dict[int, dict[int, float]] = {}
+        for part_metrics, part_lrs in parts:
+            merged_metrics.update(part_metrics)
+            for s, values in part_lrs.items():
+                merged_lrs.setdefault(s, {}).update(values)
+        return self._rows(step, merged_metrics, merged_lrs, virtual)
+
+    def _rows(self, step: int, metrics: dict, lrs: dict, virtual: dict | None) -> list[dict]:
+        keys = list(next(iter(metrics.values())))
+        empty = {f"heldout_{k}": math.nan for k in keys}
+        rows = []
+        for s in sorted(set(lrs) | {step}):
+            for i in range(self.m):
+                values = {f"heldout_{k}": v for k, v in metrics[i].items()} if s == step else empty
+                rows.append({"step": s, "agent": i, "lr": lrs.get(s, {}).get(i, math.nan), **values})
+            if s == step and virtual is not None:
+                rows.append({"step": s, "agent": VIRTUAL, "lr": math.nan,
+                             **{f"heldout_{k}": v for k, v in virtual.items()}})
+        return rows
+
+    def _metrics(self, flat: torch.Tensor, buffers: dict) -> dict:
+        """The held-out metrics of the model ``flat`` with ``buffers`` (in the template)."""
+        load_flat_(self.template, flat.detach().to(next(self.template.parameters()).device))
+        for name, buf in self.template.named_buffers():
+            if name in buffers:
+                buf.copy_(buffers[name])
+        return self.job.evaluate(self.template)
+
+    def _lowest_worker_buffers(self) -> dict:
+        """The buffers of the lowest-numbered worker, on every rank (one all-gather when the model
+        has buffers and the run spans ranks)."""
+        if not self.has_buffers:
+            return {}
+        local = local_buffers(self.run).get(self.first_worker)
+        if self.comm is None:
+            return local or {}
+        held = [b for b in self.comm.all_gather_object(
+            {n: t.cpu() for n, t in local.items()} if local is not None else None) if b is not None]
+        return held[0]
+
+    def _virtual(self, buffers: dict) -> dict | None:
+        """The metrics of theta = X a = sum_i a_i x_i on rank 0 (an all-reduce of the local partial
+        sums when the run spans ranks); None without a consensus vector and on the other ranks."""
+        if self.a is None:
+            return None
+        columns = self.run.columns()
+        theta = None
+        for i, x in columns.items():
+            term = x.detach() * self.a[i]
+            theta = term if theta is None else theta.add_(term)
+        if self.comm is not None:
+            self.comm.all_reduce_(theta, tuple(range(self.comm.world_size)))
+        return self._metrics(theta, buffers) if self.rank == 0 else None
+
+
+def local_learning_rates(run) -> dict[int, float]:
+    """``{worker: lr}`` of the run's local workers (``param_groups[0]["lr"]``)."""
+    if hasattr(run, "simulation"):
+        return {i: float(a.optimizer.param_groups[0]["lr"]) for i, a in run.simulation.agents.items() if a.is_worker}
+    return {0: float(run.optimizer.param_groups[0]["lr"])}  # the serial reference: agent 0 is the worker
+
+
+def local_buffers(run) -> dict[int, dict[str, torch.Tensor]]:
+    """``{worker: {name: buffer}}`` of the run's local workers (live tensors; read only)."""
+    if hasattr(run, "simulation"):
+        return {i: dict(a.module.named_buffers()) for i, a in run.simulation.agents.items() if a.is_worker}
+    return {0: dict(run.module.named_buffers())}
+
+
+class EvalWriter:
+    """Appends :class:`Evaluator` rows to ``path`` (the header from the first rows' metrics),
+    flushed at every write; NaN (not applicable) is an empty field, floats with 17 digits."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._file = None
+        self._columns: list[str] = []
+
+    def write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        if self._file is None:
+            self._columns = ["step", "agent", "lr"] + [k for k in rows[0] if k.startswith("heldout_")]
+            self._file = open(self.path, "w", newline="")
+            self._csv = csv.writer(self._file)
+            self._csv.writerow(self._columns)
+        for row in rows:
+            self._csv.writerow([_cell(row.get(k, math.nan)) for k in self._columns])
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _cell(value) -> str:
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    return "" if value is None or math.isnan(value) else repr(float(value))
+
+
+def read_eval(path: Path | str) -> list[dict]:
+    """The rows of an ``eval.csv``: ``step`` an int, ``agent`` an int or ``"virtual"``, the other
+    columns floats (NaN where empty)."""
+    with open(path, newline="") as f:
+        rows = []
+        for row in csv.DictReader(f):
+            parsed = {}
+            for key, value in row.items():
+                if key == "step":
+                    parsed[key] = int(value)
+                elif key == "agent":
+                    parsed[key] = value if value == VIRTUAL else int(value)
+                else:
+                    parsed[key] = float(value) if value else math.nan
+            rows.append(parsed)
+        return rows
