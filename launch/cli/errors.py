@@ -32,8 +32,9 @@ EXIT_OK, EXIT_DEVIATION, EXIT_CONFIG, EXIT_NONFINITE, EXIT_RANK_FAILURE = 0, 1, 
 
 #: Seconds a process started by a launcher waits before it exits with an error: torchrun and
 #: mpiexec stop every process as soon as one exits non-zero, and the others, which raise the same
-#: error a moment later (their start-up is not simultaneous), must have printed their line.
-LINGER_S = 2.0
+#: error a moment later (their start-up is not simultaneous: importing torch on a loaded 2-core
+#: machine can differ by seconds between ranks), must have printed their line.
+LINGER_S = 5.0
 
 #: Python-API spellings in the engine's messages -> the configuration key that sets them.
 ENGINE_SPELLINGS = {
