@@ -24,7 +24,7 @@ from tests.spawn import ROOT, run_torchrun
 
 TOL = 1e-12
 CONF = Path(__file__).resolve().parent.parent / "launch" / "cli" / "conf" / "topology"
-NEW_TOPOLOGIES = ["nested", "with_slow_agent", "stagewise", "ring", "torus", "exponential", "one_peer_exponential",
+NEW_TOPOLOGIES = ["nested", "with_slow_agent", "stagewise", "phases", "ring", "torus", "exponential", "one_peer_exponential",
                   "push_sum_random", "local_sgd", "hierarchical", "lookahead_local_sgd", "multilayer_local_sgd"]
 # Small, fast runs: float64 teacher-student (the default problem), 12 steps, every step logged.
 FAST = ["problem.dim=4", "problem.hidden=4", "launch.log_every=1"]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import topology
 from topology import decentralized as dec
 from topology.diagnostics import period_product, spectral_gap, vectors_sent_per_agent
-from topology.registry import make_schedule
+from launch.cli.topologies import make_schedule
 from topology.stagewise import Stage
 
 EYE3 = torch.eye(3, dtype=torch.float64)

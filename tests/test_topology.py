@@ -297,7 +297,7 @@ def test_one_dtype_table():
 # -- SLRLA's stages live beside their schedule ----------------------------------------------------------
 def test_stages_are_validated_in_topology_and_reexported_by_agents():
     import agents.slrla
-    from topology.registry import make_schedule
+    from launch.cli.topologies import make_schedule
     from topology.stagewise import check_stages
 
     assert agents.slrla.Stage is Stage and agents.slrla.check_stages is check_stages
@@ -323,8 +323,8 @@ def test_topology_imports_nothing_of_agents_launch_or_experiments():
     import sys
 
     code = (
-        "import sys, topology, topology.registry\n"
-        "topology.registry.make_schedule('stagewise', stages=[dict(steps=2, lr=0.1, alpha=0.5, k=1, beta=0.0)])\n"
+        "import sys, topology, topology.stagewise as sw\n"
+        "sw.stagewise_lookahead(sw.check_stages([dict(steps=2, lr=0.1, alpha=0.5, k=1, beta=0.0)]))\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('agents', 'launch', 'experiments'))\n"
         "assert not bad, bad\n"
     )

@@ -24,7 +24,7 @@ from agents.adaptive import AdaptiveAlpha, AdaptiveLookahead
 from agents.outer import OuterLookahead, OuterOptimizer
 from agents.reference import MultilayerLookahead
 from agents.slow_rule import SlowRule
-from topology.registry import SCHEDULES, make_schedule
+from launch.cli.topologies import SCHEDULES, make_schedule
 from topology.schedule import MultilayerSchedule, Schedule
 
 __all__ = ["SCHEDULES", "make_schedule", "problems", "optimizers", "OUTER_RULES", "OuterRuleEntry",

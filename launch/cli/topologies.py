@@ -1,8 +1,9 @@
-"""Schedules by name, for configuration files: ``SCHEDULES[name](**options) -> Schedule``.
+"""Topologies by name, for the command line: ``SCHEDULES[name](**options) -> Schedule``.
 
-The ``topology`` group of the command line (``launch/conf/topology/*.yaml``) holds a ``name`` and
-the keyword options of the factory registered under it.  A new topology becomes available to the
-command line by adding its factory here and a yaml file beside the others.
+The ``topology`` group of the command line (``launch/cli/conf/topology/*.yaml``) holds a ``name``
+and the keyword options of the factory registered under it.  A new topology becomes available to
+the command line by adding its factory here and a yaml file beside the others
+(:mod:`launch.cli.registry` gathers this table with the command line's other names).
 
 :func:`build_schedule` makes a schedule from such a mapping and checks its options against the
 factory's signature first (unknown or missing options are a ``ValueError`` naming the key), so
@@ -17,7 +18,7 @@ that the ``phases`` entry can build each of its phases' topologies the same way:
 names its full key, e.g. ``topology.phases[1].topology.phases[0].steps``.
 
 Example:
-    >>> from topology.registry import make_schedule
+    >>> from launch.cli.topologies import make_schedule
     >>> make_schedule("multilayer", ks=[5, 2], alphas=[0.5, 0.5])
     MultilayerSchedule(ks=(5, 2), alphas=(0.5, 0.5))
     >>> make_schedule("phases", phases=[
@@ -36,7 +37,7 @@ from topology import decentralized
 from topology.checks import check_integer, check_list
 from topology.nested import nested
 from topology.phases import phases as phased
-from topology.schedule import MultilayerSchedule, Schedule, from_matrices, lookahead, multilayer
+from topology.schedule import Schedule, from_matrices, lookahead, multilayer
 from topology.slow import with_slow_agent
 from topology.stagewise import check_stages, stagewise_lookahead
 
@@ -138,12 +139,3 @@ def make_schedule(name: str, **options) -> Schedule:
     """The schedule ``SCHEDULES[name](**options)``; ``ValueError`` for an unknown name or option
     (:func:`build_schedule` with ``key="topology"``)."""
     return build_schedule({"name": name, **options})
-
-
-def has_serial_reference(schedule: Schedule) -> bool:
-    """Whether :class:`agents.reference.MultilayerLookahead` is a serial reference of ``schedule``
-    (true for Lookahead, multilayer and nested Lookahead: the columns are the fast and slow
-    weights; false for the decentralized schedules, ``with_slow_agent``, ``matrices`` and
-    ``phases``).  ``stagewise`` has its own serial reference (:func:`agents.slrla.slrla_reference`),
-    which :mod:`launch.runs` knows about."""
-    return isinstance(schedule, MultilayerSchedule)
