@@ -44,6 +44,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from experiments.partition import write_label_histograms
 from launch.cli import rundir
 from launch.cli.build import Job, build_job
 from launch.cli.checkpoint_options import checkpointer_for
@@ -123,6 +124,8 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     tolerance = tolerance_for(cfg.tolerance, job.dtype)
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if job.problem.partition is not None:   # each worker's label histogram
+            write_label_histograms(job.problem.partition, out_dir)
     gap = spectral_gap(job.schedule)  # 1 - |lambda_2| of P_0 ... P_{period-1} (topology.diagnostics)
     model = job.model()
     run_ = open_run(job, comm, model)

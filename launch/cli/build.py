@@ -147,7 +147,7 @@ def build_job(cfg: DictConfig) -> Job:
     launch = build_launch(cfg.launch)
     schedule, stages = build_topology(cfg.topology, launch.steps)
     state_policy, optimizer, outer = build_agents(cfg.agents, schedule, stages)
-    problem, problem_name, on_device = build_problem(cfg.problem, launch)
+    problem, problem_name, on_device = build_problem(cfg.problem, launch, schedule)
     if outer is not None:
         try:  # the rule's own checks (adaptive: Adam's second moment), also for launch=serial
             OUTER_RULES[outer["name"]].make(outer).check(problem.model().to(dtype=launch.dtype), optimizer)
@@ -242,11 +242,14 @@ def build_agents(node, schedule: Schedule, stages) -> tuple[object, Callable, di
     return state_policy, optimizer, outer
 
 
-def build_problem(node, launch: LaunchOptions):
+def build_problem(node, launch: LaunchOptions, schedule: Schedule):
     """The ``problem`` group: the problem, its name, and whether it was built for the run's device.
 
     The run's ``seed``, ``dtype`` and ``device`` are passed to the factory for those of these
-    parameters it accepts and the problem's options do not set."""
+    parameters it accepts and the problem's options do not set; so is ``num_workers``, the
+    schedule's number of workers, for the problems that split their data among workers
+    (``problem.partition``: iid, dirichlet, shards).  A data split names the workers 0 .. W - 1, so
+    a non-iid ``partition`` needs a schedule whose workers are agents 0 .. W - 1."""
     table = problems()
     options = _options(node, "problem")
     name = options.pop("name", None)
@@ -256,9 +259,14 @@ def build_problem(node, launch: LaunchOptions):
     _check_options(factory, options, f"problem {name!r}", "problem")
     given = dict(options)
     accepted = _parameters(factory)
-    for key, value in {"seed": launch.seed, "dtype": launch.dtype, "device": launch.device}.items():
+    workers = schedule.workers
+    run_values = {"seed": launch.seed, "dtype": launch.dtype, "device": launch.device, "num_workers": len(workers)}
+    for key, value in run_values.items():
         if accepted is not None and key in accepted and key not in options:
             options[key] = value
+    if options.get("partition", "iid") != "iid" and workers != tuple(range(len(workers))):
+        raise ValueError(f"problem.partition={options['partition']} splits the data among workers 0 .. W - 1; "
+                         f"this topology's workers are agents {list(workers)}")
     torch.manual_seed(launch.seed)
     try:
         return factory(**options), name, "device" in options
