@@ -239,3 +239,17 @@ def test_other_arguments_are_validated_by_name():
         plan_time(plan, cluster, 8, hub_of=lambda block, plan: 5)
     with pytest.raises(ValueError, match="iterations must be an integer >= 0"):
         schedule_counts(topology.lookahead(3, 0.5), 8, -1)
+
+
+@pytest.mark.timeout(20)
+def test_the_clock_costs_nothing_proportional_to_the_period_and_follows_phases():
+    """previous_sync over a phased schedule equals a brute-force scan; a period of 10**21 is free."""
+    huge = SimClock(topology.lookahead(10**21, 0.5), Cluster(1, 2, 1.0, 1.0, 1.0, 1.0), 4, 0.5)
+    assert [huge.advance() for _ in range(3)] == [0.5, 0.5, 0.5] and huge.previous_sync(10**20) == -1
+    from topology import decentralized as dec
+
+    phased = topology.phases([(5, dec.local_sgd(2, 1)), (3, dec.local_sgd(2, 2)), (None, dec.local_sgd(2, 3))])
+    clock = SimClock(phased, Cluster(1, 2, 1.0, 1.0, 1.0, 1.0), 4, 0.5)
+    syncs = [t for t in range(40) if not torch.equal(phased.matrix(t), torch.eye(2, dtype=torch.float64))]
+    for t in range(40):
+        assert clock.previous_sync(t) == max((s for s in syncs if s < t), default=-1), t

@@ -502,10 +502,6 @@ class SimClock:
         self.t = 0
         self.time = 0.0
         self._plans = [compile_plan(p) for p in schedule.distinct_matrices]
-        syncs = [r for r in range(schedule.period) if not self._plans[schedule.matrix_index(r)].is_identity]
-        #: For every residue r of a period: the last sync residue before r in the period, or None.
-        self._last_before = [max((s for s in syncs if s < r), default=None) for r in range(schedule.period)]
-        self._last_sync = syncs[-1] if syncs else None
         #: Per distinct matrix: whether its plan has a hub block (its cost depends on the head start).
         self._has_hub = [hub_of is not None and any(hub_of(b, p) is not None for b in p.blocks) for p in self._plans]
         self._cost: dict[tuple[int, float], float] = {}
@@ -519,14 +515,23 @@ class SimClock:
         self._compute_s = _check_real(value, name="compute_s", positive=False, unit="seconds per inner step")
 
     def previous_sync(self, t: int) -> int:
-        """The last iteration before ``t`` with a non-identity P (-1 when there is none)."""
-        period = self.schedule.period
-        r = t % period
-        if self._last_before[r] is not None:
-            return t - r + self._last_before[r]
-        if t >= period and self._last_sync is not None:
-            return t - r - period + self._last_sync
-        return -1
+        """The last iteration before ``t`` with a non-identity P (-1 when there is none).
+
+        ``schedule.next_sync(s)`` is non-decreasing in s, and the last sync before t is the largest
+        s < t with ``next_sync(s) < t``: a binary search, O(log t) calls of ``next_sync``, nothing
+        proportional to the period (phased schedules included)."""
+        first = self.schedule.next_sync(0)
+        if t <= 0 or first is None or first >= t:
+            return -1
+        lo, hi = first, t - 1          # next_sync(lo) < t holds; find the largest such s
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            found = self.schedule.next_sync(mid)
+            if found is not None and found < t:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def comm_time(self, t: int) -> float:
         """comm(t): the simulated communication time of iteration ``t``'s sync."""
