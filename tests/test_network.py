@@ -8,6 +8,7 @@ code's output.
 import math
 
 import pytest
+import torch
 
 import topology
 from topology import decentralized
