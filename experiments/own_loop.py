@@ -61,7 +61,7 @@ def main():
     opt = AgentOptimizer(inner, schedule, model=model, comm="auto")  # lookahead-agents: torchrun, mpiexec or none
     if not opt.is_worker:  # lookahead-agents: a rank of slow weights only
         return opt.serve()  # lookahead-agents: takes part in the syncs until the workers close
-    sampler = DistributedSampler(train_set, opt.num_workers, opt.worker_index, seed=0, drop_last=True)  # lookahead-agents
+    sampler = DistributedSampler(train_set, opt.num_workers, opt.worker_index, drop_last=True)  # lookahead-agents
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler)  # lookahead-agents: was shuffle=True
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 

@@ -153,8 +153,9 @@ def main() -> None:
             own = own_trajectory(ks, alphas, inner, comm=comm if world > 1 else None)
             if comm.rank:
                 continue
+            reference = reference_trajectory(ks, alphas, inner)
             line = (f"LA-{n} ks={ks} alphas={alphas} {inner}: {own.shape[0] - 1} steps x {own.shape[1]} agents, "
-                    f"max deviation from MultilayerLookahead {deviation(own, reference_trajectory(ks, alphas, inner)):.3e}")
+                    f"max deviation from MultilayerLookahead {deviation(own, reference):.3e}")
             if world > 1:
                 line += (f", from co-located {deviation(own, own_trajectory(ks, alphas, inner)):.3e} "
                          f"({world} processes, {comm.backend})")

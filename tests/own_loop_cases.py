@@ -92,6 +92,8 @@ def lookahead_case(case: dict, comm=None) -> dict:
     targets = [{"level": l} for l in range(1, len(case["ks"]) + 1)] + [{"virtual": True}]
     if opt.is_worker:
         train(net, opt, loader(), case["epochs"], rec.snapshot, on_epoch=lambda: rec.evaluate(net, targets))
+        state = opt.gather_state_dict()        # passive ranks take part through serve()
+        rec.record["gathered"] = (state["t"], {i: e["buffer"] for i, e in state["agents"].items()})
         opt.close()
     else:
         opt.serve(rec.snapshot)
@@ -132,3 +134,42 @@ def worker_schedule(name: str):
     if name == "push_sum":
         return topology.decentralized.push_sum_random(4, extra_edges=2, seed=0)
     raise ValueError(name)
+
+
+def resume_case(case: dict, comm=None) -> dict:
+    """Resume from gather_state_dict: LA-2 (Adam, pullback, ``overlap`` as given) for
+    ``case["steps"]`` steps, the state gathered before step ``case["at"]`` and saved to
+    ``case["path"]``; then on every rank a fresh AgentOptimizer on a model with other initial
+    values loads it and takes the remaining steps.  Returns both runs' final local buffers."""
+    import itertools
+    import os
+
+    import topology
+    from launch import AgentOptimizer
+
+    rank = comm.rank if comm is not None else 0
+    schedule = topology.multilayer(case["ks"], case["alphas"])
+
+    def run(seed, start, at=None):
+        net = problems.make_model(seed)
+        opt = AgentOptimizer(problems.OPTIMIZERS["adam"](list(net.parameters())), schedule, model=net, comm=comm,
+                             state_policy="pullback", overlap=case.get("overlap", False))
+        if start:
+            opt.load_state_dict(torch.load(case["path"]))
+        if not opt.is_worker:
+            opt.serve()
+        else:
+            for batch in itertools.islice(problems.batches(1), start, case["steps"]):
+                if opt.t == at:
+                    torch.save(opt.gather_state_dict(), case["path"])
+                opt.zero_grad()
+                problems.loss_fn(net, batch).backward()
+                opt.step()
+            opt.close()
+        return {i: a.flat.buffer.clone() for i, a in opt.agents.items()}
+
+    first = run(rank, 0, at=case["at"])
+    if comm is not None:
+        comm.barrier()                       # the file is written
+    assert os.path.exists(case["path"])
+    return {"first": first, "second": run(100 + rank, case["at"])}

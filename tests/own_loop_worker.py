@@ -2,7 +2,7 @@
 
 Usage: python tests/own_loop_worker.py SPEC_JSON.  SPEC keys: backend (torch | mpi), out (a
 folder), cases (a list; each has ``kind``: ``lookahead`` or ``workers`` (see
-tests.own_loop_cases) or ``refusal`` (``name``: one of REFUSALS)).  Writes
+tests.own_loop_cases) or ``refusal`` (``name``: one of REFUSALS: each should raise on every rank)).  Writes
 ``out/case{k}-rank{R}.pt`` for case k: the recorder's result, or for a refusal
 ``{"error": exception type name or None, "message": str}``.
 """
@@ -74,7 +74,9 @@ def refuse_mixed_dtypes(comm):
     lookahead(net, comm)
 
 
-def refuse_add_param_group(comm, direct=False):
+def after_one_step(comm, then):
+    """LA-1 (k=2) on 2 ranks: the passive rank serves; the worker takes one step, then runs
+    ``then(net, opt, next_step)`` (the sync of t=1 comes with the next step)."""
     net = problems.make_model(0)
     opt = lookahead(net, comm)
     if not opt.is_worker:
@@ -82,12 +84,30 @@ def refuse_add_param_group(comm, direct=False):
         return
     data = problems.batches(1)
     one_step(net, opt, next(data))
+    then(net, opt, lambda: one_step(net, opt, next(data)))
+
+
+def refuse_add_param_group(comm, direct=False):
     extra = {"params": [nn.Parameter(torch.zeros(3, dtype=torch.float64))]}
-    if direct:
-        opt.optimizer.add_param_group(extra)    # behind the AgentOptimizer's back
-        one_step(net, opt, next(data))
-    else:
-        opt.add_param_group(extra)
+
+    def then(net, opt, next_step):
+        if direct:
+            opt.optimizer.add_param_group(extra)    # behind the AgentOptimizer's back
+            next_step()
+        else:
+            opt.add_param_group(extra)
+
+    after_one_step(comm, then)
+
+
+def refuse_nonfinite(comm):
+    """NaN in the worker's parameters: the finiteness check of the next sync stops every rank."""
+    def then(net, opt, next_step):
+        with torch.no_grad():
+            net[0].weight[0, 0] = float("nan")
+        next_step()
+
+    after_one_step(comm, then)
 
 
 def refuse_out_of_step(comm):
@@ -114,6 +134,7 @@ REFUSALS = {
     "mixed_dtypes": refuse_mixed_dtypes,
     "add_param_group": refuse_add_param_group,
     "group_added": lambda comm: refuse_add_param_group(comm, direct=True),
+    "nonfinite": refuse_nonfinite,
     "out_of_step": refuse_out_of_step,
     "two_workers": refuse_two_workers,
 }
@@ -124,9 +145,11 @@ def run(case, comm):
         return cases.lookahead_case(case, comm)
     if case["kind"] == "workers":
         return cases.workers_case(case, comm)
+    if case["kind"] == "resume":
+        return cases.resume_case(case, comm)
     try:
         REFUSALS[case["name"]](comm)
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, FloatingPointError) as err:
         return {"error": type(err).__name__, "message": str(err)}
     return {"error": None, "message": ""}
 

@@ -35,8 +35,8 @@ def reference_run(ks, alphas, inner, policy, dtype=torch.float64, **loop):
     rows, evals = [], []
 
     def record():
-        rows.append(torch.stack([problems.flat_parameters(net)]
-                                + [torch.cat([s.reshape(-1) for s in la.slow_params(l)]) for l in range(1, len(ks) + 1)]))
+        slow = [torch.cat([s.reshape(-1) for s in la.slow_params(l)]) for l in range(1, len(ks) + 1)]
+        rows.append(torch.stack([problems.flat_parameters(net)] + slow))
 
     def on_epoch():
         for level in range(1, len(ks) + 1):
@@ -188,7 +188,7 @@ def test_state_dict_resumes_bit_for_bit(tmp_path):
     for i in opt.agents:
         assert torch.equal(opt.agents[i].flat.buffer, opt2.agents[i].flat.buffer)
     assert torch.equal(problems.flat_parameters(net), problems.flat_parameters(net2))
-    with pytest.raises(ValueError, match="fresh"):
+    with pytest.raises(ValueError, match="before the first step"):
         opt2.load_state_dict(opt.state_dict())
 
 
@@ -277,3 +277,23 @@ def test_groups_are_created_once_by_every_rank():
     comm.init_groups([(0, 1), (0, 1, 2)])
     comm.init_groups([(0, 1), (1, 2)])
     assert comm.created == [(0, 1), (1, 2)]
+
+
+def test_finiteness_check_stops_at_the_next_sync():
+    """NaN in the user's model: the finiteness check raises NonFiniteError at the next sync
+    (not before: identity steps check nothing), naming the worker and the iteration."""
+    from launch.engine.health import NonFiniteError
+
+    net = problems.make_model(0)
+    opt = AgentOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), topology.lookahead(3, 0.5), model=net)
+    data = problems.batches(1)
+    with torch.no_grad():
+        net[2].bias[0] = float("nan")
+    for _ in range(2):
+        opt.zero_grad()
+        problems.loss_fn(net, next(data)).backward()
+        opt.step()
+    with pytest.raises(NonFiniteError, match=r"agent\(s\) \[0\].*t=2"):
+        opt.zero_grad()
+        problems.loss_fn(net, next(data)).backward()
+        opt.step()

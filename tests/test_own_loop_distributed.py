@@ -10,11 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 import topology
 from launch import Simulation
+from launch.engine.health import NonFiniteError
 from tests import own_loop_cases as cases
 from tests import problems
 from tests.spawn import run_mpiexec, run_torch
@@ -84,7 +84,14 @@ def check_lookahead(case: dict, records: list[dict], count: bool = True) -> floa
         worst = max(worst, every_step_deviation(record, colocated["rows"]))
         if record["is_worker"]:
             assert [(t, target) for t, target, _ in record["evals"]] == [(t, g) for t, g, _ in colocated["evals"]]
-            worst = max(worst, max(deviation(v, w) for (_, _, v), (_, _, w) in zip(record["evals"], colocated["evals"])))
+            pairs = zip(record["evals"], colocated["evals"])
+            worst = max(worst, max(deviation(v, w) for (_, _, v), (_, _, w) in pairs))
+            # gather_state_dict: every agent's final buffer as its own rank holds it, bit for bit.
+            t, gathered = record["gathered"]
+            assert t == len(colocated["rows"]) - 1 and sorted(gathered) == list(range(len(case["ks"]) + 1))
+            for other in records:
+                for column, i in enumerate(other["agents"]):
+                    assert torch.equal(gathered[i][: d], other["rows"][-1][column]), (rank, i)
         if count:
             apr = len(record["agents"])
             for k in range(1, len(record["t"])):
@@ -112,12 +119,18 @@ def test_two_processes(tmp_path):
 
 
 def test_three_processes(tmp_path):
-    """LA-2 on 3 ranks: plain, and with overlapped syncs and the hub-decided finiteness check."""
-    runs = [dict(LA2, inner="sgd_momentum", policy="reset"), dict(LA2, policy="pullback", overlap=True)]
+    """LA-2 on 3 ranks: plain, and with overlapped syncs and the hub-decided finiteness check;
+    a resume from gather_state_dict (overlapped, before the first sync: the reduces started for
+    it must be those of the loaded values) equal to the uninterrupted run, bit for bit."""
+    resume = dict(kind="resume", ks=[3, 2], alphas=[0.5, 0.6], steps=14, at=1, overlap=True,
+                  path=str(tmp_path / "state.pt"))
+    runs = [dict(LA2, inner="sgd_momentum", policy="reset"), dict(LA2, policy="pullback", overlap=True), resume]
     records = spawn(tmp_path, 3, runs)
     check_lookahead(runs[0], records[0])
     check_lookahead(runs[1], records[1], count=False)
     assert all(r["deltas"][-1]["all_reduces"] == 0 for r in records[1])    # overlapped: no all-reduce
+    for record in records[2]:
+        assert all(torch.equal(record["first"][i], record["second"][i]) for i in record["first"])
 
 
 def simulation_rows(schedule, inner: str, steps: int) -> torch.Tensor:
@@ -181,6 +194,7 @@ REFUSALS = {
     "mixed_dtypes": (ValueError, "rank 1: the parameters must share one dtype"),
     "add_param_group": (ValueError, "worker rank 0 refused a call at t=1: add_param_group"),
     "group_added": (ValueError, "worker rank 0 refused a call at t=1: a parameter group was added"),
+    "nonfinite": (NonFiniteError, "non-finite values .* parameters of agent\\(s\\) \\[0\\].* t=1"),
     "out_of_step": (RuntimeError, "out of step \\(rank 0: the sync of iteration t=3; rank 1: close\\(\\) after 3"),
     "two_workers": (ValueError, "rank 0 holds workers \\[0, 1\\]"),
 }

@@ -68,7 +68,8 @@ def ddp_problem(model: nn.Module) -> str | None:
 def adoption_problem(model, optimizer) -> str | None:
     """Why this rank's ``model`` and ``optimizer`` cannot be adopted (a message), or None."""
     if not isinstance(optimizer, torch.optim.Optimizer):
-        return f"optimizer must be a torch.optim.Optimizer built on the model's parameters; got {type(optimizer).__name__}"
+        return (f"optimizer must be a torch.optim.Optimizer built on the model's parameters; "
+                f"got {type(optimizer).__name__}")
     if not isinstance(model, nn.Module):
         return f"model must be the torch.nn.Module that optimizer trains; got {type(model).__name__}"
     ddp = ddp_problem(model)

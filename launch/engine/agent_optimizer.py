@@ -66,6 +66,7 @@ Example (co-located Lookahead, k=5, alpha=0.5, around SGD; the user's loop uncha
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 from typing import Callable, Iterator
 
@@ -151,7 +152,17 @@ class AgentOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"comm must be a launch.Communicator, None (co-located) or 'auto'; got {comm!r}")
             comm = make_communicator(detect_launch())
         comm = comm if comm is not None else LocalCommunicator()
-        placement = Placement.make(schedule.num_agents, comm.world_size, agents_per_rank)
+        try:
+            self._start(optimizer, schedule, model, comm, state_policy=state_policy, agents_per_rank=agents_per_rank,
+                        outer=outer, check_finite=check_finite, overlap=overlap)
+        except BaseException:
+            if self._owns_comm:      # the same error on every rank: every rank closes what it made
+                comm.close()
+            raise
+
+    def _start(self, optimizer, schedule, model, comm, **options) -> None:
+        """The body of ``__init__`` (see the class docstring), on a resolved communicator."""
+        placement = Placement.make(schedule.num_agents, comm.world_size, options["agents_per_rank"])
         worker = worker_of_rank(schedule, placement, comm.rank)
         # What only this rank can see (its model and optimizer): shared, so all raise alike.
         problem = adoption_problem(model, optimizer)
@@ -164,9 +175,9 @@ class AgentOptimizer(torch.optim.Optimizer):
                          layout=layout, push_sum=schedule.push_sum, adopt=adopt)
 
         self.optimizer, self.model, self.schedule, self.comm = optimizer, model, schedule, comm
+        options["agents_per_rank"] = placement.agents_per_rank
         self.engine = SyncEngine(container, schedule, optimizer_factory(optimizer, container), make_agent,
-                                 state_policy=state_policy, comm=comm, agents_per_rank=placement.agents_per_rank,
-                                 outer=outer, check_finite=check_finite, overlap=overlap)
+                                 comm=comm, **options)
         self.engine.parameter_names = names
         self.world = tuple(range(comm.world_size))
         self.control: ControlChannel | None = None
@@ -183,9 +194,11 @@ class AgentOptimizer(torch.optim.Optimizer):
         self._patch_step_function()
         self._warned_capturable_if_run_uncaptured = True
         self.defaults = dict(optimizer.defaults)
+        self._begun = False
         if self._worker is not None:
             self._worker.show_debiased_()       # push-sum: the model holds z = x / w
-        self.engine.begin_step()                # overlapped syncs: the first sync's reduces
+            if self.control is not None:        # a run whose loop forgets close(): the end, at exit
+                atexit.register(self._close_at_exit)
 
     # -- torch.optim plumbing: param_groups and state are the inner optimizer's ----------------------
     @property
@@ -261,9 +274,10 @@ class AgentOptimizer(torch.optim.Optimizer):
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         worker.steps += 1
         if self.control is not None and engine.is_sync(engine.t):
-            self.control.exchange(Command(SYNC, engine.t))
+            self._announce(Command(SYNC, engine.t))
         engine.end_step({worker.index: loss.detach()} if isinstance(loss, torch.Tensor) else {})
-        engine.begin_step()
+        self._begun = True
+        engine.begin_step()          # overlapped syncs: the next sync's reduces start now
         worker.show_debiased_()
         return loss
 
@@ -280,9 +294,10 @@ class AgentOptimizer(torch.optim.Optimizer):
         if self._worker is None:
             raise RuntimeError("close() is for worker ranks; this rank holds only passive agents: call serve()")
         self._closed = True
+        atexit.unregister(self._close_at_exit)
         if self.control is not None:
             self.engine.wait_in_flight()
-            self.control.exchange(Command(CLOSE, self.t))
+            self._announce(Command(CLOSE, self.t))
         self._finish()
 
     def serve(self, callback: Callable[["AgentOptimizer"], None] | None = None) -> None:
@@ -296,6 +311,7 @@ class AgentOptimizer(torch.optim.Optimizer):
         if self._closed:
             raise RuntimeError("serve() has already returned: the workers closed the run")
         engine = self.engine
+        self._begin()
         while True:
             command = self.control.exchange(None)
             if command.kind == SYNC:
@@ -323,6 +339,34 @@ class AgentOptimizer(torch.optim.Optimizer):
         if self._owns_comm:
             self.comm.close()
 
+    def _begin(self) -> None:
+        """Start the first sync's overlapped reduces (nothing without overlap).  Every rank does
+        it before its first control message -- a worker rank before announcing its first event, a
+        passive rank when ``serve`` starts -- so every rank issues it at the same place in its
+        sequence of collectives, after ``load_state_dict`` (from the restored counter)."""
+        if not self._begun:
+            self._begun = True
+            self.engine.begin_step()
+
+    def _announce(self, command: Command) -> Command:
+        """A worker rank's control message (after :meth:`_begin`)."""
+        self._begin()
+        return self.control.exchange(command)
+
+    def _close_at_exit(self) -> None:
+        """At interpreter exit, a worker rank whose loop did not call :meth:`close` closes the run
+        (so that the passive ranks' ``serve`` returns instead of waiting for the collective
+        timeout); errors are reported, not raised."""
+        if self._closed:
+            return
+        import warnings
+
+        warnings.warn(f"rank {self.comm.rank}: the AgentOptimizer was not closed; closing it at exit", stacklevel=1)
+        try:
+            self.close()
+        except Exception as err:  # noqa: BLE001 - at exit: report only
+            warnings.warn(f"rank {self.comm.rank}: closing the AgentOptimizer at exit failed: {err}", stacklevel=1)
+
     def _require_worker(self, what: str) -> Agent:
         if self._closed:
             raise RuntimeError(f"{what}: this AgentOptimizer is closed")
@@ -335,7 +379,7 @@ class AgentOptimizer(torch.optim.Optimizer):
         """Refuse a call: the same ValueError on every rank (through the control message)."""
         if self.control is None or self._closed or self._worker is None:
             raise ValueError(ABORT_REASONS[reason])
-        self.control.exchange(Command(ABORT, self.t, reason))
+        self._announce(Command(ABORT, self.t, reason))
 
     # -- evaluation ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -354,7 +398,7 @@ class AgentOptimizer(torch.optim.Optimizer):
         worker = self._require_worker("evaluating")
         code = target_code(self.schedule, level, agent, virtual)
         if self.control is not None:
-            self.control.exchange(Command(EVAL, self.t, code))
+            self._announce(Command(EVAL, self.t, code))
         value = self._combine(code)
         self.engine.wait_in_flight()         # overlapped syncs: the worker's buffer may be in flight
         params = worker.params
@@ -409,7 +453,7 @@ class AgentOptimizer(torch.optim.Optimizer):
         on one rank; every rank of a new run loads it with :meth:`load_state_dict`."""
         self._require_worker("gather_state_dict")
         if self.control is not None:
-            self.control.exchange(Command(STATE, self.t))
+            self._announce(Command(STATE, self.t))
         return self._gather_state()
 
     def _gather_state(self) -> dict:
@@ -423,6 +467,9 @@ class AgentOptimizer(torch.optim.Optimizer):
         (no step taken): the counter, this rank's agents (entries of other agents are ignored),
         the inner optimizer's state and a slow rule's.  Local: every rank loads, before its loop
         or :meth:`serve`."""
+        if self._begun or self._closed:
+            raise ValueError("load_state_dict must come before the first step, evaluation, gather or serve() "
+                             "(on every rank, right after construction)")
         state = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state = hook(self, state) or state
