@@ -415,7 +415,7 @@ class AgentOptimizer(torch.optim.Optimizer):
         """X c for target ``code`` (:mod:`launch.engine.evaluation`); collective when distributed."""
         with self._numerators():
             value = local_part(self.engine.agents, target_weights(self.schedule, code),
-                               next(iter(self.engine.agents.values())).params)
+                               next(iter(self.engine.agents.values())).params, debias=code < self.schedule.num_agents)
         if self.control is not None:
             with collective(self.comm, self.t, "evaluation", self.world):
                 self.comm.all_reduce_(value, self.world)

@@ -1,15 +1,16 @@
 """Which weights an evaluation from the user's loop loads, and how every rank computes them.
 
-A target is one vector over the agents, ``c``, and the weights evaluated are ``v = X c`` (under
-push-sum, the de-biased z_i = x_i / w_i in place of x_i):
+A target is one vector over the agents, ``c``, and the weights evaluated are ``v = X c``:
 
-- agent i (``agent=i``): ``c = e_i``; ``level=l``: the l-th passive agent of the schedule, which
+- agent i (``agent=i``): ``c = e_i`` (under push-sum the agent's model, the de-biased
+  z_i = x_i / w_i); ``level=l``: the l-th passive agent of the schedule, which
   is level l's slow weights in the schedules of :mod:`topology` (``multilayer``/``lookahead``:
   agent l; ``multilayer_local_sgd``/``lookahead_local_sgd``: agent W + l - 1;
   ``with_slow_agent``: agent W);
 - the virtual iterate (``virtual=True``): ``c = a``, the schedule's consensus vector
   (``P_t a = a`` for every t, :meth:`topology.Schedule.consensus`), the iterate that follows
-  ``theta_{t+1} = theta_t - lr G_t a`` (Wang et al. eq. 8).
+  ``theta_{t+1} = theta_t - lr G_t a`` (Wang et al. eq. 8); under push-sum X holds the numerators
+  and a = 1/n, so v is their mean, the conserved average (:mod:`topology.decentralized`).
 
 Each rank sums ``c_i x_i`` over its own agents (the same kernel order as a sync: products rounded
 once, added in agent order) and one all-reduce (SUM) over every rank completes ``v``.  For one
@@ -71,11 +72,11 @@ def target_weights(schedule: Schedule, code: int) -> dict[int, float]:
 
 
 @torch.no_grad()
-def local_part(agents: dict, weights: dict[int, float], like: torch.Tensor) -> torch.Tensor:
-    """``sum c_i x_i`` over this rank's ``agents`` (de-biased under push-sum), a new tensor of
-    ``like``'s shape (zero when none of them has a weight)."""
+def local_part(agents: dict, weights: dict[int, float], like: torch.Tensor, debias: bool) -> torch.Tensor:
+    """``sum c_i x_i`` over this rank's ``agents`` (``debias``: z_i in place of x_i under
+    push-sum), a new tensor of ``like``'s shape (zero when none of them has a weight)."""
     acc = torch.zeros_like(like)
     for i in sorted(agents):
         if i in weights:
-            acc.add_(torch.mul(agents[i].debiased(), weights[i]))
+            acc.add_(torch.mul(agents[i].debiased() if debias else agents[i].params, weights[i]))
     return acc
