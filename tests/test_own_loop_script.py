@@ -45,3 +45,19 @@ def test_colocated_torchrun_and_mpiexec_agree(monkeypatch, capsys):
     code, output = run_mpiexec(2, [sys.executable, *ARGS], timeout=180, cwd=ROOT)
     assert code == 0, output
     assert epoch_lines(output) == expected, output
+
+
+def test_deviation_command(capsys):
+    """``python -m experiments.own_loop_deviation`` co-located (the README's first rows): LA-1..3
+    x SGD-momentum and Adam, each within 1e-12 of MultilayerLookahead."""
+    from experiments import own_loop_deviation
+
+    threads = torch.get_num_threads()
+    try:
+        own_loop_deviation.main()
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6
+    for line in lines:
+        assert float(line.rsplit(" ", 1)[1]) <= 1e-12, line
