@@ -2,7 +2,10 @@
 
 A *worker* owns a copy of the user's module whose parameters are views into the agent's flat
 buffer, an inner optimizer (any ``torch.optim.Optimizer``) and a data stream; one inner step is
-``zero_grad; loss_fn(module, batch).backward(); optimizer.step()``.  A *passive* agent has f_i = 0:
+``zero_grad; loss_fn(module, batch).backward(); optimizer.step()``.  An *adopted* worker
+(``adopt=True``, :class:`launch.AgentOptimizer`) is the caller's own module and optimizer instead:
+their parameter objects stay the caller's and become views into the agent's flat buffer in place,
+and the caller's loop takes the inner steps.  A *passive* agent has f_i = 0:
 it only holds a buffer (slow weights) and, under ``pullback``, a cached copy of the inner state.
 
 The agent does not know where it runs; the launcher mixes the tensor returned by
@@ -74,15 +77,21 @@ class Agent:
     Args:
         index: the agent's column in X.
         module: the user's module; the agent works on its own deep copy (the caller's module is
-            never modified).  Passive agents use it for shapes only.
+            never modified), except with ``adopt``.  Passive agents use it for shapes and initial
+            values only.
         worker: whether this agent runs the inner optimizer.
-        optimizer: factory ``params -> torch.optim.Optimizer`` (workers).
-        data: the worker's iterator of batches.
+        optimizer: factory ``params -> torch.optim.Optimizer`` (workers); with ``adopt``, the
+            caller's optimizer itself, built on ``module``'s parameters.
+        data: the worker's iterator of batches (None for an adopted worker: the caller's loop
+            owns the data).
         state_policy: ``maintain``, ``reset`` or ``pullback`` (see :mod:`agents.state_policy`).
         layout: the mixable-state layout (``pullback`` only; see :func:`probe_state_layout`).
         push_sum: the agent carries a push-sum weight w (1 at the start) in one extra entry at the
             end of its flat buffer, mixed with the parameters; the buffer then holds the numerator
             x and the agent's model is z = x / w (see :mod:`topology.decentralized`).
+        adopt: a worker that *is* ``module`` and ``optimizer`` (no copy): ``module``'s parameters
+            are moved into the flat buffer in place (:func:`agents.flat.flatten_module_`: the
+            parameter objects, and so the optimizer's references and state, are kept).
     """
 
     def __init__(
@@ -96,6 +105,7 @@ class Agent:
         state_policy: str = "maintain",
         layout: StateLayout | None = None,
         push_sum: bool = False,
+        adopt: bool = False,
     ):
         self.index = index
         self.is_worker = worker
@@ -105,10 +115,10 @@ class Agent:
         self.steps = 0
         extra = self.layout.numel + (1 if push_sum else 0)
         if worker:
-            self.module = copy.deepcopy(module)
+            self.module = module if adopt else copy.deepcopy(module)
             self.flat: FlatBuffer = flatten_module_(self.module, extra)
             self.parameters = list(self.module.parameters())
-            self.optimizer = optimizer(self.parameters)
+            self.optimizer = optimizer if adopt else optimizer(self.parameters)
         else:
             self.module = None
             self.optimizer = None
@@ -137,23 +147,31 @@ class Agent:
         except StopIteration:
             raise RuntimeError(f"the data of agent {self.index} ran out after {self.steps} batches") from None
         self.optimizer.zero_grad(set_to_none=True)
-        if self.push_weight is None:
-            loss = loss_fn(self.module, batch)
-            loss.backward()
-        else:
-            x = self.flat.params
-            if self._numerator is None:
-                self._numerator = torch.empty_like(x)
-            with torch.no_grad():
-                self._numerator.copy_(x)
-                x.div_(self.push_weight)         # the module now holds z = x / w
-            loss = loss_fn(self.module, batch)
-            loss.backward()                      # grad f_i(z)
-            with torch.no_grad():
-                x.copy_(self._numerator)         # x exactly as it was (no x / w * w rounding)
+        self.show_debiased_()                    # push-sum: the module now holds z = x / w
+        loss = loss_fn(self.module, batch)
+        loss.backward()                          # grad f_i(z) under push-sum
+        self.restore_numerator_()
         self.optimizer.step()
         self.steps += 1
         return loss.detach()
+
+    @torch.no_grad()
+    def show_debiased_(self) -> None:
+        """Push-sum only (else nothing): keep the numerator x aside and put z = x / w in the
+        parameters, where the forward and backward passes read them."""
+        if self.push_weight is None:
+            return
+        x = self.flat.params
+        if self._numerator is None:
+            self._numerator = torch.empty_like(x)
+        self._numerator.copy_(x)
+        x.div_(self.push_weight)
+
+    @torch.no_grad()
+    def restore_numerator_(self) -> None:
+        """Undo :meth:`show_debiased_`: x exactly as it was (a copy, no x / w * w rounding)."""
+        if self.push_weight is not None:
+            self.flat.params.copy_(self._numerator)
 
     # -- the sync -----------------------------------------------------------------------------
     def sync_tensor(self) -> torch.Tensor:
@@ -228,7 +246,9 @@ class Agent:
             self.optimizer.load_state_dict(entry["optimizer"])
             if self.layout.numel:  # the live state becomes views into the slots again, as before
                 self._bind_state_to_slots()
-            if entry.get("data") is not None and hasattr(self.data, "load_state_dict"):
+            if self.data is None:
+                pass                             # an adopted worker: the caller's loop owns the data
+            elif entry.get("data") is not None and hasattr(self.data, "load_state_dict"):
                 self.data.load_state_dict(entry["data"])
             else:
                 for consumed in range(entry["steps"]):

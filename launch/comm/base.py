@@ -66,6 +66,8 @@ class Communicator:
         self.stats = CommStats()
         #: Process groups by their sorted rank tuple (only those this rank belongs to).
         self._groups: dict[tuple[int, ...], object] = {}
+        #: Every group created so far, also those this rank is not in (created once, by all).
+        self._created: set[tuple[int, ...]] = set()
         #: Asynchronous collectives started and not yet waited for (see :meth:`wait_in_flight`).
         self._in_flight: list[Pending] = []
 
@@ -75,8 +77,11 @@ class Communicator:
         warm each group this rank belongs to with one tiny collective.  Groups of fewer than two
         ranks need none; the whole world is the world group."""
         for ranks in groups:
-            if ranks in self._groups or len(ranks) < 2:
+            if ranks in self._created or len(ranks) < 2:
                 continue
+            # Skipped by every rank alike once created: a non-member keeps no handle, and calling
+            # the collective _new_group again on it alone would wait for the members forever.
+            self._created.add(ranks)
             group = self._world_group() if len(ranks) == self.world_size else self._new_group(ranks)
             if self.rank in ranks:
                 self._groups[ranks] = group

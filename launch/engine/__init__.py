@@ -1,7 +1,9 @@
 """The simulation engine: agents on ranks, the loop, the syncs, checkpoints and health checks.
 
 Owns :class:`Simulation` (the agents of a schedule on this rank and the loop that drives them)
-and :func:`simulate`; the placement of agents on ranks (:mod:`.placement`); the compilation of
+and :func:`simulate`; :class:`launch.AgentOptimizer` (:mod:`.agent_optimizer`: the same engine,
+:class:`.core.SyncEngine`, driven by the user's own loop; its control messages :mod:`.control`,
+the adopted model's checks :mod:`.adoption`, evaluations :mod:`.evaluation`); the placement of agents on ranks (:mod:`.placement`); the compilation of
 every distinct P_t into this rank's program, where each sync's strategy is chosen once
 (:mod:`.compile`, :mod:`.program`, :mod:`.blocks`, the weighted-sum kernel :mod:`.kernel`,
 overlapped syncs :mod:`.overlap`, slow rules :mod:`.outer_program`, per-level state weights

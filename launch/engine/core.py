@@ -128,6 +128,11 @@ class SyncEngine:
         self.sync(self.t)
         self.t += 1
 
+    def is_sync(self, t: int) -> bool:
+        """Whether the sync of iteration t does anything (P_t is not the identity): only such
+        syncs have collectives."""
+        return not self.programs[self.schedule.matrix_index(t)].is_identity
+
     @torch.no_grad()
     def sync(self, t: int) -> None:
         """Apply P_t to the agents (nothing at all when P_t is the identity)."""

@@ -43,6 +43,7 @@ from torch import nn
 from agents.agent import Agent, LossFn, OptimizerFactory, StateLayout
 from agents.flat import check_dtype_device
 from launch.comm.base import Communicator
+from launch.engine.adoption import ddp_problem
 from launch.engine.checkpoint import run_with_checkpoints
 from launch.engine.core import SyncEngine
 from topology.schedule import Schedule
@@ -297,6 +298,9 @@ def _check_arguments(model, loss_fn, data, schedule, optimizer) -> None:
         raise ValueError(f"schedule must be a topology.Schedule; got {type(schedule).__name__}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    problem = ddp_problem(model)
+    if problem is not None:
+        raise ValueError(problem)
     if not callable(optimizer):
         raise ValueError("optimizer must be a factory: params -> torch.optim.Optimizer")
     if not callable(loss_fn):

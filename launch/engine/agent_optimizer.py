@@ -1,0 +1,481 @@
+"""Bring your own training loop: :class:`AgentOptimizer`, a ``torch.optim.Optimizer`` that makes
+any training script a multi-agent Lookahead run.
+
+The user builds the model and the inner optimizer as always and wraps the optimizer; every rank of
+the job does so with the same schedule.  Then, on every iteration t of the user's loop::
+
+    loss.backward()          # the user's forward and backward, clipping, AMP, accumulation ...
+    opt.step()               # = the inner optimizer's step, then the sync of P_t;  t <- t + 1
+
+on the user's own parameters, in place: they become views into the worker agent's flat buffer
+(:class:`agents.agent.Agent` with ``adopt=True``), so the user's model and optimizer objects stay
+the ones they built, and LR schedulers, ``GradScaler`` and clipping see the very tensors the agents
+mix.  This is the same engine as :class:`launch.Simulation` (:class:`launch.engine.core.SyncEngine`:
+the same compiled syncs, state policies, slow rules, overlap and finiteness check); only the
+inner steps belong to the user's loop instead of ``loss_fn``.
+
+Where the agents live (:class:`launch.engine.placement.Placement`, the same rules as Simulation):
+
+- **co-located** (``comm=None``): the worker and every slow agent in this process; with
+  ``topology.multilayer(ks, alphas)`` this is serial LA-n, step for step the reference
+  :class:`agents.reference.MultilayerLookahead` (to rounding: the sync is one weighted sum here,
+  a chain of differences there);
+- **worker ranks** (:attr:`AgentOptimizer.is_worker`): each holds exactly one worker, and
+  perhaps some passive agents; the user's loop runs there unchanged;
+- **passive-only ranks**: :meth:`AgentOptimizer.serve` takes part in every sync (and evaluation,
+  gather) and returns when every worker has called :meth:`AgentOptimizer.close`; no forward or
+  backward runs there.  How they know what comes next: :mod:`launch.engine.control`.
+
+**The counter t** counts calls of :meth:`AgentOptimizer.step` that stepped: with gradient
+accumulation, call ``step()`` once per accumulation group (t counts optimizer steps, not
+micro-batches); under ``GradScaler``, ``scaler.step(opt)`` calls ``opt.step()`` only when the
+gradients are finite, so a skipped step neither advances t nor syncs, exactly as the inner
+optimizer does not step.  An LR scheduler steps the inner optimizer's own ``param_groups``
+(``opt.param_groups`` *is* that list).
+
+**Evaluation from the loop** (:meth:`AgentOptimizer.evaluating`): the weights of one agent (a
+slow level: ``level=l``; ``agent=i``) or the virtual iterate X a (``virtual=True``) are loaded
+into the user's model for the body of a ``with``, and the fast weights restored after (also on an
+exception).  Collective: every rank takes part (passive ranks through ``serve``); the worker ranks
+must call it at the same step.  Only the parameters are swapped: buffers (BatchNorm's running
+statistics) stay the worker's own, so the evaluated model uses the worker's statistics.  Do not
+call ``step()`` inside.
+
+Example (co-located Lookahead, k=5, alpha=0.5, around SGD; the user's loop unchanged)::
+
+    >>> import torch, topology
+    >>> from launch import AgentOptimizer
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(3, 1)
+    >>> inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> opt = AgentOptimizer(inner, topology.lookahead(5, 0.5), model=model)
+    >>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    >>> for _ in range(10):
+    ...     x = torch.randn(8, 3)
+    ...     opt.zero_grad()
+    ...     torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)).backward()
+    ...     _ = opt.step()
+    ...     scheduler.step()
+    >>> opt.t, inner.param_groups[0]["lr"], model.weight is list(model.parameters())[0]
+    (10, 0.025, True)
+    >>> with opt.evaluating(level=1):      # the slow weights, in the user's model
+    ...     torch.equal(model.weight.detach().flatten(), opt.local_parameters()[1][:3])
+    True
+    >>> opt.close()
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from agents.agent import Agent, StateLayout
+from agents.reference import init_optimizer_hooks
+from launch.comm.base import Communicator
+from launch.comm.factory import make_communicator
+from launch.comm.local import LocalCommunicator
+from launch.engine.adoption import (
+    adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters, raise_verdicts,
+)
+from launch.engine.control import ABORT, ABORT_REASONS, CLOSE, EVAL, STATE, SYNC, Command, ControlChannel
+from launch.engine.core import SyncEngine
+from launch.engine.environment import detect_launch
+from launch.engine.evaluation import local_part, target_code, target_weights
+from launch.engine.health import collective
+from launch.engine.placement import Placement
+from topology.schedule import Schedule
+
+#: ABORT reasons (:data:`launch.engine.control.ABORT_REASONS`).
+ADD_PARAM_GROUP, GROUP_ADDED = 1, 2
+
+
+def worker_of_rank(schedule: Schedule, placement: Placement, rank: int) -> int | None:
+    """The one worker agent on ``rank`` (None when it holds only passive agents);
+    ``ValueError`` when some rank holds several (the same error on every rank)."""
+    by_rank: dict[int, list[int]] = {}
+    for w in schedule.workers:
+        by_rank.setdefault(placement.rank_of(w), []).append(w)
+    crowded = {r: ws for r, ws in by_rank.items() if len(ws) > 1}
+    if crowded:
+        n = len(schedule.workers)
+        if placement.world_size == 1:
+            raise ValueError(
+                f"a co-located AgentOptimizer drives one worker (the loop trains one model), but the "
+                f"schedule has {n} workers {list(schedule.workers)}: start {n} processes with one worker "
+                f"each (torchrun --nproc_per_node {n}), or use launch.Simulation")
+        r, ws = min(crowded.items())
+        raise ValueError(
+            f"each rank must hold at most one worker (its loop trains one model); with "
+            f"agents_per_rank={placement.agents_per_rank} rank {r} holds workers {ws}: choose "
+            f"agents_per_rank (and the number of processes) so that no two workers share a rank")
+    return by_rank.get(rank, [None])[0]
+
+
+class AgentOptimizer(torch.optim.Optimizer):
+    """The agents of ``schedule`` on this rank, driven by the user's own loop (module docstring).
+
+    Args:
+        optimizer: the inner optimizer A, already built on ``model``'s parameters (any
+            ``torch.optim.Optimizer``; not a ``ZeroRedundancyOptimizer``).  Every parameter it
+            holds is mixed; parameters it does not hold (frozen layers) keep each rank's values.
+        schedule: t -> P_t and the workers (:mod:`topology`); the same on every rank.
+        model: the module that ``optimizer`` trains (not wrapped in DistributedDataParallel).
+            On worker ranks it *is* the worker: its parameters become views into the worker's
+            flat buffer; on passive-only ranks it gives the shapes.  Rank 0's values are every
+            agent's theta_0 (broadcast at construction, into every rank's model).
+        comm: where the agents run (:func:`launch.make_communicator`); default co-located;
+            ``"auto"``: the launcher's (torchrun, mpiexec, else co-located:
+            :func:`launch.engine.environment.detect_launch`), created here and closed when the run
+            ends (:meth:`close`, or the end of :meth:`serve`).
+        state_policy, agents_per_rank, outer, check_finite, overlap: as in
+            :class:`launch.Simulation` (``agents_per_rank`` such that each rank holds at most one
+            worker).
+
+    Raises:
+        ValueError: on every rank, before any collective other than the one that shares the
+            verdicts: a DDP model, a ZeroRedundancyOptimizer, mixed dtypes or devices, a rank
+            holding two workers, and every error of :class:`launch.Simulation`'s options.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, *, model: nn.Module,
+                 comm: Communicator | str | None = None, state_policy="maintain", agents_per_rank: int | None = None,
+                 outer=None, check_finite: bool = True, overlap: bool = False):
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a topology.Schedule; got {type(schedule).__name__}")
+        self._owns_comm = comm == "auto"
+        if isinstance(comm, str):
+            if comm != "auto":
+                raise ValueError(f"comm must be a launch.Communicator, None (co-located) or 'auto'; got {comm!r}")
+            comm = make_communicator(detect_launch())
+        comm = comm if comm is not None else LocalCommunicator()
+        try:
+            self._start(optimizer, schedule, model, comm, state_policy=state_policy, agents_per_rank=agents_per_rank,
+                        outer=outer, check_finite=check_finite, overlap=overlap)
+        except BaseException:
+            if self._owns_comm:      # the same error on every rank: every rank closes what it made
+                comm.close()
+            raise
+
+    def _start(self, optimizer, schedule, model, comm, **options) -> None:
+        """The body of ``__init__`` (see the class docstring), on a resolved communicator."""
+        placement = Placement.make(schedule.num_agents, comm.world_size, options["agents_per_rank"])
+        worker = worker_of_rank(schedule, placement, comm.rank)
+        # What only this rank can see (its model and optimizer): shared, so all raise alike.
+        problem = adoption_problem(model, optimizer)
+        raise_verdicts(comm.all_gather_object(problem) if comm.world_size > 1 else [problem])
+        container, names = adopted_parameters(model, optimizer)
+
+        def make_agent(i: int, layout: StateLayout, policy: str) -> Agent:
+            adopt = i == worker
+            return Agent(i, container, worker=adopt, optimizer=optimizer if adopt else None, state_policy=policy,
+                         layout=layout, push_sum=schedule.push_sum, adopt=adopt)
+
+        self.optimizer, self.model, self.schedule, self.comm = optimizer, model, schedule, comm
+        options["agents_per_rank"] = placement.agents_per_rank
+        self.engine = SyncEngine(container, schedule, optimizer_factory(optimizer, container), make_agent,
+                                 comm=comm, **options)
+        self.engine.parameter_names = names
+        self.world = tuple(range(comm.world_size))
+        self.control: ControlChannel | None = None
+        if comm.world_size > 1:
+            comm.init_groups([self.world])      # evaluations' all-reduce (collective, every rank)
+            worker_ranks = tuple(sorted({placement.rank_of(w) for w in schedule.workers}))
+            device = next(iter(self.engine.agents.values())).flat.buffer.device
+            self.control = ControlChannel(comm, worker_ranks, device)
+        self._worker: Agent | None = self.engine.agents.get(worker) if worker is not None else None
+        self._layout = (len(optimizer.param_groups), len(optimizer_parameters(optimizer)))
+        self._closed = False
+        # torch.optim.Optimizer plumbing, without its __init__ (it would build new param_groups).
+        init_optimizer_hooks(self)
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+        self.defaults = dict(optimizer.defaults)
+        self._begun = False
+        if self._worker is not None:
+            self._worker.show_debiased_()       # push-sum: the model holds z = x / w
+            if self.control is not None:        # a run whose loop forgets close(): the end, at exit
+                atexit.register(self._close_at_exit)
+
+    # -- torch.optim plumbing: param_groups and state are the inner optimizer's ----------------------
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        """The inner optimizer's own ``param_groups`` list (the same object)."""
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        """The inner optimizer's per-parameter state (the same object)."""
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.schedule!r}, rank {self.comm.rank}/{self.comm.world_size}, "
+                f"agents {sorted(self.engine.agents)}, t={self.t},\n  optimizer={self.optimizer!r})")
+
+    # -- where this rank stands -----------------------------------------------------------------------
+    @property
+    def t(self) -> int:
+        """Optimizer steps taken (the sync of iteration t follows the (t+1)-th step)."""
+        return self.engine.t
+
+    @property
+    def is_worker(self) -> bool:
+        """Whether this rank holds a worker: its loop calls :meth:`step`; else :meth:`serve`."""
+        return self._worker is not None
+
+    @property
+    def num_workers(self) -> int:
+        """The schedule's number of workers (a DistributedSampler's ``num_replicas``)."""
+        return len(self.schedule.workers)
+
+    @property
+    def worker_index(self) -> int | None:
+        """This rank's worker's position among the schedule's workers, 0..num_workers-1 (a
+        DistributedSampler's ``rank``); None on a passive-only rank."""
+        return None if self._worker is None else self.schedule.workers.index(self._worker.index)
+
+    @property
+    def agents(self) -> dict[int, Agent]:
+        """This rank's agents, by index."""
+        return self.engine.agents
+
+    def local_parameters(self) -> dict[int, torch.Tensor]:
+        """Flat parameter vectors of this rank's agents (live views; under push-sum the worker's
+        holds z = x / w between steps)."""
+        return self.engine.local_parameters()
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The inner optimizer's ``zero_grad``."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        """The inner optimizer's step, then the sync of P_t; t <- t + 1.  Returns the inner
+        step's return value (the closure's loss, which the finiteness check also watches)."""
+        worker = self._require_worker("step")
+        if self._layout != (len(self.param_groups), len(optimizer_parameters(self.optimizer))):
+            self._abort(GROUP_ADDED)
+        if closure is not None and worker.push_weight is not None:
+            raise ValueError("step(closure) is not supported under push-sum (the closure would see the "
+                             "numerator x, not z = x / w): call backward before step()")
+        engine = self.engine
+        worker.restore_numerator_()
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        worker.steps += 1
+        if self.control is not None and engine.is_sync(engine.t):
+            self._announce(Command(SYNC, engine.t))
+        engine.end_step({worker.index: loss.detach()} if isinstance(loss, torch.Tensor) else {})
+        self._begun = True
+        engine.begin_step()          # overlapped syncs: the next sync's reduces start now
+        worker.show_debiased_()
+        return loss
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Refused (``ValueError`` on every rank): the agents' flat buffers are laid out for the
+        parameters the inner optimizer held at construction."""
+        self._abort(ADD_PARAM_GROUP)
+
+    def close(self) -> None:
+        """The end of the run on a worker rank: the passive ranks' :meth:`serve` returns once every
+        worker has closed.  A collective (one control message) when distributed; idempotent."""
+        if self._closed:
+            return
+        if self._worker is None:
+            raise RuntimeError("close() is for worker ranks; this rank holds only passive agents: call serve()")
+        self._closed = True
+        atexit.unregister(self._close_at_exit)
+        if self.control is not None:
+            self.engine.wait_in_flight()
+            self._announce(Command(CLOSE, self.t))
+        self._finish()
+
+    def serve(self, callback: Callable[["AgentOptimizer"], None] | None = None) -> None:
+        """On a passive-only rank: take part in every sync, evaluation and gather the workers
+        start, until every worker has called :meth:`close`.  ``callback(opt)`` runs after each
+        sync (``opt.t`` is then the iteration after it).  Raises what the workers' events raise
+        (:class:`launch.engine.health.NonFiniteError`, a refused call's ``ValueError``)."""
+        if self._worker is not None:
+            raise RuntimeError(f"this rank holds worker agent {self._worker.index}: run the training loop "
+                               f"and call step(); serve() is for ranks that hold only passive agents")
+        if self._closed:
+            raise RuntimeError("serve() has already returned: the workers closed the run")
+        engine = self.engine
+        self._begin()
+        while True:
+            command = self.control.exchange(None)
+            if command.kind == SYNC:
+                engine.t = command.t
+                engine.end_step({})
+                engine.begin_step()
+                if callback is not None:
+                    callback(self)
+            elif command.kind == EVAL:
+                self._combine(command.arg)
+            elif command.kind == STATE:
+                self._gather_state()
+            elif command.kind == CLOSE:
+                engine.t = max(engine.t, command.t)
+                self._closed = True
+                self._finish()
+                return
+
+    def _finish(self) -> None:
+        """The end of the run on this rank: wait for everything in flight (the control message,
+        the reduces prefetched for a sync that will not come); close a communicator made here."""
+        if self.control is not None:
+            self.control.wait()
+            self.comm.wait_in_flight()
+        if self._owns_comm:
+            self.comm.close()
+
+    def _begin(self) -> None:
+        """Start the first sync's overlapped reduces (nothing without overlap).  Every rank does
+        it before its first control message -- a worker rank before announcing its first event, a
+        passive rank when ``serve`` starts -- so every rank issues it at the same place in its
+        sequence of collectives, after ``load_state_dict`` (from the restored counter)."""
+        if not self._begun:
+            self._begun = True
+            self.engine.begin_step()
+
+    def _announce(self, command: Command) -> Command:
+        """A worker rank's control message (after :meth:`_begin`)."""
+        self._begin()
+        return self.control.exchange(command)
+
+    def _close_at_exit(self) -> None:
+        """At interpreter exit, a worker rank whose loop did not call :meth:`close` closes the run
+        (so that the passive ranks' ``serve`` returns instead of waiting for the collective
+        timeout); errors are reported, not raised."""
+        if self._closed:
+            return
+        import warnings
+
+        warnings.warn(f"rank {self.comm.rank}: the AgentOptimizer was not closed; closing it at exit", stacklevel=1)
+        try:
+            self.close()
+        except Exception as err:  # noqa: BLE001 - at exit: report only
+            warnings.warn(f"rank {self.comm.rank}: closing the AgentOptimizer at exit failed: {err}", stacklevel=1)
+
+    def _require_worker(self, what: str) -> Agent:
+        if self._closed:
+            raise RuntimeError(f"{what}: this AgentOptimizer is closed")
+        if self._worker is None:
+            raise RuntimeError(f"{what} is for worker ranks; this rank (rank {self.comm.rank}) holds only "
+                               f"passive agents {sorted(self.engine.agents)}: call serve()")
+        return self._worker
+
+    def _abort(self, reason: int) -> None:
+        """Refuse a call: the same ValueError on every rank (through the control message)."""
+        if self.control is None or self._closed or self._worker is None:
+            raise ValueError(ABORT_REASONS[reason])
+        self._announce(Command(ABORT, self.t, reason))
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def evaluating(self, level: int | None = None, *, agent: int | None = None,
+                   virtual: bool = False) -> Iterator["AgentOptimizer"]:
+        """Load the weights of ``level`` (1 = innermost slow weights; default: the outermost, or
+        the virtual iterate when the schedule has no slow agents), of ``agent``, or the virtual
+        iterate X a (``virtual=True``) into the model for the body of the ``with``; the fast
+        weights are restored on exit (see the module docstring: buffers stay the worker's).
+
+        Example (inside the loop, every epoch)::
+
+            with opt.evaluating(level=1):
+                accuracy = evaluate(model, test_loader)
+        """
+        worker = self._require_worker("evaluating")
+        code = target_code(self.schedule, level, agent, virtual)
+        if self.control is not None:
+            self._announce(Command(EVAL, self.t, code))
+        value = self._combine(code)
+        self.engine.wait_in_flight()         # overlapped syncs: the worker's buffer may be in flight
+        params = worker.params
+        with torch.no_grad():
+            fast = params.clone()
+            params.copy_(value)
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                params.copy_(fast)
+
+    def _combine(self, code: int) -> torch.Tensor:
+        """X c for target ``code`` (:mod:`launch.engine.evaluation`); collective when distributed."""
+        with self._numerators():
+            value = local_part(self.engine.agents, target_weights(self.schedule, code),
+                               next(iter(self.engine.agents.values())).params, debias=code < self.schedule.num_agents)
+        if self.control is not None:
+            with collective(self.comm, self.t, "evaluation", self.world):
+                self.comm.all_reduce_(value, self.world)
+        return value
+
+    @contextlib.contextmanager
+    def _numerators(self):
+        """Under push-sum the worker's buffer holds x (not z) inside."""
+        if self._worker is not None:
+            self._worker.restore_numerator_()
+        try:
+            yield
+        finally:
+            if self._worker is not None:
+                self._worker.show_debiased_()
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:  # type: ignore[override]
+        """This rank's state: ``{"t", "agents": {i: Agent.state_dict()}, "replicated"}`` -- the
+        counter, every local agent's flat buffer (the worker's: the model's parameters), the inner
+        optimizer's ``state_dict`` (in the worker's entry) and a slow rule's replicated state
+        (None without one).  Local; :meth:`gather_state_dict` gathers every rank's."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        with self._numerators():
+            state = self.engine.state_dict()
+        state["replicated"] = self.engine.replicated_state()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            state = hook(self, state) or state
+        return state
+
+    def gather_state_dict(self) -> dict:
+        """Every agent's state (the format of :meth:`state_dict`, every agent in ``"agents"``), on
+        every worker rank: a collective (passive ranks take part through :meth:`serve`).  Save it
+        on one rank; every rank of a new run loads it with :meth:`load_state_dict`."""
+        self._require_worker("gather_state_dict")
+        if self.control is not None:
+            self._announce(Command(STATE, self.t))
+        return self._gather_state()
+
+    def _gather_state(self) -> dict:
+        local = self.state_dict()
+        parts = self.comm.all_gather_object(local) if self.control is not None else [local]
+        agents = {i: entry for part in parts for i, entry in part["agents"].items()}
+        return {"t": max(part["t"] for part in parts), "agents": agents, "replicated": local["replicated"]}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        """Restore :meth:`state_dict` or :meth:`gather_state_dict` into this fresh AgentOptimizer
+        (no step taken): the counter, this rank's agents (entries of other agents are ignored),
+        the inner optimizer's state and a slow rule's.  Local: every rank loads, before its loop
+        or :meth:`serve`."""
+        if self._begun or self._closed:
+            raise ValueError("load_state_dict must come before the first step, evaluation, gather or serve() "
+                             "(on every rank, right after construction)")
+        state = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state = hook(self, state) or state
+        with self._numerators():
+            self.engine.load_state_dict(state)
+        if state.get("replicated") is not None:
+            self.engine.load_replicated_state(state["replicated"])
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
