@@ -136,6 +136,15 @@ def check_list(value, name: str, what: str) -> list:
     return list(value)
 
 
+def as_list(value, name: str, what: str) -> list:
+    """The items of any iterable ``value`` (a generator too) as a list; ``ValueError`` naming
+    ``name`` when it is not iterable.  Its items are the caller's to check."""
+    try:
+        return list(value)
+    except TypeError as err:
+        raise ValueError(f"{name} must be a sequence of {what}; got {value!r}") from err
+
+
 #: The floating dtypes a run may use, by the name a configuration file gives.
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -157,6 +166,7 @@ def dtype_from_name(name, key: str) -> torch.dtype:
 
 __all__ = [
     "DTYPES",
+    "as_list",
     "check_bool",
     "check_choice",
     "check_integer",

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from topology.checks import as_list
 from topology.validation import as_matrix, check_levels, check_mixing_matrix, check_period, check_workers
 from topology.word import EMPTY, Word, chain, concat, from_indices, order_of_appearance, renumber, repeat
 
@@ -330,10 +331,7 @@ def from_matrices(
     else:
         if isinstance(matrices, torch.Tensor) and matrices.dim() == 2:
             raise ValueError("matrices must be a sequence of matrices (wrap a single matrix in a list)")
-        try:
-            raw = list(matrices)
-        except TypeError as err:
-            raise ValueError(f"matrices must be a sequence of matrices or a function of t; got {matrices!r}") from err
+        raw = as_list(matrices, "matrices", "matrices or a function of t")
         if not raw:
             raise ValueError("matrices must hold at least one matrix")
         if period is not None and check_period(period, name="period") != len(raw):

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from topology.checks import check_integer, check_step_size, is_integer
+from topology.checks import as_list, check_integer, check_step_size, is_integer
 
 #: Largest allowed deviation of a column sum from 1.
 COLUMN_SUM_TOL = 1e-12
@@ -109,10 +109,7 @@ def check_mixing_matrix(
 
 def check_workers(workers, num_agents: int) -> tuple[int, ...]:
     """Agent indices that run the inner optimizer: distinct, in [0, num_agents), at least one."""
-    try:
-        workers = tuple(workers)
-    except TypeError as err:
-        raise ValueError(f"workers must be a sequence of agent indices; got {workers!r}") from err
+    workers = tuple(as_list(workers, "workers", "agent indices"))
     if not workers:
         raise ValueError("workers must name at least one agent")
     for w in workers:
