@@ -120,8 +120,8 @@ def check_choice(value, allowed: Iterable, name: str):
     """One of ``allowed`` (compared with ``==``; unhashable values are refused, not an error)."""
     allowed = tuple(allowed)
     try:
-        ok = value in allowed
-    except TypeError:  # e.g. a tensor compared with strings
+        ok = bool(value in allowed)
+    except (TypeError, ValueError, RuntimeError):  # an array or tensor compared elementwise
         ok = False
     if not ok or isinstance(value, (bool, np.bool_)) and not any(a is value for a in allowed):
         raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
