@@ -160,9 +160,9 @@ def run(problem, arm: Arm, clusters: dict[str, Cluster], *, steps: int, eval_eve
 def average_curves(curves: Sequence[list[dict]]) -> list[dict]:
     """The seeds' curves averaged point by point (accuracy, loss, consensus; steps and times are
     the same for every seed)."""
-    first = curves[0]
-    return [{**point, **{key: sum(c[j][key] for c in curves) / len(curves) for key in ("accuracy", "loss", "consensus")}}
-            for j, point in enumerate(first)]
+    keys = ("accuracy", "loss", "consensus")
+    return [{**point, **{key: sum(c[j][key] for c in curves) / len(curves) for key in keys}}
+            for j, point in enumerate(curves[0])]
 
 
 def time_to_target(curve: Sequence[dict], target: float, cluster: str) -> tuple[int, float] | None:
