@@ -108,3 +108,15 @@ def test_teacher_labels_are_fixed_by_data_seed_and_every_class_occurs():
     assert not data.equal(teacher_classification(train_size=4096, test_size=64, data_seed=1).partition.labels)
     assert data.bincount(minlength=10).min() > 0
     assert a.evaluate(a.model())["accuracy"] < 0.5   # an untrained student is far from the teacher
+
+
+def test_seed_curves_are_averaged_point_by_point_keeping_steps_and_times():
+    def curve(accuracies):
+        return [{"step": 8 * j, "accuracy": a, "loss": 1 - a, "consensus": 2 * a, "time": {"c": 3.0 * j}}
+                for j, a in enumerate(accuracies)]
+
+    mean = e8.average_curves([curve([0.1, 0.5]), curve([0.3, 0.9])])
+    assert mean == [{"step": 0, "accuracy": pytest.approx(0.2), "loss": pytest.approx(0.8),
+                     "consensus": pytest.approx(0.4), "time": {"c": 0.0}},
+                    {"step": 8, "accuracy": pytest.approx(0.7), "loss": pytest.approx(0.3),
+                     "consensus": pytest.approx(1.4), "time": {"c": 3.0}}]
