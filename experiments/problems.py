@@ -30,6 +30,7 @@ from experiments.base import (
 from experiments.cifar import cifar10_resnet18
 from experiments.digits import digits_cnn, digits_logistic, digits_mlp
 from experiments.nqm import noisy_quadratic
+from experiments.teacher_classification import teacher_classification
 
 __all__ = ["PROBLEMS", "Problem", "make_problem", "teacher_student"]
 
@@ -96,6 +97,7 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "digits_mlp": digits_mlp,
     "digits_cnn": digits_cnn,
     "cifar10_resnet18": cifar10_resnet18,
+    "teacher_classification": teacher_classification,
 }
 
 

@@ -21,7 +21,7 @@ def sgd_momentum(params):
 
 
 # -- every problem through the simulator --------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["teacher_student", "noisy_quadratic", *CLASSIFIERS])
+@pytest.mark.parametrize("name", ["teacher_student", "noisy_quadratic", *CLASSIFIERS, "teacher_classification"])
 def test_problem_trains_through_the_simulator(name):
     """A few LA-2 iterations co-located: finite worker losses, the documented metrics, and a test
     loss below the initial one (for every agent: the fast one and the slow levels)."""
