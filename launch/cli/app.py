@@ -21,12 +21,14 @@ compared with the serial reference at every step, and the run fails above ``tole
 
 Exit status: 0 success; 1 a deviation above ``tolerance``; 2 an invalid configuration (a
 ``ValueError``, printed as one line on every rank, e.g. a process count that does not match the
-topology's number of agents).  In a multirun sweep the status is the worst of its jobs.
+topology's number of agents, or a resume whose configuration is not the checkpoint's); 3 the run
+ended with non-finite parameters or losses (its summary says so); 4 the results are written but
+the final checkpoint is not (:mod:`launch.cli.finish`; every rank exits with the same status).  In a
+multirun sweep the status is the worst of its jobs.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -42,6 +44,7 @@ from launch.cli.build import Job, build_job
 from launch.cli.checkpoint_options import checkpointer_for
 from launch.cli.deviation import DeviationTracker, format_table, tolerance_for
 from launch.cli.errors import in_config_terms, report_error
+from launch.cli.finish import finish_run
 from launch.cli.metrics import MetricsProbe, MetricsWriter
 from launch.cli.registry import serial_reference_missing
 from launch.cli.runs import SerialRun, open_simulation_run, plant_deviation_, role
@@ -69,7 +72,8 @@ def make_comm(job: Job):
             "launch=torch must be started by torchrun (RANK, WORLD_SIZE and MASTER_ADDR are not set): "
             "torchrun --nproc_per_node M -m launch launch=torch ..., with M the number of agents"
         )
-    return make_communicator(job.mode, device=job.device) if job.mode in ("torch", "mpi") else None
+    return (make_communicator(job.mode, device=job.device, timeout_s=job.timeout_s)
+            if job.mode in ("torch", "mpi") else None)
 
 
 def run_job(cfg: DictConfig, body) -> int:
@@ -107,21 +111,28 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     checkpointer, resume = checkpointer_for(cfg, job, out_dir)
     first = checkpointer.load(run_.simulation, required=True) if resume else 0
     reference = _reference_run(job, cfg, model, resume)
+    if checkpointer is not None and checkpointer.changed and rank0:
+        print("note: resumed with the allowed change(s) " + ", ".join(
+            f"{key}: {old!r} -> {new!r}" for key, old, new in checkpointer.changed), file=sys.stderr)
     tracker, elapsed = _loop(job, cfg, comm, run_, reference, checkpointer, first, out_dir if rank0 else None)
+    ending = finish_run(run_, checkpointer, first, job.steps)  # the end checked like a sync; a failed
+    # final checkpoint does not stop the results below from being written (launch.cli.finish)
 
     template = job.model()
     state_dicts = run_.state_dicts(template)  # a collective: every rank
     if not rank0:
-        return 0
+        ending.report(None)
+        return ending.status()
     torch.save(state_dicts, out_dir / "agents.pt")
     rows = _evaluate(job, template, state_dicts, tracker if reference is not None else None)
     where = _where(job, comm)
     status, summary = _summary(job, comm, rows, gap, tolerance if reference is not None else None, where, elapsed,
-                               first)
+                               first, ending.failure())
     print(f"\n{_title(job, where, reference is not None)}\n{_table(rows, reference is not None)}")
     print(summary, flush=True)
     (out_dir / "summary.txt").write_text(summary + "\n")
-    return status
+    ending.report(out_dir)
+    return ending.status(status)
 
 
 def _reference_run(job: Job, cfg: DictConfig, model, resume: bool):
@@ -145,17 +156,15 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
     where rank 0 writes metrics.csv (None on the other ranks)."""
     tracker = DeviationTracker()
     probe = MetricsProbe(run_, comm, job.schedule.num_agents, job.schedule.consensus())
-    writer = MetricsWriter(out_dir / "metrics.csv") if out_dir is not None else None
+    writer = (MetricsWriter(out_dir / "metrics.csv", workers=job.schedule.workers, consensus=probe.a is not None,
+                            resume_at=first or None) if out_dir is not None else None)
     bar = tqdm(total=job.steps, initial=first, desc=f"{job.problem_name} {_where(job, comm)}", unit="step",
                disable=writer is None, mininterval=0.5)
     start = time.perf_counter()
     if writer is not None:
         writer.start = start
-    saved = False
     for t in range(first, job.steps):
         losses = run_.step()
-        # Decided from t alone, identically on every rank (saving is collective).
-        saved = checkpointer is not None and checkpointer.maybe_save(run_.simulation)
         plant_deviation_(run_, cfg.get("plant"), t)
         if reference is not None:
             reference.step()
@@ -165,13 +174,15 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
             rows = probe.measure(losses)
             if writer is not None:
                 writer.write(done, rows)
-                worker_losses = [r["loss"] for r in rows if not math.isnan(r["loss"])]
+                worker_losses = [rows[i]["loss"] for i in job.schedule.workers]   # NaN / Inf shown as such
                 bar.set_postfix(loss=f"{sum(worker_losses) / max(len(worker_losses), 1):.4g}", refresh=False)
+        # After the metrics (a checkpoint of t implies its rows are in metrics.csv); decided from t
+        # alone, identically on every rank (saving is collective); the last one: finish_run.
+        if checkpointer is not None and done < job.steps:
+            checkpointer.maybe_save(run_.simulation)
         bar.update()
     bar.close()
     elapsed = time.perf_counter() - start
-    if checkpointer is not None and first < job.steps and not saved:
-        checkpointer.save(run_.simulation)  # and at the end
     if writer is not None:
         writer.close()
     return tracker, elapsed
@@ -210,8 +221,9 @@ def _table(rows: list[dict], checked: bool) -> str:
 
 
 def _summary(job: Job, comm, rows, gap: float, tolerance: float | None, where: str, elapsed: float,
-             first: int) -> tuple[int, str]:
-    """The exit status and the one-line summary (``tolerance``: None when nothing was checked)."""
+             first: int, failure: str | None = None) -> tuple[int, str]:
+    """The exit status and the one-line summary (``tolerance``: None when nothing was checked;
+    ``failure``: why the run failed otherwise, e.g. non-finite at its end)."""
     checked = tolerance is not None
     worst = max((r["deviation"] for r in rows), default=0.0) if checked else None
     status = 1 if checked and not worst <= tolerance else 0
@@ -223,7 +235,8 @@ def _summary(job: Job, comm, rows, gap: float, tolerance: float | None, where: s
     if checked:
         parts.append(f"max_deviation={worst:.3e}")
     parts += [f"time_s={elapsed:.2f}", f"steps_per_s={(job.steps - first) / max(elapsed, 1e-9):.1f}",
-              "status=" + ("ok" if status == 0 else f"FAILED (deviation above tolerance {tolerance:g})")]
+              "status=" + (f"FAILED ({failure})" if failure else "ok" if status == 0
+                           else f"FAILED (deviation above tolerance {tolerance:g})")]
     return status, "summary: " + " ".join(parts)
 
 

@@ -14,7 +14,8 @@
   :class:`agents.outer.OuterOptimizer`; ``{name: adaptive, alpha_low}``: Zhang et al.'s adaptive
   alpha, :class:`agents.adaptive.AdaptiveAlpha`);
 - ``launch``: ``name`` (serial | colocated | torch | mpi), ``device``, ``dtype``, ``seed``,
-  ``steps``, ``log_every``.
+  ``steps``, ``log_every``, ``timeout_s`` (every collective of a torch / mpi run completes or
+  fails within it, naming the rank that seems lost: :mod:`launch.engine.health`).
 
 One builder per group (:func:`build_launch`, :func:`build_topology`, :func:`build_agents`,
 :func:`build_problem`); the names they accept are those of :mod:`launch.cli.registry`.  Everything
@@ -37,6 +38,7 @@ from torch import nn
 from agents.level_policy import resolve_policy
 from launch.cli.registry import OUTER_RULES, SCHEDULES, make_schedule, optimizers, problems
 from launch.comm import LAUNCHES
+from launch.comm.base import check_timeout
 from topology.schedule import MultilayerSchedule, Schedule
 
 #: Where a run can take place: the serial reference, or the simulator's communicators.
@@ -64,6 +66,7 @@ class Job:
     outer: dict | None = None               # agents.outer, validated (see OUTER_RULES)
     stages: tuple | None = None             # SLRLA's agents.slrla.Stage list (topology=stagewise)
     overlap: bool = False                   # launch.overlap: Simulation(overlap=...)
+    timeout_s: float = 300.0                # launch.timeout_s: the communicator's collective timeout
 
     def make_outer(self):
         """A fresh slow rule for the simulator (``Simulation(outer=...)``), or None."""
@@ -98,6 +101,7 @@ class LaunchOptions:
     steps: int
     log_every: int
     overlap: bool
+    timeout_s: float = 300.0
 
 
 def build_job(cfg: DictConfig) -> Job:
@@ -113,12 +117,12 @@ def build_job(cfg: DictConfig) -> Job:
             raise ValueError(f"agents.outer={{name: {outer['name']}}}: {err}") from None
     return Job(problem, problem_name, schedule, optimizer, state_policy, launch.mode, launch.device, launch.dtype,
                launch.seed, launch.steps, launch.log_every, evaluate_on_device=on_device, outer=outer,
-               stages=stages, overlap=launch.overlap)
+               stages=stages, overlap=launch.overlap, timeout_s=launch.timeout_s)
 
 
 def build_launch(node) -> LaunchOptions:
     """The ``launch`` group: ``name``, ``dtype``, ``device``, ``seed``, ``steps``, ``log_every``,
-    ``overlap``."""
+    ``overlap``, ``timeout_s``."""
     mode = _choice(node.name, MODES, "launch.name")
     overlap = node.get("overlap", False)
     if not isinstance(overlap, bool):
@@ -127,7 +131,8 @@ def build_launch(node) -> LaunchOptions:
         mode=mode, dtype=DTYPES[_choice(node.dtype, tuple(DTYPES), "launch.dtype")],
         device=_device(str(node.device), mode), seed=_integer(node.seed, "launch.seed", minimum=0),
         steps=_integer(node.steps, "launch.steps", minimum=1),
-        log_every=_integer(node.log_every, "launch.log_every", minimum=1), overlap=overlap)
+        log_every=_integer(node.log_every, "launch.log_every", minimum=1), overlap=overlap,
+        timeout_s=check_timeout(node.get("timeout_s", 300.0), name="launch.timeout_s"))
 
 
 def build_topology(node, steps: int) -> tuple[Schedule, tuple | None]:

@@ -25,6 +25,7 @@ from agents.slrla import SLRLAController, proximal, stage_lookahead
 from launch.cli.registry import has_serial_reference, serial_optimizer, serial_reference_missing
 from launch.comm import Communicator, LocalCommunicator
 from launch.engine.diagnostics import local_models
+from launch.engine.health import gather_objects
 from launch.engine.simulation import Simulation
 from topology.schedule import Schedule
 
@@ -155,7 +156,7 @@ class SimulationRun:
         if any(True for _ in template.buffers()):
             local = {i: {n: b.detach().cpu().clone() for n, b in a.module.named_buffers()}
                      for i, a in sim.agents.items() if a.is_worker}
-            for part in sim.comm.all_gather_object(local):
+            for part in gather_objects(sim.comm, local, sim.t, "gather of the buffers"):
                 buffers.update(part)
         first = min(sim.schedule.workers)
         out = []
