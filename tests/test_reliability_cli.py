@@ -93,7 +93,7 @@ def test_an_allowed_change_applies_from_the_checkpoint_on(ckpt, original, tmp_pa
     fresh = Path(shutil.copytree(original, tmp_path / "ckpt2"))
     assert resume(fresh, tmp_path / "changed", "agents.optimizer.lr=0.2",
                   "launch.resume_allow=[agents.optimizer.lr,launch.steps]") == 0
-    assert "note: resumed with the allowed change(s) agents.optimizer.lr: 0.05 -> 0.2" in capsys.readouterr().err
+    assert "note: resumed with the allowed change(s) agents.optimizer.lr: 0.05 -> 0.2\n" in capsys.readouterr().err
     # The new lr is used (before: the checkpoint's optimizer state put 0.05 back, and the results
     # were those of the unchanged command).
     assert not same_agents(tmp_path / "same", tmp_path / "changed")
@@ -103,6 +103,12 @@ def test_resume_allow_names_recorded_keys_only(ckpt, tmp_path, capsys):
     assert resume(ckpt, tmp_path / "run", "launch.resume_allow=[agents.optimizer.learning_rate]") == 2
     err = capsys.readouterr().err
     assert "launch.resume_allow names 'agents.optimizer.learning_rate', which is not a recorded key" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "true"])
+def test_a_bad_timeout_is_a_configuration_error(tmp_path, capsys, value):
+    assert app.run(config(*BASE, f"launch.timeout_s={value}", "launch.steps=2"), tmp_path) == 2
+    assert "launch.timeout_s must be a number of seconds > 0; got " in capsys.readouterr().err
 
 
 def test_free_keys_change_without_allowance(ckpt, tmp_path):

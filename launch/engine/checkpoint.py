@@ -202,7 +202,8 @@ class Checkpointer:
             raise ValueError(f"allow must be a list of record keys; got {allow!r}")
         self.allow = tuple(allow)
         self.allow_option = allow_option
-        #: After :meth:`load`: ``(key, checkpoint's value, new value)`` of every allowed change.
+        #: After :meth:`load`: ``(key, checkpoint's value, new value)`` of every allowed change (in
+        #: the caller's keys when the checkpoint and this checkpointer both have a ``config``).
         self.changed: list[tuple[str, object, object]] = []
 
     # -- reading the folder ---------------------------------------------------------------------
@@ -328,7 +329,7 @@ class Checkpointer:
                 raise ValueError(f"no checkpoint in {self.directory} (no {MANIFEST})")
             return None
         t = manifest["t"]
-        changed = self._compare(manifest, sim)
+        changed, engine_changes = self._compare(manifest, sim)
         folder = self.directory / manifest["folder"]
         if not folder.is_dir():
             raise ValueError(f"{self.manifest_path} names the folder {folder.name}, which does not exist")
@@ -342,14 +343,16 @@ class Checkpointer:
         sim.load_state_dict({"t": t, "agents": agents})
         if replicated is not None:
             sim.load_replicated_state(replicated)
-        reapply_hyperparameters(sim, fresh, [key for key, _, _ in changed])
+        reapply_hyperparameters(sim, fresh, [key for key, _, _ in engine_changes])
         set_rng_state(rng)
         self.changed = changed
         return t
 
-    def _compare(self, manifest: dict, sim) -> list[tuple[str, object, object]]:
-        """The allowed differences between the checkpoint's records and this run's; ``ValueError``
-        naming every other one (module docstring)."""
+    def _compare(self, manifest: dict, sim) -> tuple[list, list]:
+        """The allowed differences between the checkpoint's records and this run's, ``(key,
+        checkpoint's value, new value)``: those to report (the caller's record's when both have
+        one, else the engine's) and the engine's; ``ValueError`` naming every other difference
+        (module docstring)."""
         current = engine_record(sim)
         saved = manifest["run"]
         if "optimizer" not in current:   # no worker on this rank: another rank compares the optimizer
@@ -373,7 +376,8 @@ class Checkpointer:
                           else f"{self.allow_option}=[{','.join(keys)}]")
                 message += f". To continue with the new value(s) from t={manifest['t']} on, allow the change: {option}"
             raise ValueError(message)
-        return [d for d in config + engine]
+        compared = self.config is not None and manifest["config"] is not None
+        return (config if compared else engine), engine
 
     @staticmethod
     def _read(path: Path, manifest: dict) -> dict:
