@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from pathlib import Path
 
@@ -128,10 +129,12 @@ class MetricsWriter:
         self.consensus = consensus
         kept = _history(self.path, resume_at) if resume_at is not None else []
         self.offset = kept[-1][-1] if kept else 0.0
-        with open(self.path, "w", newline="") as f:   # the kept history, then appends
+        partial = self.path.with_name(f".{self.path.name}.tmp")   # the kept history, replaced at once
+        with open(partial, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(COLUMNS)
             writer.writerows(row[:-1] + [f"{row[-1]:.6f}"] for row in kept)
+        os.replace(partial, self.path)
         self._file = open(self.path, "a", newline="")
         self._csv = csv.writer(self._file)
         self.start = time.perf_counter()
