@@ -18,6 +18,9 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+# Imported before any process group exists, as TorchCommunicator does (else an abort at exit, now
+# and then: "terminate called without an active exception").
+import torch._dynamo  # noqa: E402,F401
 
 import topology  # noqa: E402
 from launch.cli import app  # noqa: E402
