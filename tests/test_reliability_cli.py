@@ -79,7 +79,8 @@ def test_another_optimizer_class_is_one_clear_error(ckpt, tmp_path, capsys):
     for allow in ("[]", "[agents.optimizer]"):
         assert resume(ckpt, tmp_path / "run", "agents=adam", f"launch.resume_allow={allow}") == 2
         err = capsys.readouterr().err
-        assert "optimizer is 'Adam', the checkpoint's 'SGD' (this cannot change on resume" in err, err
+        assert "agents.optimizer.name is 'adam', the checkpoint's 'sgd'; optimizer is 'Adam', the checkpoint's " \
+               "'SGD' (this cannot change on resume" in err, err     # the other options: explained by the name
         assert "Traceback" not in err and "KeyError" not in err
 
 

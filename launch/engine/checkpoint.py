@@ -363,8 +363,11 @@ class Checkpointer:
         if not refused:
             refused = [d for d in engine if not allowed(d[0], self.allow) and d[0] not in FIXED]
         fixed = [d for d in engine if d[0] in FIXED]
-        # A class that changed explains every difference of its hyperparameters: not listed.
-        refused = [d for d in refused if not any(d[0].startswith(f[0] + ".") for f in fixed)]
+        # A class that changed explains every difference of its hyperparameters, and a ``name``
+        # that changed those of its siblings (another optimizer's options): not listed.
+        named = [d[0][: -len("name")] for d in refused if d[0].endswith(".name")]
+        refused = [d for d in refused if not any(d[0].startswith(f[0] + ".") for f in fixed)
+                   and not any(d[0].startswith(prefix) and d[0] != prefix + "name" for prefix in named)]
         if refused or fixed:
             parts = [f"{key} is {_show(new)}, the checkpoint's {_show(old)}" for key, old, new in refused]
             parts += [f"{key} is {_show(new)}, the checkpoint's {_show(old)} (this cannot change on resume: the "
