@@ -24,15 +24,16 @@ Rank 0 shows a progress bar; the other ranks print nothing but errors.
 With ``launch=colocated`` and ``launch.check_reference=true`` (the default) every agent is
 compared with the serial reference at every step, and the run fails above ``tolerance``.
 
-Exit status (:mod:`launch.cli.errors`): 0 success; 1 a deviation above ``tolerance``; 2 an
-invalid configuration or missing data (one line naming the key, on every rank: hydra's own
-errors too); 3 the run stopped on NaN or Inf (one line per rank); 4 a lost rank.  In a multirun
+Exit status (:mod:`launch.cli.errors`, the same on every rank): 0 success; 1 a deviation above
+``tolerance``; 2 an invalid configuration or missing data (one line naming the key, on every rank:
+hydra's own errors too; a resume whose configuration is not the checkpoint's); 3 the run met NaN
+or Inf (at a sync: one line per rank; at its end: its summary says so); 4 a lost rank; 5 the
+results are written but the final checkpoint is not (:mod:`launch.cli.finish`).  In a multirun
 sweep the status is the worst of its jobs.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -49,15 +50,17 @@ from launch.cli import rundir
 from launch.cli.build import Job, build_job
 from launch.cli.checkpoint_options import checkpointer_for
 from launch.cli.deviation import DeviationTracker, format_table, tolerance_for
-from launch.cli.errors import (EXIT_CONFIG, EXIT_DEVIATION, EXIT_NONFINITE, EXIT_OK, EXIT_RANK_FAILURE,
+from launch.cli.errors import (EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DEVIATION, EXIT_NONFINITE, EXIT_OK, EXIT_RANK_FAILURE,
                                in_config_terms, linger, report_error, run_hydra_app)
 from launch.cli.evaluation import VIRTUAL, EvalWriter, Evaluator
+from launch.cli.finish import finish_run
 from launch.cli.metrics import MetricsProbe, MetricsWriter
 from launch.cli.registry import serial_reference_missing
 from launch.cli.runs import SerialRun, open_simulation_run, plant_deviation_, role
 from launch.cli.summary import summary_record, write_summary
 from launch.cli.tensorboard import TensorBoardLog
 from launch.comm import make_communicator
+from launch.engine.checkpoint import CheckpointError
 from launch.engine.health import NonFiniteError, RankFailureError
 from launch.engine.simulation import check_resume_step
 from topology.diagnostics import spectral_gap
@@ -85,14 +88,16 @@ def make_comm(job: Job):
             "launch=torch must be started by torchrun (RANK, WORLD_SIZE and MASTER_ADDR are not set): "
             "torchrun --nproc_per_node M -m launch launch=torch ..., with M the number of agents"
         )
-    return make_communicator(job.mode, device=job.device) if job.mode in ("torch", "mpi") else None
+    return (make_communicator(job.mode, device=job.device, timeout_s=job.timeout_s)
+            if job.mode in ("torch", "mpi") else None)
 
 
 def run_job(cfg: DictConfig, body) -> int:
     """Build the job of ``cfg``, open its communicator, return ``body(job, comm)``.  Reported as
     one line on every rank, each raised alike on every rank: a ``ValueError`` (an invalid
     configuration or missing data) gives status 2, a ``NonFiniteError`` 3, a
-    ``RankFailureError`` 4.  The communicator is closed in any case."""
+    ``RankFailureError`` 4, a ``CheckpointError`` of a checkpoint during the run 5 (the run stops;
+    the last complete checkpoint is kept).  The communicator is closed in any case."""
     comm = None
     try:
         job = build_job(cfg)
@@ -109,6 +114,9 @@ def run_job(cfg: DictConfig, body) -> int:
     except RankFailureError as err:
         report_error(err)
         return EXIT_RANK_FAILURE
+    except CheckpointError as err:
+        report_error(err)
+        return EXIT_CHECKPOINT
     finally:
         if comm is not None:
             comm.close()
@@ -139,27 +147,35 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
             print(f"note: resumed from the checkpoint at t={first} in {checkpointer.directory}; {left} "
                   f"(launch.steps={job.steps})", file=sys.stderr)
     reference = _reference_run(job, cfg, model, resume)
+    if checkpointer is not None and checkpointer.changed and rank0:
+        print("note: resumed with the allowed change(s) " + ", ".join(
+            f"{key}: {old!r} -> {new!r}" for key, old, new in checkpointer.changed), file=sys.stderr)
     tracker, elapsed, final = _loop(job, cfg, comm, run_, reference, checkpointer, first, out_dir if rank0 else None)
+    ending = finish_run(run_, checkpointer, first, job.steps)  # the end checked like a sync; a failed
+    # final checkpoint does not stop the results below from being written (launch.cli.finish)
 
     template = job.model()
     state_dicts = run_.state_dicts(template)  # a collective: every rank
     if not rank0:
-        return EXIT_OK
+        ending.report(None)
+        return ending.status()
     torch.save(state_dicts, out_dir / "agents.pt")
     rows = _table_rows(job, final, tracker if reference is not None else None)
     virtual = next((r for r in final if r["agent"] == VIRTUAL), None)
     checked = reference is not None
     worst = max((r["deviation"] for r in rows), default=0.0) if checked else None
-    status = EXIT_DEVIATION if checked and not worst <= tolerance else EXIT_OK
+    status = ending.status(EXIT_DEVIATION if checked and not worst <= tolerance else EXIT_OK)
     where = _where(job, comm)
+    failure, detail = ending.failure(status, worst, tolerance)
     record = summary_record(job, processes=1 if comm is None else comm.world_size, agent_rows=rows,
                             virtual_row=virtual, gap=gap, tolerance=tolerance if checked else None, worst=worst,
-                            elapsed=elapsed, first=first, status="ok" if status == EXIT_OK else "FAILED")
+                            elapsed=elapsed, first=first, status="ok" if status == EXIT_OK else "FAILED",
+                            failure=failure, failure_detail=detail)
     print(f"\n{_title(job, where, checked)}\n{_table(rows, checked)}")
     print(write_summary(out_dir, record), flush=True)
-    if status != EXIT_OK:
-        print(f"FAILED: a deviation of {worst:.3e} from the serial reference, above tolerance {tolerance:g}",
-              file=sys.stderr)
+    if status == EXIT_DEVIATION:
+        print(f"FAILED: {detail}", file=sys.stderr)
+    ending.report(out_dir)
     return status
 
 
@@ -186,7 +202,8 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
     tracker = DeviationTracker()
     probe = MetricsProbe(run_, comm, job.schedule.num_agents, job.schedule.consensus())
     evaluator = Evaluator(job, run_, comm)
-    writer = MetricsWriter(out_dir / "metrics.csv") if out_dir is not None else None
+    writer = (MetricsWriter(out_dir / "metrics.csv", workers=job.schedule.workers, consensus=probe.a is not None,
+                            resume_at=first or None) if out_dir is not None else None)
     evals = EvalWriter(out_dir / "eval.csv") if out_dir is not None else None
     board = TensorBoardLog(out_dir) if out_dir is not None and job.tensorboard else None
     bar = tqdm(total=job.steps, initial=first, desc=f"{job.problem_name} {_where(job, comm)}", unit="step",
@@ -194,7 +211,7 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
     start = time.perf_counter()
     if writer is not None:
         writer.start = start
-    saved, final = False, []
+    final: list[dict] = []
     try:
         for t in range(first, job.steps):
             done = t + 1
@@ -202,8 +219,6 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
             if logged or evaluator.due(done):
                 evaluator.note_lr(done)  # the learning rate of this iteration, before it runs
             losses = run_.step()
-            # Decided from t alone, identically on every rank (saving is collective).
-            saved = checkpointer is not None and checkpointer.maybe_save(run_.simulation)
             plant_deviation_(run_, cfg.get("plant"), t)
             if reference is not None:
                 reference.step()
@@ -214,10 +229,15 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
                     writer.write(done, rows)
                     if board is not None:
                         board.metrics(done, rows)
-                    worker_losses = [r["loss"] for r in rows if not math.isnan(r["loss"])]
+                    worker_losses = [rows[i]["loss"] for i in job.schedule.workers]   # NaN / Inf shown as such
                     bar.set_postfix(loss=f"{sum(worker_losses) / max(len(worker_losses), 1):.4g}", refresh=False)
             if evaluator.due(done):
                 final = _write_evaluation(evaluator.evaluate(done), evals, board)
+            # After the metrics (a checkpoint of t implies its rows are in metrics.csv); decided
+            # from t alone, identically on every rank (saving is collective); the last one:
+            # launch.cli.finish.finish_run.
+            if checkpointer is not None and done < job.steps:
+                checkpointer.maybe_save(run_.simulation)
             bar.update()
         if evaluator.evaluated != job.steps:  # resumed at the end: nothing ran, evaluate anyway
             final = _write_evaluation(evaluator.evaluate(job.steps), evals, board)
@@ -227,8 +247,6 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
             if sink is not None:
                 sink.close()
     elapsed = time.perf_counter() - start
-    if checkpointer is not None and first < job.steps and not saved:
-        checkpointer.save(run_.simulation)  # and at the end
     return tracker, elapsed, [r for r in final if r["step"] == job.steps]
 
 

@@ -15,8 +15,10 @@
   alpha, :class:`agents.adaptive.AdaptiveAlpha`);
 - ``launch``: ``name`` (serial | colocated | torch | mpi), ``device``, ``dtype``, ``seed``,
   ``steps``, ``log_every``, ``num_threads``, ``eval_every``, ``tensorboard``; ``check_reference``
-  (colocated); ``checkpoint_every``, ``checkpoint_dir``, ``resume``, ``overlap`` (the simulator's
-  launches); ``agents_per_rank`` (torch, mpi).  A key a launch does not take is an error.
+  (colocated); ``checkpoint_every``, ``checkpoint_dir``, ``resume``, ``resume_allow``, ``overlap``
+  (the simulator's launches); ``agents_per_rank``, ``timeout_s`` (torch, mpi: every collective
+  completes or fails within it, naming the rank that seems lost: :mod:`launch.engine.health`).  A
+  key a launch does not take is an error.
 
 One builder per group (:func:`build_launch`, :func:`build_topology`, :func:`build_agents`,
 :func:`build_problem`); the names they accept are those of :mod:`launch.cli.registry`.  Everything
@@ -45,6 +47,7 @@ from launch.cli.errors import in_group_terms, launcher_world
 from launch.cli.registry import OUTER_RULES, SCHEDULES, make_schedule, optimizers, problems
 from launch.cli.tensorboard import summary_writer_class
 from launch.comm import LAUNCHES
+from launch.comm.base import check_timeout
 from launch.engine.simulation import convert_batch
 from topology.schedule import MultilayerSchedule, Schedule
 
@@ -58,9 +61,10 @@ TOP_LEVEL = ("agents", "topology", "problem", "launch", "tolerance", "plant")
 
 #: The ``launch`` keys every launch takes, and those of some launches only.
 LAUNCH_KEYS = ("name", "device", "dtype", "seed", "steps", "log_every", "num_threads", "eval_every", "tensorboard")
-SIMULATOR_KEYS = ("checkpoint_every", "checkpoint_dir", "resume", "overlap")
-MODE_KEYS = {"serial": (), "colocated": SIMULATOR_KEYS + ("check_reference",),
-             "torch": SIMULATOR_KEYS + ("agents_per_rank",), "mpi": SIMULATOR_KEYS + ("agents_per_rank",)}
+SIMULATOR_KEYS = ("checkpoint_every", "checkpoint_dir", "resume", "resume_allow", "overlap")
+DISTRIBUTED_KEYS = SIMULATOR_KEYS + ("agents_per_rank", "timeout_s")
+MODE_KEYS = {"serial": (), "colocated": SIMULATOR_KEYS + ("check_reference",), "torch": DISTRIBUTED_KEYS,
+             "mpi": DISTRIBUTED_KEYS}
 
 #: ``launch.seed`` is at most this (every generator seeded from it accepts it, agents' offsets included).
 MAX_SEED = 2**32 - 1
@@ -98,6 +102,7 @@ class Job:
     eval_every: int | None = None           # launch.eval_every (None: at the end only)
     tensorboard: bool = False               # launch.tensorboard
     agents_per_rank: int | None = None      # launch.agents_per_rank (torch, mpi)
+    timeout_s: float = 300.0                # launch.timeout_s: the communicator's collective timeout
 
     def make_outer(self):
         """A fresh slow rule for the simulator (``Simulation(outer=...)``), or None."""
@@ -136,6 +141,7 @@ class LaunchOptions:
     eval_every: int | None = None
     tensorboard: bool = False
     agents_per_rank: int | None = None
+    timeout_s: float = 300.0
 
 
 def build_job(cfg: DictConfig) -> Job:
@@ -158,7 +164,8 @@ def build_job(cfg: DictConfig) -> Job:
                launch.seed, launch.steps, launch.log_every, evaluate_on_device=on_device, outer=outer,
                stages=stages, overlap=launch.overlap, topology_name=str(cfg.topology.name),
                topology_options=topology_options, num_threads=launch.num_threads, eval_every=launch.eval_every,
-               tensorboard=launch.tensorboard, agents_per_rank=launch.agents_per_rank)
+               tensorboard=launch.tensorboard, agents_per_rank=launch.agents_per_rank,
+               timeout_s=launch.timeout_s)
 
 
 def build_launch(node) -> LaunchOptions:
@@ -185,7 +192,8 @@ def build_launch(node) -> LaunchOptions:
         num_threads=_optional_integer(node.get("num_threads"), "launch.num_threads", "torch's default"),
         eval_every=_optional_integer(node.get("eval_every"), "launch.eval_every", "only at the end"),
         tensorboard=tensorboard, agents_per_rank=_optional_integer(node.get("agents_per_rank"), "launch.agents_per_rank",
-                                          "number of agents / number of processes"))
+                                          "number of agents / number of processes"),
+        timeout_s=check_timeout(node.get("timeout_s", 300.0), name="launch.timeout_s"))
 
 
 def _check_world(mode: str) -> None:

@@ -1,13 +1,19 @@
 """Checkpoints on the command line: ``launch.checkpoint_every``, ``launch.checkpoint_dir``,
-``launch.resume`` (see :mod:`launch.engine.checkpoint` for what a checkpoint holds).
+``launch.resume``, ``launch.resume_allow`` (see :mod:`launch.engine.checkpoint` for what a
+checkpoint holds).
 
 - ``checkpoint_every: N`` writes a checkpoint every N iterations and at the end, under
   ``checkpoint_dir`` (relative paths are taken from the run directory; give an absolute path, or
   the same ``hydra.run.dir``, to resume a run in a new process);
 - ``resume: true`` starts from the latest complete checkpoint in ``checkpoint_dir`` (a clear error
   when there is none) and runs on until t reaches ``launch.steps``, a total: a checkpoint past it
-  is an error naming both (:func:`launch.engine.simulation.check_resume_step`, in the app).  The trajectory is the
-  uninterrupted run's, bit for bit (same layout) or within 1e-12 (another layout).
+  is an error naming both (:func:`launch.engine.simulation.check_resume_step`, in the app).  The
+  trajectory is the uninterrupted run's, bit for bit (same layout) or within 1e-12 (another
+  layout).  The resume first proves it continues the same run: the checkpoint's resolved
+  configuration (:func:`launch.cli.resume.config_record`) must equal the new command's, except the
+  keys listed in ``resume_allow`` (:mod:`launch.cli.resume`), whose new values then apply;
+- every checkpoint's files are checksummed (:mod:`launch.engine.manifest`): a corrupted, swapped
+  or edited checkpoint is refused, naming the file.
 
 Only simulator runs (colocated, torch, mpi) checkpoint; the co-located reference check is skipped
 on resume (the serial reference cannot resume), and SLRLA's stage controller is not checkpointed,
@@ -20,6 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from launch.cli.resume import config_record, engine_keys, resume_allow
 from launch.engine.checkpoint import Checkpointer
 
 
@@ -45,4 +52,7 @@ def checkpointer_for(cfg: DictConfig, job, out_dir: Path) -> tuple[Checkpointer 
     directory = Path(str(cfg.launch.get("checkpoint_dir") or "checkpoints"))
     if not directory.is_absolute():
         directory = out_dir / directory
-    return Checkpointer(directory, every=every), resume
+    record = config_record(cfg, job)
+    allow = resume_allow(cfg, record)
+    return Checkpointer(directory, every=every, config=record, allow=allow + engine_keys(allow),
+                        allow_option="launch.resume_allow"), resume

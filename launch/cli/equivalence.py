@@ -37,6 +37,7 @@ from launch.cli.deviation import DeviationTracker, format_table, tolerance_for
 from launch.cli.errors import linger, run_hydra_app
 from launch.cli.registry import serial_reference_missing
 from launch.cli.runs import plant_deviation_, role
+from launch.engine.health import gather_objects
 
 _STATUS = [0]
 
@@ -69,7 +70,8 @@ def compare(job: Job, comm, plant=None) -> dict[tuple[str, str], DeviationTracke
         for (a, b), tracker in trackers.items():
             tracker.update(columns[a], columns[b])
     if comm is not None:
-        gathered = comm.all_gather_object({pair: tracker.worst for pair, tracker in trackers.items()})
+        gathered = gather_objects(comm, {pair: tracker.worst for pair, tracker in trackers.items()}, job.steps,
+                                  "gather of the deviations")
         for pair, tracker in trackers.items():
             tracker.merge(part[pair] for part in gathered)
     return trackers

@@ -28,7 +28,7 @@ import re
 import sys
 import time
 
-EXIT_OK, EXIT_DEVIATION, EXIT_CONFIG, EXIT_NONFINITE, EXIT_RANK_FAILURE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_DEVIATION, EXIT_CONFIG, EXIT_NONFINITE, EXIT_RANK_FAILURE, EXIT_CHECKPOINT = 0, 1, 2, 3, 4, 5
 
 #: Seconds a process started by a launcher waits before it exits with an error: torchrun and
 #: mpiexec stop every process as soon as one exits non-zero, and the others, which raise the same

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from agents.flat import load_flat_
+from launch.engine.health import collective, gather_objects
 
 VIRTUAL = "virtual"
 
@@ -94,12 +95,13 @@ class Evaluator:
         self.evaluated = step
         if hasattr(self.run, "simulation"):
             self.run.simulation.wait_in_flight()  # overlapped syncs: a receiver may still be written
-        buffers = self._lowest_worker_buffers()
+        buffers = self._lowest_worker_buffers(step)
         own = local_buffers(self.run)
         metrics = {i: self._metrics(z, own.get(i, buffers)) for i, z in self.run.models().items()}
-        virtual = self._virtual(buffers)
+        virtual = self._virtual(buffers, step)
         lrs, self.pending_lrs = self.pending_lrs, {}
-        parts = self.comm.all_gather_object((metrics, lrs)) if self.comm is not None else [(metrics, lrs)]
+        parts = (gather_objects(self.comm, (metrics, lrs), step, "gather of the evaluation")
+                 if self.comm is not None else [(metrics, lrs)])
         if self.rank != 0:
             return None
         merged_metrics: dict[int, dict] = {}
@@ -131,7 +133,7 @@ class Evaluator:
                 buf.copy_(buffers[name])
         return self.job.evaluate(self.template)
 
-    def _lowest_worker_buffers(self) -> dict:
+    def _lowest_worker_buffers(self, step: int) -> dict:
         """The buffers of the lowest-numbered worker, on every rank (one all-gather when the model
         has buffers and the run spans ranks)."""
         if not self.has_buffers:
@@ -139,11 +141,11 @@ class Evaluator:
         local = local_buffers(self.run).get(self.first_worker)
         if self.comm is None:
             return local or {}
-        held = [b for b in self.comm.all_gather_object(
-            {n: t.cpu() for n, t in local.items()} if local is not None else None) if b is not None]
+        mine = {n: t.cpu() for n, t in local.items()} if local is not None else None
+        held = [b for b in gather_objects(self.comm, mine, step, "gather of the worker's buffers") if b is not None]
         return held[0]
 
-    def _virtual(self, buffers: dict) -> dict | None:
+    def _virtual(self, buffers: dict, step: int) -> dict | None:
         """The metrics of theta = X a = sum_i a_i x_i on rank 0 (an all-reduce of the local partial
         sums when the run spans ranks); None without a consensus vector and on the other ranks."""
         if self.a is None:
@@ -154,7 +156,9 @@ class Evaluator:
             term = x.detach() * self.a[i]
             theta = term if theta is None else theta.add_(term)
         if self.comm is not None:
-            self.comm.all_reduce_(theta, tuple(range(self.comm.world_size)))
+            world = tuple(range(self.comm.world_size))
+            with collective(self.comm, step, "all-reduce of the virtual iterate", world):
+                self.comm.all_reduce_(theta, world)
         return self._metrics(theta, buffers) if self.rank == 0 else None
 
 

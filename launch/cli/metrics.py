@@ -9,7 +9,7 @@ One row per agent per logged step, columns :data:`COLUMNS`:
     the agent's index i (its column of X).
 ``loss``
     the training loss of the s-th inner step of worker i, on its batch, at its parameters before
-    that step (empty for a passive agent, which takes no step).
+    that step (empty for a passive agent, which takes no step; ``nan`` / ``inf`` when not finite).
 ``grad_norm``
     ||g||_2 of that step's gradient, over all parameters (empty for a passive agent).
 ``consensus_distance``
@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
+
+from launch.engine.health import collective
 
 COLUMNS = ("step", "agent", "loss", "grad_norm", "consensus_distance", "wall_time")
 
@@ -62,7 +65,8 @@ class MetricsProbe:
         self.world = tuple(range(comm.world_size)) if self.comm is not None else None
         if self.comm is not None:
             # The world group: created (no-op if a plan already did) and warmed by every rank.
-            self.comm.init_groups([self.world])
+            with collective(self.comm, run.simulation.t, "creation of the metrics' group", self.world):
+                self.comm.init_groups([self.world])
 
     def measure(self, losses: dict[int, torch.Tensor]) -> list[dict]:
         """The m rows (without ``step`` and ``wall_time``) after the current iteration.
@@ -100,42 +104,81 @@ class MetricsProbe:
         ]
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
-        if self.comm is not None:
-            self.comm.all_reduce_(tensor, self.world)
+        if self.comm is not None:   # under the lost-rank handler, as every collective of a run
+            with collective(self.comm, self.run.simulation.t, "metrics all-reduce", self.world):
+                self.comm.all_reduce_(tensor, self.world)
 
 
 class MetricsWriter:
     """Appends rows to ``path`` (CSV with a header of :data:`COLUMNS`), flushed at every write.
 
-    NaN (not applicable) is written as an empty field; floats with 17 significant digits.
+    Empty fields are "not applicable": ``loss`` and ``grad_norm`` of an agent not in ``workers``
+    (a passive agent), ``consensus_distance`` when ``consensus`` is False.  A value that is
+    applicable but not finite is written as ``nan``, ``inf`` or ``-inf`` (``workers=None``: every
+    NaN is taken as not applicable).  Floats with 17 significant digits.
+
+    ``resume_at=t`` (a resumed run): the file's history is kept: its rows of steps up to t are
+    kept, the rows after t (which the resumed run recomputes) and any partial last line are
+    dropped, and the new rows are appended, their ``wall_time`` continuing from the last kept
+    row's.  Without it (a new run) the file is written afresh.
     """
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, *, workers=None, consensus: bool = True, resume_at: int | None = None):
         self.path = Path(path)
-        self._file = open(self.path, "w", newline="")
+        self.workers = None if workers is None else frozenset(workers)
+        self.consensus = consensus
+        kept = _history(self.path, resume_at) if resume_at is not None else []
+        self.offset = kept[-1][-1] if kept else 0.0
+        partial = self.path.with_name(f".{self.path.name}.tmp")   # the kept history, replaced at once
+        with open(partial, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            writer.writerows(row[:-1] + [f"{row[-1]:.6f}"] for row in kept)
+        os.replace(partial, self.path)
+        self._file = open(self.path, "a", newline="")
         self._csv = csv.writer(self._file)
-        self._csv.writerow(COLUMNS)
-        self._file.flush()
         self.start = time.perf_counter()
 
     def write(self, step: int, rows: list[dict]) -> None:
-        wall = time.perf_counter() - self.start
+        wall = self.offset + time.perf_counter() - self.start
         for row in rows:
-            self._csv.writerow([step, row["agent"], _fmt(row["loss"]), _fmt(row["grad_norm"]),
-                                _fmt(row["consensus_distance"]), f"{wall:.6f}"])
+            worker = self.workers is None or row["agent"] in self.workers
+            self._csv.writerow([step, row["agent"], _fmt(row["loss"], worker), _fmt(row["grad_norm"], worker),
+                                _fmt(row["consensus_distance"], self.consensus), f"{wall:.6f}"])
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
 
 
-def _fmt(value: float) -> str:
-    return "" if value is None or math.isnan(value) else repr(float(value))
+def _history(path: Path, until: int) -> list[list]:
+    """The complete rows of ``path`` (if it exists) with step <= ``until``, as written
+    (``wall_time`` as a float, last)."""
+    if not path.exists():
+        return []
+    kept = []
+    with open(path, newline="") as f:
+        for fields in csv.reader(f):
+            if len(fields) != len(COLUMNS) or not fields[0].isdigit():
+                continue   # the header, or a line cut short by a crash
+            try:
+                wall = float(fields[-1])
+            except ValueError:
+                continue
+            if int(fields[0]) <= until:
+                kept.append(fields[:-1] + [wall])
+    return kept
+
+
+def _fmt(value: float, applicable: bool = False) -> str:
+    if value is None or (math.isnan(value) and not applicable):
+        return ""
+    return repr(float(value))   # nan, inf, -inf for the non-finite
 
 
 def read_metrics(path: Path | str) -> list[dict]:
-    """The rows of a ``metrics.csv`` as dicts (``step``, ``agent`` int; the others float, NaN
-    where empty)."""
+    """The rows of a ``metrics.csv`` as dicts (``step``, ``agent`` int; the others float: NaN
+    where empty, and ``nan`` / ``inf`` as written)."""
     with open(path, newline="") as f:
         rows = []
         for row in csv.DictReader(f):

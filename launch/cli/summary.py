@@ -18,7 +18,9 @@ checkpoint resumed from, or null), ``dtype``, ``seed``, ``heldout`` (``{metric: 
 agent]}``) [``heldout_<metric>``], ``virtual_heldout`` (``{metric: value}`` of theta = X a, or
 null) [``virtual_heldout_<metric>``], ``spectral_gap``, ``max_deviation`` and ``tolerance`` (null
 unless checked against the serial reference), ``time_s``, ``steps_per_s``, ``status`` (``ok`` or
-``FAILED``: a deviation above tolerance).
+``FAILED``), ``failure`` (why it failed: ``deviation`` above tolerance, ``non_finite`` at the end
+of the run, ``final_checkpoint`` not written; null when ok) and ``failure_detail`` (the sentence;
+summary.json only).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def compact(text: str) -> str:
 
 
 def summary_record(job, *, processes: int, agent_rows: list[dict], virtual_row: dict | None, gap: float,
-                   tolerance: float | None, worst: float | None, elapsed: float, first: int, status: str) -> dict:
+                   tolerance: float | None, worst: float | None, elapsed: float, first: int, status: str,
+                   failure: str | None = None, failure_detail: str | None = None) -> dict:
     """The summary of a finished run of ``job`` (see the module docstring for the keys).
 
     ``agent_rows``: the final evaluation's rows of the agents (``heldout_<metric>`` keys, by
@@ -62,6 +65,8 @@ def summary_record(job, *, processes: int, agent_rows: list[dict], virtual_row: 
         "time_s": _number(elapsed),
         "steps_per_s": _number((job.steps - first) / max(elapsed, 1e-9)),
         "status": status,
+        "failure": failure,
+        "failure_detail": failure_detail,
     }
 
 
@@ -75,6 +80,8 @@ def flat_summary(record: dict) -> dict:
     """
     flat = {}
     for key, value in record.items():
+        if key == "failure_detail":          # a sentence: summary.json only
+            continue
         if key == "topology":
             flat[key] = value["repr"]
         elif key in ("heldout", "virtual_heldout") and value is not None:

@@ -12,8 +12,8 @@ counts that the cost model computes for a plan, which :class:`CommStats` extends
 schedules.
 """
 
-from launch.comm.base import CommStats, Communicator, Pending
+from launch.comm.base import CollectiveTimeout, CommStats, Communicator, Pending
 from launch.comm.factory import LAUNCHES, make_communicator
 from launch.comm.local import LocalCommunicator
 
-__all__ = ["CommStats", "Communicator", "Pending", "LAUNCHES", "LocalCommunicator", "make_communicator"]
+__all__ = ["CollectiveTimeout", "CommStats", "Communicator", "Pending", "LAUNCHES", "LocalCommunicator", "make_communicator"]

@@ -9,6 +9,14 @@ A communicator moves flat tensors between ranks.  Three implementations share th
 Groups are identified by the sorted tuple of their ranks.  :meth:`Communicator.init_groups` must be
 called by every rank, with the same list, before any collective on a group: it creates the groups
 in that order and warms each with one collective.
+
+Every collective of a distributed communicator is bounded: it completes, or raises after
+``timeout_s`` seconds (torch.distributed: the process groups' timeout; MPI, which has none: every
+operation is non-blocking and polled against a deadline, :mod:`launch.comm.mpi`), with the
+backend's error or :class:`CollectiveTimeout`.  The engine runs every collective inside
+:func:`launch.engine.health.collective`, which sets :attr:`Communicator.context` (the iteration
+and the operation) for the duration and turns such a failure into a ``RankFailureError`` naming
+the rank that seems lost (:meth:`Communicator.responsive_ranks`).
 """
 
 from __future__ import annotations
@@ -37,6 +45,23 @@ class CommStats(RankCounts):
             setattr(self, f.name, 0)
 
 
+def check_timeout(timeout_s, name: str = "timeout_s") -> float:
+    """``timeout_s`` as a float: a finite number of seconds > 0, else ``ValueError`` naming ``name``.
+
+    Example:
+        >>> check_timeout(10)
+        10.0
+    """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+        raise ValueError(f"{name} must be a number of seconds > 0; got {timeout_s!r}")
+    return float(timeout_s)
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within the communicator's ``timeout_s`` (a peer is stuck or
+    dead).  Raised by communicators that bound their collectives themselves (MPI)."""
+
+
 class Pending:
     """A started asynchronous collective: ``wait()`` returns once this rank's part is done
     (its buffer may then be read and written again).  Waiting twice is harmless."""
@@ -61,6 +86,11 @@ class Communicator:
     rank: int = 0
     world_size: int = 1
     backend: str = "local"
+    #: Seconds after which a collective gives up (None: this communicator never waits on a peer).
+    timeout_s: float | None = None
+    #: ``(t, what)`` of the collective in progress, set by :func:`launch.engine.health.collective`
+    #: for its duration (None outside): the iteration and the operation a failure is reported with.
+    context: tuple[int, str] | None = None
 
     def __init__(self) -> None:
         self.stats = CommStats()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launch.comm.base import Communicator
+from launch.comm.base import Communicator, check_timeout
 from launch.comm.local import LocalCommunicator
 
 #: Where the simulator's agents can run: one process, torch.distributed, MPI.
@@ -13,6 +13,8 @@ def make_communicator(launch: str = "colocated", *, device: str | None = None, t
     """The communicator for ``launch``: ``colocated`` (one process holds every agent), ``torch``
     (one agent per rank under torchrun; NCCL on CUDA, gloo on CPU) or ``mpi`` (under mpiexec).
 
+    ``timeout_s``: every collective of a torch or mpi communicator completes or fails within this
+    many seconds (a peer stuck or dead); :func:`launch.engine.health.collective` then names it.
     The torch.distributed and MPI communicators are imported only when asked for (mpi4py is an
     optional dependency).
 
@@ -20,6 +22,7 @@ def make_communicator(launch: str = "colocated", *, device: str | None = None, t
         >>> make_communicator("colocated").world_size
         1
     """
+    check_timeout(timeout_s)
     if launch == "colocated":
         return LocalCommunicator()
     if launch == "torch":
@@ -29,5 +32,5 @@ def make_communicator(launch: str = "colocated", *, device: str | None = None, t
     if launch == "mpi":
         from launch.comm.mpi import MPICommunicator
 
-        return MPICommunicator()
+        return MPICommunicator(timeout_s=timeout_s)
     raise ValueError(f"launch must be one of {', '.join(LAUNCHES)}; got {launch!r}")

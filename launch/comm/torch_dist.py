@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from launch.comm.base import Communicator, Pending
+from launch.comm.base import Communicator, Pending, check_timeout
 
 
 def choose_device_and_backend(device: str | None = None) -> tuple[torch.device, str]:
@@ -44,7 +44,8 @@ class TorchCommunicator(Communicator):
         self.device, backend = choose_device_and_backend(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.timeout = timedelta(seconds=timeout_s)
+        self.timeout_s = check_timeout(timeout_s)
+        self.timeout = timedelta(seconds=self.timeout_s)
         self._owns_group = not dist.is_initialized()
         if self._owns_group:
             # torch._dynamo (which creating any torch.optim optimizer imports) keeps a reference to

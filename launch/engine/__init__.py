@@ -15,12 +15,13 @@ Imports: :mod:`launch.comm`, :mod:`agents`, :mod:`topology`; never the command l
 (:mod:`launch.cli`), the benchmarks or :mod:`experiments`.  It knows no configuration names.
 """
 
-from launch.engine.checkpoint import Checkpointer, run_with_checkpoints
+from launch.engine.checkpoint import CheckpointError, Checkpointer, run_with_checkpoints
 from launch.engine.health import NonFiniteError, RankFailureError
 from launch.engine.placement import Placement
 from launch.engine.simulation import Simulation, SimulationResult, simulate
 
 __all__ = [
+    "CheckpointError",
     "Checkpointer",
     "run_with_checkpoints",
     "NonFiniteError",

@@ -85,7 +85,7 @@ from launch.engine.control import ABORT, ABORT_REASONS, CLOSE, EVAL, STATE, SYNC
 from launch.engine.core import SyncEngine
 from launch.engine.environment import detect_launch
 from launch.engine.evaluation import local_part, target_code, target_weights
-from launch.engine.health import collective
+from launch.engine.health import collective, gather_objects
 from launch.engine.placement import Placement
 from topology.schedule import Schedule
 
@@ -166,7 +166,7 @@ class AgentOptimizer(torch.optim.Optimizer):
         worker = worker_of_rank(schedule, placement, comm.rank)
         # What only this rank can see (its model and optimizer): shared, so all raise alike.
         problem = adoption_problem(model, optimizer)
-        raise_verdicts(comm.all_gather_object(problem) if comm.world_size > 1 else [problem])
+        raise_verdicts(gather_objects(comm, problem, 0, "check of the model and optimizer"))
         container, names = adopted_parameters(model, optimizer)
 
         def make_agent(i: int, layout: StateLayout, policy: str) -> Agent:
@@ -458,7 +458,7 @@ class AgentOptimizer(torch.optim.Optimizer):
 
     def _gather_state(self) -> dict:
         local = self.state_dict()
-        parts = self.comm.all_gather_object(local) if self.control is not None else [local]
+        parts = gather_objects(self.comm, local, self.t, "gather of the state") if self.control is not None else [local]
         agents = {i: entry for part in parts for i, entry in part["agents"].items()}
         return {"t": max(part["t"] for part in parts), "agents": agents, "replicated": local["replicated"]}
 

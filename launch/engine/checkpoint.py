@@ -1,21 +1,23 @@
-"""Checkpoints of a whole simulation: every agent, the counter t, RNG states, data positions.
+"""Checkpoints of a whole simulation: every agent, the counter t, RNG states, data positions,
+each file checksummed, and the record of what defines the run.
 
 Layout on disk (one folder per checkpoint, shards keyed by agent index, a manifest that commits)::
 
     directory/
-        latest.json                 the manifest: which checkpoint is complete (written last)
+        latest.json                 the manifest (launch.engine.manifest): which checkpoint is
+                                    complete (written last), the sha256 of each of its files, the
+                                    layout that wrote it, and the records of the run (below)
         step-00000120/
-            agent-0.pt ... agent-{m-1}.pt   Agent.state_dict(): the whole flat buffer (parameters
-                                            and pullback state slots), the inner optimizer's
-                                            state_dict, the batches consumed, the stream's
-                                            state_dict when it has one
+            agent-0.pt ... agent-{m-1}.pt   {"t", "agent": Agent.state_dict()}: the whole flat
+                                            buffer (parameters and pullback state slots), the inner
+                                            optimizer's state_dict, the batches consumed, the
+                                            stream's state_dict when it has one
             rank-0.pt ... rank-{W-1}.pt     {"t", "agents", "rng"}: the RNG states of that rank's
                                             process (torch CPU, CUDA if initialised, numpy, random)
             outer.pt                        with a slow rule (``Simulation(outer=...)``):
-                                            ``Simulation.replicated_state()``, the slow agent's
-                                            anchor and the rule's own state (the outer
-                                            optimizer's state_dict, the alpha* history);
-                                            replicated bitwise on every rank, written by rank 0
+                                            {"t", "state": ``Simulation.replicated_state()``}, the
+                                            slow agent's anchor and the rule's own state; replicated
+                                            bitwise on every rank, written by rank 0
 
 Saving (:meth:`Checkpointer.save`, collective, every rank at the same t):
 
@@ -23,21 +25,25 @@ Saving (:meth:`Checkpointer.save`, collective, every rank at the same t):
    agent raises :class:`NonFiniteError` on every rank *before* anything is written, so a bad
    step never replaces the last good checkpoint;
 2. every rank writes its agents' shards and its rank file, each atomically (a temporary file in
-   the same folder, flush, fsync, ``os.replace``, fsync of the folder);
-3. one ``all_gather_object`` of (files written | error): if any rank failed to write, every rank
-   raises the same ``RuntimeError`` and the manifest is left alone;
-4. rank 0 writes ``latest.json`` atomically, then deletes the checkpoint folders beyond ``keep``.
+   the same folder, flush, fsync, ``os.replace``, fsync of the folder), and takes each file's
+   sha256 from the bytes it wrote;
+3. one all-gather of (error | checksums, the rank's record of the run);
+4. rank 0 writes ``latest.json`` atomically, then one all-gather of that outcome, then rank 0
+   deletes the checkpoint folders beyond ``keep``.
 
-A crash at any point leaves ``latest.json`` naming a complete checkpoint (the new one or the
-previous one).  Every rank writes its own shards, so the directory must be on a filesystem that
-every rank sees (one machine, or a shared filesystem).
+Any error in 2 or 4 on any rank (a full disk, a read-only folder, any ``OSError``) is the same
+:class:`CheckpointError` on every rank ("checkpoint of iteration t=... not written (the last one is
+kept: ...)"), and rank 0 removes the failed checkpoint's folder.  A crash at any point leaves
+``latest.json`` naming a complete checkpoint (the new one or the previous one).  Every rank writes
+its own shards, so the directory must be on a filesystem that every rank sees (one machine, or a
+shared filesystem).
 
-Loading (:meth:`Checkpointer.load`, into a *fresh* :class:`Simulation` built with the same model
-architecture, dtype, schedule, inner optimizer and state policy, on any placement): each rank
-reads the manifest, the shards of its own agents and one rank file; one all-gather of the outcomes
-makes a failure the same ``ValueError`` on every rank.  Because
-shards are keyed by agent index, a checkpoint written on 3 ranks resumes co-located and the other
-way round.  Order of restoration on each rank:
+Loading (:meth:`Checkpointer.load`, into a *fresh* :class:`Simulation`, on any placement): each rank
+reads and validates the manifest, compares the records of the run (below), reads the shards of its
+own agents, one rank file and ``outer.pt``, each checked against its sha256 in the manifest and
+its t against the manifest's; one all-gather of the outcomes makes any failure the same
+``ValueError`` on every rank.  Because shards are keyed by agent index, a checkpoint written on 3
+ranks resumes co-located and the other way round.  Order of restoration on each rank:
 
 1. each agent's flat buffer, optimizer state and counter t;
 2. the data position: when the stream (the object ``iter(data)`` returned) has
@@ -46,10 +52,21 @@ way round.  Order of restoration on each rank:
    agent had consumed (``next`` called that many times, results discarded).  Streams must
    therefore be deterministic functions of their construction (a seeded generator), or
    stateful objects;
-3. the RNG states, last (so that batches drawn while skipping do not leave their mark): with the
+3. the hyperparameters the resume was allowed to change (below), set back to the new run's
+   values: ``Optimizer.load_state_dict`` would otherwise restore the saved ones;
+4. the RNG states, last (so that batches drawn while skipping do not leave their mark): with the
    same world size and placement, rank r restores rank r's states; otherwise each rank restores
    the states of the rank that held its lowest agent.  RNG states are per process, not per agent:
    a run whose loss or data uses the global RNGs resumes bit for bit only on the same layout.
+
+**The same run.**  The manifest holds the engine's record of the run
+(:func:`launch.engine.run_record.engine_record`: schedule, state policy, inner optimizer and its
+hyperparameters, slow rule, dtype, sizes) and the caller's own (``Checkpointer(config=...)``; the
+command line's resolved configuration).  :meth:`Checkpointer.load` compares both with the fresh
+simulation's: any difference is a ``ValueError`` naming each differing key with both values
+(the caller's keys first: they explain the engine's), unless the key is in ``allow``; an allowed
+change applies from the checkpoint's t on.  The keys of
+:data:`launch.engine.run_record.FIXED` (sizes, dtype, the optimizers' classes) never change.
 
 Resuming on the same layout reproduces the uninterrupted trajectory bit for bit (float32 and
 float64), also in the middle of a round; on another layout it is the other layout's trajectory,
@@ -65,6 +82,7 @@ Example (co-located; the same code runs under torchrun / mpiexec)::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -75,11 +93,11 @@ from typing import Callable
 
 import torch
 
-from launch.engine.health import collective
+from launch.engine.health import gather_objects
+from launch.engine.manifest import FORMAT, MANIFEST, read_manifest, read_verified, sha256_hex, step_folder
+from launch.engine.run_record import (ABSENT, FIXED, allowed, differences, engine_record, flatten, normalize,
+                                      reapply_hyperparameters, snapshot_hyperparameters)
 from topology.validation import check_period
-
-MANIFEST = "latest.json"
-FORMAT = 1
 
 
 # -- atomic files ---------------------------------------------------------------------------------
@@ -147,6 +165,11 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- the checkpointer ------------------------------------------------------------------------------
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (on some rank); the last complete one is kept.  Raised
+    identically on every rank."""
+
+
 class Checkpointer:
     """Saves a :class:`launch.Simulation` into ``directory`` every ``every`` iterations.
 
@@ -156,22 +179,42 @@ class Checkpointer:
             (:meth:`maybe_save`); ``None``: only when asked (:meth:`save`).
         keep: how many complete checkpoints to keep (the oldest are deleted after a new one is
             committed); ``None`` keeps all.
+        config: the caller's record of the run (a JSON-able mapping; nested mappings become dotted
+            keys), saved in every checkpoint and compared by :meth:`load` (when both the
+            checkpoint and this checkpointer have one).
+        allow: keys (of the engine's record or of ``config``) that may differ on :meth:`load`; a
+            key allows the keys under it.  The new values then apply.
+        allow_option: how the error message tells the user to allow a change (default
+            ``Checkpointer(allow=[...])``; the command line: ``launch.resume_allow``).
     """
 
-    def __init__(self, directory, every: int | None = None, keep: int | None = 2):
+    def __init__(self, directory, every: int | None = None, keep: int | None = 2, *, config: dict | None = None,
+                 allow=(), allow_option: str | None = None):
         if not isinstance(directory, (str, os.PathLike)):
             raise ValueError(f"directory must be a path; got {directory!r}")
         self.directory = Path(directory)
         self.every = None if every is None else check_period(every, name="every")
         self.keep = None if keep is None else check_period(keep, name="keep")
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(f"config must be a mapping (the caller's record of the run) or None; got {config!r}")
+        self.config = None if config is None else normalize(flatten(config))
+        if isinstance(allow, str) or not all(isinstance(a, str) for a in allow):
+            raise ValueError(f"allow must be a list of record keys; got {allow!r}")
+        self.allow = tuple(allow)
+        self.allow_option = allow_option
+        #: After :meth:`load`: ``(key, checkpoint's value, new value)`` of every allowed change (in
+        #: the caller's keys when the checkpoint and this checkpointer both have a ``config``).
+        self.changed: list[tuple[str, object, object]] = []
 
     # -- reading the folder ---------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
+
     def manifest(self) -> dict | None:
-        """The manifest of the latest complete checkpoint, or None if there is none."""
-        path = self.directory / MANIFEST
-        if not path.exists():
-            return None
-        return json.loads(path.read_text())
+        """The validated manifest of the latest complete checkpoint, or None if there is none
+        (``ValueError`` when ``latest.json`` is malformed, :func:`launch.engine.manifest.read_manifest`)."""
+        return read_manifest(self.manifest_path)
 
     def latest_step(self) -> int | None:
         """t of the latest complete checkpoint, or None."""
@@ -191,36 +234,59 @@ class Checkpointer:
         t = sim.t
         sim.finiteness.check(t, "checkpoint")
         replicated = sim.replicated_state()
-        folder = self.directory / f"step-{t:08d}"
-        error, files = None, []
+        folder = self.directory / step_folder(t)
+        error, written = None, {}
         try:
             folder.mkdir(parents=True, exist_ok=True)
             for i, entry in sim.state_dict()["agents"].items():
-                atomic_save(entry, folder / f"agent-{i}.pt")
-                files.append(f"agent-{i}.pt")
-            atomic_save({"t": t, "agents": sorted(sim.agents), "rng": rng_state()},
-                        folder / f"rank-{sim.rank}.pt")
-            files.append(f"rank-{sim.rank}.pt")
+                written[f"agent-{i}.pt"] = _save({"t": t, "agent": entry}, folder / f"agent-{i}.pt")
+            written[f"rank-{sim.rank}.pt"] = _save({"t": t, "agents": sorted(sim.agents), "rng": rng_state()},
+                                                   folder / f"rank-{sim.rank}.pt")
             if replicated is not None and sim.rank == 0:
-                atomic_save(replicated, folder / "outer.pt")
-                files.append("outer.pt")
-        except OSError as err:
-            error = f"rank {sim.rank}: {err}"
-        with collective(sim.comm, t, "checkpoint", tuple(range(sim.comm.world_size))):
-            reports = sim.comm.all_gather_object((error, files))
-        errors = [e for e, _ in reports if e is not None]
-        if errors:
-            raise RuntimeError(f"checkpoint of iteration t={t} not written (the last one is kept): {errors}")
-        if sim.rank == 0:
+                written["outer.pt"] = _save({"t": t, "state": replicated}, folder / "outer.pt")
+        except Exception as err:  # noqa: BLE001 - any local failure must reach every rank (no hang)
+            error = f"rank {sim.rank}: {_describe(err)}"
+        reports = gather_objects(sim.comm, (error, written, engine_record(sim)), t, "checkpoint")
+        errors = [e for e, _, _ in reports if e is not None]
+        if not errors and sim.rank == 0:
+            run: dict = {}
+            for _, _, record in reports:   # ranks without a worker do not know the optimizer
+                run.update(record)
             manifest = {
                 "format": FORMAT, "t": t, "folder": folder.name,
+                "files": dict(sorted((name, digest) for _, files, _ in reports for name, digest in files.items())),
                 "num_agents": sim.schedule.num_agents, "world_size": sim.comm.world_size,
-                "agents_per_rank": sim.placement.agents_per_rank, "schedule": repr(sim.schedule),
-                "state_policy": _policy(sim), "outer": _rule_name(sim), "files": sorted(f for _, fs in reports for f in fs),
+                "agents_per_rank": sim.placement.agents_per_rank, "run": run, "config": self.config,
             }
-            atomic_write(self.directory / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            try:
+                atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            except Exception as err:  # noqa: BLE001 - as above
+                errors.append(f"rank 0, writing {MANIFEST}: {_describe(err)}")
+        errors = gather_objects(sim.comm, errors, t, "checkpoint commit")[0]   # rank 0's: all of them
+        if errors:
+            if sim.rank == 0:
+                self._remove_uncommitted(folder)
+            raise CheckpointError(f"checkpoint of iteration t={t} not written (the last one is kept: "
+                                  f"{self._latest_description()}): {'; '.join(errors)}")
+        if sim.rank == 0:
             self._prune(keep_folder=folder.name)
         return folder
+
+    def _latest_description(self) -> str:
+        try:
+            t = self.latest_step()
+        except ValueError:
+            return f"{self.manifest_path} unreadable"
+        return f"no checkpoint in {self.directory}" if t is None else f"t={t} in {self.directory}"
+
+    def _remove_uncommitted(self, folder: Path) -> None:
+        """Remove ``folder`` (a failed checkpoint's files) unless the manifest names it."""
+        try:
+            committed = self.manifest()
+        except ValueError:
+            return
+        if committed is None or committed["folder"] != folder.name:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _prune(self, keep_folder: str) -> None:
         if self.keep is None:
@@ -235,20 +301,23 @@ class Checkpointer:
         """Restore the latest checkpoint into the fresh ``sim``; returns its t, or None when the
         folder holds none (``required=True``: ``ValueError`` instead).
 
-        Each rank reads its own files; one small all-gather of the outcomes then makes every rank
-        raise the same ``ValueError`` (or none), so a file that one rank cannot read does not
-        leave the others waiting in their next collective.
+        Each rank validates the manifest, compares the records of the run, reads and verifies its
+        own files; one small all-gather of the outcomes then makes every rank raise the same
+        ``ValueError`` (or none), so a file that one rank cannot read does not leave the others
+        waiting in their next collective.  :attr:`changed` lists the allowed changes applied.
         """
         error, t = None, None
         try:
             t = self._load_local(sim, required)
         except ValueError as err:
-            error = f"rank {sim.rank}: {err}"
-        with collective(sim.comm, sim.t, "checkpoint load", tuple(range(sim.comm.world_size))):
-            outcomes = sim.comm.all_gather_object((error, t))
-        errors = [e for e, _ in outcomes if e is not None]
+            error = str(err)
+        outcomes = gather_objects(sim.comm, (error, t), sim.t, "checkpoint load")
+        errors = [(rank, e) for rank, (e, _) in enumerate(outcomes) if e is not None]
         if errors:
-            raise ValueError(f"cannot resume from {self.directory}: " + "; ".join(errors))
+            if len({e for _, e in errors}) == 1:   # the same on every rank that failed: say it once
+                ranks = "" if len(errors) in (1, len(outcomes)) else f" (ranks {[r for r, _ in errors]})"
+                raise ValueError(f"cannot resume from {self.directory}{ranks}: {errors[0][1]}")
+            raise ValueError(f"cannot resume from {self.directory}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
         if len({step for _, step in outcomes}) != 1:
             raise ValueError(f"the ranks found different checkpoints in {self.directory}: {[s for _, s in outcomes]}")
         return t
@@ -259,44 +328,91 @@ class Checkpointer:
             if required:
                 raise ValueError(f"no checkpoint in {self.directory} (no {MANIFEST})")
             return None
-        if (manifest["num_agents"], manifest["state_policy"], manifest.get("outer")) != (
-                sim.schedule.num_agents, _policy(sim), _rule_name(sim)):
-            raise ValueError(
-                f"checkpoint in {self.directory} is of {manifest['schedule']} with state_policy "
-                f"{manifest['state_policy']!r} and outer {manifest.get('outer')!r}; this simulation "
-                f"runs {sim.schedule!r} with {_policy(sim)!r} and {_rule_name(sim)!r}"
-            )
+        t = manifest["t"]
+        changed, engine_changes = self._compare(manifest, sim)
         folder = self.directory / manifest["folder"]
-        agents = {i: self._read(folder / f"agent-{i}.pt") for i in sorted(sim.agents)}
+        if not folder.is_dir():
+            raise ValueError(f"{self.manifest_path} names the folder {folder.name}, which does not exist")
+        agents = {i: self._read(folder / f"agent-{i}.pt", manifest)["agent"] for i in sorted(sim.agents)}
         same_layout = (manifest["world_size"], manifest["agents_per_rank"]) == (
             sim.comm.world_size, sim.placement.agents_per_rank)
         source = sim.rank if same_layout else min(sim.agents) // manifest["agents_per_rank"]
-        rng = self._read(folder / f"rank-{source}.pt")["rng"]
-        replicated = self._read(folder / "outer.pt") if sim.slow_sync is not None else None
-        sim.load_state_dict({"t": manifest["t"], "agents": agents})
+        rng = self._read(folder / f"rank-{source}.pt", manifest)["rng"]
+        replicated = self._read(folder / "outer.pt", manifest)["state"] if sim.slow_sync is not None else None
+        fresh = snapshot_hyperparameters(sim)
+        sim.load_state_dict({"t": t, "agents": agents})
         if replicated is not None:
             sim.load_replicated_state(replicated)
+        reapply_hyperparameters(sim, fresh, [key for key, _, _ in engine_changes])
         set_rng_state(rng)
-        return manifest["t"]
+        self.changed = changed
+        return t
+
+    def _compare(self, manifest: dict, sim) -> tuple[list, list]:
+        """The allowed differences between the checkpoint's records and this run's, ``(key,
+        checkpoint's value, new value)``: those to report (the caller's record's when both have
+        one, else the engine's) and the engine's; ``ValueError`` naming every other difference
+        (module docstring)."""
+        current = engine_record(sim)
+        saved = manifest["run"]
+        if "optimizer" not in current:   # no worker on this rank: another rank compares the optimizer
+            saved = {k: v for k, v in saved.items() if not allowed(k, ["optimizer"])}
+        engine = differences(saved, current)
+        config = [] if self.config is None or manifest["config"] is None else differences(manifest["config"], self.config)
+        refused = [d for d in config if not allowed(d[0], self.allow)]
+        if not refused:
+            refused = [d for d in engine if not allowed(d[0], self.allow) and d[0] not in FIXED]
+        fixed = [d for d in engine if d[0] in FIXED]
+        # A class that changed explains every difference of its hyperparameters, and a ``name``
+        # that changed those of its siblings (another optimizer's options): not listed.
+        named = [d[0][: -len("name")] for d in refused if d[0].endswith(".name")]
+        refused = [d for d in refused if not any(d[0].startswith(f[0] + ".") for f in fixed)
+                   and not any(d[0].startswith(prefix) and d[0] != prefix + "name" for prefix in named)]
+        if refused or fixed:
+            parts = [f"{key} is {_show(new)}, the checkpoint's {_show(old)}" for key, old, new in refused]
+            parts += [f"{key} is {_show(new)}, the checkpoint's {_show(old)} (this cannot change on resume: the "
+                      f"saved state would not fit)" for key, old, new in fixed]
+            message = f"this run is not the run of the checkpoint (t={manifest['t']}): " + "; ".join(parts)
+            keys = [key for key, _, _ in refused]
+            if keys and not fixed:
+                option = (f"Checkpointer(allow={keys!r})" if self.allow_option is None
+                          else f"{self.allow_option}=[{','.join(keys)}]")
+                message += f". To continue with the new value(s) from t={manifest['t']} on, allow the change: {option}"
+            raise ValueError(message)
+        compared = self.config is not None and manifest["config"] is not None
+        return (config if compared else engine), engine
 
     @staticmethod
-    def _read(path: Path):
-        # Our own files; weights_only=False because RNG and data-stream states are not tensors.
+    def _read(path: Path, manifest: dict) -> dict:
+        """A checkpoint file, verified against the manifest's sha256 and t."""
+        data = read_verified(path, manifest, path.parent.parent / MANIFEST)
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            # Our own files; weights_only=False because RNG and data-stream states are not tensors.
+            content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - a corrupt file fails in many ways (pickle, zip, EOF)
             raise ValueError(f"checkpoint file {path} cannot be read: {err}") from err
+        if not isinstance(content, dict) or content.get("t") != manifest["t"]:
+            held = content.get("t") if isinstance(content, dict) else None
+            raise ValueError(f"checkpoint file {path} holds iteration t={held}, {MANIFEST} says t={manifest['t']}: "
+                             f"refused (an edited manifest or files mixed from several checkpoints)")
+        return content
 
 
-# -- what the manifest records of the simulation --------------------------------------------------
-def _rule_name(sim) -> str | None:
-    """The slow rule's class name (``OuterOptimizer``, ``AdaptiveAlpha``), or None."""
-    return None if sim.slow_sync is None else type(sim.slow_sync.rule).__name__
+def _save(obj, path: Path) -> str:
+    """``torch.save(obj)`` to ``path`` atomically; returns the sha256 of the bytes written."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    atomic_write(path, lambda f: f.write(data))
+    return sha256_hex(data)
 
 
-def _policy(sim):
-    """The state policy per level (a list), as the simulation resolved it."""
-    return list(sim.sync_policy.levels)
+def _show(value) -> str:
+    return "absent" if value == ABSENT else repr(value)
+
+
+def _describe(err: Exception) -> str:
+    return str(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
 
 
 def run_with_checkpoints(sim, steps: int, checkpointer: Checkpointer,

@@ -38,7 +38,7 @@ from launch.comm.base import Communicator
 from launch.comm.local import LocalCommunicator
 from launch.engine.compile import compile_sync
 from launch.engine.finiteness import make_finiteness_check
-from launch.engine.health import collective
+from launch.engine.health import collective, gather_objects
 from launch.engine.overlap import NoOverlap, Overlap
 from launch.engine.placement import Placement
 from launch.engine.state_weights import SyncPolicy
@@ -88,8 +88,10 @@ class SyncEngine:
         self.programs = compiled.programs
 
         # -- the one metadata exchange: parameter shapes must agree across ranks ----------------
-        _check_signatures(self.comm.all_gather_object(module_signature(model)))
-        self.comm.init_groups(compiled.groups)   # collective: every rank, in the same order
+        world = tuple(range(self.comm.world_size))
+        _check_signatures(gather_objects(self.comm, module_signature(model), 0, "start-up exchange of signatures"))
+        with collective(self.comm, 0, "creation of the process groups", world):
+            self.comm.init_groups(compiled.groups)   # every rank, in the same order
 
         # -- the agents of this rank, theta_0 everywhere ---------------------------------------
         self.agents: dict[int, Agent] = {
@@ -111,7 +113,8 @@ class SyncEngine:
         first = self.agents[min(self.agents)]
         source = first.params
         if self.comm.world_size > 1:
-            self.comm.broadcast_(source, src=0)
+            with collective(self.comm, 0, "broadcast of theta_0", tuple(range(self.comm.world_size))):
+                self.comm.broadcast_(source, src=0)
         for agent in self.agents.values():
             if agent is not first:
                 agent.params.copy_(source)
@@ -196,7 +199,7 @@ class SyncEngine:
             for i, a in self.agents.items()
         }
         merged: dict[int, list[torch.Tensor]] = {}
-        for part in self.comm.all_gather_object(local):
+        for part in gather_objects(self.comm, local, self.t, "gather of the parameters"):
             merged.update(part)
         return [dict(zip(self.parameter_names, merged[i])) for i in range(self.schedule.num_agents)]
 

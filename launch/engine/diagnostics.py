@@ -2,8 +2,8 @@
 the schedule's spectral gap.
 
 Every function here that reads other ranks' agents is a collective (it goes through
-``comm.all_gather_object``, which is not counted in ``comm.stats``): call it on every rank, at the
-same step.  Values are identical on every rank.
+``comm.all_gather_object``, which is not counted in ``comm.stats``, under the lost-rank handler
+:func:`launch.engine.health.gather_objects`): call it on every rank, at the same step.  Values are identical on every rank.
 
 * :func:`consensus_distance` -- sqrt( (1/|S|) sum_{i in S} ||z_i - zbar||^2 ), zbar = (1/|S|) sum_{i
   in S} z_i, over a set S of agents (default: the schedule's workers), with z_i the agent's model
@@ -34,6 +34,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from launch.engine.health import gather_objects
 from topology.diagnostics import spectral_gap
 
 
@@ -47,7 +48,7 @@ def local_models(sim) -> dict[int, torch.Tensor]:
 
 def _gathered(sim, local: dict) -> dict:
     merged: dict = {}
-    for part in sim.comm.all_gather_object(local):
+    for part in gather_objects(sim.comm, local, sim.t, "diagnostics' gather"):
         merged.update(part)
     return merged
 
@@ -66,16 +67,15 @@ def consensus_distance(sim, agents: Iterable[int] | None = None) -> float:
     local = {i: models[i] for i in members if i in models}
     # Pass 1: zbar from the per-rank sums (summed in rank order: the same bits on every rank).
     total = None
-    for part in sim.comm.all_gather_object(
-        {sim.rank: torch.stack(list(local.values())).sum(0).cpu() if local else None}
-    ):
+    for part in gather_objects(sim.comm, {sim.rank: torch.stack(list(local.values())).sum(0).cpu() if local else None},
+                               sim.t, "consensus distance's gather"):
         for value in part.values():
             if value is not None:
                 total = value.clone() if total is None else total + value
     mean = total / len(members)
     # Pass 2: the sum of squared distances (no cancellation, unlike E||z||^2 - ||zbar||^2).
     squares = sum(float(((z.cpu() - mean) ** 2).sum()) for z in local.values())
-    return (sum(sim.comm.all_gather_object(squares)) / len(members)) ** 0.5
+    return (sum(gather_objects(sim.comm, squares, sim.t, "consensus distance's gather")) / len(members)) ** 0.5
 
 
 def agent_losses(sim, losses: dict) -> dict[int, float]:

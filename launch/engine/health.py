@@ -4,15 +4,22 @@
 check (:mod:`launch.engine.finiteness`) before a sync would mix NaN or Inf into other agents,
 and before a checkpoint could replace the last good one.
 
-**Lost ranks.**  When a peer dies, gloo raises at once (``Connection reset by peer``), NCCL and
-gloo raise after the communicator's ``timeout_s`` when a peer is alive but stuck.
-:func:`collective` turns that backend error into :class:`RankFailureError` naming this rank, the
-iteration, the operation and the rank that seems lost: the one of the collective's ranks that does
-not answer a roll call through the rendezvous store within :data:`ROLL_CALL_S` (the candidates
-when the store cannot tell, e.g. when it died with rank 0).  A survivor blocked behind another
-survivor (a ring all-reduce waits on its neighbour) cannot answer in time and may be named too;
-the message says "seems".  Under
-MPI, ``mpiexec`` itself kills the other ranks and exits non-zero when one dies.
+**Lost ranks.**  Every collective of a run goes through :func:`collective`, the one lost-rank
+handler: the syncs and the finiteness checks (:mod:`launch.engine.core`,
+:mod:`launch.engine.finiteness`), the start-up exchanges, checkpoints
+(:mod:`launch.engine.checkpoint`), the diagnostics (:mod:`launch.engine.diagnostics`) and, on
+the command line, the metrics and the final gather.  Each is bounded by the communicator's
+``timeout_s`` (:mod:`launch.comm.base`): when a peer dies, gloo raises at once (``Connection reset
+by peer``); when a peer is alive but stuck (SIGSTOP, a deadlock), gloo and NCCL raise after
+``timeout_s``, and the MPI communicator, whose operations are polled against a deadline, raises
+:class:`launch.comm.CollectiveTimeout`.  :func:`collective` turns that error into
+:class:`RankFailureError` naming this rank, the iteration, the operation and the rank that seems
+lost: the one of the collective's ranks that does not answer a roll call
+(:meth:`launch.comm.Communicator.responsive_ranks`: through the rendezvous store under
+torch.distributed, through messages on a communicator of its own under MPI) within
+:data:`ROLL_CALL_S` (the candidates when it cannot be told, e.g. when the store died with rank
+0).  A survivor blocked behind another survivor cannot answer in time and may be named too; the
+message says "seems".  Under MPI, ``mpiexec`` stops every rank when one dies.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ from contextlib import contextmanager
 
 #: Seconds the survivors of a failed collective wait for each other's roll call.
 ROLL_CALL_S = 3.0
+
+#: The ``where`` of the finiteness check after the last iteration (a run that ends non-finite
+#: fails like one that does at a sync).
+END_OF_RUN = "end of the run"
 
 
 class NonFiniteError(FloatingPointError):
@@ -41,10 +52,10 @@ class NonFiniteError(FloatingPointError):
             parts.append(f"parameters of agent(s) {parameters}")
         if losses:
             parts.append(f"loss of agent(s) {losses}")
+        place = f"{where} (t={step})" if where == END_OF_RUN else f"{where} of iteration t={step}"
         super().__init__(
             f"non-finite values (NaN or Inf) in the {' and the '.join(parts)}, detected at the "
-            f"{where} of iteration t={step}; the run stops here and no checkpoint is written "
-            f"(the last one is kept)"
+            f"{place}; the run stops here and no checkpoint is written (the last one is kept)"
         )
 
 
@@ -54,30 +65,50 @@ class RankFailureError(RuntimeError):
 
 @contextmanager
 def collective(comm, t: int, what: str, ranks: tuple[int, ...]):
-    """Run a collective; turn the backend's failure into :class:`RankFailureError`."""
-    if comm.world_size == 1:
-        yield
-        return
+    """Run a collective of the ``ranks`` (this rank among them) for iteration ``t``; turn the
+    backend's failure into :class:`RankFailureError` (module docstring).
+
+    ``comm.context`` is ``(t, what)`` for the duration (the communicator's own timeout messages
+    name it); ``ValueError``, ``FloatingPointError`` and a nested collective's
+    :class:`RankFailureError` pass through unchanged.
+    """
+    outer = comm.context
+    comm.context = (t, what)
     try:
-        yield
-    except (ValueError, FloatingPointError):
-        raise
-    except (RuntimeError, OSError) as err:
-        others = [r for r in ranks if r != comm.rank]
-        present = comm.responsive_ranks(ROLL_CALL_S)
-        silent = others if present is None else [r for r in others if r not in present]
-        if present is None:
-            lost = f"one of ranks {others} seems lost (no roll call: the rendezvous store is unreachable too)"
-        elif len(silent) == 1:
-            lost = f"rank {silent[0]} seems lost"
-        elif silent:
-            lost = f"ranks {silent} seem lost"
-        else:
-            lost = f"a rank among {others} seems lost"
-        timeout = getattr(comm, "timeout", None)
-        waited = f" (or stuck past the collective timeout of {timeout.total_seconds():g} s)" if timeout else ""
-        raise RankFailureError(
-            f"rank {comm.rank}: the {what} of iteration t={t} failed on the ranks {list(ranks)}: "
-            f"{lost}: killed or crashed{waited}. Resume from the last checkpoint. "
-            f"Backend error: {err}"
-        ) from err
+        if comm.world_size == 1:
+            yield
+            return
+        try:
+            yield
+        except (ValueError, FloatingPointError, RankFailureError):   # the latter: a nested collective's
+            raise
+        except (RuntimeError, OSError) as err:
+            raise RankFailureError(_lost_rank_message(comm, t, what, ranks, err)) from err
+    finally:
+        comm.context = outer
+
+
+def _lost_rank_message(comm, t: int, what: str, ranks: tuple[int, ...], err: Exception) -> str:
+    """The message of :class:`RankFailureError`, after the roll call."""
+    others = [r for r in ranks if r != comm.rank]
+    present = comm.responsive_ranks(ROLL_CALL_S)
+    silent = others if present is None else [r for r in others if r not in present]
+    if present is None:
+        lost = f"one of ranks {others} seems lost (no roll call: the rendezvous store is unreachable too)"
+    elif len(silent) == 1:
+        lost = f"rank {silent[0]} seems lost"
+    elif silent:
+        lost = f"ranks {silent} seem lost"
+    else:
+        lost = f"a rank among {others} seems lost"
+    timeout = getattr(comm, "timeout_s", None)
+    waited = f" (or stuck past the collective timeout of {timeout:g} s)" if timeout else ""
+    return (f"rank {comm.rank}: the {what} of iteration t={t} failed on the ranks {list(ranks)}: "
+            f"{lost}: killed or crashed{waited}. Resume from the last checkpoint. Backend error: {err}")
+
+
+def gather_objects(comm, obj, t: int, what: str) -> list:
+    """``comm.all_gather_object(obj)`` (every rank's ``obj``, indexed by rank) under
+    :func:`collective`, over every rank: ``what`` of iteration ``t`` names it in a failure."""
+    with collective(comm, t, what, tuple(range(comm.world_size))):
+        return comm.all_gather_object(obj)

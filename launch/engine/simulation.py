@@ -46,6 +46,7 @@ from launch.comm.base import Communicator
 from launch.engine.adoption import ddp_problem
 from launch.engine.checkpoint import run_with_checkpoints
 from launch.engine.core import SyncEngine
+from launch.engine.health import gather_objects
 from topology.schedule import Schedule
 
 Data = Iterable | Callable[[int], Iterable]
@@ -149,7 +150,7 @@ class Simulation(SyncEngine):
         if has_buffers:
             local = {i: {n: b.detach().cpu().clone() for n, b in a.module.named_buffers()}
                      for i, a in self.agents.items() if a.is_worker}
-            parts = self.comm.all_gather_object(local) if self.comm.world_size > 1 else [local]
+            parts = gather_objects(self.comm, local, self.t, "gather of the buffers")
             for part in parts:
                 buffers.update(part)
         first = min(self.schedule.workers)
