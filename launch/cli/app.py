@@ -169,7 +169,7 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     failure, detail = ending.failure(status, worst, tolerance)
     record = summary_record(job, processes=1 if comm is None else comm.world_size, agent_rows=rows,
                             virtual_row=virtual, gap=gap, tolerance=tolerance if checked else None, worst=worst,
-                            elapsed=elapsed, first=first, status="ok" if status == EXIT_OK else "FAILED",
+                            elapsed=elapsed, first=first, status="ok" if failure is None else "FAILED",
                             failure=failure, failure_detail=detail)
     print(f"\n{_title(job, where, checked)}\n{_table(rows, checked)}")
     print(write_summary(out_dir, record), flush=True)

@@ -38,8 +38,9 @@ class Ending:
 
     def failure(self, status: int, worst: float | None = None, tolerance: float | None = None
                 ) -> tuple[str | None, str | None]:
-        """What the summary says of a run that ended with exit ``status``: a token
-        (``non_finite``, ``deviation``, ``final_checkpoint``; None for success) and a sentence."""
+        """What the summary says of a run that ended with exit ``status``: a token (``non_finite``,
+        ``deviation``) and a sentence; (None, None) when its results are good (a final checkpoint
+        that failed is reported apart: :meth:`report`)."""
         if self.nonfinite is not None:
             err = self.nonfinite
             parts = ([f"parameters of agent(s) {err.parameters}"] if err.parameters else []) + (
@@ -49,8 +50,6 @@ class Ending:
         if status == EXIT_DEVIATION:
             return "deviation", (f"a deviation of {worst:.3e} from the serial reference, above tolerance "
                                  f"{tolerance:g}")
-        if self.checkpoint is not None:
-            return "final_checkpoint", str(self.checkpoint)
         return None, None
 
     def status(self, summary_status: int = 0) -> int:

@@ -18,9 +18,10 @@ checkpoint resumed from, or null), ``dtype``, ``seed``, ``heldout`` (``{metric: 
 agent]}``) [``heldout_<metric>``], ``virtual_heldout`` (``{metric: value}`` of theta = X a, or
 null) [``virtual_heldout_<metric>``], ``spectral_gap``, ``max_deviation`` and ``tolerance`` (null
 unless checked against the serial reference), ``time_s``, ``steps_per_s``, ``status`` (``ok`` or
-``FAILED``), ``failure`` (why it failed: ``deviation`` above tolerance, ``non_finite`` at the end
-of the run, ``final_checkpoint`` not written; null when ok) and ``failure_detail`` (the sentence;
-summary.json only).
+``FAILED``: the run's results are not to be trusted), ``failure`` (why: ``deviation`` above
+tolerance, ``non_finite`` at the end of the run; null when ok) and ``failure_detail`` (the sentence;
+summary.json only).  A final checkpoint that could not be written leaves ``status=ok`` (the
+results are good and written; the run exits 5 and says so on stderr).
 """
 
 from __future__ import annotations
