@@ -75,7 +75,9 @@ def stop_a_rank(command: list, out: Path, variable: str, rank: int = 2, survivor
 
 
 def named_lost(output: str) -> list[str]:
-    return re.findall(r"RankFailureError: rank (\d): the (.+?) of iteration t=\d+ failed on the ranks \[0, 1, 2\]: "
+    # The command line reports it as one line "error [rank R]: ..." (launch.cli.errors); the Python
+    # API raises RankFailureError.
+    return re.findall(r"(?:RankFailureError: |error \[rank \d\]: )rank (\d): the (.+?) of iteration t=\d+ failed on the ranks \[0, 1, 2\]: "
                       r"(rank \d seems lost|ranks \[.*?\] seem lost)", output)
 
 
