@@ -66,6 +66,8 @@ class Communicator:
         self.stats = CommStats()
         #: Process groups by their sorted rank tuple (only those this rank belongs to).
         self._groups: dict[tuple[int, ...], object] = {}
+        #: Every group created so far, this rank a member or not.
+        self._made: set[tuple[int, ...]] = set()
         #: Asynchronous collectives started and not yet waited for (see :meth:`wait_in_flight`).
         self._in_flight: list[Pending] = []
 
@@ -75,9 +77,12 @@ class Communicator:
         warm each group this rank belongs to with one tiny collective.  Groups of fewer than two
         ranks need none; the whole world is the world group."""
         for ranks in groups:
-            if ranks in self._groups or len(ranks) < 2:
+            # Every rank skips the groups it made before, members or not: creating one is
+            # collective over the world (a second simulation on this communicator must agree).
+            if ranks in self._groups or ranks in self._made or len(ranks) < 2:
                 continue
             group = self._world_group() if len(ranks) == self.world_size else self._new_group(ranks)
+            self._made.add(ranks)
             if self.rank in ranks:
                 self._groups[ranks] = group
         for ranks in groups:
