@@ -1,8 +1,8 @@
 """Failures a long run must report instead of hiding or hanging: bad numbers and lost ranks.
 
 **Non-finite values** (:class:`NonFiniteError`): raised on every rank alike by the finiteness
-check (:mod:`launch.engine.finiteness`) before a sync would mix NaN or Inf into other agents,
-and before a checkpoint could replace the last good one.
+check (:mod:`launch.engine.finiteness`): at the sync that finds NaN or Inf, or (several ranks)
+at the last sync of its window, and before a checkpoint could replace the last good one.
 
 **Lost ranks.**  When a peer dies, gloo raises at once (``Connection reset by peer``), NCCL and
 gloo raise after the communicator's ``timeout_s`` when a peer is alive but stuck.
@@ -28,23 +28,29 @@ class NonFiniteError(FloatingPointError):
 
     Attributes: ``step`` (the iteration t whose sync or checkpoint found it), ``agents`` (sorted
     agent indices with non-finite values), ``parameters`` and ``losses`` (which of those had
-    non-finite parameters / a non-finite loss).
+    non-finite parameters / a non-finite loss), ``stopped`` (``(t, where)``: the sync or
+    checkpoint at which every rank stopped; after a check carried by the syncs' collectives it
+    may come later than ``step``, see :mod:`launch.engine.finiteness`).
     """
 
-    def __init__(self, step: int, parameters: list[int], losses: list[int], where: str):
+    def __init__(self, step: int, parameters: list[int], losses: list[int], where: str,
+                 stopped: tuple[int, str] | None = None):
         self.step = step
         self.parameters = parameters
         self.losses = losses
         self.agents = sorted(set(parameters) | set(losses))
+        self.stopped = stopped if stopped is not None else (step, where)
         parts = []
         if parameters:
             parts.append(f"parameters of agent(s) {parameters}")
         if losses:
             parts.append(f"loss of agent(s) {losses}")
+        what = " and the ".join(parts) if parts else "result of a sync"
+        stop = ("the run stops here" if self.stopped == (step, where)
+                else f"every rank stops at the {self.stopped[1]} of iteration t={self.stopped[0]}")
         super().__init__(
-            f"non-finite values (NaN or Inf) in the {' and the '.join(parts)}, detected at the "
-            f"{where} of iteration t={step}; the run stops here and no checkpoint is written "
-            f"(the last one is kept)"
+            f"non-finite values (NaN or Inf) in the {what}, detected at the {where} of iteration "
+            f"t={step}; {stop} and no checkpoint is written (the last one is kept)"
         )
 
 

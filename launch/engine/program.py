@@ -20,6 +20,7 @@ import torch
 
 from launch.comm.base import Communicator
 from launch.engine.blocks import AllReduceBlock, HubBlock, PointToPointMixes, ProgramContext
+from launch.engine.finiteness import NO_CHECK, SyncHooks
 from topology.plan import Plan
 
 
@@ -62,10 +63,10 @@ class RankProgram:
         """All-reduces this rank enters per run (hub blocks: a reduce and a broadcast instead)."""
         return sum(b.all_reduces for b in self.blocks)
 
-    def prefetch(self, tensors: dict[int, torch.Tensor], comm: Communicator) -> None:
+    def prefetch(self, tensors: dict[int, torch.Tensor], comm: Communicator, check: SyncHooks = NO_CHECK) -> None:
         """Start what can travel before the sync (the hub blocks' reduces)."""
         for block in self.hub_blocks:
-            block.prefetch(tensors, comm)
+            block.prefetch(tensors, comm, check)
 
     def broadcasts(self) -> list:
         """The hub blocks' broadcasts still in flight (emptied by the caller once waited for)."""
@@ -75,18 +76,19 @@ class RankProgram:
         for block in self.hub_blocks:
             block.broadcasts.clear()
 
-    def run_tensors(self, tensors: dict[int, torch.Tensor], comm: Communicator) -> None:
-        """Apply the plan to the local agents' flat ``tensors`` (agent index -> tensor), in place."""
+    def run_tensors(self, tensors: dict[int, torch.Tensor], comm: Communicator, check: SyncHooks = NO_CHECK) -> None:
+        """Apply the plan to the local agents' flat ``tensors`` (agent index -> tensor), in place;
+        ``check``: the finiteness check's hooks (:mod:`launch.engine.finiteness`)."""
         old = dict(tensors)
         for i in self.ctx.snapshot:
             snap = self.ctx.scratch.like(f"snapshot{i}", tensors[i])
             snap.copy_(tensors[i])
             old[i] = snap
         if self.mixes is not None:
-            self.mixes.run(tensors, old, comm)
+            self.mixes.run(tensors, old, comm, check)
         for block in self.blocks:
-            block.run(tensors, old, comm)
+            block.run(tensors, old, comm, check)
 
-    def run(self, agents: dict, comm: Communicator) -> None:
+    def run(self, agents: dict, comm: Communicator, check: SyncHooks = NO_CHECK) -> None:
         """Apply the plan to this rank's agents (their :meth:`agents.agent.Agent.sync_tensor`)."""
-        self.run_tensors({i: agent.sync_tensor() for i, agent in agents.items()}, comm)
+        self.run_tensors({i: agent.sync_tensor() for i, agent in agents.items()}, comm, check)
