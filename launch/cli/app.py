@@ -162,12 +162,9 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
             tracker.update(run_.columns(), reference.columns())
         done = t + 1
         if done % job.log_every == 0 or done == job.steps:
-            rows = probe.measure(losses)
-            if writer is not None:
-                writer.write(done, rows)
-                worker_losses = [r["loss"] for r in rows if not math.isnan(r["loss"])]
-                bar.set_postfix(loss=f"{sum(worker_losses) / max(len(worker_losses), 1):.4g}", refresh=False)
+            _write(writer, bar, probe.log(done, losses, time.perf_counter() - start))
         bar.update()
+    _write(writer, bar, probe.finish())
     bar.close()
     elapsed = time.perf_counter() - start
     if checkpointer is not None and first < job.steps and not saved:
@@ -175,6 +172,17 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
     if writer is not None:
         writer.close()
     return tracker, elapsed
+
+
+def _write(writer, bar, entries) -> None:
+    """Rank 0: append the metrics rows that are complete (:meth:`MetricsProbe.log`), and show the
+    workers' mean loss of the latest."""
+    if writer is None:
+        return
+    for step, rows, wall in entries:
+        writer.write(step, rows, wall)
+        worker_losses = [r["loss"] for r in rows if not math.isnan(r["loss"])]
+        bar.set_postfix(loss=f"{sum(worker_losses) / max(len(worker_losses), 1):.4g}", refresh=False)
 
 
 def _evaluate(job: Job, template, state_dicts: list, tracker: DeviationTracker | None) -> list[dict]:

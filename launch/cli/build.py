@@ -14,7 +14,11 @@
   :class:`agents.outer.OuterOptimizer`; ``{name: adaptive, alpha_low}``: Zhang et al.'s adaptive
   alpha, :class:`agents.adaptive.AdaptiveAlpha`);
 - ``launch``: ``name`` (serial | colocated | torch | mpi), ``device``, ``dtype``, ``seed``,
-  ``steps``, ``log_every``.
+  ``steps``, ``log_every`` (null: the schedule's period, so that logged steps fall on syncs),
+  ``overlap`` (true | false | auto).  The yaml files hold the defaults of each launch:
+  ``launch=torch`` is set up for training (``device=auto``: one GPU per local rank when CUDA is
+  there, else CPU; float32; torch's own threads), ``launch=colocated`` for equivalence checks
+  (CPU, float64, the serial reference compared at every step).
 
 One builder per group (:func:`build_launch`, :func:`build_topology`, :func:`build_agents`,
 :func:`build_problem`); the names they accept are those of :mod:`launch.cli.registry`.  Everything
@@ -59,11 +63,11 @@ class Job:
     dtype: torch.dtype
     seed: int
     steps: int
-    log_every: int
+    log_every: int                          # launch.log_every, resolved (null: the schedule's period)
     evaluate_on_device: bool                # the problem was built for ``device``
     outer: dict | None = None               # agents.outer, validated (see OUTER_RULES)
     stages: tuple | None = None             # SLRLA's agents.slrla.Stage list (topology=stagewise)
-    overlap: bool = False                   # launch.overlap: Simulation(overlap=...)
+    overlap: bool | str = "auto"            # launch.overlap: Simulation(overlap=...)
 
     def make_outer(self):
         """A fresh slow rule for the simulator (``Simulation(outer=...)``), or None."""
@@ -96,8 +100,8 @@ class LaunchOptions:
     device: str
     seed: int
     steps: int
-    log_every: int
-    overlap: bool
+    log_every: int | None                   # None: the schedule's period
+    overlap: bool | str
 
 
 def build_job(cfg: DictConfig) -> Job:
@@ -111,23 +115,27 @@ def build_job(cfg: DictConfig) -> Job:
             OUTER_RULES[outer["name"]].make(outer).check(problem.model().to(dtype=launch.dtype), optimizer)
         except ValueError as err:
             raise ValueError(f"agents.outer={{name: {outer['name']}}}: {err}") from None
+    log_every = launch.log_every if launch.log_every is not None else schedule.period
     return Job(problem, problem_name, schedule, optimizer, state_policy, launch.mode, launch.device, launch.dtype,
-               launch.seed, launch.steps, launch.log_every, evaluate_on_device=on_device, outer=outer,
+               launch.seed, launch.steps, log_every, evaluate_on_device=on_device, outer=outer,
                stages=stages, overlap=launch.overlap)
 
 
 def build_launch(node) -> LaunchOptions:
-    """The ``launch`` group: ``name``, ``dtype``, ``device``, ``seed``, ``steps``, ``log_every``,
-    ``overlap``."""
+    """The ``launch`` group: ``name``, ``dtype``, ``device``, ``seed``, ``steps``, ``log_every``
+    (None: the schedule's period, resolved by :func:`build_job`), ``overlap``."""
     mode = _choice(node.name, MODES, "launch.name")
-    overlap = node.get("overlap", False)
-    if not isinstance(overlap, bool):
-        raise ValueError(f"launch.overlap must be true or false; got {overlap!r}")
+    overlap = node.get("overlap", "auto")
+    if not isinstance(overlap, bool) and overlap != "auto":
+        raise ValueError(f"launch.overlap must be true or false; got {overlap!r} (or auto, the default: "
+                         f"overlapped wherever it applies)")
+    log_every = node.get("log_every")
     return LaunchOptions(
         mode=mode, dtype=DTYPES[_choice(node.dtype, tuple(DTYPES), "launch.dtype")],
         device=_device(str(node.device), mode), seed=_integer(node.seed, "launch.seed", minimum=0),
         steps=_integer(node.steps, "launch.steps", minimum=1),
-        log_every=_integer(node.log_every, "launch.log_every", minimum=1), overlap=overlap)
+        log_every=None if log_every is None else _integer(log_every, "launch.log_every", minimum=1),
+        overlap=overlap)
 
 
 def build_topology(node, steps: int) -> tuple[Schedule, tuple | None]:
