@@ -4,7 +4,8 @@ on, the check off, or a NaN / Inf planted, and saves what every rank saw.
 Usage: python tests/finiteness_worker.py SPEC_JSON.  SPEC: backend (torch | mpi), out (a folder),
 cases ({name: case}).  A case: schedule (``["multilayer", ks, alphas]`` or
 ``[decentralized name, args...]``), steps, optionally overlap (default False), agents_per_rank,
-check_finite (default True), plant ({agent, t, kind: "param" | "loss" | "inf"}: the rank holding
+check_finite (default True), state ("host" | "device": where MarkerCheck keeps its knowledge;
+default by the device), plant ({agent, t, kind: "param" | "loss" | "inf"}: the rank holding
 the agent writes NaN (``param``) or -Inf (``inf``) into its parameter 3 at iteration t -- a
 worker's after its loss (a finite one) is computed, a passive agent's before the iteration -- or
 the agent's loss of iteration t is +Inf with a finite gradient (``loss``)).
@@ -58,6 +59,7 @@ def run_case(case: dict, comm) -> dict:
         with torch.no_grad():
             agent.params[3] = float("nan") if plant["kind"] == "param" else -float("inf")
 
+    os.environ["FINITENESS_STATE"] = case.get("state", "")
     sim = Simulation(problems.make_model(0), loss_fn, lambda i: problems.batches(1 + i), schedule,
                      problems.OPTIMIZERS["sgd"], comm=comm, agents_per_rank=case.get("agents_per_rank"),
                      overlap=case.get("overlap", False), check_finite=case.get("check_finite", True))

@@ -96,8 +96,10 @@ def test_lookahead_plain_and_overlapped(tmp_path, backend):
     base = dict(schedule=LA2, steps=18)
     cases = cases_with("plain", base, LA_PLANTS)
     cases.update(cases_with("overlap", dict(base, overlap=True), LA_PLANTS))
+    # The knowledge in tensors (as on CUDA: no host read but at decision syncs), here on CPU.
+    cases.update(cases_with("device", dict(base, overlap=True, state="device"), LA_PLANTS))
     ranks = run(backend, 3, cases, tmp_path)
-    for mode in ("plain", "overlap"):
+    for mode in ("plain", "overlap", "device"):
         check_free_and_unchanged(ranks, mode)
         for kind, agent, t in LA_PLANTS:
             found, stopped = lookahead_expected([3, 2], agent, t)
@@ -116,11 +118,14 @@ def test_gossip_and_local_sgd(tmp_path):
     """ring(4) on 4 ranks, ring(8) on 4 ranks (two agents each: local and remote terms), local
     SGD (one all-reduce over every rank per sync)."""
     cases = cases_with("ring", dict(schedule=["ring", 4], steps=12), GOSSIP_PLANTS)
+    cases.update(cases_with("ringdev", dict(schedule=["ring", 4], steps=12, state="device"), GOSSIP_PLANTS[:2]))
     cases.update(cases_with("ring8", dict(schedule=["ring", 8], steps=10), [("param", 5, 4), ("loss", 6, 7)]))
     cases.update(cases_with("local", dict(schedule=["local_sgd", 4, 3], steps=12), [("param", 1, 5), ("loss", 2, 3)]))
     ranks = run("torch", 4, cases, tmp_path)
-    for name in ("ring", "ring8", "local"):
+    for name in ("ring", "ringdev", "ring8", "local"):
         check_free_and_unchanged(ranks, name)
+    for kind, agent, t in GOSSIP_PLANTS[:2]:
+        check_raised(ranks, f"ringdev-{kind}{agent}@{t}", *ring_expected(t), parameters=[agent])
     for kind, agent, t in GOSSIP_PLANTS:
         found, stopped = ring_expected(t)
         named = dict(losses=[agent]) if kind == "loss" else dict(parameters=[agent])

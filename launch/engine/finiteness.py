@@ -45,6 +45,7 @@ except in :class:`MarkerCheck`.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -238,23 +239,28 @@ class MarkerCheck(FinitenessCheck):
     Args:
         agents, num_agents, comm: as :class:`FinitenessCheck`.
         windows: the schedule's :class:`launch.engine.flooding.Windows` on this placement.
+        host: keep the knowledge in Python (reading one element of a buffer costs nothing on
+            CPU), or in tensors on the agents' device (no host synchronisation except at
+            decision syncs: CUDA); default: by the device.
 
-    State, on the agents' device (no host synchronisation except at decision syncs):
-    ``found`` (2m flags of the current sync), ``first`` (2m records: the iteration of each
-    agent's first finding, inf if none), ``known`` (this window's marker knowledge) and
-    ``deferred`` (findings kept for the next window).
+    State: ``found`` (2m flags of the current sync, on the device), ``first`` (2m records: the
+    iteration of each agent's first finding, inf if none), ``known`` (this window's marker
+    knowledge) and ``deferred`` (findings kept for the next window).
     """
 
     active = True
 
-    def __init__(self, agents: dict, num_agents: int, comm: Communicator, windows):
+    def __init__(self, agents: dict, num_agents: int, comm: Communicator, windows, host: bool | None = None):
         super().__init__(agents, num_agents, comm)
         self.windows = windows
         device = self._device()
+        self.host = device.type != "cuda" if host is None else host
         self.found = torch.zeros(2 * num_agents, dtype=torch.float32, device=device)
         self.first = torch.full((2 * num_agents,), math.inf, dtype=torch.float64, device=device)
-        self.known = torch.zeros((), dtype=torch.bool, device=device)
-        self.deferred = torch.zeros((), dtype=torch.bool, device=device)
+        self.known = self.deferred = False
+        if not self.host:
+            self.known = torch.zeros((), dtype=torch.bool, device=device)
+            self.deferred = torch.zeros((), dtype=torch.bool, device=device)
         self._admissible = False
         self._seen: set[int] = set()
 
@@ -266,29 +272,32 @@ class MarkerCheck(FinitenessCheck):
         self._admissible = self.windows.at(t, self.comm.rank)[1]
         m = self.m
         for i, losses in self.pending.items():
-            worst = torch.stack(losses).abs().amax()
+            worst = torch.stack(losses).abs().amax() if len(losses) > 1 else losses[0].abs()
             self.found[m + i] += (~torch.isfinite(worst)).to(torch.float32)
         self.pending.clear()
 
     def after_sync(self, t: int) -> None:
-        self._fold()
-        self.first = torch.where((self.found > 0) & torch.isinf(self.first),
-                                 torch.tensor(float(t), dtype=torch.float64, device=self.first.device), self.first)
-        self.found.zero_()
+        found = self._fold()
+        if not self.host or found:
+            now = torch.tensor(float(t), dtype=torch.float64, device=self.first.device)
+            self.first = torch.where((self.found > 0) & torch.isinf(self.first), now, self.first)
+            self.found.zero_()
         self._seen.clear()
         if not self.windows.at(t, self.comm.rank)[2]:
             return
         if bool(self.known):                 # the same on every rank: see launch.engine.flooding
             self._fail(t, "sync", self.first.clone())
-        self.known, self.deferred = self.deferred, torch.zeros_like(self.deferred)
+        self.known, self.deferred = self.deferred, (False if self.host else torch.zeros_like(self.deferred))
 
-    def _fold(self) -> None:
-        """This rank's findings so far join the window's knowledge (admissible) or the next one's."""
-        found = self.found.amax() > 0
+    def _fold(self):
+        """This rank's findings so far join the window's knowledge (admissible) or the next
+        one's; returns whether there are any (a bool, or a tensor on the device)."""
+        found = bool(self.found.any()) if self.host else self.found.amax() > 0
         if self._admissible:
-            self.known |= found
+            self.known = self.known or found if self.host else self.known | found
         else:
-            self.deferred |= found
+            self.deferred = self.deferred or found if self.host else self.deferred | found
+        return found
 
     # -- the hooks of the sync's steps -------------------------------------------------------------
     def scale(self, kernel, out, src, weights, agent: int) -> torch.Tensor:
@@ -307,10 +316,18 @@ class MarkerCheck(FinitenessCheck):
         first element that this rank may not announce yet becomes 0)."""
         self._fold()
         marker = tensor[:1]
-        marker.copy_(torch.where(self.known, torch.full_like(marker, math.nan), marker.nan_to_num(0.0, 0.0, 0.0)))
+        if not self.host:
+            marker.copy_(torch.where(self.known, torch.full_like(marker, math.nan), marker.nan_to_num(0.0, 0.0, 0.0)))
+        elif self.known:
+            marker.fill_(math.nan)
+        elif not math.isfinite(float(marker)):
+            marker.fill_(0.0)
 
     def read(self, tensor: torch.Tensor) -> None:
-        self.known |= torch.isnan(tensor[0])
+        if not self.host:
+            self.known |= torch.isnan(tensor[0])
+        elif not self.known and math.isnan(float(tensor[0])):
+            self.known = True
 
     # -- the failure path and checkpoints ----------------------------------------------------------
     @torch.no_grad()
@@ -342,9 +359,12 @@ class MarkerCheck(FinitenessCheck):
 def make_finiteness_check(enabled: bool, windows, agents: dict, num_agents: int,
                           comm: Communicator) -> FinitenessCheck:
     """The check of a simulation: off at syncs (``enabled`` False); before the sync on one rank or
-    when ``windows`` is None; else carried by the sync's collectives."""
+    when ``windows`` is None; else carried by the sync's collectives.  ``FINITENESS_STATE=device``
+    in the environment keeps :class:`MarkerCheck`'s knowledge in tensors on any device (how the
+    tests run CUDA's way on CPU)."""
     if not enabled:
         return UncheckedSyncs(agents, num_agents, comm)
     if comm.world_size == 1 or windows is None:
         return BeforeSyncCheck(agents, num_agents, comm)
-    return MarkerCheck(agents, num_agents, comm, windows)
+    forced = os.environ.get("FINITENESS_STATE") or None
+    return MarkerCheck(agents, num_agents, comm, windows, host=None if forced is None else forced == "host")
