@@ -263,6 +263,8 @@ class MarkerCheck(FinitenessCheck):
             self.deferred = torch.zeros((), dtype=torch.bool, device=device)
         self._admissible = False
         self._seen: set[int] = set()
+        #: Host mode: whether ``found`` holds a flag (so the finite case reads no tensor).
+        self._any = False
 
     # -- around a sync ---------------------------------------------------------------------------
     def prefetch(self, t: int) -> None:
@@ -273,7 +275,11 @@ class MarkerCheck(FinitenessCheck):
         m = self.m
         for i, losses in self.pending.items():
             worst = torch.stack(losses).abs().amax() if len(losses) > 1 else losses[0].abs()
-            self.found[m + i] += (~torch.isfinite(worst)).to(torch.float32)
+            if not self.host:
+                self.found[m + i] += (~torch.isfinite(worst)).to(torch.float32)
+            elif not math.isfinite(float(worst)):
+                self.found[m + i] = 1.0
+                self._any = True
         self.pending.clear()
 
     def after_sync(self, t: int) -> None:
@@ -282,6 +288,7 @@ class MarkerCheck(FinitenessCheck):
             now = torch.tensor(float(t), dtype=torch.float64, device=self.first.device)
             self.first = torch.where((self.found > 0) & torch.isinf(self.first), now, self.first)
             self.found.zero_()
+            self._any = False
         self._seen.clear()
         if not self.windows.at(t, self.comm.rank)[2]:
             return
@@ -292,7 +299,7 @@ class MarkerCheck(FinitenessCheck):
     def _fold(self):
         """This rank's findings so far join the window's knowledge (admissible) or the next
         one's; returns whether there are any (a bool, or a tensor on the device)."""
-        found = bool(self.found.any()) if self.host else self.found.amax() > 0
+        found = self._any if self.host else self.found.amax() > 0
         if self._admissible:
             self.known = self.known or found if self.host else self.known | found
         else:
@@ -304,12 +311,17 @@ class MarkerCheck(FinitenessCheck):
         if agent not in self.agents or agent in self._seen:
             return kernel.scale(out, src, weights)
         self._seen.add(agent)
-        return scale_checked(kernel, out, src, weights, self.found[agent:agent + 1])
+        flag = self.found[agent:agent + 1]
+        scale_checked(kernel, out, src, weights, flag)
+        self._any = self._any or (self.host and float(flag) > 0)
+        return out
 
     def inspect(self, tensor: torch.Tensor, agent: int) -> None:
         if agent in self.agents and agent not in self._seen:
             self._seen.add(agent)
-            flag_non_finite_(tensor, self.found[agent:agent + 1])
+            flag = self.found[agent:agent + 1]
+            flag_non_finite_(tensor, flag)
+            self._any = self._any or (self.host and float(flag) > 0)
 
     def mark(self, tensor: torch.Tensor) -> None:
         """The marker: NaN when this rank knows of a finding, else made finite (a non-finite
