@@ -271,7 +271,8 @@ class MarkerCheck(FinitenessCheck):
         self._admissible = self.windows.at(t, self.comm.rank)[0]
 
     def before_sync(self, t: int) -> None:
-        self._admissible = self.windows.at(t, self.comm.rank)[1]
+        self._entry = self.windows.at(t, self.comm.rank)
+        self._admissible = self._entry[1]
         m = self.m
         for i, losses in self.pending.items():
             worst = torch.stack(losses).abs().amax() if len(losses) > 1 else losses[0].abs()
@@ -290,7 +291,7 @@ class MarkerCheck(FinitenessCheck):
             self.found.zero_()
             self._any = False
         self._seen.clear()
-        if not self.windows.at(t, self.comm.rank)[2]:
+        if not self._entry[2]:
             return
         if bool(self.known):                 # the same on every rank: see launch.engine.flooding
             self._fail(t, "sync", self.first.clone())
