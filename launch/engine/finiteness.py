@@ -69,42 +69,44 @@ def _fused_check_(tensors: list[torch.Tensor], flag: torch.Tensor, factor: torch
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, factor)
 
 
-def flag_non_finite_(x: torch.Tensor, flag: torch.Tensor) -> None:
+def flag_non_finite_(x: torch.Tensor, flag: torch.Tensor) -> bool | None:
     """``flag`` (a one-element float32 tensor) set to 1 when ``x`` holds NaN or Inf; ``x`` is
     only read (on CUDA it is multiplied by 1.0 in place, which changes no bit).
 
     On CPU: one sum (NaN and Inf propagate through it), confirmed exactly by min and max when it
     is not finite (finite entries whose sum overflows are no finding).  On CUDA: the fused
-    kernel, no host synchronisation."""
+    kernel, no host synchronisation.  Returns whether it set ``flag`` (None on CUDA: unknown)."""
     if x.device.type == "cuda":
         _fused_check_([x], flag, torch.ones(1, device=x.device))
-        return
+        return None
     if not math.isfinite(float(x.sum())):
         low, high = torch.aminmax(x)
         if not (math.isfinite(float(low)) and math.isfinite(float(high))):
             flag.fill_(1.0)
+            return True
+    return False
 
 
 def scale_checked(kernel, out: torch.Tensor, src: torch.Tensor, weights: tuple[float, ...],
-                  flag: torch.Tensor) -> torch.Tensor:
+                  flag: torch.Tensor) -> bool | None:
     """``kernel.scale(out, src, weights)`` (see :class:`launch.engine.kernel.WeightedSum`) and
     ``flag`` set to 1 when the product holds NaN or Inf.
 
     In place (``out is src``), in float32 / float16 / bfloat16, on CUDA or above
     :data:`FUSED_MIN_BYTES`: one fused pass, bit for bit the product of ``torch.mul`` (the weight
     rounded to the dtype's compute type, float32, as ``torch.mul`` rounds it).  Otherwise the
-    product, then :func:`flag_non_finite_` on it."""
+    product, then :func:`flag_non_finite_` on it.  Returns whether it set ``flag`` (None:
+    unknown without reading it)."""
     fused = (out is src and out.dtype in FUSED_DTYPES
              and (out.device.type == "cuda" or out.numel() * out.element_size() >= FUSED_MIN_BYTES))
     if not fused:
         kernel.scale(out, src, weights)
-        flag_non_finite_(out, flag)
-        return out
+        return flag_non_finite_(out, flag)
     n = kernel.split
     regions = [out] if n is None else [out[:n], out[n:]]
     for region, weight in zip(regions, weights):
         _fused_check_([region], flag, torch.full((1,), weight, dtype=torch.float32, device=out.device))
-    return out
+    return None
 
 
 class SyncHooks:
@@ -313,16 +315,19 @@ class MarkerCheck(FinitenessCheck):
             return kernel.scale(out, src, weights)
         self._seen.add(agent)
         flag = self.found[agent:agent + 1]
-        scale_checked(kernel, out, src, weights, flag)
-        self._any = self._any or (self.host and float(flag) > 0)
+        self._note(scale_checked(kernel, out, src, weights, flag), flag)
         return out
 
     def inspect(self, tensor: torch.Tensor, agent: int) -> None:
         if agent in self.agents and agent not in self._seen:
             self._seen.add(agent)
             flag = self.found[agent:agent + 1]
-            flag_non_finite_(tensor, flag)
-            self._any = self._any or (self.host and float(flag) > 0)
+            self._note(flag_non_finite_(tensor, flag), flag)
+
+    def _note(self, set_flag: bool | None, flag: torch.Tensor) -> None:
+        """Host mode: remember whether anything was found (reading ``flag`` when unknown)."""
+        if self.host and not self._any:
+            self._any = set_flag if set_flag is not None else float(flag) > 0
 
     def mark(self, tensor: torch.Tensor) -> None:
         """The marker: NaN when this rank knows of a finding, else made finite (a non-finite
