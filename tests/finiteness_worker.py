@@ -82,11 +82,12 @@ def run_case(case: dict, comm) -> dict:
             "buffers": {i: a.flat.buffer.clone() for i, a in sim.agents.items()}}
 
 
-def main() -> int:
+def main(run=run_case) -> int:
+    """Every case of the spec (argv[1]) through ``run(case, comm)``, saved as ``out/rank{R}.pt``."""
     torch.set_num_threads(1)
     spec = json.loads(sys.argv[1])
     comm = make_comm(spec)
-    results = {name: run_case(case, comm) for name, case in spec["cases"].items()}
+    results = {name: run(case, comm) for name, case in spec["cases"].items()}
     torch.save(results, os.path.join(spec["out"], f"rank{comm.rank}.pt"))
     comm.close()
     return 0

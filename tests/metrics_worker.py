@@ -1,26 +1,23 @@
 """One rank of the metrics test: a Simulation seen as a CLI run, its metrics logged off the
 critical path (launch.cli.metrics.MetricsProbe.log), the collectives each log call starts counted.
 
-Usage: python tests/metrics_worker.py SPEC_JSON; SPEC: out, cases ({name: {schedule, steps, every}}),
+Usage: python tests/metrics_worker.py SPEC_JSON; SPEC: backend (torch), out, cases ({name: {schedule, steps, every}}),
 schedule as in tests/finiteness_worker.py.  Writes ``out/rank{R}.pt``: {name: {"rows": [(step,
 rows, wall)] (rank 0), "counts": per log call and for finish, (all_reduces, reduces,
 block_broadcasts) started}}.
 """
 
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
 
 from launch.cli.metrics import MetricsProbe  # noqa: E402
 from launch.cli.runs import SimulationRun  # noqa: E402
-from launch.comm.torch_dist import TorchCommunicator  # noqa: E402
 from launch.engine.simulation import Simulation  # noqa: E402
 from tests import problems  # noqa: E402
-from tests.finiteness_worker import make_schedule  # noqa: E402
+from tests.finiteness_worker import main, make_schedule  # noqa: E402
 
 COUNTS = ("all_reduces", "reduces", "block_broadcasts")
 
@@ -49,15 +46,5 @@ def run_case(case, comm=None):
     return {"rows": rows, "counts": counts}
 
 
-def main() -> int:
-    torch.set_num_threads(1)
-    spec = json.loads(sys.argv[1])
-    comm = TorchCommunicator(device="cpu", timeout_s=60)
-    results = {name: run_case(case, comm) for name, case in spec["cases"].items()}
-    torch.save(results, os.path.join(spec["out"], f"rank{comm.rank}.pt"))
-    comm.close()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(run_case))

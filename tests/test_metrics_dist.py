@@ -30,7 +30,7 @@ def same_rows(got, want, tol=1e-12):
 
 
 def test_metrics_off_the_critical_path(tmp_path):
-    results = run_torch(3, dict(out=str(tmp_path), cases=CASES), timeout=180, worker=ROOT / "tests" / "metrics_worker.py")
+    results = run_torch(3, dict(backend="torch", out=str(tmp_path), cases=CASES), timeout=180, worker=ROOT / "tests" / "metrics_worker.py")
     assert all(code == 0 for code, _ in results), results
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
     for name, case in CASES.items():

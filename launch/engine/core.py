@@ -19,10 +19,11 @@ differ; create and warm the process groups every program needs; build this rank'
 broadcast agent 0's initial parameters so every column of X starts equal (theta_0).
 
 The sync of iteration t (:meth:`SyncEngine.sync`) is the same few calls whatever the options:
-``overlap.before_sync`` (overlapped syncs: wait and prefetch; else nothing), the finiteness check
-(:mod:`launch.engine.finiteness`), the program of P_t under the lost-rank handler
-(:func:`launch.engine.health.collective`), ``overlap.after_sync``, and the state policy's
-``after_sync`` on the agents the program touched.
+``overlap.before_sync`` (overlapped syncs: wait and prefetch; else nothing), the finiteness
+check's ``before_sync`` (:mod:`launch.engine.finiteness`), the program of P_t under the lost-rank
+handler (:func:`launch.engine.health.collective`; its steps call the check's hooks), the check's
+``after_sync`` (at a decision sync, every rank raises or none does), ``overlap.after_sync``, and
+the state policy's ``after_sync`` on the agents the program touched.
 """
 
 from __future__ import annotations

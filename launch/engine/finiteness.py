@@ -2,7 +2,10 @@
 
 What is checked, on each rank, at every non-identity sync: every buffer of a local agent that the
 sync reads (its parameters, and under ``pullback`` the state slots: the agent's *contribution*),
-and the losses its local workers computed since the previous sync.  A finding is recorded per
+and the losses its local workers computed since the previous sync.  (:class:`MarkerCheck` skips
+a passive agent whose buffer no in-place write has touched since the last sync, by the tensor's
+version counter: what a sync wrote there mixes contributions checked where they came from.
+Writes through ``.data`` or NumPy bypass the counter.)  A finding is recorded per
 agent with the iteration t of the sync (``first[i]``: parameters, ``first[m + i]``: losses).
 
 One object per simulation, chosen once (:func:`make_finiteness_check`):
@@ -267,6 +270,10 @@ class MarkerCheck(FinitenessCheck):
         self._seen: set[int] = set()
         #: Host mode: whether ``found`` holds a flag (so the finite case reads no tensor).
         self._any = False
+        #: Passive agents: their buffer's version (in-place write counter) after the last sync
+        #: that read them; ``_read``: the local agents this sync reads.
+        self._clean: dict[int, int] = {}
+        self._read: set[int] = set()
 
     # -- around a sync ---------------------------------------------------------------------------
     def prefetch(self, t: int) -> None:
@@ -286,6 +293,10 @@ class MarkerCheck(FinitenessCheck):
         self.pending.clear()
 
     def after_sync(self, t: int) -> None:
+        for i in self._read:                 # read by this sync: its value now is the sync's result
+            if not self.agents[i].is_worker:
+                self._clean[i] = self.agents[i].flat.buffer._version
+        self._read.clear()
         found = self._fold()
         if not self.host or found:
             now = torch.tensor(float(t), dtype=torch.float64, device=self.first.device)
@@ -310,8 +321,17 @@ class MarkerCheck(FinitenessCheck):
         return found
 
     # -- the hooks of the sync's steps -------------------------------------------------------------
+    def _skips(self, agent: int) -> bool:
+        """Nothing to check: another rank's agent, one checked already at this sync, or a
+        passive agent whose buffer no in-place write has touched since the last sync (whose
+        result is as finite as the contributions it mixed, each checked where it came from)."""
+        if agent not in self.agents:
+            return True
+        self._read.add(agent)
+        return agent in self._seen or self._clean.get(agent) == self.agents[agent].flat.buffer._version
+
     def scale(self, kernel, out, src, weights, agent: int) -> torch.Tensor:
-        if agent not in self.agents or agent in self._seen:
+        if self._skips(agent):
             return kernel.scale(out, src, weights)
         self._seen.add(agent)
         flag = self.found[agent:agent + 1]
@@ -319,7 +339,7 @@ class MarkerCheck(FinitenessCheck):
         return out
 
     def inspect(self, tensor: torch.Tensor, agent: int) -> None:
-        if agent in self.agents and agent not in self._seen:
+        if not self._skips(agent):
             self._seen.add(agent)
             flag = self.found[agent:agent + 1]
             self._note(flag_non_finite_(tensor, flag), flag)

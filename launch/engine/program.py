@@ -9,7 +9,8 @@ does to apply it, built once per distinct P_t by :func:`launch.engine.compile.co
     3. every block, in the plan's order (an all-reduce, or overlapped around a hub).
 
 Every step reads the old values and writes only its own receivers, so their order does not change
-the result; it fixes the order of the collectives, the same on every rank.  Afterwards the
+the result; it fixes the order of the collectives, the same on every rank (and the order in which
+the finiteness check's markers travel: :mod:`launch.engine.flooding` models it).  Afterwards the
 simulation calls ``after_sync(reset=program.reset)`` on :attr:`RankProgram.touched` (the state
 policy's post-sync action).
 """
