@@ -117,7 +117,8 @@ def test_serial_launch_equals_colocated(colocated, tmp_path):
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 def test_torchrun_three_processes_equals_colocated(colocated, tmp_path, overlap):
     out, _ = colocated
-    code, output = run_torchrun(3, ["-m", "launch", *LA2, "launch=torch", f"launch.overlap={str(overlap).lower()}",
+    code, output = run_torchrun(3, ["-m", "launch", *LA2, "launch=torch", "launch.dtype=float64",
+                                    f"launch.overlap={str(overlap).lower()}",
                                     f"hydra.run.dir={tmp_path}"], cwd=ROOT)
     assert code == 0, output
     assert output.count("summary: ") == 1 and "launch=torch processes=3" in output  # ranks 1, 2 quiet
@@ -195,8 +196,10 @@ def test_equivalence_passes_in_process_and_fails_when_planted(tmp_path, capsys):
 def test_equivalence_command_under_torchrun_fails_on_a_planted_deviation(tmp_path):
     """Three ranks: serial, co-located and torch runs side by side; agent 1 of the torch run is
     perturbed after step 4, so only the comparisons with the torch run fail, on every rank."""
-    code, output = run_torchrun(3, ["-m", "launch.equivalence", *LA2, "launch.steps=12", "launch=torch",
-                                    "plant={run: torch, agent: 1, step: 4, size: 1e-10}",
+    # The plant writes a slow agent between two syncs: overlapped syncs would not see it (their
+    # timing contract, launch.engine.overlap), so this run is not overlapped.
+    code, output = run_torchrun(3, ["-m", "launch.equivalence", *LA2, "launch.steps=12", "launch=torch", "launch.dtype=float64",
+                                    "launch.overlap=false", "plant={run: torch, agent: 1, step: 4, size: 1e-10}",
                                     f"hydra.run.dir={tmp_path}"], cwd=ROOT)
     assert code != 0, output
     assert "exitcode: 1" in output  # every rank: status 1, not a crash

@@ -111,7 +111,7 @@ def test_torchrun_three_processes_slowmo_equals_colocated(tmp_path):
                  "agents.outer={name:sgd,lr:0.7,momentum:0.9}", "agents.state_policy=pullback",
                  "launch.steps=10", *FAST]
     assert app.run(config(*overrides), tmp_path / "colocated") == 0
-    code, output = run_torchrun(3, ["-m", "launch", *overrides, "launch=torch",
+    code, output = run_torchrun(3, ["-m", "launch", *overrides, "launch=torch", "launch.dtype=float64",
                                     f"hydra.run.dir={tmp_path / 'torch'}"], cwd=ROOT)
     assert code == 0, output
     assert_agents_equal(tmp_path / "torch" / "agents.pt", tmp_path / "colocated" / "agents.pt")

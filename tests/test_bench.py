@@ -36,15 +36,21 @@ def test_tiny_run_exits_0_and_writes_every_benchmark(tiny):
     results = json.loads(out.read_text())
     assert set(BENCHMARKS) <= set(results)
     assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
-    for name in ("B1", "B2", "B3", "B5"):
+    for name in ("B1", "B2", "B3", "B5", "B6", "B7"):
         rows = results[name]["rows"]
         assert rows and all(row["ratio"] > 0 for row in rows if "skipped" not in row), name
     assert [r["name"] for r in results["B1"]["rows"][:3]] == [f"LA-{n} / bare SGD" for n in (1, 2, 4)]
     assert {r["name"] for r in results["B4"]["rows"]} >= {"bare", "colocated LA-1", "distributed LA-1 fast rank",
                                                           "distributed LA-1 fast rank, overlap"}
     b3 = [r["name"] for r in results["B3"]["rows"]]
-    assert len(b3) == 3 and "(overlap)" in b3[1] and "(overlap, no check)" in b3[2], b3
-    assert all(r["ratio_with_check"] > 0 for r in results["B2"]["rows"])
+    assert len(b3) == 3 and "(default)" in b3[0] and "(default, no check)" in b3[1] and "(overlap off)" in b3[2], b3
+    assert results["B3"]["default_overlapped"] is True          # overlap="auto" overlaps LA's syncs
+    assert all(r["ratio_check_off"] > 0 for r in results["B2"]["rows"])
+    # B6: the same averaging on the same steps gives PyTorch's bits, for every period.
+    b6 = results["B6"]["rows"]
+    assert [(r["workers"], r["period"]) for r in b6] == [(w, p) for w in TINY.b6_workers for p in TINY.b6_periods]
+    assert all(r["bit_identical"] and r["averaging_ratio"] > 0 for r in b6)
+    assert results["B7"]["rows"][0]["metrics_rows"] > 0
     assert all(r["peak_bytes"] > 0 for r in results["B4"]["rows"])
     if torch.cuda.is_available():
         assert "rows" in results["GPU"] or "needs 2 CUDA devices" in results["GPU"]["skipped"]
@@ -60,7 +66,7 @@ def test_tiny_run_reports_one_all_reduce_of_d_itemsize_bytes_per_sync(tiny):
     rows = json.loads(out.read_text())["B2"]["rows"]
     assert [(r["processes"], r["parameters"]) for r in rows] == [(n, d) for n in TINY.b2_processes for d in TINY.b2_sizes]
     for row in rows:
-        assert row["collectives_per_sync"] == 1
+        assert row["collectives_per_sync"] == 1 and row["flag_reduces_per_sync"] == 0   # the check: none
         assert row["bytes_per_sync"] == row["parameters"] * 4      # float32 flat buffer
         assert row["plan_collectives"] == 1 and row["plan_bytes"] == row["parameters"] * 4
         assert row["counts_match_plan_on_every_rank"] is True
@@ -97,7 +103,8 @@ def test_every_rank_counts_one_all_reduce_of_d_itemsize_bytes_per_sync_it_is_in(
     schedule = topology.multilayer((2,) * depth, (0.5,) * depth)
     for rank in range(nprocs):
         comm = CountingRank(rank, nprocs)
-        sim = Simulation(workloads.FlatVector(d), workloads.loss_fn, iter(()), schedule, sgd(), comm=comm)
+        sim = Simulation(workloads.FlatVector(d), workloads.loss_fn, iter(()), schedule, sgd(), comm=comm,
+                         overlap=False)
         for t in range(schedule.period):
             before = (comm.stats.all_reduces, comm.stats.all_reduce_bytes)
             sim.sync(t)
@@ -149,10 +156,35 @@ def test_bad_options_are_refused_naming_the_option(capsys):
     with pytest.raises(SystemExit) as err:
         parse(["--only", "B1,B9"])
     assert err.value.code == 2
-    assert "--only must name benchmarks among B1, B2, B3, B4, B5, GPU; got B9" in capsys.readouterr().err
+    assert "--only must name benchmarks among B1, B2, B3, B4, B5, B6, B7, GPU; got B9" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(["--repeats", "0"])
     assert "--repeats must be a positive integer; got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(["--b5-agents", "8,x"])
     assert "expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_prepared_gpu_run_on_cpu_and_without_cuda(tmp_path):
+    """``python -m launch.bench --gpu``: without CUDA every part is skipped with its reason (exit
+    0, one JSON); ``--device cpu`` runs its co-located parts here (the reference check, B1, the
+    default command-line job), so the script is tested before a GPU ever runs it."""
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, "-m", "launch.bench", "--gpu", "--tiny", "--json", str(out)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    if not torch.cuda.is_available():
+        assert all(results[part]["skipped"] == "no CUDA device" for part in ("nccl", "reference", "B1", "cli"))
+    out = tmp_path / "cpu.json"
+    done = subprocess.run([sys.executable, "-m", "launch.bench", "--gpu", "--tiny", "--device", "cpu", "--json",
+                           str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    assert results["nccl"] == {"skipped": "NCCL needs CUDA", "wall_seconds": results["nccl"]["wall_seconds"]}
+    deviation = results["reference"]["rows"][0]
+    assert deviation["met"] and deviation["deviation"] <= 1e-12
+    assert [r["name"] for r in results["B1"]["rows"][:3]] == [f"LA-{n} / bare SGD" for n in (1, 2, 4)]
+    job = results["cli"]["rows"][0]
+    assert job["returncode"] == 0 and "status=ok" in job["summary"] and "max_deviation=" in job["summary"]
+    assert "skipped" in results["cli"]["rows"][1]

@@ -188,3 +188,30 @@ def test_overlap_is_a_no_op_co_located():
         runs.append(torch.stack([a.params.clone() for a in sim.agents.values()]))
         assert not sim.overlap.active
     assert torch.equal(*runs)
+
+
+def test_overlap_auto_is_on_where_it_applies_and_the_scratch_is_small(monkeypatch):
+    """overlap="auto" (the default): a distributed Lookahead's blocks run overlapped; not with a
+    slow rule, not co-located, not for gossip or local SGD, not when one flat copy exceeds
+    AUTO_MAX_BYTES; the same answer on every rank."""
+    from agents.outer import OuterOptimizer
+    from launch.engine import compile as compiler
+    from launch.engine.state_weights import SyncPolicy
+
+    def compiled(schedule, world, rank=0, numel=1000, **options):
+        placement = Placement.make(schedule.num_agents, world)
+        return compiler.compile_sync(schedule, placement, rank, numel=numel, state_numel=0,
+                                     policy=SyncPolicy("maintain", schedule), overlap="auto", **options)
+
+    la2 = topology.multilayer((3, 2), (0.5, 0.6))
+    assert all(compiled(la2, 3, rank).overlap for rank in range(3))
+    assert not compiled(la2, 1).overlap
+    assert not compiled(decentralized.local_sgd(4, 3), 4).overlap
+    assert not compiled(decentralized.ring(4), 4).overlap
+    outer = OuterOptimizer(lambda params: torch.optim.SGD(params, lr=1.0))
+    assert not compiled(topology.lookahead(3, 0.5), 2, outer=outer).overlap
+    monkeypatch.setattr(compiler, "AUTO_MAX_BYTES", 4000)
+    assert compiled(la2, 3, numel=1000, itemsize=4).overlap            # 4000 bytes: allowed
+    assert not compiled(la2, 3, numel=1000, itemsize=8).overlap        # 8000 bytes: not
+    sim = Simulation(problems.make_model(0), problems.loss_fn, problems.batches(1), la2, problems.OPTIMIZERS["sgd"])
+    assert not sim.overlap.active                                     # co-located: nothing crosses ranks

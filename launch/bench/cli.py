@@ -7,18 +7,27 @@ B1  co-located overhead: LA-1, LA-2, LA-4 over the bare inner optimizer (torch.o
     foreach), an MLP of about 1M parameters; target <= 1 + 1/k_1 + 0.05.  The serial reference
     Lookahead over torch-optimizer's Lookahead; target <= 1.0.
 B2  sync cost: a distributed LA-n sync over a raw dist.all_reduce of the same flat buffer on the
-    same group (gloo, 2 to 4 processes, 1M to 25M parameters); target <= 1.10.  The sync as its
-    plan compiles it (check_finite off); with the finiteness check on a second line.  Collectives and
-    bytes per sync, from the communicator's stats, against the plan's count.
+    same group (gloo, 2 to 4 processes, 1M to 25M parameters); target <= 1.10.  The sync with the
+    defaults (the finiteness check on, carried by the all-reduce itself); as its plan compiles it
+    (check_finite off) on a second line.  Collectives and bytes per sync, from the communicator's
+    stats, against the plan's count (and no collective of the check).
 B3  end to end: time per iteration of distributed LA-2 on 3 processes over the serial reference
-    on one, k_1 >= 5; target <= 1.15.  Three variants: the default (one all-reduce per sync, the
-    finiteness check), overlap=True (launch.overlap), and overlap without the check.
+    on one, k_1 >= 5; target <= 1.15.  Three variants: the default (overlap="auto": overlapped,
+    the finiteness check on), the default without the check, and overlap=False.
 B4  memory: peak resident memory per rank over the bare model plus optimizer, in flat copies;
     target: at most 1 on the fast rank, about m for m co-located agents.
 B5  scale: co-located gossip ring with 8, 32, 128 agents of a 100k-parameter model, time per
     iteration per agent; target: the largest within 1.2x of the smallest.
+B6  the project's local SGD (topology.local_sgd, defaults) over PyTorch's PostLocalSGDOptimizer +
+    PeriodicModelAverager(period, warmup_steps=period - 1), the same averaging on the same steps,
+    same 1M-parameter model and batches, gloo, W = 2 and 4, period 1 and 8; target <= 1.00; the
+    averaging step alone on a second line; the two sides' final bits compared.
+B7  the command line: a torchrun LA-2 job (digits_cnn, float32) with the default launch.log_every
+    over the same job with logging off; target <= 1.10.
 GPU NCCL weighted all-reduce bandwidth over raw NCCL all-reduce (>= 0.95), with the device name;
-    "skipped: no CUDA device" without one.
+    "skipped: no CUDA device" without one.  ``--gpu`` runs the prepared GPU run instead
+    (:mod:`launch.bench.gpu`: NCCL, co-located LA-2 vs the reference on CUDA, B1 on CUDA, the
+    default command-line job on CUDA) and writes its own JSON.
 
 Ratios are on wall-clock time; single-process rows (B1, B5) also give the ratio of the process's
 CPU time, "(cpu)", which leaves out what other processes of a shared machine take.
@@ -41,7 +50,8 @@ import time
 
 BENCHMARK_TITLES = {
     "B1": "co-located overhead", "B2": "sync cost", "B3": "end to end", "B4": "memory",
-    "B5": "scale", "GPU": "NCCL bandwidth",
+    "B5": "scale", "B6": "local SGD vs PyTorch's post-local SGD", "B7": "command-line metrics",
+    "GPU": "NCCL bandwidth",
 }
 
 
@@ -89,6 +99,12 @@ def parse(argv):
     parser.add_argument("--b2-sizes", type=_ints, help="B2 flat buffer sizes, e.g. 1000000,25000000")
     parser.add_argument("--b4-repeats", type=int, help="fresh processes per B4 case (median reported)")
     parser.add_argument("--b5-agents", type=_ints, help="B5 numbers of agents, e.g. 8,32,128")
+    parser.add_argument("--b6-workers", type=_ints, help="B6 numbers of processes, e.g. 2,4")
+    parser.add_argument("--b6-periods", type=_ints, help="B6 averaging periods, e.g. 1,8")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the prepared GPU run instead (launch.bench.gpu); JSON default gpu.json")
+    parser.add_argument("--device", default="cuda",
+                        help="--gpu: the device of its co-located parts (default cuda; cpu to try it without one)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a measured target is missed")
     args = parser.parse_args(argv)
     unknown = [b for b in args.only if b not in BENCHMARKS]
@@ -106,7 +122,7 @@ def config_from(args):
 
     config = TINY if args.tiny else Config()
     changes = {name: getattr(args, name) for name in ("repeats", "k", "b2_processes", "b2_sizes",
-                                                      "b4_repeats", "b5_agents")
+                                                      "b4_repeats", "b5_agents", "b6_workers", "b6_periods")
                if getattr(args, name) is not None}
     if args.repeats is not None:
         changes["b1_repeats"] = args.repeats
@@ -129,6 +145,12 @@ def run_benchmark(name: str, config) -> dict:
     if name == "B5":
         return colocated.scale(agents=config.b5_agents, width=config.b5_width, batch_size=config.b5_batch,
                                units=config.b5_agent_iterations, repeats=config.repeats)
+    if name == "B6":
+        return suite.post_local(config)
+    if name == "B7":
+        from launch.bench.cli_logging import cli_logging
+
+        return cli_logging(nprocs=config.b7_processes, overrides=config.b7_overrides, repeats=config.b7_repeats)
     return suite.gpu(config)
 
 
@@ -158,18 +180,24 @@ def table(results: dict) -> str:
                          f"{target:>10}  {met}")
             if "collectives_per_sync" in row:
                 lines.append(
-                    f"{'':8}per sync: {row['collectives_per_sync']} all-reduce, {row['bytes_per_sync']:,} bytes "
-                    f"(plan: {row['plan_collectives']}, {row['plan_bytes']:,}); equal on every rank: "
+                    f"{'':8}per sync: {row['collectives_per_sync']} all-reduce, {row['bytes_per_sync']:,} bytes, "
+                    f"{row.get('flag_reduces_per_sync', 0)} other collective "
+                    f"(plan: {row['plan_collectives']}, {row['plan_bytes']:,}, 0); equal on every rank: "
                     f"{'yes' if row['counts_match_plan_on_every_rank'] else 'NO'}")
-            if "ratio_with_check" in row:
+            if "ratio_check_off" in row and "scale_seconds" in row:
                 lines.append(
-                    f"{'':8}with the finiteness check (the default, launch.engine.finiteness): {row['ratio_with_check']:.3f}x "
-                    f"({row['checked_sync_seconds'] * 1e3:.2f} ms)")
+                    f"{'':8}as compiled, the finiteness check off: {row['ratio_check_off']:.3f}x "
+                    f"({row['unchecked_sync_seconds'] * 1e3:.2f} ms)")
             if "scale_seconds" in row:
                 lines.append(
                     f"{'':8}sync {row['sync_seconds'] * 1e3:.2f} ms, all_reduce {row['raw_seconds'] * 1e3:.2f} ms, "
                     f"the weighting pass x.mul_(a_i) alone {row['scale_seconds'] * 1e3:.2f} ms; "
-                    f"(sync - pass) / all_reduce = {row['ratio_without_scale']:.3f}")
+                    f"(sync, check off - pass) / all_reduce = {row['ratio_without_scale']:.3f}")
+            if "averaging_ratio" in row:
+                lines.append(
+                    f"{'':8}the averaging step alone: {row['averaging_ratio']:.3f}x ({row['averaging_seconds'] * 1e3:.2f} ms "
+                    f"vs {row['baseline_averaging_seconds'] * 1e3:.2f} ms); final parameters bit-identical: "
+                    f"{'yes' if row['bit_identical'] else 'NO'}")
         if name == "GPU" and "device_name" in result:
             lines.append(f"{'':8}device: {result['device_name']}")
     return "\n".join(lines)
@@ -177,6 +205,8 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.gpu:
+        return gpu_main(args, sys.argv[1:] if argv is None else argv)
     os.environ["OMP_NUM_THREADS"] = "1"     # for every process the benchmarks start
     import torch
 
@@ -203,6 +233,28 @@ def main(argv=None) -> int:
           f"JSON: {args.json}")
     missed = [row["name"] for name in BENCHMARK_TITLES for row in results[name].get("rows", [])
               if row.get("met") is False]
+    if missed and args.check:
+        print("targets missed: " + "; ".join(missed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def gpu_main(args, argv) -> int:
+    """``--gpu``: the prepared GPU run (:mod:`launch.bench.gpu`), one JSON (default gpu.json)."""
+    from launch.bench import gpu
+
+    config = config_from(args)
+    path = args.json if args.json != "bench.json" else "gpu.json"
+    start = time.perf_counter()
+    results = {"machine": machine(), "command": " ".join(["python -m launch.bench"] + list(argv)),
+               "device": args.device, "config": dataclasses.asdict(config)}
+    results.update(gpu.run(config, args.device))
+    results["wall_seconds"] = time.perf_counter() - start
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(gpu.table(results))
+    print(f"\n{results['wall_seconds']:.0f} s; JSON: {path}")
+    missed = [row["name"] for part in gpu.GPU_PARTS for row in results[part].get("rows", []) if row.get("met") is False]
     if missed and args.check:
         print("targets missed: " + "; ".join(missed), file=sys.stderr)
         return 1

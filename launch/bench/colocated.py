@@ -37,24 +37,27 @@ def bare_step(model, optimizer, data):
     return body
 
 
-def overhead(*, width: int, batch_size: int, k: int, units: int, repeats: int) -> dict:
-    """B1.  ``units`` iterations per round (a multiple of LA-4's period keeps rounds alike).
+def overhead(*, width: int, batch_size: int, k: int, units: int, repeats: int, device: str = "cpu") -> dict:
+    """B1.  ``units`` iterations per round (a multiple of LA-4's period keeps rounds alike);
+    ``device``: where the model, the agents and the batches live (on CUDA every round ends with a
+    synchronisation, inside its time).
 
     Each row's ``ratio`` is on wall-clock time, ``cpu_ratio`` on this process's CPU time."""
-    model = workloads.mlp(width)
-    fixed = workloads.batches(model, batch_size)
+    model = workloads.mlp(width).to(device)
+    fixed = [(x.to(device), y.to(device)) for x, y in workloads.batches(model, batch_size)]
+    timed = per_call if torch.device(device).type != "cuda" else (lambda body: per_call(_synchronized(body)))
     contenders = {}
 
     bare = copy.deepcopy(model)
-    contenders["bare SGD"] = per_call(bare_step(bare, sgd()(list(bare.parameters())), workloads.stream(fixed)))
+    contenders["bare SGD"] = timed(bare_step(bare, sgd()(list(bare.parameters())), workloads.stream(fixed)))
     for name, depth in LEVELS.items():
         ks = (k,) + (2,) * (depth - 1)
         sim = Simulation(model, workloads.loss_fn, workloads.stream(fixed),
                          topology.multilayer(ks, (0.5,) * depth), sgd())
-        contenders[name] = per_call(sim.step)
+        contenders[name] = timed(sim.step)
 
     ours = copy.deepcopy(model)
-    contenders["reference Lookahead"] = per_call(bare_step(
+    contenders["reference Lookahead"] = timed(bare_step(
         ours, Lookahead(sgd()(list(ours.parameters())), k=k, alpha=0.5), workloads.stream(fixed)))
     try:
         import torch_optimizer
@@ -62,7 +65,7 @@ def overhead(*, width: int, batch_size: int, k: int, units: int, repeats: int) -
         torch_optimizer = None
     if torch_optimizer is not None:
         theirs = copy.deepcopy(model)
-        contenders["torch_optimizer.Lookahead"] = per_call(bare_step(
+        contenders["torch_optimizer.Lookahead"] = timed(bare_step(
             theirs, torch_optimizer.Lookahead(sgd()(list(theirs.parameters())), k=k, alpha=0.5),
             workloads.stream(fixed)))
 
@@ -84,7 +87,15 @@ def overhead(*, width: int, batch_size: int, k: int, units: int, repeats: int) -
         rows.append({"name": "reference Lookahead / torch_optimizer.Lookahead",
                      "skipped": "torch-optimizer is not installed (pip install '.[dev]')"})
     return {"parameters": workloads.num_parameters(model), "batch_size": batch_size, "k_1": k,
-            "iterations_per_round": units, "repeats": repeats, "rows": rows}
+            "device": str(device), "iterations_per_round": units, "repeats": repeats, "rows": rows}
+
+
+def _synchronized(body):
+    """``body`` followed by a CUDA synchronisation (its queued kernels are inside its time)."""
+    def run():
+        body()
+        torch.cuda.synchronize()
+    return run
 
 
 def ring(m: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 ``python -m launch.bench.rank TASK_JSON OUT_DIR``: opens a torch.distributed communicator from the
 environment, runs the task (``sync``: B2 and the GPU row, ``end_to_end``: B3, ``memory``: B4's
-distributed cases) and writes ``OUT_DIR/rank{R}.json``.
+distributed cases, ``post_local_sgd``: B6) and writes ``OUT_DIR/rank{R}.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ def run_task(task: dict, comm) -> dict:
         return run_case(task["case"], comm)
     if task["task"] == "end_to_end":
         return end_to_end(comm, task["width"], task["batch_size"], tuple(task["ks"]), task["units"], task["repeats"])
-    raise ValueError(f"task must be sync, end_to_end or memory; got {task['task']!r}")
+    if task["task"] == "post_local_sgd":
+        from launch.bench.post_local import post_local_sgd
+
+        return post_local_sgd(comm, task["width"], task["batch_size"], task["periods"], task["units"], task["repeats"])
+    raise ValueError(f"task must be sync, end_to_end, memory or post_local_sgd; got {task['task']!r}")
 
 
 def main(argv: list[str]) -> int:

@@ -223,22 +223,18 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
             if reference is not None:
                 reference.step()
                 tracker.update(run_.columns(), reference.columns())
-            if logged:
-                rows = probe.measure(losses)
-                if writer is not None:
-                    writer.write(done, rows)
-                    if board is not None:
-                        board.metrics(done, rows)
-                    worker_losses = [rows[i]["loss"] for i in job.schedule.workers]   # NaN / Inf shown as such
-                    bar.set_postfix(loss=f"{sum(worker_losses) / max(len(worker_losses), 1):.4g}", refresh=False)
+            if logged:   # rows complete a few logged steps later (MetricsProbe.log): off the critical path
+                _write_metrics(probe.log(done, losses, time.perf_counter() - start), writer, board, bar, job)
             if evaluator.due(done):
                 final = _write_evaluation(evaluator.evaluate(done), evals, board)
-            # After the metrics (a checkpoint of t implies its rows are in metrics.csv); decided
-            # from t alone, identically on every rank (saving is collective); the last one:
-            # launch.cli.finish.finish_run.
-            if checkpointer is not None and done < job.steps:
-                checkpointer.maybe_save(run_.simulation)
+            # Decided from t alone, identically on every rank (saving is collective); the last one:
+            # launch.cli.finish.finish_run.  The metrics in flight are completed first, so that a
+            # checkpoint of t implies every row up to t is in metrics.csv (a resume keeps those).
+            if checkpointer is not None and done < job.steps and checkpointer.due(done):
+                _write_metrics(probe.finish(), writer, board, bar, job)
+                checkpointer.save(run_.simulation)
             bar.update()
+        _write_metrics(probe.finish(), writer, board, bar, job)
         if evaluator.evaluated != job.steps:  # resumed at the end: nothing ran, evaluate anyway
             final = _write_evaluation(evaluator.evaluate(job.steps), evals, board)
     finally:
@@ -248,6 +244,20 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
                 sink.close()
     elapsed = time.perf_counter() - start
     return tracker, elapsed, [r for r in final if r["step"] == job.steps]
+
+
+def _write_metrics(entries, writer: MetricsWriter | None, board, bar, job: Job) -> None:
+    """Rank 0: append the metrics rows that are complete (:meth:`MetricsProbe.log`), to
+    metrics.csv and TensorBoard, and show the workers' mean loss of the latest (NaN / Inf shown
+    as such)."""
+    if writer is None:
+        return
+    for step, rows, wall in entries:
+        writer.write(step, rows, wall)
+        if board is not None:
+            board.metrics(step, rows)
+        worker_losses = [rows[i]["loss"] for i in job.schedule.workers]
+        bar.set_postfix(loss=f"{sum(worker_losses) / max(len(worker_losses), 1):.4g}", refresh=False)
 
 
 def _write_evaluation(rows: list[dict] | None, evals: EvalWriter | None, board) -> list[dict]:

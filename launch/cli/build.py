@@ -14,11 +14,15 @@
   :class:`agents.outer.OuterOptimizer`; ``{name: adaptive, alpha_low}``: Zhang et al.'s adaptive
   alpha, :class:`agents.adaptive.AdaptiveAlpha`);
 - ``launch``: ``name`` (serial | colocated | torch | mpi), ``device``, ``dtype``, ``seed``,
-  ``steps``, ``log_every``, ``num_threads``, ``eval_every``, ``tensorboard``; ``check_reference``
-  (colocated); ``checkpoint_every``, ``checkpoint_dir``, ``resume``, ``resume_allow``, ``overlap``
-  (the simulator's launches); ``agents_per_rank``, ``timeout_s`` (torch, mpi: every collective
+  ``steps``, ``log_every`` (null: the schedule's period, so that logged steps fall on syncs),
+  ``num_threads``, ``eval_every``, ``tensorboard``; ``check_reference`` (colocated);
+  ``checkpoint_every``, ``checkpoint_dir``, ``resume``, ``resume_allow``, ``overlap`` (true | false |
+  auto: the simulator's launches); ``agents_per_rank``, ``timeout_s`` (torch, mpi: every collective
   completes or fails within it, naming the rank that seems lost: :mod:`launch.engine.health`).  A
-  key a launch does not take is an error.
+  key a launch does not take is an error.  The yaml files hold the defaults of each launch:
+  ``launch=torch`` is set up for training (``device=auto``: one GPU per local rank when CUDA is
+  there, else CPU; float32; torch's own threads), ``launch=colocated`` for equivalence checks
+  (CPU, float64, the serial reference compared at every step).
 
 One builder per group (:func:`build_launch`, :func:`build_topology`, :func:`build_agents`,
 :func:`build_problem`); the names they accept are those of :mod:`launch.cli.registry`.  Everything
@@ -91,11 +95,11 @@ class Job:
     dtype: torch.dtype
     seed: int
     steps: int
-    log_every: int
+    log_every: int                          # launch.log_every, resolved (null: the schedule's period)
     evaluate_on_device: bool                # the problem was built for ``device``
     outer: dict | None = None               # agents.outer, validated (see OUTER_RULES)
     stages: tuple | None = None             # SLRLA's agents.slrla.Stage list (topology=stagewise)
-    overlap: bool = False                   # launch.overlap: Simulation(overlap=...)
+    overlap: bool | str = "auto"            # launch.overlap: Simulation(overlap=...)
     topology_name: str = ""                 # topology.name, and its options as configured
     topology_options: dict | None = None
     num_threads: int | None = None          # launch.num_threads (None: torch's default)
@@ -135,8 +139,8 @@ class LaunchOptions:
     device: str
     seed: int
     steps: int
-    log_every: int
-    overlap: bool
+    log_every: int | None                   # None: the schedule's period
+    overlap: bool | str
     num_threads: int | None = None
     eval_every: int | None = None
     tensorboard: bool = False
@@ -160,8 +164,9 @@ def build_job(cfg: DictConfig) -> Job:
         except ValueError as err:
             raise ValueError(f"agents.outer={{name: {outer['name']}}}: {err}") from None
     topology_options = {k: v for k, v in _options(cfg.topology, "topology").items() if k != "name"}
+    log_every = launch.log_every if launch.log_every is not None else schedule.period
     return Job(problem, problem_name, schedule, optimizer, state_policy, launch.mode, launch.device, launch.dtype,
-               launch.seed, launch.steps, launch.log_every, evaluate_on_device=on_device, outer=outer,
+               launch.seed, launch.steps, log_every, evaluate_on_device=on_device, outer=outer,
                stages=stages, overlap=launch.overlap, topology_name=str(cfg.topology.name),
                topology_options=topology_options, num_threads=launch.num_threads, eval_every=launch.eval_every,
                tensorboard=launch.tensorboard, agents_per_rank=launch.agents_per_rank,
@@ -187,13 +192,21 @@ def build_launch(node) -> LaunchOptions:
         mode=mode, dtype=DTYPES[_choice(node.dtype, tuple(DTYPES), "launch.dtype")],
         device=_device(str(node.device), mode), seed=_integer(node.seed, "launch.seed", minimum=0, maximum=MAX_SEED),
         steps=_integer(node.steps, "launch.steps", minimum=1),
-        log_every=_integer(node.log_every, "launch.log_every", minimum=1),
-        overlap=_boolean(node.get("overlap", False), "launch.overlap"),
+        log_every=_optional_integer(node.get("log_every"), "launch.log_every", "the schedule's period"),
+        overlap=_overlap(node.get("overlap", "auto")),
         num_threads=_optional_integer(node.get("num_threads"), "launch.num_threads", "torch's default"),
         eval_every=_optional_integer(node.get("eval_every"), "launch.eval_every", "only at the end"),
         tensorboard=tensorboard, agents_per_rank=_optional_integer(node.get("agents_per_rank"), "launch.agents_per_rank",
                                           "number of agents / number of processes"),
         timeout_s=check_timeout(node.get("timeout_s", 300.0), name="launch.timeout_s"))
+
+
+def _overlap(value) -> bool | str:
+    """``launch.overlap``: true, false, or auto (the default: overlapped wherever it applies)."""
+    if not isinstance(value, bool) and value != "auto":
+        raise ValueError(f"launch.overlap must be true or false; got {value!r} (or auto, the default: "
+                         f"overlapped wherever it applies)")
+    return value
 
 
 def _check_world(mode: str) -> None:

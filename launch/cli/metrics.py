@@ -22,14 +22,29 @@ One row per agent per logged step, columns :data:`COLUMNS`:
 ``wall_time``
     seconds on rank 0 since the first iteration began.
 
-Cost, in a run spread over several ranks: theta is a sum over every agent, and each rank holds
-only its own columns, so one collective is unavoidable before any distance can be computed, and
-a second one after (each distance is known only where its column lives).  That is the minimum
-with O(d) traffic (one all-gather of X would do in one collective, at m times the bytes).  So a
-logged step costs exactly two all-reduces over the world: (1) [sum of a_i x_i over local i |
-loss and gradient norm of every agent, zero where not local] (d + 2m numbers); (2) the m
-squared distances, zero where not local.  Nothing is communicated on other steps.  Co-located
-and serial runs skip the collectives.  Rank 0 appends the rows and flushes the file.
+Cost, in a run spread over several ranks (co-located and serial runs communicate nothing).
+Rank 0 writes every row, so the losses and gradient norms of workers on other ranks, and the
+distances of their agents, must reach it; theta is a sum over every agent's column.  What the CLI
+does (:meth:`MetricsProbe.log`, off the critical path):
+
+- after a sync that leaves every agent with the same value (one block over all agents: a
+  Lookahead period's outermost sync, a local-SGD average, a slow rule's sync; not push-sum), every
+  rank knows X: theta = sum_i a_i z (in agent order, the co-located sum) and every distance
+  is ||z - theta||, computed by rank 0 from its own agent.  No full-vector collective; the
+  workers' losses and gradient norms (2m numbers) reach rank 0 by one asynchronous reduce, unless
+  every worker lives on rank 0 (Lookahead: nothing at all is communicated);
+- otherwise, three asynchronous collectives, each started at one logged step and waited for at
+  the next: a reduce to rank 0 of [sum of a_i x_i over local i | losses and gradient norms] (d +
+  2m numbers), its broadcast back (the theta every rank needs for its own agents' distances,
+  measured on a copy of its models taken at the logged step), and a reduce of the m squared
+  distances.
+
+So a row is written one to three logged steps after its step (with that step's ``wall_time``),
+the rest at the end of the run (:meth:`MetricsProbe.finish`), and no logged step waits for a
+collective it started.  With the default ``launch.log_every`` (the schedule's period) a
+Lookahead or local-SGD run logs at the period's last sync: the first case.  The values are
+those of the synchronous :meth:`MetricsProbe.measure` (two all-reduces over the world, for
+callers that want rows at once), up to the summation order of theta.
 """
 
 from __future__ import annotations
@@ -38,20 +53,23 @@ import csv
 import math
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
 
 from launch.engine.health import collective
+from topology.plan import compile_plan
 
 COLUMNS = ("step", "agent", "loss", "grad_norm", "consensus_distance", "wall_time")
 
 
 class MetricsProbe:
-    """Measures every agent's row at a logged step (a collective when the run spans ranks).
+    """Measures every agent's row at a logged step.
 
     Args:
-        run: a :mod:`launch.cli.runs` run (its ``columns()``, ``models()``, ``grad_norms()``, ``agents``).
+        run: a :mod:`launch.cli.runs` run (its ``columns()``, ``models()``, ``grad_norms()``,
+            ``agents``, ``schedule`` or ``simulation``).
         comm: the run's communicator, or None for a single-process run.
         num_agents: m.
         consensus: the vector a (float64, length m), or None.
@@ -63,50 +81,162 @@ class MetricsProbe:
         self.m = num_agents
         self.a = None if consensus is None else [float(v) for v in consensus]
         self.world = tuple(range(comm.world_size)) if self.comm is not None else None
+        #: In flight, oldest first: [step, wall, generator, pending collective, rows or None].
+        self._entries: deque = deque()
         if self.comm is not None:
             # The world group: created (no-op if a plan already did) and warmed by every rank.
             with collective(self.comm, run.simulation.t, "creation of the metrics' group", self.world):
                 self.comm.init_groups([self.world])
+            sim = run.simulation
+            schedule = sim.schedule
+            self.schedule = schedule
+            self.workers_on_rank0 = all(sim.placement.rank_of(w) == 0 for w in schedule.workers)
+            #: Per distinct matrix: does its sync leave every agent with the same value?
+            self._equal = [_all_equal(matrix, schedule.push_sum) for matrix in schedule.distinct_matrices]
 
+    # -- at once -------------------------------------------------------------------------------------
     def measure(self, losses: dict[int, torch.Tensor]) -> list[dict]:
-        """The m rows (without ``step`` and ``wall_time``) after the current iteration.
+        """The m rows (without ``step`` and ``wall_time``) after the current iteration, at once
+        (distributed: two all-reduces over the world).
 
         ``losses``: the local workers' losses of that iteration, as ``step()`` returned them.
         """
-        columns = self.run.columns()
-        any_column = next(iter(columns.values()))
-        d = any_column.numel()
-        # (1) theta = X a = sum_i a_i x_i, accumulated over the local agents, then summed over
-        # ranks; the per-agent scalars ride in the same buffer (non-local entries are zero;
-        # a passive agent's entries are NaN, and NaN + 0 = NaN, so they stay NaN).
-        buf = torch.zeros(d + 2 * self.m, dtype=any_column.dtype, device=any_column.device)
-        if self.a is not None:
-            for i, x in columns.items():
-                buf[:d].add_(x, alpha=self.a[i])
-        norms = self.run.grad_norms()
-        for i in columns:
-            buf[d + 2 * i] = float(losses[i]) if i in losses else math.nan
-            buf[d + 2 * i + 1] = norms.get(i, math.nan)
+        buf, d = self._partial_sum(losses)
         self._all_reduce(buf)
         theta, stats = buf[:d], buf[d:].cpu().tolist()
         distances = [math.nan] * self.m
         if self.a is not None:
             # (2) ||z_i - theta|| where z_i lives, then shared (z_i: de-biased under push-sum).
-            models = self.run.models()
-            squared = torch.zeros(self.m, dtype=torch.float64, device=any_column.device)
-            for i, z in models.items():
-                squared[i] = float(torch.sum((z - theta) ** 2))
+            squared = self._squared(self.run.models(), theta)
             self._all_reduce(squared)
             distances = squared.sqrt().cpu().tolist()
-        return [
-            {"agent": i, "loss": stats[2 * i], "grad_norm": stats[2 * i + 1], "consensus_distance": distances[i]}
-            for i in range(self.m)
-        ]
+        return _rows(stats, distances)
+
+    # -- off the critical path (the command line) ------------------------------------------------------
+    def log(self, step: int, losses: dict[int, torch.Tensor], wall: float) -> list[tuple[int, list[dict], float]]:
+        """Start measuring logged step ``step`` (``wall``: its wall time); returns the entries
+        ``(step, rows, wall)`` complete now, in step order (rows on rank 0 only; [] elsewhere).
+        Every rank calls it at the same steps."""
+        if self.comm is None:
+            return [(step, self.measure(losses), wall)]
+        self._advance()
+        entry = [step, wall, self._entry(step, losses), None, None]
+        self._entries.append(entry)
+        self._move(entry)
+        return self._complete()
+
+    def finish(self) -> list[tuple[int, list[dict], float]]:
+        """Complete every entry in flight (collective: every rank calls it at the end)."""
+        while any(entry[4] is None for entry in self._entries):
+            self._advance()
+        return self._complete()
+
+    def _move(self, entry: list) -> None:
+        """Run ``entry``'s generator to its next collective (or to its rows), started under the
+        lost-rank handler as every collective of a run."""
+        with collective(self.comm, self.run.simulation.t, f"metrics of step {entry[0]}", self.world):
+            try:
+                entry[3] = next(entry[2])
+            except StopIteration as stop:
+                entry[3], entry[4] = None, stop.value
+
+    def _advance(self) -> None:
+        """Every entry in flight moves one phase on: its collective waited for, the next started."""
+        for entry in self._entries:
+            if entry[4] is None:
+                with collective(self.comm, self.run.simulation.t, f"metrics of step {entry[0]}", self.world):
+                    entry[3].wait()
+                self._move(entry)
+
+    def _complete(self) -> list:
+        """The complete entries at the front, oldest first (rows are written in step order)."""
+        done = []
+        while self._entries and self._entries[0][4] is not None:
+            step, wall, _, _, rows = self._entries.popleft()
+            done.append((step, rows, wall))
+        return done
+
+    def _entry(self, step: int, losses):
+        """The phases of one logged step: yields each collective it starts, returns its rows."""
+        comm, world = self.comm, self.world
+        equal = self._equal[self.schedule.matrix_index(step - 1)]
+        if equal and self.a is not None:
+            z = next(iter(self.run.models().values()))
+            theta = torch.zeros_like(z)
+            for i in range(self.m):
+                theta.add_(z, alpha=self.a[i])
+            distance = float(torch.sum((z - theta) ** 2))
+            stats = self._stats(losses, z)
+            if self.workers_on_rank0:        # every agent of another rank is passive
+                local = self.run.columns()
+                for i in range(self.m):
+                    if i not in local:
+                        stats[2 * i:2 * i + 2] = math.nan
+            else:
+                yield comm.reduce_async_(stats, 0, world)
+            return _rows(stats.cpu().tolist(), [math.sqrt(distance)] * self.m) if comm.rank == 0 else []
+        if self.a is None:                   # no consensus vector: the losses and norms alone
+            stats = self._stats(losses, next(iter(self.run.columns().values())))
+            yield comm.reduce_async_(stats, 0, world)
+            return _rows(stats.cpu().tolist(), [math.nan] * self.m) if comm.rank == 0 else []
+        buf, d = self._partial_sum(losses)
+        snapshot = {i: z.clone() for i, z in self.run.models().items()}
+        yield comm.reduce_async_(buf, 0, world)
+        yield comm.broadcast_async_(buf, 0, world)
+        squared = self._squared(snapshot, buf[:d])
+        del snapshot
+        yield comm.reduce_async_(squared, 0, world)
+        return _rows(buf[d:].cpu().tolist(), squared.sqrt().cpu().tolist()) if comm.rank == 0 else []
+
+    # -- the sums -----------------------------------------------------------------------------------
+    def _stats(self, losses, like: torch.Tensor) -> torch.Tensor:
+        """[loss, grad_norm] of every local agent (NaN for a passive one, zero for other ranks')."""
+        stats = torch.zeros(2 * self.m, dtype=like.dtype, device=like.device)
+        norms = self.run.grad_norms()
+        for i in self.run.columns():
+            stats[2 * i] = float(losses[i]) if i in losses else math.nan
+            stats[2 * i + 1] = norms.get(i, math.nan)
+        return stats
+
+    def _partial_sum(self, losses) -> tuple[torch.Tensor, int]:
+        """(1) [sum of a_i x_i over the local agents | the local stats] (d + 2m), and d.  Summed
+        over ranks, the per-agent scalars stay as they are (non-local entries are zero; a passive
+        agent's are NaN, and NaN + 0 = NaN)."""
+        columns = self.run.columns()
+        any_column = next(iter(columns.values()))
+        d = any_column.numel()
+        buf = torch.empty(d + 2 * self.m, dtype=any_column.dtype, device=any_column.device)
+        buf[:d].zero_()
+        if self.a is not None:
+            for i, x in columns.items():
+                buf[:d].add_(x, alpha=self.a[i])
+        buf[d:] = self._stats(losses, any_column)
+        return buf, d
+
+    def _squared(self, models: dict, theta: torch.Tensor) -> torch.Tensor:
+        """(2) ||z_i - theta||^2 of the local agents (zero for other ranks')."""
+        squared = torch.zeros(self.m, dtype=torch.float64, device=theta.device)
+        for i, z in models.items():
+            squared[i] = float(torch.sum((z - theta) ** 2))
+        return squared
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
         if self.comm is not None:   # under the lost-rank handler, as every collective of a run
             with collective(self.comm, self.run.simulation.t, "metrics all-reduce", self.world):
                 self.comm.all_reduce_(tensor, self.world)
+
+
+def _all_equal(matrix: torch.Tensor, push_sum: bool) -> bool:
+    """Does a sync with ``matrix`` leave every agent with the same value (one block, every agent
+    a receiver)?  Not under push-sum (the models are x_i / w_i)."""
+    plan = compile_plan(matrix)
+    m = matrix.shape[0]
+    return not push_sum and not plan.mixes and len(plan.blocks) == 1 and plan.blocks[0].receivers == tuple(range(m))
+
+
+def _rows(stats: list[float], distances: list[float]) -> list[dict]:
+    return [{"agent": i, "loss": stats[2 * i], "grad_norm": stats[2 * i + 1], "consensus_distance": distances[i]}
+            for i in range(len(distances))]
 
 
 class MetricsWriter:
@@ -139,8 +269,11 @@ class MetricsWriter:
         self._csv = csv.writer(self._file)
         self.start = time.perf_counter()
 
-    def write(self, step: int, rows: list[dict]) -> None:
-        wall = self.offset + time.perf_counter() - self.start
+    def write(self, step: int, rows: list[dict], wall: float | None = None) -> None:
+        """Append ``rows`` of ``step``; ``wall``: its wall time in this process, seconds since
+        ``self.start`` (default: now; the caller sets ``start`` when the first iteration begins).  A resumed run's ``wall_time`` continues from its
+        history's: the offset is added."""
+        wall = self.offset + (time.perf_counter() - self.start if wall is None else wall)
         for row in rows:
             worker = self.workers is None or row["agent"] in self.workers
             self._csv.writerow([step, row["agent"], _fmt(row["loss"], worker), _fmt(row["grad_norm"], worker),

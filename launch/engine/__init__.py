@@ -7,8 +7,8 @@ the adopted model's checks :mod:`.adoption`, evaluations :mod:`.evaluation`); th
 every distinct P_t into this rank's program, where each sync's strategy is chosen once
 (:mod:`.compile`, :mod:`.program`, :mod:`.blocks`, the weighted-sum kernel :mod:`.kernel`,
 overlapped syncs :mod:`.overlap`, slow rules :mod:`.outer_program`, per-level state weights
-:mod:`.state_weights`); the finiteness check and the lost-rank handler (:mod:`.finiteness`,
-:mod:`.health`); checkpoints (:mod:`.checkpoint`); diagnostics of a running simulation
+:mod:`.state_weights`); the finiteness check, carried by the syncs' own collectives, and the
+lost-rank handler (:mod:`.finiteness`, :mod:`.flooding`, :mod:`.health`); checkpoints (:mod:`.checkpoint`); diagnostics of a running simulation
 (:mod:`.diagnostics`).
 
 Imports: :mod:`launch.comm`, :mod:`agents`, :mod:`topology`; never the command line

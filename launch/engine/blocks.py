@@ -19,6 +19,11 @@ chosen once when the plan is compiled for the rank (:mod:`launch.engine.compile`
     messages between ranks (one per (source agent, destination rank) pair), then the local
     weighted sums.
 
+The finiteness check (:mod:`launch.engine.finiteness`) rides along: every step forms its products
+through ``check.scale`` (checked in the same pass), sends buffers after ``check.inspect``, and
+calls ``check.mark`` on what it contributes to a collective and ``check.read`` on what it gets
+back (the first element of each: the marker).  With the check off these do nothing.
+
 Memory: ``acc`` is the first local receiver's own buffer whenever it is a receiver whose old value
 nothing else reads (not in the plan's snapshot) -- it is overwritten by ``acc`` anyway -- and the
 other receivers' products are formed in place for the same reason; so a co-located Lookahead
@@ -75,10 +80,10 @@ class AllReduceBlock:
         """All-reduces this rank enters per run."""
         return 1 if len(self.block.ranks) > 1 else 0
 
-    def prefetch(self, tensors: Tensors, comm: Communicator) -> None:
+    def prefetch(self, tensors: Tensors, comm: Communicator, check) -> None:
         """Nothing to start ahead of the sync."""
 
-    def local_sum(self, tensors: Tensors, old: Tensors) -> torch.Tensor:
+    def local_sum(self, tensors: Tensors, old: Tensors, check) -> torch.Tensor:
         """acc = this rank's part of the block, held in the first local receiver (a scratch
         buffer when there is none or when its old value must survive)."""
         block, ctx = self.block, self.ctx
@@ -90,16 +95,18 @@ class AllReduceBlock:
             terms = [t for t in terms if t[0] == first] + [t for t in terms if t[0] != first]
         # Receivers other than acc's owner are overwritten by acc below: scale them in place.
         spare = frozenset(r for r in block.receivers[1:] if r not in ctx.snapshot)
-        return ctx.kernel(acc, terms, old, in_place=in_place, spare=spare)
+        return ctx.kernel(acc, terms, old, in_place=in_place, spare=spare, check=check)
 
     def copy_to_receivers(self, tensors: Tensors, acc: torch.Tensor) -> None:
         for r in self.block.receivers[1:]:
             tensors[r].copy_(acc)
 
-    def run(self, tensors: Tensors, old: Tensors, comm: Communicator) -> None:
-        acc = self.local_sum(tensors, old)
+    def run(self, tensors: Tensors, old: Tensors, comm: Communicator, check) -> None:
+        acc = self.local_sum(tensors, old, check)
         if len(self.block.ranks) > 1:
+            check.mark(acc)
             comm.all_reduce_(acc, self.block.ranks)
+            check.read(acc)
         self.copy_to_receivers(tensors, acc)
 
 
@@ -109,12 +116,16 @@ class HubBlock(AllReduceBlock):
         hub:          acc = sum of w_i x_i over its members;  acc += S;  broadcast(acc)
         other ranks:  s_q = sum of w_i x_i over theirs (at the prefetch);  S = reduce(s_q) to hub
 
-    ``name`` keys this block's scratch buffer (S on the hub, s_q elsewhere).
+    ``name`` keys this block's scratch buffer (S on the hub, s_q elsewhere) in ``scratch``.
     """
 
-    def __init__(self, block: LocalBlock, ctx: ProgramContext, hub: int, rank: int, name: str):
+    def __init__(self, block: LocalBlock, ctx: ProgramContext, hub: int, rank: int, name: str,
+                 scratch: Scratch | None = None):
         super().__init__(block, ctx)
         self.hub, self.rank, self.name = hub, rank, name
+        #: Where S (hub) or this rank's part lives: shared by the hub blocks of every matrix at
+        #: this position (their syncs run one after the other), else the program's.
+        self.scratch = scratch if scratch is not None else ctx.scratch
         self._reduce = None
         #: The hub's broadcasts in flight: their source (the receivers' acc) stays read-only
         #: until they are waited for (:meth:`launch.engine.overlap.Overlap.wait`).
@@ -125,9 +136,9 @@ class HubBlock(AllReduceBlock):
         return 0
 
     def _scratch(self, tensors: Tensors) -> torch.Tensor:
-        return self.ctx.scratch.like(self.name, next(iter(tensors.values())))
+        return self.scratch.like(self.name, next(iter(tensors.values())))
 
-    def prefetch(self, tensors: Tensors, comm: Communicator) -> None:
+    def prefetch(self, tensors: Tensors, comm: Communicator, check) -> None:
         """Start the reduce of the other ranks' part into the hub's scratch S.  The members'
         values must not change until the sync: they are the values the sync mixes."""
         scratch = self._scratch(tensors)
@@ -136,24 +147,28 @@ class HubBlock(AllReduceBlock):
         if self.rank == self.hub:
             scratch.zero_()
         else:
-            self.ctx.kernel(scratch, self.block.terms, tensors)
+            self.ctx.kernel(scratch, self.block.terms, tensors, check=check)
+            check.mark(scratch)
         self._reduce = comm.reduce_async_(scratch, self.hub, self.block.ranks)
 
-    def run(self, tensors: Tensors, old: Tensors, comm: Communicator) -> None:
+    def run(self, tensors: Tensors, old: Tensors, comm: Communicator, check) -> None:
         reduce, self._reduce = self._reduce, None
         if reduce is None:
             raise RuntimeError("a hub block ran without its prefetch (launch.engine.overlap.Overlap.before_sync)")
         scratch = self._scratch(tensors)
         if self.rank == self.hub:
             # The hub holds every worker of the block, and they are receivers: acc is one of them.
-            acc = self.local_sum(tensors, old)
+            acc = self.local_sum(tensors, old, check)
             reduce.wait()
+            check.read(scratch)
             acc.add_(scratch)                # + S, the other ranks' part, rounded once
+            check.mark(acc)
             self.broadcasts.append(comm.broadcast_async_(acc, self.hub, self.block.ranks))
         else:
             reduce.wait()
             acc = tensors[self.block.receivers[0]] if self.block.receivers else scratch
             comm.broadcast_async_(acc, self.hub, self.block.ranks).wait()
+            check.read(acc)
         self.copy_to_receivers(tensors, acc)
 
 
@@ -180,18 +195,25 @@ class PointToPointMixes:
     def peers(self) -> set[int]:
         return {r for _, r in self.sends + self.recvs}
 
-    def run(self, tensors: Tensors, old: Tensors, comm: Communicator) -> None:
+    def run(self, tensors: Tensors, old: Tensors, comm: Communicator, check) -> None:
         """Exchange, then mix.  Reads only ``old`` (snapshots where a value is also overwritten),
         so it may run before or after the blocks."""
         if self.sends or self.recvs:
             like = next(iter(tensors.values()))
             received = {i: self.ctx.scratch.like(f"recv{i}", like) for i, _ in self.recvs}
+            sent = sorted({i for i, _ in self.sends})
+            for i in sent:
+                check.inspect(old[i], i)
+            for i in sent:
+                check.mark(old[i])
             comm.exchange(
                 [(old[i], dst, i) for i, dst in self.sends],
                 [(received[i], src, i) for i, src in self.recvs],
             )
+            for buffer in received.values():
+                check.read(buffer)
             old = {**old, **received}
         for mix in self.mixes:
             acc = self.ctx.scratch.like("acc", tensors[mix.receiver])
-            self.ctx.kernel(acc, mix.terms, old)
+            self.ctx.kernel(acc, mix.terms, old, check=check)
             tensors[mix.receiver].copy_(acc)

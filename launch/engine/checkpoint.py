@@ -222,9 +222,13 @@ class Checkpointer:
         return None if manifest is None else manifest["t"]
 
     # -- saving -------------------------------------------------------------------------------------
+    def due(self, t: int) -> bool:
+        """Is a checkpoint of iteration count ``t`` due: ``every`` divides t, and t > 0?"""
+        return self.every is not None and t > 0 and t % self.every == 0
+
     def maybe_save(self, sim) -> bool:
-        """Save when ``every`` divides t (and t > 0); returns whether it saved."""
-        if self.every is not None and sim.t > 0 and sim.t % self.every == 0:
+        """Save when :meth:`due` at the simulation's t; returns whether it saved."""
+        if self.due(sim.t):
             self.save(sim)
             return True
         return False

@@ -9,15 +9,22 @@ and builds this rank's program:
 - with a slow rule (``outer``): a :class:`~launch.engine.outer_program.SlowRuleProgram` around
   the plain program of the workers' matrix;
 - otherwise a :class:`~launch.engine.program.RankProgram` whose blocks are
-  :class:`~launch.engine.blocks.HubBlock` (overlapped) when ``overlap`` is asked for and the block
+  :class:`~launch.engine.blocks.HubBlock` (overlapped) when ``overlap`` is on and the block
   qualifies (:func:`launch.engine.overlap.hub_of`), else
   :class:`~launch.engine.blocks.AllReduceBlock`, and whose mixes run point to point; the state
   region is weighted apart where per-level state policies say so
   (:meth:`launch.engine.state_weights.SyncPolicy.state_weight`).
 
+``overlap`` is True, False or ``"auto"`` (the default of :class:`launch.Simulation`): on where it
+applies, that is when some block qualifies, there is no slow rule, and the scratch it costs (one
+flat copy, numel x itemsize bytes, on every rank of a hub block) is at most
+:data:`launch.engine.overlap.AUTO_MAX_BYTES`; a rule of the model's size alone, so every rank
+decides the same.
+
 It also owns every compatibility check between these options (``overlap`` with ``outer``, the
-schedules a slow rule accepts) and returns the process groups every program needs, and the hub
-rank that may decide the finiteness check (:func:`launch.engine.overlap.single_hub`).
+schedules a slow rule accepts) and returns the process groups every program needs, and the
+windows of the finiteness check (:class:`launch.engine.flooding.Windows`: how far the markers
+the sync's collectives carry travel).
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from dataclasses import dataclass
 
 from agents.slow_rule import SlowRule
 from launch.engine.blocks import AllReduceBlock, HubBlock, LocalBlock, LocalMix, PointToPointMixes, ProgramContext
+from launch.engine.flooding import Windows
 from launch.engine.kernel import Scratch, WeightedSum
 from launch.engine.outer_program import SlowRuleProgram, SlowRuleSync, slow_agent, workers_matrix
-from launch.engine.overlap import hub_of, single_hub
+from launch.engine.overlap import AUTO_MAX_BYTES, hub_of
 from launch.engine.placement import Placement
 from launch.engine.program import RankProgram
 from launch.engine.state_weights import SyncPolicy
@@ -44,18 +52,21 @@ class CompiledSync:
         programs: this rank's program per distinct matrix (``schedule.matrix_index(t)``).
         groups: every process group (sorted rank tuples) any program of any rank needs, to be
             created by every rank in this order.
-        hub: the rank that decides the finiteness check of overlapped syncs, or None.
+        windows: the windows of the finiteness check on this placement, or None when the
+            schedule's collectives cannot carry its markers to every rank.
         slow_sync: the replicated slow agent of a slow rule, or None.
+        overlap: whether some block runs overlapped.
     """
 
     programs: list
     groups: list[tuple[int, ...]]
-    hub: int | None
+    windows: Windows | None
     slow_sync: SlowRuleSync | None
+    overlap: bool = False
 
 
 def rank_program(plan: Plan, placement: Placement, rank: int, *, state: tuple[int, dict] | None = None,
-                 hub_of_block=None, reset: bool = False) -> RankProgram:
+                 hub_of_block=None, reset: bool = False, hub_scratch: Scratch | None = None) -> RankProgram:
     """``plan`` compiled for ``rank``.
 
     Args:
@@ -63,6 +74,8 @@ def rank_program(plan: Plan, placement: Placement, rank: int, *, state: tuple[in
             state is weighted by ``weight[i]`` (else the whole buffer takes the plan's weights).
         hub_of_block: ``block -> hub rank | None``: which blocks run overlapped (default none).
         reset: the program's ``reset`` (the state policy's, for this matrix).
+        hub_scratch: where the hub blocks keep their parts (shared between programs), or the
+            program's own scratch.
     """
     local = set(placement.agents_on(rank))
     split, state_weight = state if state is not None else (None, None)
@@ -81,7 +94,8 @@ def rank_program(plan: Plan, placement: Placement, rank: int, *, state: tuple[in
         view = LocalBlock(terms(block.members, block.weights, lambda i, w: i in local and w != 0.0),
                           tuple(r for r in block.receivers if r in local), placement.ranks_of(block.members))
         hub = hub_of_block(block) if hub_of_block is not None else None
-        blocks.append(AllReduceBlock(view, ctx) if hub is None else HubBlock(view, ctx, hub, rank, f"hub{position}"))
+        blocks.append(AllReduceBlock(view, ctx) if hub is None
+                      else HubBlock(view, ctx, hub, rank, f"hub{position}", hub_scratch))
 
     sends, recvs, mixes = set(), set(), []
     for mix in plan.mixes:
@@ -99,8 +113,8 @@ def rank_program(plan: Plan, placement: Placement, rank: int, *, state: tuple[in
 
 
 def compile_sync(schedule: Schedule, placement: Placement, rank: int, *, numel: int, state_numel: int,
-                 policy: SyncPolicy, outer: SlowRule | None = None, overlap: bool = False,
-                 check_rule=None) -> CompiledSync:
+                 policy: SyncPolicy, outer: SlowRule | None = None, overlap: bool | str = False,
+                 check_rule=None, itemsize: int = 4) -> CompiledSync:
     """Every distinct matrix of ``schedule`` compiled for ``rank`` (see the module docstring).
 
     Args:
@@ -108,25 +122,35 @@ def compile_sync(schedule: Schedule, placement: Placement, rank: int, *, numel: 
             (``pullback``), or 0.
         policy: the resolved state policy (resets and state weights per matrix).
         outer: a slow rule, or None for plain mixing.
-        overlap: run the blocks that qualify overlapped around their hub rank.
+        overlap: run the blocks that qualify overlapped around their hub rank: True, False or
+            ``"auto"`` (module docstring).
         check_rule: ``rule -> None``, called on ``outer`` once it is known to be a slow rule
             (``rule.check(model, optimizer)``: the rule's own checks).
+        itemsize: bytes per element of the agents' buffers (``"auto"``'s memory rule).
     """
-    if overlap and outer is not None:
+    if overlap is True and outer is not None:
         raise ValueError("overlap=True applies to plain mixing syncs; it cannot be combined with outer=...")
     plans = [compile_plan(p) for p in schedule.distinct_matrices]
     if outer is not None:
         return _compile_slow_rule(schedule, plans, placement, rank, numel, state_numel, policy, outer, check_rule)
     workers = set(schedule.workers)
-    programs = []
+
+    def hub(index: int, block) -> int | None:
+        return hub_of(block, plans[index], placement, workers, schedule.push_sum)
+
+    if overlap == "auto":
+        qualifies = any(hub(i, b) is not None for i, plan in enumerate(plans) for b in plan.blocks)
+        overlap = qualifies and (numel + state_numel) * itemsize <= AUTO_MAX_BYTES
+    programs, hub_scratch = [], Scratch()
     for index, plan in enumerate(plans):
         weight = policy.state_weight(index)
-        qualify = (lambda block, plan=plan: hub_of(block, plan, placement, workers, schedule.push_sum)) if overlap else None
         programs.append(rank_program(plan, placement, rank, state=None if weight is None else (numel, weight),
-                                     hub_of_block=qualify, reset=policy.resets[index]))
+                                     hub_of_block=(lambda block, i=index: hub(i, block)) if overlap else None,
+                                     reset=policy.resets[index], hub_scratch=hub_scratch))
     groups = {placement.ranks_of(b.members) for plan in plans for b in plan.blocks}
-    hub = single_hub(plans, schedule, placement) if any(p.hub_blocks for p in programs) else None
-    return CompiledSync(programs, sorted(g for g in groups if len(g) > 1), hub, None)
+    windows = Windows.build(schedule, plans, placement, hub if overlap else None)
+    return CompiledSync(programs, sorted(g for g in groups if len(g) > 1), windows, None,
+                        any(p.hub_blocks for p in programs))
 
 
 def _compile_slow_rule(schedule: Schedule, plans: list[Plan], placement: Placement, rank: int, numel: int,
@@ -143,13 +167,16 @@ def _compile_slow_rule(schedule: Schedule, plans: list[Plan], placement: Placeme
         raise ValueError(f"{what} needs exactly one worker; the schedule has {len(schedule.workers)}")
     sync = SlowRuleSync(rule, numel, state_numel)
     local = placement.agents_on(rank)
-    programs, groups = [], set()
+    programs, groups, worker_plans = [], set(), []
     for index, (matrix, plan) in enumerate(zip(schedule.distinct_matrices, plans)):
         if plan.is_identity:
             programs.append(rank_program(plan, placement, rank))
+            worker_plans.append(plan)
             continue
         alpha, workers = workers_matrix(matrix, slow, index, what)
         program = rank_program(compile_plan(workers), placement, rank)
         groups |= {placement.ranks_of(b.members) for b in program.plan.blocks}
         programs.append(SlowRuleProgram(sync, program, alpha, local, placement.world_size, policy.resets[index]))
-    return CompiledSync(programs, sorted(g for g in groups if len(g) > 1), None, sync)
+        worker_plans.append(program.plan)
+    windows = Windows.build(schedule, worker_plans, placement, None)
+    return CompiledSync(programs, sorted(g for g in groups if len(g) > 1), windows, sync)

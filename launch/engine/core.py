@@ -19,10 +19,11 @@ differ; create and warm the process groups every program needs; build this rank'
 broadcast agent 0's initial parameters so every column of X starts equal (theta_0).
 
 The sync of iteration t (:meth:`SyncEngine.sync`) is the same few calls whatever the options:
-``overlap.before_sync`` (overlapped syncs: wait and prefetch; else nothing), the finiteness check
-(:mod:`launch.engine.finiteness`), the program of P_t under the lost-rank handler
-(:func:`launch.engine.health.collective`), ``overlap.after_sync``, and the state policy's
-``after_sync`` on the agents the program touched.
+``overlap.before_sync`` (overlapped syncs: wait and prefetch; else nothing), the finiteness
+check's ``before_sync`` (:mod:`launch.engine.finiteness`), the program of P_t under the lost-rank
+handler (:func:`launch.engine.health.collective`; its steps call the check's hooks), the check's
+``after_sync`` (at a decision sync, every rank raises or none does), ``overlap.after_sync``, and
+the state policy's ``after_sync`` on the agents the program touched.
 """
 
 from __future__ import annotations
@@ -65,11 +66,12 @@ class SyncEngine:
 
     def __init__(self, model: nn.Module, schedule: Schedule, optimizer: OptimizerFactory, make_agent: AgentMaker,
                  *, state_policy="maintain", comm: Communicator | None = None, agents_per_rank: int | None = None,
-                 outer=None, check_finite: bool = True, overlap: bool = False):
+                 outer=None, check_finite: bool = True, overlap: bool | str = "auto"):
         # -- local validation: the same result on every rank, before any communication ------
-        for name, value in (("check_finite", check_finite), ("overlap", overlap)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False; got {value!r}")
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"check_finite must be True or False; got {check_finite!r}")
+        if not isinstance(overlap, bool) and overlap != "auto":
+            raise ValueError(f"overlap must be True or False, or 'auto' (the default); got {overlap!r}")
         self.sync_policy = SyncPolicy(state_policy, schedule)
         self.state_policy = self.sync_policy.agent_policy
         self.comm = comm if comm is not None else LocalCommunicator()
@@ -84,7 +86,8 @@ class SyncEngine:
         compiled = compile_sync(
             schedule, self.placement, self.rank, numel=sum(p.numel() for p in model.parameters()),
             state_numel=layout.numel, policy=self.sync_policy, outer=outer, overlap=overlap,
-            check_rule=lambda rule: rule.check(model, optimizer))
+            check_rule=lambda rule: rule.check(model, optimizer),
+            itemsize=next(model.parameters()).element_size())
         self.programs = compiled.programs
 
         # -- the one metadata exchange: parameter shapes must agree across ranks ----------------
@@ -102,7 +105,7 @@ class SyncEngine:
         if self.slow_sync is not None:
             self.slow_sync.start(self.agents)
         self.t = 0
-        self.finiteness = make_finiteness_check(check_finite, compiled.hub, self.agents, schedule.num_agents,
+        self.finiteness = make_finiteness_check(check_finite, compiled.windows, self.agents, schedule.num_agents,
                                                 self.comm)
         uses_hub = any(p.hub_blocks for p in self.programs)
         self.overlap = (Overlap(self.programs, schedule, self.agents, self.comm, self.finiteness, lambda: self.t)
@@ -145,7 +148,8 @@ class SyncEngine:
         self.overlap.before_sync(t)
         self.finiteness.before_sync(t)
         with collective(self.comm, t, "sync", program.peers):
-            program.run(self.agents, self.comm)
+            program.run(self.agents, self.comm, self.finiteness)
+        self.finiteness.after_sync(t)
         self.overlap.after_sync(t, program)
         for i in program.touched:
             self.agents[i].after_sync(reset=program.reset)

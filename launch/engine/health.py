@@ -1,8 +1,9 @@
 """Failures a long run must report instead of hiding or hanging: bad numbers and lost ranks.
 
 **Non-finite values** (:class:`NonFiniteError`): raised on every rank alike by the finiteness
-check (:mod:`launch.engine.finiteness`) before a sync would mix NaN or Inf into other agents,
-and before a checkpoint could replace the last good one.
+check (:mod:`launch.engine.finiteness`): at the sync that finds NaN or Inf, or (several ranks)
+at the last sync of its window; before a checkpoint could replace the last good one; at the end
+of a run.
 
 **Lost ranks.**  Every collective of a run goes through :func:`collective`, the one lost-rank
 handler: the syncs and the finiteness checks (:mod:`launch.engine.core`,
@@ -39,23 +40,30 @@ class NonFiniteError(FloatingPointError):
 
     Attributes: ``step`` (the iteration t whose sync or checkpoint found it), ``agents`` (sorted
     agent indices with non-finite values), ``parameters`` and ``losses`` (which of those had
-    non-finite parameters / a non-finite loss).
+    non-finite parameters / a non-finite loss), ``stopped`` (``(t, where)``: the sync or
+    checkpoint at which every rank stopped; after a check carried by the syncs' collectives it
+    may come later than ``step``, see :mod:`launch.engine.finiteness`).
     """
 
-    def __init__(self, step: int, parameters: list[int], losses: list[int], where: str):
+    def __init__(self, step: int, parameters: list[int], losses: list[int], where: str,
+                 stopped: tuple[int, str] | None = None):
         self.step = step
         self.parameters = parameters
         self.losses = losses
         self.agents = sorted(set(parameters) | set(losses))
+        self.stopped = stopped if stopped is not None else (step, where)
         parts = []
         if parameters:
             parts.append(f"parameters of agent(s) {parameters}")
         if losses:
             parts.append(f"loss of agent(s) {losses}")
+        what = " and the ".join(parts) if parts else "result of a sync"
         place = f"{where} (t={step})" if where == END_OF_RUN else f"{where} of iteration t={step}"
+        stop = ("the run stops here" if self.stopped == (step, where)
+                else f"every rank stops at the {self.stopped[1]} of iteration t={self.stopped[0]}")
         super().__init__(
-            f"non-finite values (NaN or Inf) in the {' and the '.join(parts)}, detected at the "
-            f"{place}; the run stops here and no checkpoint is written (the last one is kept)"
+            f"non-finite values (NaN or Inf) in the {what}, detected at the {place}; {stop} and no "
+            f"checkpoint is written (the last one is kept)"
         )
 
 

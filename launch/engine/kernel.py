@@ -69,18 +69,23 @@ class WeightedSum:
         return out
 
     def __call__(self, acc: torch.Tensor, terms: list[Term] | tuple[Term, ...], old: dict[int, torch.Tensor], *,
-                 in_place: bool = False, spare: frozenset = frozenset()) -> torch.Tensor:
+                 in_place: bool = False, spare: frozenset = frozenset(), check=None) -> torch.Tensor:
         """Write the sum into ``acc`` and return it.
 
         ``in_place``: ``acc`` is ``old[terms[0][0]]`` itself, scaled in place.  ``spare``:
         agents whose ``old`` value may be destroyed (their product is formed in it).  No terms:
-        ``acc`` is zeroed.
+        ``acc`` is zeroed.  ``check``: the finiteness check, which forms each product
+        (``check.scale(self, out, src, weights, agent)``, :mod:`launch.engine.finiteness`).
         """
         if not terms:
             return acc.zero_()
+
+        def scale(out, src, weights, agent):
+            return self.scale(out, src, weights) if check is None else check.scale(self, out, src, weights, agent)
+
         (first, weights), rest = terms[0], terms[1:]
-        self.scale(acc, acc if in_place else old[first], weights)
+        scale(acc, acc if in_place else old[first], weights, first)
         for i, weights in rest:
             out = old[i] if i in spare else self.scratch.like("tmp", acc)
-            acc.add_(self.scale(out, old[i], weights))
+            acc.add_(scale(out, old[i], weights, i))
         return acc

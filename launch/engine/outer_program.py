@@ -39,6 +39,7 @@ import torch
 
 from agents.slow_rule import SlowRule
 from launch.comm.base import Communicator
+from launch.engine.finiteness import NO_CHECK, SyncHooks
 from launch.engine.program import RankProgram
 from topology.plan import compile_plan
 from topology.schedule import Schedule
@@ -105,16 +106,18 @@ class SlowRuleSync:
         }
 
     @torch.no_grad()
-    def sync(self, workers: RankProgram, alpha: float, agents: dict, comm: Communicator) -> None:
-        """One sync: the workers' average through ``workers`` (with the rule's extras), the rule
-        on the anchor, the state caches, and every local agent set to the anchor."""
+    def sync(self, workers: RankProgram, alpha: float, agents: dict, comm: Communicator,
+             check: SyncHooks = NO_CHECK) -> None:
+        """One sync: the workers' average through ``workers`` (with the rule's extras; ``check``:
+        the finiteness check's hooks), the rule on the anchor, the state caches, and every local
+        agent set to the anchor."""
         n, width = self.numel, self.width
         for i, agent in agents.items():
             scratch = self._scratch[i]
             scratch[:width].copy_(agent.sync_tensor())
             if agent.is_worker and self.rule.extra:
                 scratch[width:].copy_(self.rule.worker_extras(agent, self.slow_view))
-        workers.run_tensors(self._scratch, comm)
+        workers.run_tensors(self._scratch, comm, check)
         # Every local receiver holds the same all-reduced [mixed | mixed state | extras].
         result = self._scratch[min(agents)]
         alpha = self.rule.step_(self.slow_view, result[:n], result[width:], alpha)
@@ -161,8 +164,8 @@ class SlowRuleProgram:
     def num_collectives(self) -> int:
         return self.workers.num_collectives
 
-    def prefetch(self, tensors, comm: Communicator) -> None:
+    def prefetch(self, tensors, comm: Communicator, check: SyncHooks = NO_CHECK) -> None:
         """Nothing travels ahead of a slow rule's sync."""
 
-    def run(self, agents: dict, comm: Communicator) -> None:
-        self.slow_sync.sync(self.workers, self.alpha, agents, comm)
+    def run(self, agents: dict, comm: Communicator, check: SyncHooks = NO_CHECK) -> None:
+        self.slow_sync.sync(self.workers, self.alpha, agents, comm, check)

@@ -31,11 +31,15 @@ h and a receiver, every receiver a member, in a plan with no point-to-point mixe
 without push-sum.  Other blocks (gossip, local SGD with workers everywhere) run as plain
 all-reduces.  Not with ``outer`` (a state-dependent slow update).
 
-**The finiteness check** needs, before the sync mixes, the flags of every agent on every rank,
-and every rank must raise the same error.  When every worker of the schedule lives on the hub and
-every block that crosses ranks is a hub block (a distributed Lookahead: :func:`single_hub`), the
-hub decides it alone (:class:`launch.engine.finiteness.HubDecidedCheck`), its flags reduced with
-the data.
+**The finiteness check** rides with the data, as in a plain block
+(:class:`launch.engine.finiteness.MarkerCheck`): each rank checks its part as it computes it (the
+other ranks at the prefetch, the hub at the sync) and marks it; the hub reads the reduce's marker
+and marks what it broadcasts; the others read the broadcast's.  No message of its own.
+
+**When it is on by default** (``overlap="auto"``, :func:`launch.engine.compile.compile_sync`):
+whenever some block qualifies (below) and the scratch it costs, one flat copy (d x itemsize bytes)
+on every rank of a hub block, is at most :data:`AUTO_MAX_BYTES`; one scratch per hub block
+position is shared by every matrix of the schedule (their syncs never overlap each other).
 
 **Timing contract.**  The reduce of the next sync t' is started at the start of
 :meth:`Simulation.step` (and before the sync when it was not): between then and the sync nothing
@@ -53,6 +57,12 @@ from topology.plan import Block, Plan
 from topology.schedule import Schedule
 
 
+#: ``overlap="auto"`` overlaps the blocks that qualify when their scratch, one flat copy of
+#: d x itemsize bytes on every rank of a hub block, is at most this (the same rule on every rank:
+#: it depends on the model's size only, not on the memory a rank happens to have free).
+AUTO_MAX_BYTES = 1 << 30
+
+
 def hub_of(block: Block, plan: Plan, placement: Placement, workers, push_sum: bool) -> int | None:
     """The hub rank of ``block`` when it may run overlapped (see the module docstring), else None."""
     if push_sum or plan.mixes or len(placement.ranks_of(block.members)) < 2:
@@ -62,24 +72,6 @@ def hub_of(block: Block, plan: Plan, placement: Placement, workers, push_sum: bo
     if len(hubs) != 1 or not set(active) <= set(block.receivers) or not set(block.receivers) <= set(block.members):
         return None
     return hubs.pop()
-
-
-def single_hub(plans, schedule: Schedule, placement: Placement) -> int | None:
-    """The rank h holding every worker when every block that crosses ranks is a hub block of h
-    and no plan has point-to-point mixes (the same answer on every rank), else None."""
-    workers = set(schedule.workers)
-    hubs = {placement.rank_of(i) for i in workers}
-    if len(hubs) != 1:
-        return None
-    hub = hubs.pop()
-    for plan in plans:
-        if plan.mixes:
-            return None
-        for block in plan.blocks:
-            crosses = len(placement.ranks_of(block.members)) > 1
-            if crosses and hub_of(block, plan, placement, workers, schedule.push_sum) != hub:
-                return None
-    return hub
 
 
 class NoOverlap:
@@ -111,7 +103,7 @@ class Overlap(NoOverlap):
         schedule: the simulation's schedule.
         agents: this rank's agents.
         comm: the communicator.
-        check: the finiteness check (its ``prefetch`` starts with the data's reduces).
+        check: the finiteness check (its hooks check and mark the prefetched parts).
         clock: ``() -> t``, the simulation's counter (to name the iteration of a failure).
     """
 
@@ -141,10 +133,10 @@ class Overlap(NoOverlap):
         t = self.next_sync(t_from)
         if t is None or t == self.launched_for:
             return
-        self.check.prefetch()
         program = self.programs[self.schedule.matrix_index(t)]
         if program.hub_blocks:
-            program.prefetch({i: agent.sync_tensor() for i, agent in self.agents.items()}, self.comm)
+            self.check.prefetch(t)
+            program.prefetch({i: agent.sync_tensor() for i, agent in self.agents.items()}, self.comm, self.check)
         self.launched_for = t
 
     def before_step(self, t: int) -> None:

@@ -9,7 +9,8 @@ does to apply it, built once per distinct P_t by :func:`launch.engine.compile.co
     3. every block, in the plan's order (an all-reduce, or overlapped around a hub).
 
 Every step reads the old values and writes only its own receivers, so their order does not change
-the result; it fixes the order of the collectives, the same on every rank.  Afterwards the
+the result; it fixes the order of the collectives, the same on every rank (and the order in which
+the finiteness check's markers travel: :mod:`launch.engine.flooding` models it).  Afterwards the
 simulation calls ``after_sync(reset=program.reset)`` on :attr:`RankProgram.touched` (the state
 policy's post-sync action).
 """
@@ -20,6 +21,7 @@ import torch
 
 from launch.comm.base import Communicator
 from launch.engine.blocks import AllReduceBlock, HubBlock, PointToPointMixes, ProgramContext
+from launch.engine.finiteness import NO_CHECK, SyncHooks
 from topology.plan import Plan
 
 
@@ -62,10 +64,10 @@ class RankProgram:
         """All-reduces this rank enters per run (hub blocks: a reduce and a broadcast instead)."""
         return sum(b.all_reduces for b in self.blocks)
 
-    def prefetch(self, tensors: dict[int, torch.Tensor], comm: Communicator) -> None:
+    def prefetch(self, tensors: dict[int, torch.Tensor], comm: Communicator, check: SyncHooks = NO_CHECK) -> None:
         """Start what can travel before the sync (the hub blocks' reduces)."""
         for block in self.hub_blocks:
-            block.prefetch(tensors, comm)
+            block.prefetch(tensors, comm, check)
 
     def broadcasts(self) -> list:
         """The hub blocks' broadcasts still in flight (emptied by the caller once waited for)."""
@@ -75,18 +77,19 @@ class RankProgram:
         for block in self.hub_blocks:
             block.broadcasts.clear()
 
-    def run_tensors(self, tensors: dict[int, torch.Tensor], comm: Communicator) -> None:
-        """Apply the plan to the local agents' flat ``tensors`` (agent index -> tensor), in place."""
+    def run_tensors(self, tensors: dict[int, torch.Tensor], comm: Communicator, check: SyncHooks = NO_CHECK) -> None:
+        """Apply the plan to the local agents' flat ``tensors`` (agent index -> tensor), in place;
+        ``check``: the finiteness check's hooks (:mod:`launch.engine.finiteness`)."""
         old = dict(tensors)
         for i in self.ctx.snapshot:
             snap = self.ctx.scratch.like(f"snapshot{i}", tensors[i])
             snap.copy_(tensors[i])
             old[i] = snap
         if self.mixes is not None:
-            self.mixes.run(tensors, old, comm)
+            self.mixes.run(tensors, old, comm, check)
         for block in self.blocks:
-            block.run(tensors, old, comm)
+            block.run(tensors, old, comm, check)
 
-    def run(self, agents: dict, comm: Communicator) -> None:
+    def run(self, agents: dict, comm: Communicator, check: SyncHooks = NO_CHECK) -> None:
         """Apply the plan to this rank's agents (their :meth:`agents.agent.Agent.sync_tensor`)."""
-        self.run_tensors({i: agent.sync_tensor() for i, agent in agents.items()}, comm)
+        self.run_tensors({i: agent.sync_tensor() for i, agent in agents.items()}, comm, check)

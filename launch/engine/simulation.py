@@ -75,14 +75,16 @@ class Simulation(SyncEngine):
             (:class:`agents.outer.OuterOptimizer`: outer SGD, SlowMo, DiLoCo;
             :class:`agents.adaptive.AdaptiveAlpha`), run by
             :mod:`launch.engine.outer_program` in place of the plain mixing; default None.
-        check_finite: before every non-identity sync, check collectively that every agent's
-            parameters and losses are finite, else raise
-            :class:`launch.engine.health.NonFiniteError` on every rank
-            (:mod:`launch.engine.finiteness`).
+        check_finite: at every non-identity sync, check that every buffer the sync reads and
+            every loss are finite, else raise :class:`launch.engine.health.NonFiniteError` on
+            every rank: before the sync on one rank; on several, carried by the sync's own
+            collectives, at the last sync of its window (:mod:`launch.engine.finiteness`).
         overlap: run the blocks whose workers all live on one rank (a distributed Lookahead's
             syncs) overlapped with the inner steps: the passive agents' part is reduced to that
-            rank while it computes (:mod:`launch.engine.overlap`); default False (one all-reduce
-            per block).  Not with ``outer``.
+            rank while it computes (:mod:`launch.engine.overlap`).  True, False (one all-reduce
+            per block), or ``"auto"`` (the default): wherever it applies and its scratch, one
+            flat copy, is at most 1 GiB (:func:`launch.engine.compile.compile_sync`).  Not with
+            ``outer`` (``"auto"`` then means False).
     """
 
     def __init__(
@@ -100,7 +102,7 @@ class Simulation(SyncEngine):
         device: str | torch.device | None = None,
         outer=None,
         check_finite: bool = True,
-        overlap: bool = False,
+        overlap: bool | str = "auto",
     ):
         _check_arguments(model, loss_fn, data, schedule, optimizer)
         check_dtype_device(dtype, device)

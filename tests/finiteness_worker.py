@@ -1,0 +1,97 @@
+"""One rank of the finiteness tests: runs several cases in one process group, each with the check
+on, the check off, or a NaN / Inf planted, and saves what every rank saw.
+
+Usage: python tests/finiteness_worker.py SPEC_JSON.  SPEC: backend (torch | mpi), out (a folder),
+cases ({name: case}).  A case: schedule (``["multilayer", ks, alphas]`` or
+``[decentralized name, args...]``), steps, optionally overlap (default False), agents_per_rank,
+check_finite (default True), state ("host" | "device": where MarkerCheck keeps its knowledge;
+default by the device), plant ({agent, t, kind: "param" | "loss" | "inf"}: the rank holding
+the agent writes NaN (``param``) or -Inf (``inf``) into its parameter 3 at iteration t -- a
+worker's after its loss (a finite one) is computed, a passive agent's before the iteration -- or
+the agent's loss of iteration t is +Inf with a finite gradient (``loss``)).
+
+Writes ``out/rank{R}.pt``: {name: {"error": None or {"step", "stopped", "parameters", "losses",
+"message"}, "t": the counter when it ended, "counts": per step, the communicator's counts
+(all_reduces, sends, reduces, block_broadcasts, flag_reduces), "buffers": the local agents' final
+flat buffers}}.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import topology  # noqa: E402
+from launch.engine.health import NonFiniteError  # noqa: E402
+from launch.engine.simulation import Simulation  # noqa: E402
+from tests import problems  # noqa: E402
+from tests.dist_worker import make_comm  # noqa: E402
+from topology import decentralized  # noqa: E402
+
+COUNTS = ("all_reduces", "sends", "reduces", "block_broadcasts", "flag_reduces")
+
+
+def make_schedule(spec):
+    name, *args = spec
+    if name == "multilayer":
+        return topology.multilayer(*args)
+    return decentralized.SCHEDULES[name](*args)
+
+
+def run_case(case: dict, comm) -> dict:
+    schedule = make_schedule(case["schedule"])
+    plant = case.get("plant")
+    modules = {}
+
+    def loss_fn(module, batch):
+        loss = problems.loss_fn(module, batch)
+        if plant and modules.get(id(module)) == plant["agent"] and sim.t == plant["t"]:
+            if plant["kind"] == "loss":
+                loss = loss + float("inf")       # +inf loss, the usual (finite) gradient
+            else:
+                poison(sim.agents[plant["agent"]])
+        return loss
+
+    def poison(agent):
+        with torch.no_grad():
+            agent.params[3] = float("nan") if plant["kind"] == "param" else -float("inf")
+
+    os.environ["FINITENESS_STATE"] = case.get("state", "")
+    sim = Simulation(problems.make_model(0), loss_fn, lambda i: problems.batches(1 + i), schedule,
+                     problems.OPTIMIZERS["sgd"], comm=comm, agents_per_rank=case.get("agents_per_rank"),
+                     overlap=case.get("overlap", False), check_finite=case.get("check_finite", True))
+    modules.update({id(a.module): i for i, a in sim.agents.items() if a.module is not None})
+    counts, error = [], None
+    try:
+        for t in range(case["steps"]):
+            if (plant and plant["kind"] != "loss" and plant["t"] == t and plant["agent"] in sim.agents
+                    and not sim.agents[plant["agent"]].is_worker):
+                poison(sim.agents[plant["agent"]])
+            before = [getattr(comm.stats, k) for k in COUNTS]
+            sim.step()
+            counts.append([getattr(comm.stats, k) - b for k, b in zip(COUNTS, before)])
+    except NonFiniteError as err:
+        error = {"step": err.step, "stopped": list(err.stopped), "parameters": err.parameters,
+                 "losses": err.losses, "message": str(err)}
+    sim.wait_in_flight()
+    comm.wait_in_flight()
+    return {"error": error, "t": sim.t, "counts": counts,
+            "buffers": {i: a.flat.buffer.clone() for i, a in sim.agents.items()}}
+
+
+def main(run=run_case) -> int:
+    """Every case of the spec (argv[1]) through ``run(case, comm)``, saved as ``out/rank{R}.pt``."""
+    torch.set_num_threads(1)
+    spec = json.loads(sys.argv[1])
+    comm = make_comm(spec)
+    results = {name: run(case, comm) for name, case in spec["cases"].items()}
+    torch.save(results, os.path.join(spec["out"], f"rank{comm.rank}.pt"))
+    comm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""metrics.csv off the critical path (launch.cli.metrics.MetricsProbe.log) on 3 gloo ranks: the
+same rows as co-located, in step order; no collective at a Lookahead period's end (the default
+log_every), one small reduce there when workers live on several ranks, and asynchronous
+full-vector collectives only at steps where the agents differ."""
+
+import math
+
+import torch
+
+from tests.metrics_worker import run_case
+from tests.spawn import ROOT, run_torch
+
+LA2 = ["multilayer", [3, 2], [0.5, 0.6]]      # period 6
+CASES = {
+    "la2-every-step": dict(schedule=LA2, steps=14, every=1),
+    "la2-period": dict(schedule=LA2, steps=18, every=6),
+    "local-period": dict(schedule=["local_sgd", 3, 2], steps=8, every=2),
+}
+
+
+def same_rows(got, want, tol=1e-12):
+    assert [(s, [r["agent"] for r in rows]) for s, rows, _ in got] == [(s, [r["agent"] for r in rows]) for s, rows, _ in want]
+    for (_, a_rows, _), (_, b_rows, _) in zip(got, want):
+        for a, b in zip(a_rows, b_rows):
+            for key in ("loss", "grad_norm", "consensus_distance"):
+                if math.isnan(b[key]):
+                    assert math.isnan(a[key]), (a, b)
+                else:
+                    assert abs(a[key] - b[key]) <= tol * max(1.0, abs(b[key])), (key, a, b)
+
+
+def test_metrics_off_the_critical_path(tmp_path):
+    results = run_torch(3, dict(backend="torch", out=str(tmp_path), cases=CASES), timeout=180, worker=ROOT / "tests" / "metrics_worker.py")
+    assert all(code == 0 for code, _ in results), results
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    for name, case in CASES.items():
+        colocated = run_case(case)
+        same_rows(ranks[0][name]["rows"], colocated["rows"])
+        assert all(rows == [] for r in ranks[1:] for _, rows, _ in r[name]["rows"])   # rank 0 writes
+        assert all(c == [0, 0, 0] for c in colocated["counts"])
+    # At a Lookahead period's end every agent is equal and every worker is on rank 0: nothing.
+    assert all(c == [0, 0, 0] for r in ranks for c in r["la2-period"]["counts"])
+    # Local SGD: the losses and gradient norms of the other ranks' workers, one reduce of 2m.
+    assert all(c == [0, 1, 0] for c in ranks[0]["local-period"]["counts"][:-1])
+    # Between syncs: a reduce, a broadcast and a reduce per logged step, started one per call,
+    # never an all-reduce; the rows come out one to three calls later, in order.
+    counts = ranks[1]["la2-every-step"]["counts"]
+    assert sum(c[0] for c in counts) == 0 and sum(c[1] for c in counts) > 0 and sum(c[2] for c in counts) > 0
