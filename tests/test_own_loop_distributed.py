@@ -14,7 +14,9 @@ import torch
 
 import topology
 from launch import Simulation
+from launch.engine.flooding import Windows
 from launch.engine.health import NonFiniteError
+from launch.engine.placement import Placement
 from tests import own_loop_cases as cases
 from tests import problems
 from tests.spawn import run_mpiexec, run_torch
@@ -51,12 +53,21 @@ def every_step_deviation(record: dict, colocated_rows: torch.Tensor) -> float:
     return worst
 
 
+def finiteness_collectives(schedule, world_size: int, agents_per_rank: int) -> int:
+    """Tiny collectives the finiteness check adds per non-identity sync in the finite case: none
+    when the syncs' own collectives carry its markers to every rank (the schedule has windows on
+    this placement: ``launch.engine.flooding``), else its flags all-reduce before every sync."""
+    plans = [topology.compile_plan(m) for m in schedule.distinct_matrices]
+    placement = Placement.make(schedule.num_agents, world_size, agents_per_rank)
+    return 1 if Windows.build(schedule, plans, placement, None) is None else 0
+
+
 def expected_lookahead_counts(case: dict, schedule, rank: int, apr: int, d: int, t_prev: int, t: int,
                               worker: bool) -> dict:
     """What the snapshot at ``t`` (after the sync of iteration t - 1) should have counted since the
     one at ``t_prev``: the plan's all-reduce of a level-L sync on the ranks of agents 0..L (none
-    when they share a rank), two tiny collectives per non-identity sync (the finiteness check and
-    the control message); on passive ranks also the evaluations in between (a control message and
+    when they share a rank), the control message per non-identity sync (and the finiteness
+    check's flags where its markers cannot travel: :func:`finiteness_collectives`); on passive ranks also the evaluations in between (a control message and
     one all-reduce of d entries each; the worker's snapshots exclude them)."""
     width = 1
     if case.get("policy") == "pullback":
@@ -64,7 +75,7 @@ def expected_lookahead_counts(case: dict, schedule, rank: int, apr: int, d: int,
     level = schedule.level(t - 1)
     ranks = {a // apr for a in range(level + 1)}
     plan = 1 if level > 0 and rank in ranks and len(ranks) > 1 else 0
-    flags = 2 if level > 0 else 0
+    flags = 1 + finiteness_collectives(schedule, schedule.num_agents // apr, apr) if level > 0 else 0
     bytes_ = plan * d * width * 8
     if not worker:
         evals = len(case["ks"]) + 1
@@ -171,7 +182,8 @@ def test_four_processes(tmp_path):
             for k in range(1, len(record["t"])):
                 t, delta = record["t"][k] - 1, record["deltas"][k]
                 sync = not torch.equal(schedule.matrix(t), torch.eye(4, dtype=torch.float64))
-                assert delta["flag_reduces"] == (2 if sync else 0), (run["schedule"], rank, t)
+                extra = finiteness_collectives(schedule, 4, 1)
+                assert delta["flag_reduces"] == (1 + extra if sync else 0), (run["schedule"], rank, t)
                 assert delta["all_reduces"] == (1 if sync and run["schedule"] == "local_sgd" else 0)
                 assert delta["sends"] == (expected_sends(schedule, rank, t) if sync else 0)
         # The virtual iterate (the average of the workers, of their numerators under push-sum),

@@ -183,7 +183,7 @@ def test_results_are_written_when_the_final_checkpoint_fails_and_metrics_keep_th
 def test_non_finite_values_are_written_shown_and_fail_the_run(tmp_path, capsys):
     """LA-1, k=5, lr=1e30: the losses overflow to inf at step 6 and nan after, past the last sync
     (t=5; the next would be at t=10): the run ends non-finite, says so and exits 3."""
-    assert app.run(config("topology=lookahead", "launch.steps=8", "agents.optimizer.lr=1e30"), tmp_path) == 3
+    assert app.run(config("topology=lookahead", "launch.steps=8", "launch.log_every=1", "agents.optimizer.lr=1e30"), tmp_path) == 3
     err = capsys.readouterr().err
     summary = (tmp_path / "summary.txt").read_text()
     assert "status=FAILED failure=non_finite" in summary, summary

@@ -119,7 +119,7 @@ def test_evaluation_does_not_change_the_trajectory(evaluated, tmp_path):
 def test_stagewise_lr_column_follows_the_stages(tmp_path):
     """SLRLA's stages change the inner learning rate: the column shows the stage of each iteration."""
     stages = "topology.stages=[{steps:4,lr:0.1,alpha:0.5,k:2,beta:0.0},{steps:4,lr:0.02,alpha:0.5,k:2,beta:0.0}]"
-    assert app.run(config("topology=stagewise", stages, "launch.steps=8", "problem.dim=4", "problem.hidden=4"),
+    assert app.run(config("topology=stagewise", stages, "launch.steps=8", "launch.log_every=1", "problem.dim=4", "problem.hidden=4"),
                    tmp_path) == 0
     lrs = {r["step"]: r["lr"] for r in read_eval(tmp_path / "eval.csv") if r["agent"] == 0}
     assert lrs == {s: (0.1 if s <= 4 else 0.02) for s in range(1, 9)}
@@ -187,7 +187,7 @@ def test_torchrun_evaluates_each_ranks_agents_with_the_workers_buffers(tmp_path,
     """2 processes, one agent each: rank 1's slow agent is evaluated with worker 0's statistics
     (gathered from rank 0), and every row equals the co-located run's."""
     overrides = ["topology=lookahead", "problem.name=teacher_student_bn", "problem.dim=6", "problem.hidden=8",
-                 "launch.steps=9", "launch.eval_every=3", "launch.log_every=2"]
+                 "launch.steps=9", "launch.eval_every=3", "launch.log_every=2", "launch.dtype=float64"]
     code, output = run_torchrun(2, [ROOT / "tests" / "bn_app.py", *overrides, "launch=torch",
                                     f"hydra.run.dir={tmp_path / 'torch'}"], timeout=150, cwd=ROOT)
     assert code == 0, output
