@@ -17,7 +17,9 @@ agent and of X a, every ``launch.eval_every`` steps and at the end, and the inne
 included, a list indexed by agent), ``summary.json`` and ``summary.txt`` (:mod:`launch.cli.summary`;
 the line is also printed; it includes ``spectral_gap``, 1 - |lambda_2| of the product of one
 period's mixing matrices, :func:`topology.diagnostics.spectral_gap`), and with
-``launch.tensorboard=true`` TensorBoard event files (:mod:`launch.cli.tensorboard`).
+``launch.tensorboard=true`` TensorBoard event files (:mod:`launch.cli.tensorboard`).  With
+``launch.cluster`` every iteration is also clocked on a simulated cluster (:mod:`launch.cli.simtime`:
+metrics.csv's ``sim_time``, the summary's ``sim_time_s``, a printed line).
 ``python -m launch.plot DIR`` draws a run or a sweep (:mod:`launch.cli.plot`).
 Rank 0 shows a progress bar; the other ranks print nothing but errors.
 
@@ -57,6 +59,7 @@ from launch.cli.finish import finish_run
 from launch.cli.metrics import MetricsProbe, MetricsWriter
 from launch.cli.registry import serial_reference_missing
 from launch.cli.runs import SerialRun, open_simulation_run, plant_deviation_, role
+from launch.cli.simtime import SimulatedTime, simulated_placement
 from launch.cli.summary import summary_record, write_summary
 from launch.cli.tensorboard import TensorBoardLog
 from launch.comm import make_communicator
@@ -136,6 +139,8 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
             write_label_histograms(job.problem.partition, out_dir)
     gap = spectral_gap(job.schedule)  # 1 - |lambda_2| of P_0 ... P_{period-1} (topology.diagnostics)
     model = job.model()
+    placement = (simulated_placement(job.cluster, job.schedule.num_agents, 1 if comm is None else comm.world_size,
+                                     job.agents_per_rank) if job.cluster is not None else None)
     run_ = open_run(job, comm, model)
     checkpointer, resume = checkpointer_for(cfg, job, out_dir)
     first = 0
@@ -150,7 +155,9 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     if checkpointer is not None and checkpointer.changed and rank0:
         print("note: resumed with the allowed change(s) " + ", ".join(
             f"{key}: {old!r} -> {new!r}" for key, old, new in checkpointer.changed), file=sys.stderr)
-    tracker, elapsed, final = _loop(job, cfg, comm, run_, reference, checkpointer, first, out_dir if rank0 else None)
+    clock = _simulated_time(job, run_, placement, first)
+    tracker, elapsed, final = _loop(job, cfg, comm, run_, reference, checkpointer, first, out_dir if rank0 else None,
+                                    clock)
     ending = finish_run(run_, checkpointer, first, job.steps)  # the end checked like a sync; a failed
     # final checkpoint does not stop the results below from being written (launch.cli.finish)
 
@@ -170,8 +177,11 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     record = summary_record(job, processes=1 if comm is None else comm.world_size, agent_rows=rows,
                             virtual_row=virtual, gap=gap, tolerance=tolerance if checked else None, worst=worst,
                             elapsed=elapsed, first=first, status="ok" if failure is None else "FAILED",
-                            failure=failure, failure_detail=detail)
+                            failure=failure, failure_detail=detail,
+                            simulated=clock.summary() if clock is not None else None)
     print(f"\n{_title(job, where, checked)}\n{_table(rows, checked)}")
+    if clock is not None:
+        print(clock.describe())
     print(write_summary(out_dir, record), flush=True)
     if status == EXIT_DEVIATION:
         print(f"FAILED: {detail}", file=sys.stderr)
@@ -194,11 +204,22 @@ def _reference_run(job: Job, cfg: DictConfig, model, resume: bool):
     return open_run(job, None, model, "serial")
 
 
-def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first: int, out_dir: Path | None):
+def _simulated_time(job: Job, run_, placement, first: int) -> SimulatedTime | None:
+    """The run's simulated clock on ``launch.cluster`` (None without one)."""
+    if job.cluster is None:
+        return None
+    local_workers = len(set(job.schedule.workers) & set(run_.columns()))
+    return SimulatedTime(job.schedule, job.cluster, placement, run_.simulation.sync_nbytes, job.compute_s,
+                         job.overlap, local_workers, start=first, device=job.device)
+
+
+def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first: int, out_dir: Path | None,
+          clock: SimulatedTime | None):
     """Iterations ``first`` .. ``job.steps - 1``: step, checkpoint, plant (test only), compare with
     the reference, log, evaluate.  Returns the deviation tracker, the loop's wall time and (on rank
     0) the rows of the last evaluation (at ``job.steps``).  ``out_dir``: where rank 0 writes
-    metrics.csv, eval.csv and TensorBoard's files (None on the other ranks)."""
+    metrics.csv, eval.csv and TensorBoard's files (None on the other ranks); ``clock``: the
+    simulated time of ``launch.cluster``, or None."""
     tracker = DeviationTracker()
     probe = MetricsProbe(run_, comm, job.schedule.num_agents, job.schedule.consensus())
     evaluator = Evaluator(job, run_, comm)
@@ -212,29 +233,35 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
     if writer is not None:
         writer.start = start
     final: list[dict] = []
+    sim_times: dict[int, float] = {}   # logged step -> its simulated time, until its row is written
     try:
         for t in range(first, job.steps):
             done = t + 1
             logged = done % job.log_every == 0 or done == job.steps
             if logged or evaluator.due(done):
                 evaluator.note_lr(done)  # the learning rate of this iteration, before it runs
+            started = time.perf_counter()
             losses = run_.step()
+            if clock is not None:
+                simulated = clock.advance(started)
+                if logged:
+                    sim_times[done] = simulated
             plant_deviation_(run_, cfg.get("plant"), t)
             if reference is not None:
                 reference.step()
                 tracker.update(run_.columns(), reference.columns())
             if logged:   # rows complete a few logged steps later (MetricsProbe.log): off the critical path
-                _write_metrics(probe.log(done, losses, time.perf_counter() - start), writer, board, bar, job)
+                _write_metrics(probe.log(done, losses, time.perf_counter() - start), writer, board, bar, job, sim_times)
             if evaluator.due(done):
                 final = _write_evaluation(evaluator.evaluate(done), evals, board)
             # Decided from t alone, identically on every rank (saving is collective); the last one:
             # launch.cli.finish.finish_run.  The metrics in flight are completed first, so that a
             # checkpoint of t implies every row up to t is in metrics.csv (a resume keeps those).
             if checkpointer is not None and done < job.steps and checkpointer.due(done):
-                _write_metrics(probe.finish(), writer, board, bar, job)
+                _write_metrics(probe.finish(), writer, board, bar, job, sim_times)
                 checkpointer.save(run_.simulation)
             bar.update()
-        _write_metrics(probe.finish(), writer, board, bar, job)
+        _write_metrics(probe.finish(), writer, board, bar, job, sim_times)
         if evaluator.evaluated != job.steps:  # resumed at the end: nothing ran, evaluate anyway
             final = _write_evaluation(evaluator.evaluate(job.steps), evals, board)
     finally:
@@ -246,14 +273,15 @@ def _loop(job: Job, cfg: DictConfig, comm, run_, reference, checkpointer, first:
     return tracker, elapsed, [r for r in final if r["step"] == job.steps]
 
 
-def _write_metrics(entries, writer: MetricsWriter | None, board, bar, job: Job) -> None:
+def _write_metrics(entries, writer: MetricsWriter | None, board, bar, job: Job, sim_times: dict[int, float]) -> None:
     """Rank 0: append the metrics rows that are complete (:meth:`MetricsProbe.log`), to
     metrics.csv and TensorBoard, and show the workers' mean loss of the latest (NaN / Inf shown
-    as such)."""
-    if writer is None:
-        return
+    as such).  ``sim_times``: the simulated time of each logged step not yet written (popped)."""
     for step, rows, wall in entries:
-        writer.write(step, rows, wall)
+        simulated = sim_times.pop(step, None)
+        if writer is None:
+            continue
+        writer.write(step, rows, wall, simulated)
         if board is not None:
             board.metrics(step, rows)
         worker_losses = [rows[i]["loss"] for i in job.schedule.workers]

@@ -17,7 +17,8 @@
   ``steps``, ``log_every`` (null: the schedule's period, so that logged steps fall on syncs),
   ``num_threads``, ``eval_every``, ``tensorboard``; ``check_reference`` (colocated);
   ``checkpoint_every``, ``checkpoint_dir``, ``resume``, ``resume_allow``, ``overlap`` (true | false |
-  auto: the simulator's launches); ``agents_per_rank``, ``timeout_s`` (torch, mpi: every collective
+  auto), ``cluster``, ``compute_s`` (simulated time on a preset cluster, :mod:`launch.cli.simtime`)
+  (the simulator's launches); ``agents_per_rank``, ``timeout_s`` (torch, mpi: every collective
   completes or fails within it, naming the rank that seems lost: :mod:`launch.engine.health`).  A
   key a launch does not take is an error.  The yaml files hold the defaults of each launch:
   ``launch=torch`` is set up for training (``device=auto``: one GPU per local rank when CUDA is
@@ -49,6 +50,7 @@ from torch import nn
 from agents.level_policy import resolve_policy
 from launch.cli.errors import in_group_terms, launcher_world
 from launch.cli.registry import OUTER_RULES, SCHEDULES, make_schedule, optimizers, problems
+from launch.cli.simtime import check_cluster_options
 from launch.cli.tensorboard import summary_writer_class
 from launch.comm import LAUNCHES
 from launch.comm.base import check_timeout
@@ -65,7 +67,7 @@ TOP_LEVEL = ("agents", "topology", "problem", "launch", "tolerance", "plant")
 
 #: The ``launch`` keys every launch takes, and those of some launches only.
 LAUNCH_KEYS = ("name", "device", "dtype", "seed", "steps", "log_every", "num_threads", "eval_every", "tensorboard")
-SIMULATOR_KEYS = ("checkpoint_every", "checkpoint_dir", "resume", "resume_allow", "overlap")
+SIMULATOR_KEYS = ("checkpoint_every", "checkpoint_dir", "resume", "resume_allow", "overlap", "cluster", "compute_s")
 DISTRIBUTED_KEYS = SIMULATOR_KEYS + ("agents_per_rank", "timeout_s")
 MODE_KEYS = {"serial": (), "colocated": SIMULATOR_KEYS + ("check_reference",), "torch": DISTRIBUTED_KEYS,
              "mpi": DISTRIBUTED_KEYS}
@@ -107,6 +109,8 @@ class Job:
     tensorboard: bool = False               # launch.tensorboard
     agents_per_rank: int | None = None      # launch.agents_per_rank (torch, mpi)
     timeout_s: float = 300.0                # launch.timeout_s: the communicator's collective timeout
+    cluster: str | None = None              # launch.cluster: a preset of topology.network.PRESETS, or None
+    compute_s: float | None = None          # launch.compute_s: simulated seconds per inner step (None: measured)
 
     def make_outer(self):
         """A fresh slow rule for the simulator (``Simulation(outer=...)``), or None."""
@@ -146,6 +150,8 @@ class LaunchOptions:
     tensorboard: bool = False
     agents_per_rank: int | None = None
     timeout_s: float = 300.0
+    cluster: str | None = None
+    compute_s: float | None = None
 
 
 def build_job(cfg: DictConfig) -> Job:
@@ -165,12 +171,16 @@ def build_job(cfg: DictConfig) -> Job:
             raise ValueError(f"agents.outer={{name: {outer['name']}}}: {err}") from None
     topology_options = {k: v for k, v in _options(cfg.topology, "topology").items() if k != "name"}
     log_every = launch.log_every if launch.log_every is not None else schedule.period
+    if launch.cluster is not None and outer is not None:
+        raise ValueError(f"launch.cluster={launch.cluster} does not model a slow rule's sync (agents.outer="
+                         f"{{name: {outer['name']}}}): its collectives are not those of the schedule's plan; "
+                         f"set launch.cluster=null or agents.outer=null")
     return Job(problem, problem_name, schedule, optimizer, state_policy, launch.mode, launch.device, launch.dtype,
                launch.seed, launch.steps, log_every, evaluate_on_device=on_device, outer=outer,
                stages=stages, overlap=launch.overlap, topology_name=str(cfg.topology.name),
                topology_options=topology_options, num_threads=launch.num_threads, eval_every=launch.eval_every,
                tensorboard=launch.tensorboard, agents_per_rank=launch.agents_per_rank,
-               timeout_s=launch.timeout_s)
+               timeout_s=launch.timeout_s, cluster=launch.cluster, compute_s=launch.compute_s)
 
 
 def build_launch(node) -> LaunchOptions:
@@ -198,7 +208,8 @@ def build_launch(node) -> LaunchOptions:
         eval_every=_optional_integer(node.get("eval_every"), "launch.eval_every", "only at the end"),
         tensorboard=tensorboard, agents_per_rank=_optional_integer(node.get("agents_per_rank"), "launch.agents_per_rank",
                                           "number of agents / number of processes"),
-        timeout_s=check_timeout(node.get("timeout_s", 300.0), name="launch.timeout_s"))
+        timeout_s=check_timeout(node.get("timeout_s", 300.0), name="launch.timeout_s"),
+        **dict(zip(("cluster", "compute_s"), check_cluster_options(node.get("cluster"), node.get("compute_s")))))
 
 
 def _overlap(value) -> bool | str:

@@ -20,7 +20,10 @@ One row per agent per logged step, columns :data:`COLUMNS`:
     a = 1/m and theta = mean_i x_i = sum_i x_i / sum_i w_i, the value every z_i converges to;
     the raw x_i do not converge to it.)
 ``wall_time``
-    seconds on rank 0 since the first iteration began.
+    seconds on rank 0 since the first iteration began (a resumed run: continuing the kept rows').
+``sim_time``
+    the simulated time after iteration s on ``launch.cluster`` (:mod:`launch.cli.simtime`);
+    empty without a cluster.
 
 Cost, in a run spread over several ranks (co-located and serial runs communicate nothing).
 Rank 0 writes every row, so the losses and gradient norms of workers on other ranks, and the
@@ -61,7 +64,7 @@ import torch
 from launch.engine.health import collective
 from topology.plan import compile_plan
 
-COLUMNS = ("step", "agent", "loss", "grad_norm", "consensus_distance", "wall_time")
+COLUMNS = ("step", "agent", "loss", "grad_norm", "consensus_distance", "wall_time", "sim_time")
 
 
 class MetricsProbe:
@@ -258,48 +261,59 @@ class MetricsWriter:
         self.workers = None if workers is None else frozenset(workers)
         self.consensus = consensus
         kept = _history(self.path, resume_at) if resume_at is not None else []
-        self.offset = kept[-1][-1] if kept else 0.0
+        self.offset = kept[-1][WALL] if kept else 0.0
         partial = self.path.with_name(f".{self.path.name}.tmp")   # the kept history, replaced at once
         with open(partial, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(COLUMNS)
-            writer.writerows(row[:-1] + [f"{row[-1]:.6f}"] for row in kept)
+            writer.writerows(row[:WALL] + [f"{row[WALL]:.6f}"] + row[WALL + 1:] for row in kept)
         os.replace(partial, self.path)
         self._file = open(self.path, "a", newline="")
         self._csv = csv.writer(self._file)
         self.start = time.perf_counter()
 
-    def write(self, step: int, rows: list[dict], wall: float | None = None) -> None:
+    def write(self, step: int, rows: list[dict], wall: float | None = None, sim_time: float | None = None) -> None:
         """Append ``rows`` of ``step``; ``wall``: its wall time in this process, seconds since
-        ``self.start`` (default: now; the caller sets ``start`` when the first iteration begins).  A resumed run's ``wall_time`` continues from its
-        history's: the offset is added."""
+        ``self.start`` (default: now; the caller sets ``start`` when the first iteration begins).  A
+        resumed run's ``wall_time`` continues from its history's: the offset is added.
+        ``sim_time``: its simulated time (None: empty)."""
         wall = self.offset + (time.perf_counter() - self.start if wall is None else wall)
+        simulated = "" if sim_time is None else repr(float(sim_time))
         for row in rows:
             worker = self.workers is None or row["agent"] in self.workers
             self._csv.writerow([step, row["agent"], _fmt(row["loss"], worker), _fmt(row["grad_norm"], worker),
-                                _fmt(row["consensus_distance"], self.consensus), f"{wall:.6f}"])
+                                _fmt(row["consensus_distance"], self.consensus), f"{wall:.6f}", simulated])
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
 
 
+#: The position of ``wall_time`` in a row.
+WALL = COLUMNS.index("wall_time")
+
+
 def _history(path: Path, until: int) -> list[list]:
     """The complete rows of ``path`` (if it exists) with step <= ``until``, as written
-    (``wall_time`` as a float, last)."""
+    (``wall_time`` as a float).  A last line without its newline (cut short by a crash) is
+    dropped; a row of a file written before the ``sim_time`` column existed gets it empty."""
     if not path.exists():
         return []
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
     kept = []
-    with open(path, newline="") as f:
-        for fields in csv.reader(f):
-            if len(fields) != len(COLUMNS) or not fields[0].isdigit():
-                continue   # the header, or a line cut short by a crash
-            try:
-                wall = float(fields[-1])
-            except ValueError:
-                continue
-            if int(fields[0]) <= until:
-                kept.append(fields[:-1] + [wall])
+    for fields in csv.reader(lines):
+        if len(fields) == len(COLUMNS) - 1:
+            fields.append("")
+        if len(fields) != len(COLUMNS) or not fields[0].isdigit():
+            continue   # the header
+        try:
+            wall = float(fields[WALL])
+        except ValueError:
+            continue
+        if int(fields[0]) <= until:
+            kept.append(fields[:WALL] + [wall] + fields[WALL + 1:])
     return kept
 
 

@@ -20,7 +20,8 @@ equal when they build the same optimizer):
 Not recorded, free to change on resume: ``launch.steps`` (the total to run to), the layout
 (``launch.name``, the number of processes, ``launch.device``, ``launch.overlap``,
 ``launch.num_threads``), and ``log_every``, ``check_reference``, ``checkpoint_every``,
-``checkpoint_dir``, ``timeout_s``, ``tolerance``.
+``checkpoint_dir``, ``timeout_s``, ``tolerance``, ``eval_every``, ``tensorboard``, ``cluster``,
+``compute_s``.
 
 ``launch.resume_allow`` (a list of keys, default empty) lets recorded keys change: a key allows
 the keys under it (``agents.optimizer`` allows every hyperparameter), and the new values apply
@@ -45,7 +46,8 @@ from topology.schedule import MultilayerSchedule
 
 #: Keys a resume may always change (not recorded); listing them in launch.resume_allow is a no-op.
 FREE = ("launch.steps", "launch.name", "launch.device", "launch.overlap", "launch.num_threads", "launch.log_every",
-        "launch.check_reference", "launch.checkpoint_every", "launch.checkpoint_dir", "launch.timeout_s", "tolerance")
+        "launch.check_reference", "launch.checkpoint_every", "launch.checkpoint_dir", "launch.timeout_s", "tolerance",
+        "launch.eval_every", "launch.tensorboard", "launch.cluster", "launch.compute_s")
 
 #: The configuration's recorded keys -> the engine record's keys they determine.
 ENGINE_KEYS = {"topology": ("schedule",), "agents.state_policy": ("state_policy",), "launch.dtype": ("dtype",)}

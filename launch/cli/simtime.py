@@ -1,30 +1,47 @@
 """Simulated time on the command line: ``launch.cluster`` and ``launch.compute_s``.
 
 With ``launch.cluster`` set to a preset of :data:`topology.network.PRESETS` (``nvlink_8``,
-``ethernet_100g_64``, ``infiniband_400g_1024``), every iteration gets a simulated duration on that
-cluster (:class:`topology.network.SimClock`, one agent per GPU: agent i on GPU i):
+``ethernet_100g_64``, ``infiniband_400g_1024``), every iteration t gets a simulated duration on
+that cluster (:class:`topology.network.SimClock`):
 
     step_time(t) = compute_s + comm(t)
 
-where comm(t) is the alpha-beta cost of the plan of P_t's collectives on the flat buffers that the
-sync moves (parameters, and the state slots under ``pullback``), overlapped syncs
-(``launch.overlap``) modelled as overlapped.  ``metrics.csv``'s ``sim_time`` column is the
-simulated time after the logged iteration, and the summary gives ``sim_time_s`` and
-``sim_time_per_step_s``.
+where comm(t) is the alpha-beta cost of the collectives of P_t's plan on the bytes one agent's
+sync moves (its parameters, and the state slots under ``pullback``: ``SyncEngine.sync_nbytes``,
+what the communicator counts per collective).  The simulated layout (:func:`simulated_placement`)
+is the run's own when it spans several processes (rank r on GPU r, its agents with it), and one
+agent per GPU (agent i on GPU i) for a co-located run, the layout it stands for.  Blocks run
+overlapped where the run's ``launch.overlap`` would overlap them on that layout
+(:func:`launch.engine.compile.resolve_overlap`), and are costed as overlapped.  A slow rule
+(``agents.outer``) syncs differently from its plan and is refused.
+
+``metrics.csv``'s ``sim_time`` column is the simulated time after the logged iteration, and the
+summary gives ``cluster``, ``compute_s``, ``compute_measured``, ``sim_time_s`` and
+``sim_time_per_step_s`` (over every iteration 0..steps-1, a resumed run's included).
 
 ``compute_s`` is the simulated duration of one inner step: ``launch.compute_s`` when given (the
-step's time on the target GPU), else *measured*: the median wall time of one worker's inner
-step over the first :data:`MEASURED_STEPS` iterations of this run (an iteration's wall time over
-the number of this process's workers; until that many iterations are done, the median of those so
-far), then fixed.  Measured on this machine, it is this machine's compute, not the cluster's.
+step's time on the target GPU), else *measured*: the median, over the first
+:data:`MEASURED_STEPS` iterations this process runs, of an iteration's wall time here (the sync
+included; CUDA synchronized) divided by the number of workers this process steps; until that
+many are done, the median of those so far.  ``sim_time`` after iteration s is the SimClock's time
+after iterations 0..s with the estimate current at s (a resumed run measures again, and replays
+its first iterations with its own estimate).  Measured, it is this machine's compute, not the
+cluster's: give ``launch.compute_s`` for figures that do not depend on where the run took place.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
+import torch
+
+from launch.engine.compile import resolve_overlap
+from launch.engine.overlap import hub_of
+from launch.engine.placement import Placement
 from topology.checks import check_choice, check_real
 from topology.network import PRESETS, SimClock, preset
+from topology.plan import compile_plan
 from topology.schedule import Schedule
 
 #: Iterations whose wall time gives the measured compute time per inner step.
@@ -44,42 +61,92 @@ def check_cluster_options(cluster, compute_s) -> tuple[str | None, float | None]
     return cluster, compute_s
 
 
+def simulated_placement(cluster: str, num_agents: int, world_size: int, agents_per_rank: int | None) -> Placement:
+    """The layout the clock models (module docstring), GPU = rank; a ``ValueError`` naming
+    ``launch.cluster`` when the cluster has too few GPUs for it."""
+    placement = (Placement.make(num_agents, num_agents) if world_size == 1
+                 else Placement.make(num_agents, world_size, agents_per_rank))
+    gpus = preset(cluster).num_gpus
+    if placement.world_size > gpus:
+        what = (f"{num_agents} agents, one per GPU (a co-located run)" if world_size == 1
+                else f"{world_size} processes, one per GPU")
+        raise ValueError(f"launch.cluster={cluster} has {gpus} GPUs; the run needs {what}: choose a larger "
+                         f"cluster ({', '.join(f'{n}: {c.num_gpus}' for n, c in PRESETS.items())} GPUs)")
+    return placement
+
+
 class SimulatedTime:
     """The run's simulated clock (module docstring).
 
     Args:
-        schedule: the run's schedule.
+        schedule: the run's schedule (plain mixing: no slow rule).
         cluster: a preset name of :data:`topology.network.PRESETS`.
+        placement: the simulated layout (:func:`simulated_placement`).
         nbytes: bytes of one agent's synchronized buffer.
         compute_s: seconds of one inner step, or None to measure it.
+        overlap: the run's ``launch.overlap`` (True, False or ``"auto"``).
         local_workers: the number of workers whose inner steps one iteration of this process runs.
-        hub_of: ``(block, plan) -> GPU | None`` of the overlapped syncs, or None.
+        start: the iteration the run starts at (a resumed run's checkpoint t; replayed).
+        device: the run's device (CUDA is synchronized before a measured iteration's end).
     """
 
-    def __init__(self, schedule: Schedule, cluster: str, nbytes: int, compute_s: float | None,
-                 local_workers: int, hub_of=None):
+    def __init__(self, schedule: Schedule, cluster: str, placement: Placement, nbytes: int, compute_s: float | None,
+                 overlap: bool | str, local_workers: int, start: int = 0, device: str = "cpu"):
+        self.schedule = schedule
         self.cluster_name = cluster
+        self.nbytes = nbytes
         self.measured = compute_s is None
         self.local_workers = max(1, local_workers)
-        self.clock = SimClock(schedule, preset(cluster), nbytes, 0.0 if compute_s is None else compute_s,
-                              hub_of=hub_of)
+        self.cuda = str(device).startswith("cuda")
+        self.agent_gpus = tuple(placement.rank_of(i) for i in range(schedule.num_agents))
+        plans = [compile_plan(p) for p in schedule.distinct_matrices]
+        workers = set(schedule.workers)
+        overlapped = resolve_overlap(overlap, schedule, plans, placement, nbytes)
+        self.hub_of = ((lambda block, plan: hub_of(block, plan, placement, workers, schedule.push_sum))
+                       if overlapped else None)
+        #: Iterations accounted so far (0..done-1), a resumed run's first ones included.
+        self.done = start
         self._walls: list[float] = []
+        self.clock = self._replayed(0.0 if compute_s is None else compute_s)
 
-    def advance(self, wall_s: float) -> float:
-        """Account one iteration that took ``wall_s`` seconds here; the simulated time after it."""
-        if self.measured and len(self._walls) < MEASURED_STEPS:
-            self._walls.append(wall_s / self.local_workers)
-            self.clock.compute_s = statistics.median(self._walls)
+    def _replayed(self, compute_s: float) -> SimClock:
+        """A clock at ``compute_s`` advanced through iterations 0..done-1."""
+        clock = SimClock(self.schedule, preset(self.cluster_name), self.nbytes, compute_s,
+                         agent_gpus=self.agent_gpus, hub_of=self.hub_of)
+        for _ in range(self.done):
+            clock.advance()
+        return clock
+
+    @property
+    def measuring(self) -> bool:
+        return self.measured and len(self._walls) < MEASURED_STEPS
+
+    def advance(self, started: float) -> float:
+        """Account the iteration that began at ``started`` (``time.perf_counter()``); returns the
+        simulated time after it."""
+        if self.measuring:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self._walls.append((time.perf_counter() - started) / self.local_workers)
+            self.clock = self._replayed(statistics.median(self._walls))   # the new estimate from t = 0
         self.clock.advance()
+        self.done += 1
         return self.clock.time
 
     @property
     def time(self) -> float:
+        """Simulated seconds after the iterations accounted so far."""
         return self.clock.time
 
     def summary(self) -> dict:
-        """The summary's figures: ``cluster``, ``compute_s`` (and whether measured),
-        ``sim_time_s``, ``sim_time_per_step_s``."""
-        steps = max(self.clock.t, 1)
+        """The summary's figures: ``cluster``, ``compute_s``, ``compute_measured``, ``sim_time_s``,
+        ``sim_time_per_step_s``."""
         return {"cluster": self.cluster_name, "compute_s": self.clock.compute_s, "compute_measured": self.measured,
-                "sim_time_s": self.clock.time, "sim_time_per_step_s": self.clock.time / steps}
+                "sim_time_s": self.clock.time, "sim_time_per_step_s": self.clock.time / max(self.clock.t, 1)}
+
+    def describe(self) -> str:
+        """One line for the end of the run."""
+        how = "measured here" if self.measured else "launch.compute_s"
+        return (f"simulated time on {self.cluster_name}: {self.clock.time:.6g} s, "
+                f"{self.clock.time / max(self.clock.t, 1):.6g} s per step "
+                f"(compute {self.clock.compute_s:.6g} s per inner step, {how})")

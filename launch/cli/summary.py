@@ -20,7 +20,8 @@ null) [``virtual_heldout_<metric>``], ``spectral_gap``, ``max_deviation`` and ``
 unless checked against the serial reference), ``time_s``, ``steps_per_s``, ``status`` (``ok`` or
 ``FAILED``: the run's results are not to be trusted), ``failure`` (why: ``deviation`` above
 tolerance, ``non_finite`` at the end of the run; null when ok) and ``failure_detail`` (the sentence;
-summary.json only).  A final checkpoint that could not be written leaves ``status=ok`` (the
+summary.json only); with ``launch.cluster``, ``cluster``, ``compute_s``, ``compute_measured``,
+``sim_time_s`` and ``sim_time_per_step_s`` (:mod:`launch.cli.simtime`; null without).  A final checkpoint that could not be written leaves ``status=ok`` (the
 results are good and written; the run exits 5 and says so on stderr).
 """
 
@@ -29,6 +30,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+#: The simulated-time keys (null without ``launch.cluster``: :mod:`launch.cli.simtime`).
+SIMULATED = ("cluster", "compute_s", "compute_measured", "sim_time_s", "sim_time_per_step_s")
 
 #: Printed precision of each figure in summary.txt (others: 6 significant digits).
 FORMATS = {"max_deviation": ".3e", "tolerance": "g", "time_s": ".2f", "steps_per_s": ".1f"}
@@ -41,12 +45,13 @@ def compact(text: str) -> str:
 
 def summary_record(job, *, processes: int, agent_rows: list[dict], virtual_row: dict | None, gap: float,
                    tolerance: float | None, worst: float | None, elapsed: float, first: int, status: str,
-                   failure: str | None = None, failure_detail: str | None = None) -> dict:
+                   failure: str | None = None, failure_detail: str | None = None, simulated: dict | None = None) -> dict:
     """The summary of a finished run of ``job`` (see the module docstring for the keys).
 
     ``agent_rows``: the final evaluation's rows of the agents (``heldout_<metric>`` keys, by
     agent); ``virtual_row``: theta's, or None; ``tolerance`` / ``worst``: None when unchecked;
-    ``first``: the iteration the run started at (a resumed run's checkpoint t, else 0)."""
+    ``first``: the iteration the run started at (a resumed run's checkpoint t, else 0);
+    ``simulated``: :meth:`launch.cli.simtime.SimulatedTime.summary`, or None (no cluster)."""
     metrics = [k.removeprefix("heldout_") for k in agent_rows[0] if k.startswith("heldout_")]
     return {
         "problem": job.problem_name,
@@ -68,6 +73,7 @@ def summary_record(job, *, processes: int, agent_rows: list[dict], virtual_row: 
         "status": status,
         "failure": failure,
         "failure_detail": failure_detail,
+        **{key: (simulated or {}).get(key) for key in SIMULATED},
     }
 
 

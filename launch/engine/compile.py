@@ -112,6 +112,20 @@ def rank_program(plan: Plan, placement: Placement, rank: int, *, state: tuple[in
     return RankProgram(plan, rank, local, blocks, p2p, ctx, reset)
 
 
+def resolve_overlap(overlap: bool | str, schedule: Schedule, plans: list[Plan], placement: Placement,
+                    nbytes: int) -> bool:
+    """``overlap`` (True, False or ``"auto"``) as a bool for a plain-mixing schedule on
+    ``placement``: ``"auto"`` is on when some block of ``plans`` qualifies
+    (:func:`launch.engine.overlap.hub_of`) and ``nbytes`` (one agent's synchronized buffer, the
+    scratch of a hub block) is at most :data:`~launch.engine.overlap.AUTO_MAX_BYTES`."""
+    if overlap != "auto":
+        return bool(overlap)
+    workers = set(schedule.workers)
+    qualifies = any(hub_of(b, plan, placement, workers, schedule.push_sum) is not None
+                    for plan in plans for b in plan.blocks)
+    return qualifies and nbytes <= AUTO_MAX_BYTES
+
+
 def compile_sync(schedule: Schedule, placement: Placement, rank: int, *, numel: int, state_numel: int,
                  policy: SyncPolicy, outer: SlowRule | None = None, overlap: bool | str = False,
                  check_rule=None, itemsize: int = 4) -> CompiledSync:
@@ -138,9 +152,7 @@ def compile_sync(schedule: Schedule, placement: Placement, rank: int, *, numel: 
     def hub(index: int, block) -> int | None:
         return hub_of(block, plans[index], placement, workers, schedule.push_sum)
 
-    if overlap == "auto":
-        qualifies = any(hub(i, b) is not None for i, plan in enumerate(plans) for b in plan.blocks)
-        overlap = qualifies and (numel + state_numel) * itemsize <= AUTO_MAX_BYTES
+    overlap = resolve_overlap(overlap, schedule, plans, placement, (numel + state_numel) * itemsize)
     programs, hub_scratch = [], Scratch()
     for index, plan in enumerate(plans):
         weight = policy.state_weight(index)

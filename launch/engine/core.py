@@ -83,8 +83,12 @@ class SyncEngine:
 
         # -- every distinct P_t compiled for this rank (local: the same choices on every rank) ---
         layout = probe_state_layout(model, optimizer) if self.state_policy == "pullback" else StateLayout.empty()
+        numel = sum(p.numel() for p in model.parameters())
+        #: Bytes of one agent's buffer that a sync moves: its parameters, and under ``pullback`` the
+        #: mixable inner state after them (what the communicator counts per collective).
+        self.sync_nbytes = (numel + layout.numel) * next(model.parameters()).element_size()
         compiled = compile_sync(
-            schedule, self.placement, self.rank, numel=sum(p.numel() for p in model.parameters()),
+            schedule, self.placement, self.rank, numel=numel,
             state_numel=layout.numel, policy=self.sync_policy, outer=outer, overlap=overlap,
             check_rule=lambda rule: rule.check(model, optimizer),
             itemsize=next(model.parameters()).element_size())
