@@ -11,7 +11,7 @@ import pytest
 
 from launch.cli import app
 from launch.cli.build import build_job
-from launch.cli.metrics import read_metrics
+from launch.cli.metrics import MetricsWriter, read_metrics
 from launch.cli.simtime import MEASURED_STEPS
 from tests.spawn import ROOT, run_torchrun
 from tests.test_app import config
@@ -132,3 +132,19 @@ def test_bad_cluster_options_are_one_line_and_status_2(tmp_path, capsys, overrid
     err = capsys.readouterr().err
     for word in words:
         assert word in err, (word, err)
+
+
+def test_resumed_history_keeps_rows_written_before_the_column_and_drops_a_cut_line(tmp_path):
+    # A metrics.csv of a run before the sim_time column (6 fields a row), its last line cut short by
+    # a crash (no newline; 6 fields too, so only the missing newline tells it apart).
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,agent,loss,grad_norm,consensus_distance,wall_time\r\n"
+                    "5,0,0.5,0.25,0.0,1.000000\r\n5,1,,,0.0,1.000000\r\n"
+                    "10,0,0.4,0.2,0.0,2.000000\r\n10,1,,,0.0,2.0")
+    writer = MetricsWriter(path, workers=[0], resume_at=10)
+    writer.write(15, [{"agent": 0, "loss": 0.3, "grad_norm": 0.1, "consensus_distance": 0.0}], wall=0.5, sim_time=7.0)
+    writer.close()
+    rows = read_metrics(path)
+    assert [(r["step"], r["agent"]) for r in rows] == [(5, 0), (5, 1), (10, 0), (15, 0)]
+    assert all(math.isnan(r["sim_time"]) for r in rows[:3]) and rows[3]["sim_time"] == 7.0
+    assert rows[2]["loss"] == 0.4 and rows[3]["wall_time"] == 2.5   # the wall clock continues from 2.0
