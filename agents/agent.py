@@ -189,7 +189,7 @@ class Agent:
         """Apply the state policy's post-sync action (``reset`` zeroes a worker's state).
 
         ``reset`` overrides the agent's policy for this sync (per-level policies decide it per
-        sync: :class:`launch.engine.state_weights.SyncPolicy`).
+        sync: :class:`launch.engine.sync.state_weights.SyncPolicy`).
         """
         if (self.state_policy == "reset" if reset is None else reset) and self.is_worker:
             reset_state_(self.optimizer.state.values())

@@ -14,7 +14,7 @@ the slow weights)::
 * outer SGD with ``nesterov=True``: DiLoCo's outer step (Douillard et al. 2023).
 
 Which is which is only the outer optimizer's hyperparameters: :class:`OuterOptimizer` wraps the
-factory, and the simulator (``launch.engine.outer_program``) and the serial reference
+factory, and the simulator (``launch.engine.sync.slow_rule``) and the serial reference
 (:class:`OuterLookahead`) run the same ``outer.step()`` on the same numbers.
 
 Arithmetic: torch's SGD without momentum computes ``s + (-lr) * (s - x)``; ``-(s - x)`` is

@@ -4,7 +4,7 @@ Plain Lookahead's slow update is linear, ``s' = sum_i a_i x_i``, and P_t alone d
 *slow rule* makes the slow agent's new value a non-linear function of the workers' average
 ``mixed`` and of state the rule keeps: an outer optimizer (:class:`agents.outer.OuterOptimizer`:
 outer SGD = Lookahead, SlowMo, DiLoCo) or the adaptive step size alpha*
-(:class:`agents.adaptive.AdaptiveAlpha`).  The engine (``launch.engine.outer_program``) runs any
+(:class:`agents.adaptive.AdaptiveAlpha`).  The engine (``launch.engine.sync.slow_rule``) runs any
 rule through this interface alone, and checkpoints save and load it the same way:
 
 1. :meth:`SlowRule.check` once at construction (local and deterministic: the same error on every

@@ -141,7 +141,7 @@ def deviation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     from launch import make_communicator
-    from launch.engine.environment import detect_launch
+    from launch.engine.own_loop.environment import detect_launch
 
     torch.set_num_threads(1)
     comm = make_communicator(detect_launch())

@@ -3,7 +3,7 @@
 - :class:`Simulation` / :func:`simulate`: every agent of a schedule on the ranks a communicator
   spans (:mod:`launch.engine`);
 - :class:`AgentOptimizer`: the same engine driven by your own training loop, as a
-  ``torch.optim.Optimizer`` around your inner optimizer (:mod:`launch.engine.agent_optimizer`);
+  ``torch.optim.Optimizer`` around your inner optimizer (:mod:`launch.engine.own_loop.agent_optimizer`);
 - :func:`make_communicator`, :class:`Communicator`, :class:`LocalCommunicator`: where the agents
   run (:mod:`launch.comm`);
 - ``python -m launch``: the hydra app (:mod:`launch.cli`); ``python -m launch.equivalence``:
@@ -16,7 +16,7 @@ imported by"); ``launch`` itself imports only ``comm`` and ``engine``.
 
 from launch.comm import LAUNCHES, Communicator, LocalCommunicator, make_communicator
 from launch.engine import Checkpointer, Placement, Simulation, SimulationResult, simulate
-from launch.engine.agent_optimizer import AgentOptimizer
+from launch.engine.own_loop.agent_optimizer import AgentOptimizer
 
 __all__ = [
     "AgentOptimizer",

@@ -5,7 +5,7 @@ Usage: python tests/attribution_worker.py '{"out": OUT_DIR}' (under torch.distri
 environment, 2 ranks).  Runs command-line jobs in this process (checkpoints and a resume, metrics at every step,
 overlapped syncs, gossip) and the engine's diagnostics, on a TorchCommunicator whose every blocking
 operation (and every wait of an asynchronous one, except those of ``close``) records whether it
-runs inside :func:`launch.engine.health.collective` (``comm.context`` set).  Writes the operations that ran
+runs inside :func:`launch.engine.guard.health.collective` (``comm.context`` set).  Writes the operations that ran
 outside it, with where they were called from, to ``OUT_DIR/violations-rank{R}.json``, with the
 status of a resume of the first job's checkpoint with another learning rate (refused: 2).
 """

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import topology  # noqa: E402
-from launch.engine.health import NonFiniteError  # noqa: E402
+from launch.engine.guard.health import NonFiniteError  # noqa: E402
 from launch.engine.simulation import Simulation  # noqa: E402
 from tests import problems  # noqa: E402
 from tests.dist_worker import make_comm  # noqa: E402

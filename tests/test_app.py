@@ -197,7 +197,7 @@ def test_equivalence_command_under_torchrun_fails_on_a_planted_deviation(tmp_pat
     """Three ranks: serial, co-located and torch runs side by side; agent 1 of the torch run is
     perturbed after step 4, so only the comparisons with the torch run fail, on every rank."""
     # The plant writes a slow agent between two syncs: overlapped syncs would not see it (their
-    # timing contract, launch.engine.overlap), so this run is not overlapped.
+    # timing contract, launch.engine.sync.overlap), so this run is not overlapped.
     code, output = run_torchrun(3, ["-m", "launch.equivalence", *LA2, "launch.steps=12", "launch=torch", "launch.dtype=float64",
                                     "launch.overlap=false", "plant={run: torch, agent: 1, step: 4, size: 1e-10}",
                                     f"hydra.run.dir={tmp_path}"], cwd=ROOT)

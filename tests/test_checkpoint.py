@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import topology
-from launch.engine import checkpoint as ckpt_module
-from launch.engine.checkpoint import Checkpointer, run_with_checkpoints
+from launch.engine.store import checkpoint as ckpt_module
+from launch.engine.store.checkpoint import Checkpointer, run_with_checkpoints
 from launch.engine.simulation import Simulation, simulate
 from tests import problems
 

@@ -106,7 +106,7 @@ def test_equivalence_command_reports_hydra_errors_the_same_way(tmp_path, monkeyp
 
 def test_a_lost_rank_is_one_line_and_status_4(tmp_path, monkeypatch, capsys):
     """A RankFailureError (raised by the engine when a peer dies) ends the run with status 4."""
-    from launch.engine.health import RankFailureError
+    from launch.engine.guard.health import RankFailureError
 
     def lost(schedule):
         raise RankFailureError("rank 0: the sync of iteration t=3 failed; rank 1 seems lost")

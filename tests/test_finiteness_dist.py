@@ -1,6 +1,6 @@
-"""The finiteness check carried by the syncs' own collectives (launch.engine.finiteness.MarkerCheck)
+"""The finiteness check carried by the syncs' own collectives (launch.engine.guard.finiteness.MarkerCheck)
 on gloo and MPI ranks: a NaN or Inf planted in any agent on any rank, or a non-finite loss, makes
-every rank raise the same NonFiniteError at the sync the windows say (launch.engine.flooding),
+every rank raise the same NonFiniteError at the sync the windows say (launch.engine.guard.windows),
 plain, overlapped and gossip; a finite run costs no collective more than the check off
 (counted through the communicator) and gives the same bits."""
 
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import topology
-from launch.engine.compile import compile_sync
-from launch.engine.finiteness import BeforeSyncCheck
-from launch.engine.flooding import Windows
+from launch.engine.sync.compile import compile_sync
+from launch.engine.guard.finiteness import BeforeSyncCheck
+from launch.engine.guard.windows import Windows
 from launch.engine.placement import Placement
 from launch.engine.simulation import Simulation
-from launch.engine.state_weights import SyncPolicy
+from launch.engine.sync.state_weights import SyncPolicy
 from tests import problems
 from tests.spawn import ROOT, run_mpiexec, run_torch
 from topology import decentralized
@@ -187,7 +187,7 @@ def test_the_check_a_simulation_gets():
 def test_flooding_model_by_hand():
     """The flow of one sync: an all-reduce block shares everything among its ranks; messages go
     one way; an overlapped block's reduce carries only what was known before the sync."""
-    from launch.engine.flooding import sync_flow
+    from launch.engine.guard.windows import sync_flow
 
     placement = Placement.make(3, 3)
     level1 = compile_plan(topology.multilayer((3, 2), (0.5, 0.6)).matrix(2))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import topology
 from agents.state_policy import validate_policy
-from launch.engine.checkpoint import Checkpointer
+from launch.engine.store.checkpoint import Checkpointer
 from launch.engine.placement import Placement
 from launch.engine.simulation import Simulation
 from tests import problems

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import topology
-from launch.engine.checkpoint import Checkpointer, run_with_checkpoints
-from launch.engine.health import NonFiniteError
+from launch.engine.store.checkpoint import Checkpointer, run_with_checkpoints
+from launch.engine.guard.health import NonFiniteError
 from launch.engine.simulation import Simulation
 from tests import problems
 
@@ -93,7 +93,7 @@ def test_check_can_be_turned_off():
 
 def test_pending_losses_are_folded_without_losing_a_nan(monkeypatch):
     """Between two rare syncs the losses are folded into max |loss|, which keeps a NaN."""
-    from launch.engine import finiteness
+    from launch.engine.guard import finiteness
 
     monkeypatch.setattr(finiteness, "FOLD_LOSSES", 4)
     counter = itertools.count()

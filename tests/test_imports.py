@@ -27,8 +27,19 @@ LAYERS = {
     "topology": 0,
     "agents": 1,
     "launch.comm": 2,
-    "launch.engine": 3,
-    "launch": 3,              # the package itself: the Python API (comm and engine only)
+    # Inside the engine, one direction too: placement <- guard <- sync <- core <- readout, store
+    # <- the two doors (Simulation, the own loop) <- the package's face.
+    "launch.engine.placement": 3.0,
+    "launch.engine.guard": 3.1,       # errors, the lost-rank handler, the finiteness check
+    "launch.engine.sync": 3.2,        # compiling and running a sync
+    "launch.engine.core": 3.3,        # the per-rank engine
+    "launch.engine.readout": 3.4,     # X c, every agent's and level's weights, distances
+    "launch.engine.diagnostics": 3.4,
+    "launch.engine.store": 3.4,       # checkpoints
+    "launch.engine.simulation": 3.5,  # the built-in loop's door
+    "launch.engine.own_loop": 3.5,    # the user's loop's door
+    "launch.engine": 3.6,
+    "launch": 3.6,            # the package itself: the Python API (comm and engine only)
     "experiments": 4,         # problems and experiments: they use the engine
     "launch.cli": 5,          # the command line: the only place that knows configuration names
     "launch.bench": 5,

@@ -9,8 +9,8 @@ import torch
 
 import topology
 from topology import decentralized
-from launch.engine.checkpoint import Checkpointer
-from launch.engine.overlap import hub_of
+from launch.engine.store.checkpoint import Checkpointer
+from launch.engine.sync.overlap import hub_of
 from launch.engine.placement import Placement
 from launch.engine.simulation import Simulation
 from topology.plan import compile_plan
@@ -195,8 +195,8 @@ def test_overlap_auto_is_on_where_it_applies_and_the_scratch_is_small(monkeypatc
     slow rule, not co-located, not for gossip or local SGD, not when one flat copy exceeds
     AUTO_MAX_BYTES; the same answer on every rank."""
     from agents.outer import OuterOptimizer
-    from launch.engine import compile as compiler
-    from launch.engine.state_weights import SyncPolicy
+    from launch.engine.sync import compile as compiler
+    from launch.engine.sync.state_weights import SyncPolicy
 
     def compiled(schedule, world, rank=0, numel=1000, **options):
         placement = Placement.make(schedule.num_agents, world)

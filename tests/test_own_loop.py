@@ -282,7 +282,7 @@ def test_groups_are_created_once_by_every_rank():
 def test_finiteness_check_stops_at_the_next_sync():
     """NaN in the user's model: the finiteness check raises NonFiniteError at the next sync
     (not before: identity steps check nothing), naming the worker and the iteration."""
-    from launch.engine.health import NonFiniteError
+    from launch.engine.guard.health import NonFiniteError
 
     net = problems.make_model(0)
     opt = AgentOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), topology.lookahead(3, 0.5), model=net)

@@ -14,8 +14,8 @@ import torch
 
 import topology
 from launch import Simulation
-from launch.engine.flooding import Windows
-from launch.engine.health import NonFiniteError
+from launch.engine.guard.windows import Windows
+from launch.engine.guard.health import NonFiniteError
 from launch.engine.placement import Placement
 from tests import own_loop_cases as cases
 from tests import problems
@@ -56,7 +56,7 @@ def every_step_deviation(record: dict, colocated_rows: torch.Tensor) -> float:
 def finiteness_collectives(schedule, world_size: int, agents_per_rank: int) -> int:
     """Tiny collectives the finiteness check adds per non-identity sync in the finite case: none
     when the syncs' own collectives carry its markers to every rank (the schedule has windows on
-    this placement: ``launch.engine.flooding``), else its flags all-reduce before every sync."""
+    this placement: ``launch.engine.guard.windows``), else its flags all-reduce before every sync."""
     plans = [topology.compile_plan(m) for m in schedule.distinct_matrices]
     placement = Placement.make(schedule.num_agents, world_size, agents_per_rank)
     return 1 if Windows.build(schedule, plans, placement, None) is None else 0

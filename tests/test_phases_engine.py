@@ -5,7 +5,7 @@ resumes bit for bit, and the plans are compiled once per distinct matrix of the 
 import torch
 
 import topology
-from launch.engine.checkpoint import Checkpointer
+from launch.engine.store.checkpoint import Checkpointer
 from launch.engine.simulation import Simulation
 from tests import problems
 from topology import decentralized as dec

@@ -18,8 +18,8 @@ import torch
 
 from launch.cli import app
 from launch.cli.metrics import read_metrics
-from launch.engine import checkpoint as ckpt_module
-from launch.engine.checkpoint import Checkpointer
+from launch.engine.store import checkpoint as ckpt_module
+from launch.engine.store.checkpoint import Checkpointer
 from tests.spawn import ROOT, _env
 from tests.test_app import config, flat
 

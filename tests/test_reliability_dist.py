@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from launch.engine.checkpoint import Checkpointer
+from launch.engine.store.checkpoint import Checkpointer
 from tests.spawn import ROOT, _env, run_mpiexec, run_torch, run_torchrun
 import topology
 from launch.engine.simulation import Simulation

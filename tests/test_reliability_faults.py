@@ -116,7 +116,7 @@ def test_mpiexec_names_a_stopped_rank_within_the_timeout(tmp_path):
 def test_every_collective_goes_through_the_lost_rank_handler(tmp_path):
     """2 gloo ranks run command-line jobs (checkpoints every 3 iterations and a resume, metrics at
     every step, overlapped syncs, gossip) and the engine's diagnostics on a communicator that
-    records every operation run outside launch.engine.health.collective: there is none.  A resume
+    records every operation run outside launch.engine.guard.health.collective: there is none.  A resume
     of the first job's checkpoint with another learning rate is refused on both ranks alike:
     status 2 and the same one-line error naming the key."""
     results = run_torch(2, {"out": str(tmp_path)}, timeout=300, worker=ROOT / "tests" / "attribution_worker.py")

@@ -28,7 +28,7 @@ two nodes or more, intra-node when some node holds two or more of its GPUs.
       T_allreduce = 2 (g - 1) (alpha + n / (g beta)),
 
   i.e. 2 (g - 1) / g of the bytes over the slowest link;
-* reduce and broadcast (overlapped hub blocks, :mod:`launch.engine.overlap`): NCCL's pipelined ring
+* reduce and broadcast (overlapped hub blocks, :mod:`launch.engine.sync.overlap`): NCCL's pipelined ring
   (chain) algorithm with infinitely fine chunks: the pipeline fills in g - 1 hops (each charged
   the slowest link's latency), then the n bytes stream at the slowest link's bandwidth,
 
@@ -270,7 +270,7 @@ def exchange_time(cluster: Cluster, messages: Sequence[tuple[int, int]], nbytes:
 
 # -- plans -------------------------------------------------------------------------------------
 #: ``hub_of(block, plan) -> GPU | None``: the hub GPU of a block run overlapped, None for a plain
-#: all-reduce (e.g. ``launch.engine.overlap.hub_of`` with the placement, workers and push-sum bound).
+#: all-reduce (e.g. ``launch.engine.sync.overlap.hub_of`` with the placement, workers and push-sum bound).
 HubOf = Callable[[Block, Plan], "int | None"]
 
 
@@ -403,7 +403,7 @@ def plan_counts(
     hub_of: HubOf | None = None,
 ) -> dict[int, RankCounts]:
     """Per rank (= GPU holding an agent; default: agent i on rank i), what the communicator counts
-    for one application of ``plan`` (``launch.engine.program.RankProgram``):
+    for one application of ``plan`` (``launch.engine.sync.program.RankProgram``):
 
     * a block spanning g > 1 ranks: one all-reduce of ``nbytes`` on each of its ranks; a hub block
       instead one reduce and one broadcast of ``nbytes`` on each (the hub's included);

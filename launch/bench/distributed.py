@@ -10,7 +10,7 @@ a block over every rank: ``x.mul_(a_i); all_reduce(x)``) is timed against a raw
 ``dist.all_reduce`` of the same flat buffer on the same (world) group.  The sync is timed with the
 defaults (the finiteness check on: each contribution checked in its weighting pass, its marker
 set, the result's marker read, and this sync is its window's decision sync:
-:mod:`launch.engine.finiteness`) and, in the same rounds, as the plan compiles it
+:mod:`launch.engine.guard.finiteness`) and, in the same rounds, as the plan compiles it
 (``check_finite`` off: the plan's collectives and nothing else); ``overlap=False`` in both (B2 is
 the all-reduce sync; B3 has overlap).  The buffers are zeroed first, so that the raw sums,
 repeated, stay finite (a sum's speed does not depend on its values).  The weighting

@@ -18,7 +18,7 @@ the optimizer holds one copy of the parameters' size) for ``steps`` iterations:
 ``distributed LA-1``
     rank 0 (the fast worker) and rank 1 (the slow agent) of LA-1 under torch.distributed (gloo).
 ``distributed LA-1 fast rank, overlap``
-    the same with ``overlap=True`` (:mod:`launch.engine.overlap`): the fast rank holds one more flat
+    the same with ``overlap=True`` (:mod:`launch.engine.sync.overlap`): the fast rank holds one more flat
     copy, the scratch that receives the slow agent's part (target <= 2.1).
 
 The excess is reported in *flat copies*: (peak - baseline peak) / (d x itemsize), over ``bare``

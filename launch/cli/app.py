@@ -63,8 +63,8 @@ from launch.cli.simtime import SimulatedTime, simulated_placement
 from launch.cli.summary import summary_record, write_summary
 from launch.cli.tensorboard import TensorBoardLog
 from launch.comm import make_communicator
-from launch.engine.checkpoint import CheckpointError
-from launch.engine.health import NonFiniteError, RankFailureError
+from launch.engine.store.checkpoint import CheckpointError
+from launch.engine.guard.health import NonFiniteError, RankFailureError
 from launch.engine.simulation import check_resume_step
 from topology.diagnostics import spectral_gap
 

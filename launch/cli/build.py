@@ -19,7 +19,7 @@
   ``checkpoint_every``, ``checkpoint_dir``, ``resume``, ``resume_allow``, ``overlap`` (true | false |
   auto), ``cluster``, ``compute_s`` (simulated time on a preset cluster, :mod:`launch.cli.simtime`)
   (the simulator's launches); ``agents_per_rank``, ``timeout_s`` (torch, mpi: every collective
-  completes or fails within it, naming the rank that seems lost: :mod:`launch.engine.health`).  A
+  completes or fails within it, naming the rank that seems lost: :mod:`launch.engine.guard.health`).  A
   key a launch does not take is an error.  The yaml files hold the defaults of each launch:
   ``launch=torch`` is set up for training (``device=auto``: one GPU per local rank when CUDA is
   there, else CPU; float32; torch's own threads), ``launch=colocated`` for equivalence checks

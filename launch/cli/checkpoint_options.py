@@ -1,5 +1,5 @@
 """Checkpoints on the command line: ``launch.checkpoint_every``, ``launch.checkpoint_dir``,
-``launch.resume``, ``launch.resume_allow`` (see :mod:`launch.engine.checkpoint` for what a
+``launch.resume``, ``launch.resume_allow`` (see :mod:`launch.engine.store.checkpoint` for what a
 checkpoint holds).
 
 - ``checkpoint_every: N`` writes a checkpoint every N iterations and at the end, under
@@ -12,7 +12,7 @@ checkpoint holds).
   layout).  The resume first proves it continues the same run: the checkpoint's resolved
   configuration (:func:`launch.cli.resume.config_record`) must equal the new command's, except the
   keys listed in ``resume_allow`` (:mod:`launch.cli.resume`), whose new values then apply;
-- every checkpoint's files are checksummed (:mod:`launch.engine.manifest`): a corrupted, swapped
+- every checkpoint's files are checksummed (:mod:`launch.engine.store.manifest`): a corrupted, swapped
   or edited checkpoint is refused, naming the file.
 
 Only simulator runs (colocated, torch, mpi) checkpoint; the co-located reference check is skipped
@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from launch.cli.resume import config_record, engine_keys, resume_allow
-from launch.engine.checkpoint import Checkpointer
+from launch.engine.store.checkpoint import Checkpointer
 
 
 def checkpointer_for(cfg: DictConfig, job, out_dir: Path) -> tuple[Checkpointer | None, bool]:

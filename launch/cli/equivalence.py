@@ -37,7 +37,7 @@ from launch.cli.deviation import DeviationTracker, format_table, tolerance_for
 from launch.cli.errors import linger, run_hydra_app
 from launch.cli.registry import serial_reference_missing
 from launch.cli.runs import plant_deviation_, role
-from launch.engine.health import gather_objects
+from launch.engine.guard.health import gather_objects
 
 _STATUS = [0]
 

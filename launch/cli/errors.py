@@ -7,9 +7,9 @@ Exit statuses of ``python -m launch`` (and ``python -m launch.equivalence``):
 - :data:`EXIT_CONFIG` 2: an invalid configuration or missing data (a mistyped key, a bad value,
   a missing file): one line ``error [rank R]: ...`` naming the key as typed, on every rank;
 - :data:`EXIT_NONFINITE` 3: the run stopped on NaN or Inf
-  (:class:`launch.engine.health.NonFiniteError`): one line per rank, no traceback; the
+  (:class:`launch.engine.guard.health.NonFiniteError`): one line per rank, no traceback; the
   ``metrics.csv`` / ``eval.csv`` rows written before it stay;
-- :data:`EXIT_RANK_FAILURE` 4: a rank was lost (:class:`launch.engine.health.RankFailureError`):
+- :data:`EXIT_RANK_FAILURE` 4: a rank was lost (:class:`launch.engine.guard.health.RankFailureError`):
   one line per surviving rank.
 
 The engine names its arguments as the Python API spells them (``overlap=True``, ``outer=...``);

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from agents.flat import load_flat_
-from launch.engine.health import collective, gather_objects
+from launch.engine.guard.health import collective, gather_objects
 
 VIRTUAL = "virtual"
 

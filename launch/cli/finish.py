@@ -3,10 +3,10 @@
 After the last iteration every rank calls :func:`finish_run`, which does, in this order:
 
 1. the end-of-run finiteness check, collective like a sync's (``sim.finiteness.check``,
-   :mod:`launch.engine.finiteness`; a serial run checks its columns): a run that diverged after
+   :mod:`launch.engine.guard.finiteness`; a serial run checks its columns): a run that diverged after
    its last sync is caught here;
 2. the final checkpoint (when the run checkpoints and iterated), unless the check failed (the last
-   good checkpoint is then kept); a :class:`launch.engine.checkpoint.CheckpointError` (a full
+   good checkpoint is then kept); a :class:`launch.engine.store.checkpoint.CheckpointError` (a full
    disk, a read-only folder) is kept in the :class:`Ending`, not raised, so that the caller still
    gathers and writes ``agents.pt``, ``summary.txt`` and ``metrics.csv``.
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from launch.cli.errors import EXIT_CHECKPOINT, EXIT_DEVIATION, EXIT_NONFINITE, EXIT_OK, report_error
-from launch.engine.checkpoint import CheckpointError
-from launch.engine.health import END_OF_RUN, NonFiniteError
+from launch.engine.store.checkpoint import CheckpointError
+from launch.engine.guard.health import END_OF_RUN, NonFiniteError
 
 
 @dataclass

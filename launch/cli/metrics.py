@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from launch.engine.health import collective
+from launch.engine.guard.health import collective
 from topology.plan import compile_plan
 
 COLUMNS = ("step", "agent", "loss", "grad_norm", "consensus_distance", "wall_time", "sim_time")

@@ -1,9 +1,9 @@
 """A resume on the command line proves it continues the same run.
 
 Every checkpoint of a command-line run holds :func:`config_record`, the resolved configuration
-that defines the trajectory, beside the engine's own record (:mod:`launch.engine.run_record`);
+that defines the trajectory, beside the engine's own record (:mod:`launch.engine.store.run_record`);
 ``launch.resume=true`` compares both with the new command's (:meth:`Checkpointer.load
-<launch.engine.checkpoint.Checkpointer.load>`) and stops, on every rank with exit status 2, at the
+<launch.engine.store.checkpoint.Checkpointer.load>`) and stops, on every rank with exit status 2, at the
 first difference, naming each differing key with both values.
 
 Recorded (defaults filled in, so that ``agents=sgd`` and ``agents.optimizer.momentum=0`` compare
@@ -41,7 +41,7 @@ from torch import nn
 
 from agents.level_policy import resolve_policy
 from launch.cli.registry import SCHEDULES, optimizers, problems
-from launch.engine.run_record import allowed, flatten, normalize
+from launch.engine.store.run_record import allowed, flatten, normalize
 from topology.schedule import MultilayerSchedule
 
 #: Keys a resume may always change (not recorded); listing them in launch.resume_allow is a no-op.

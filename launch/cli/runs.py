@@ -25,7 +25,7 @@ from agents.slrla import SLRLAController, proximal, stage_lookahead
 from launch.cli.registry import has_serial_reference, serial_optimizer, serial_reference_missing
 from launch.comm import Communicator, LocalCommunicator
 from launch.engine.diagnostics import local_models
-from launch.engine.health import gather_objects
+from launch.engine.guard.health import gather_objects
 from launch.engine.simulation import Simulation
 from topology.schedule import Schedule
 

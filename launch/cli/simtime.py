@@ -12,7 +12,7 @@ what the communicator counts per collective).  The simulated layout (:func:`simu
 is the run's own when it spans several processes (rank r on GPU r, its agents with it), and one
 agent per GPU (agent i on GPU i) for a co-located run, the layout it stands for.  Blocks run
 overlapped where the run's ``launch.overlap`` would overlap them on that layout
-(:func:`launch.engine.compile.resolve_overlap`), and are costed as overlapped.  A slow rule
+(:func:`launch.engine.sync.compile.resolve_overlap`), and are costed as overlapped.  A slow rule
 (``agents.outer``) syncs differently from its plan and is refused.
 
 ``metrics.csv``'s ``sim_time`` column is the simulated time after the logged iteration, and the
@@ -36,8 +36,8 @@ import time
 
 import torch
 
-from launch.engine.compile import resolve_overlap
-from launch.engine.overlap import hub_of
+from launch.engine.sync.compile import resolve_overlap
+from launch.engine.sync.overlap import hub_of
 from launch.engine.placement import Placement
 from topology.checks import check_choice, check_real
 from topology.network import PRESETS, SimClock, preset

@@ -14,7 +14,7 @@ Every collective of a distributed communicator is bounded: it completes, or rais
 ``timeout_s`` seconds (torch.distributed: the process groups' timeout; MPI, which has none: every
 operation is non-blocking and polled against a deadline, :mod:`launch.comm.mpi`), with the
 backend's error or :class:`CollectiveTimeout`.  The engine runs every collective inside
-:func:`launch.engine.health.collective`, which sets :attr:`Communicator.context` (the iteration
+:func:`launch.engine.guard.health.collective`, which sets :attr:`Communicator.context` (the iteration
 and the operation) for the duration and turns such a failure into a ``RankFailureError`` naming
 the rank that seems lost (:meth:`Communicator.responsive_ranks`).
 """
@@ -88,7 +88,7 @@ class Communicator:
     backend: str = "local"
     #: Seconds after which a collective gives up (None: this communicator never waits on a peer).
     timeout_s: float | None = None
-    #: ``(t, what)`` of the collective in progress, set by :func:`launch.engine.health.collective`
+    #: ``(t, what)`` of the collective in progress, set by :func:`launch.engine.guard.health.collective`
     #: for its duration (None outside): the iteration and the operation a failure is reported with.
     context: tuple[int, str] | None = None
 
@@ -155,7 +155,7 @@ class Communicator:
         """
         raise NotImplementedError
 
-    # -- overlapped syncs (launch.engine.overlap) -----------------------------------------------
+    # -- overlapped syncs (launch.engine.sync.overlap) -----------------------------------------------
     def reduce_async_(self, tensor: torch.Tensor, dst: int, ranks: tuple[int, ...], *,
                       flags: bool = False) -> Pending:
         """Start summing ``tensor`` over the group ``ranks`` into rank ``dst``'s ``tensor`` (the

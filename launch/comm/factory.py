@@ -14,7 +14,7 @@ def make_communicator(launch: str = "colocated", *, device: str | None = None, t
     (one agent per rank under torchrun; NCCL on CUDA, gloo on CPU) or ``mpi`` (under mpiexec).
 
     ``timeout_s``: every collective of a torch or mpi communicator completes or fails within this
-    many seconds (a peer stuck or dead); :func:`launch.engine.health.collective` then names it.
+    many seconds (a peer stuck or dead); :func:`launch.engine.guard.health.collective` then names it.
     The torch.distributed and MPI communicators are imported only when asked for (mpi4py is an
     optional dependency).
 

@@ -12,7 +12,7 @@ ranks derive P_t from the same counter t; no matrix is ever sent.
 
 Start-up, identical on every rank and in this order: validate the arguments and the placement
 (local, no communication); compile every distinct P_t for this rank
-(:func:`launch.engine.compile.compile_sync`: the one place where a sync's strategy is chosen,
+(:func:`launch.engine.sync.compile.compile_sync`: the one place where a sync's strategy is chosen,
 local too, so a bad combination raises the same error everywhere before any collective);
 exchange the parameter signatures (one all-gather) and raise the same error everywhere if they
 differ; create and warm the process groups every program needs; build this rank's agents;
@@ -20,8 +20,8 @@ broadcast agent 0's initial parameters so every column of X starts equal (theta_
 
 The sync of iteration t (:meth:`SyncEngine.sync`) is the same few calls whatever the options:
 ``overlap.before_sync`` (overlapped syncs: wait and prefetch; else nothing), the finiteness
-check's ``before_sync`` (:mod:`launch.engine.finiteness`), the program of P_t under the lost-rank
-handler (:func:`launch.engine.health.collective`; its steps call the check's hooks), the check's
+check's ``before_sync`` (:mod:`launch.engine.guard.finiteness`), the program of P_t under the lost-rank
+handler (:func:`launch.engine.guard.health.collective`; its steps call the check's hooks), the check's
 ``after_sync`` (at a decision sync, every rank raises or none does), ``overlap.after_sync``, and
 the state policy's ``after_sync`` on the agents the program touched.
 """
@@ -37,12 +37,12 @@ from agents.agent import Agent, OptimizerFactory, StateLayout, probe_state_layou
 from agents.flat import check_uniform_parameters, module_signature
 from launch.comm.base import Communicator
 from launch.comm.local import LocalCommunicator
-from launch.engine.compile import compile_sync
-from launch.engine.finiteness import make_finiteness_check
-from launch.engine.health import collective, gather_objects
-from launch.engine.overlap import NoOverlap, Overlap
+from launch.engine.sync.compile import compile_sync
+from launch.engine.guard.finiteness import make_finiteness_check
+from launch.engine.guard.health import collective, gather_objects
+from launch.engine.sync.overlap import NoOverlap, Overlap
 from launch.engine.placement import Placement
-from launch.engine.state_weights import SyncPolicy
+from launch.engine.sync.state_weights import SyncPolicy
 from topology.schedule import Schedule
 
 #: ``make_agent(index, layout, policy) -> Agent``: the driver's agents (see :class:`SyncEngine`).
@@ -164,7 +164,7 @@ class SyncEngine:
         between steps."""
         self.overlap.wait()
 
-    # -- checkpoints (see launch.engine.checkpoint for files, RNG states and layouts) ------------
+    # -- checkpoints (see launch.engine.store.checkpoint for files, RNG states and layouts) ------------
     def state_dict(self) -> dict:
         """This rank's part of the state: ``{"t": t, "agents": {i: Agent.state_dict()}}``."""
         return {"t": self.t, "agents": {i: a.state_dict() for i, a in self.agents.items()}}
@@ -184,7 +184,7 @@ class SyncEngine:
 
     def replicated_state(self) -> dict | None:
         """The state every rank holds a bitwise-equal replica of (a slow rule's anchor and its
-        own state, :meth:`launch.engine.outer_program.SlowRuleSync.state_dict`), or None."""
+        own state, :meth:`launch.engine.sync.slow_rule.SlowRuleSync.state_dict`), or None."""
         return None if self.slow_sync is None else self.slow_sync.state_dict()
 
     def load_replicated_state(self, state: dict) -> None:

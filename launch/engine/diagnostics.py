@@ -3,7 +3,7 @@ the schedule's spectral gap.
 
 Every function here that reads other ranks' agents is a collective (it goes through
 ``comm.all_gather_object``, which is not counted in ``comm.stats``, under the lost-rank handler
-:func:`launch.engine.health.gather_objects`): call it on every rank, at the same step.  Values are identical on every rank.
+:func:`launch.engine.guard.health.gather_objects`): call it on every rank, at the same step.  Values are identical on every rank.
 
 * :func:`consensus_distance` -- sqrt( (1/|S|) sum_{i in S} ||z_i - zbar||^2 ), zbar = (1/|S|) sum_{i
   in S} z_i, over a set S of agents (default: the schedule's workers), with z_i the agent's model
@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from launch.engine.health import gather_objects
+from launch.engine.guard.health import gather_objects
 from topology.diagnostics import spectral_gap
 
 

@@ -43,10 +43,10 @@ from torch import nn
 from agents.agent import Agent, LossFn, OptimizerFactory, StateLayout
 from agents.flat import check_dtype_device
 from launch.comm.base import Communicator
-from launch.engine.adoption import ddp_problem
-from launch.engine.checkpoint import run_with_checkpoints
+from launch.engine.own_loop.adoption import ddp_problem
+from launch.engine.store.checkpoint import run_with_checkpoints
 from launch.engine.core import SyncEngine
-from launch.engine.health import gather_objects
+from launch.engine.guard.health import gather_objects
 from topology.schedule import Schedule
 
 Data = Iterable | Callable[[int], Iterable]
@@ -74,16 +74,16 @@ class Simulation(SyncEngine):
         outer: a state-dependent slow update, an :class:`agents.slow_rule.SlowRule`
             (:class:`agents.outer.OuterOptimizer`: outer SGD, SlowMo, DiLoCo;
             :class:`agents.adaptive.AdaptiveAlpha`), run by
-            :mod:`launch.engine.outer_program` in place of the plain mixing; default None.
+            :mod:`launch.engine.sync.slow_rule` in place of the plain mixing; default None.
         check_finite: at every non-identity sync, check that every buffer the sync reads and
-            every loss are finite, else raise :class:`launch.engine.health.NonFiniteError` on
+            every loss are finite, else raise :class:`launch.engine.guard.health.NonFiniteError` on
             every rank: before the sync on one rank; on several, carried by the sync's own
-            collectives, at the last sync of its window (:mod:`launch.engine.finiteness`).
+            collectives, at the last sync of its window (:mod:`launch.engine.guard.finiteness`).
         overlap: run the blocks whose workers all live on one rank (a distributed Lookahead's
             syncs) overlapped with the inner steps: the passive agents' part is reduced to that
-            rank while it computes (:mod:`launch.engine.overlap`).  True, False (one all-reduce
+            rank while it computes (:mod:`launch.engine.sync.overlap`).  True, False (one all-reduce
             per block), or ``"auto"`` (the default): wherever it applies and its scratch, one
-            flat copy, is at most 1 GiB (:func:`launch.engine.compile.compile_sync`).  Not with
+            flat copy, is at most 1 GiB (:func:`launch.engine.sync.compile.compile_sync`).  Not with
             ``outer`` (``"auto"`` then means False).
     """
 
@@ -203,7 +203,7 @@ def simulate(
 
     The same call runs co-located (the default), under torchrun (``comm=TorchCommunicator()``)
     or under mpiexec (``comm=MPICommunicator()``); see :class:`Simulation` for the arguments.
-    ``checkpoint=launch.engine.checkpoint.Checkpointer(...)``: resume from its latest checkpoint if any,
+    ``checkpoint=launch.engine.store.checkpoint.Checkpointer(...)``: resume from its latest checkpoint if any,
     run until t == ``steps`` (a total), saving every ``every`` iterations and at the end; a
     checkpoint already past ``steps`` is a ``ValueError`` naming both (on every rank alike).
     ``dtype`` / ``device``: the agents' models and every batch are converted (see

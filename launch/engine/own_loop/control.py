@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from launch.comm.base import Communicator
-from launch.engine.health import collective
+from launch.engine.guard.health import collective
 
 SYNC, EVAL, STATE, CLOSE, ABORT = 1, 2, 3, 4, 5
 KINDS = {SYNC: "the sync", EVAL: "an evaluation", STATE: "a gather of the state", CLOSE: "close()",

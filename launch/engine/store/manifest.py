@@ -1,6 +1,6 @@
 """A checkpoint's manifest (``latest.json``) and the checksums of its files.
 
-The manifest is the JSON object that commits a checkpoint (:mod:`launch.engine.checkpoint`), in
+The manifest is the JSON object that commits a checkpoint (:mod:`launch.engine.store.checkpoint`), in
 format :data:`FORMAT`:
 
 ``format``
@@ -16,7 +16,7 @@ format :data:`FORMAT`:
 ``num_agents``, ``world_size``, ``agents_per_rank``
     the layout that wrote it (integers >= 1).
 ``run``
-    the engine's record of what defines the trajectory (:mod:`launch.engine.run_record`), a
+    the engine's record of what defines the trajectory (:mod:`launch.engine.store.run_record`), a
     mapping of dotted keys.
 ``config``
     the caller's record (the command line's resolved configuration), a mapping, or null.

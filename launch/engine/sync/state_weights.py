@@ -5,7 +5,7 @@ A multilayer schedule's distinct matrices are its level matrices (index L = leve
 parameters with the level's weights ``a = (a_0, ..., a_L)`` and the state slots with
 ``b = state_weights(policies, alphas, L)``.  Both regions are in one flat buffer, so the sync stays
 *one* all-reduce: every member scales its parameter region by ``a_i`` and its state region by
-``b_i`` before the sum (two regions of the kernel, :mod:`launch.engine.kernel`); with ``b == a``
+``b_i`` before the sum (two regions of the kernel, :mod:`launch.engine.sync.kernel`); with ``b == a``
 (every level up to L pulls back) the buffer is scaled whole.  ``b = 0`` is a reset: the state slots mix
 to zero and :meth:`agents.agent.Agent.after_sync` zeroes the rest of the state (``step``).
 

@@ -26,17 +26,17 @@ every rank of the block (S on the hub, the rank's weighted sum elsewhere).  The 
 path keeps two passes over its buffer (``mul``, ``add``) and no transfer, as long as the inner
 steps between launch and sync last longer than the reduce.
 
-**Eligible blocks** (:func:`hub_of`, decided once by :func:`launch.engine.compile.compile_sync`): spanning two ranks or more, every worker member on one rank
+**Eligible blocks** (:func:`hub_of`, decided once by :func:`launch.engine.sync.compile.compile_sync`): spanning two ranks or more, every worker member on one rank
 h and a receiver, every receiver a member, in a plan with no point-to-point mixes, of a schedule
 without push-sum.  Other blocks (gossip, local SGD with workers everywhere) run as plain
 all-reduces.  Not with ``outer`` (a state-dependent slow update).
 
 **The finiteness check** rides with the data, as in a plain block
-(:class:`launch.engine.finiteness.MarkerCheck`): each rank checks its part as it computes it (the
+(:class:`launch.engine.guard.finiteness.MarkerCheck`): each rank checks its part as it computes it (the
 other ranks at the prefetch, the hub at the sync) and marks it; the hub reads the reduce's marker
 and marks what it broadcasts; the others read the broadcast's.  No message of its own.
 
-**When it is on by default** (``overlap="auto"``, :func:`launch.engine.compile.compile_sync`):
+**When it is on by default** (``overlap="auto"``, :func:`launch.engine.sync.compile.compile_sync`):
 whenever some block qualifies (below) and the scratch it costs, one flat copy (d x itemsize bytes)
 on every rank of a hub block, is at most :data:`AUTO_MAX_BYTES`; one scratch per hub block
 position is shared by every matrix of the schedule (their syncs never overlap each other).
@@ -51,7 +51,7 @@ the simulation that writes them must call :meth:`Simulation.wait_in_flight` firs
 from __future__ import annotations
 
 from launch.comm.base import Communicator
-from launch.engine.health import collective
+from launch.engine.guard.health import collective
 from launch.engine.placement import Placement
 from topology.plan import Block, Plan
 from topology.schedule import Schedule

@@ -16,7 +16,7 @@ Each rank sums ``c_i x_i`` over its own agents (the same kernel order as a sync:
 once, added in agent order) and one all-reduce (SUM) over every rank completes ``v``.  For one
 agent's weights ``v = 1.0 * x_i + 0 + ... + 0`` is exactly x_i, bit for bit.
 
-Targets are encoded as one integer for the control message (:mod:`launch.engine.control`): the
+Targets are encoded as one integer for the control message (:mod:`launch.engine.own_loop.control`): the
 agent's index, or m for the virtual iterate.
 """
 

@@ -1,7 +1,7 @@
 """A plan compiled for one rank: the steps that apply one mixing matrix P to this rank's agents.
 
 A :class:`topology.Plan` is rank-agnostic; a :class:`RankProgram` is what one rank of a placement
-does to apply it, built once per distinct P_t by :func:`launch.engine.compile.compile_sync`:
+does to apply it, built once per distinct P_t by :func:`launch.engine.sync.compile.compile_sync`:
 
     1. snapshot: copy the old value of every local agent that an operation other than the one
        overwriting it reads (the plan's ``snapshot``), so every operation reads X_t;
@@ -10,7 +10,7 @@ does to apply it, built once per distinct P_t by :func:`launch.engine.compile.co
 
 Every step reads the old values and writes only its own receivers, so their order does not change
 the result; it fixes the order of the collectives, the same on every rank (and the order in which
-the finiteness check's markers travel: :mod:`launch.engine.flooding` models it).  Afterwards the
+the finiteness check's markers travel: :mod:`launch.engine.guard.windows` models it).  Afterwards the
 simulation calls ``after_sync(reset=program.reset)`` on :attr:`RankProgram.touched` (the state
 policy's post-sync action).
 """
@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from launch.comm.base import Communicator
-from launch.engine.blocks import AllReduceBlock, HubBlock, PointToPointMixes, ProgramContext
-from launch.engine.finiteness import NO_CHECK, SyncHooks
+from launch.engine.sync.blocks import AllReduceBlock, HubBlock, PointToPointMixes, ProgramContext
+from launch.engine.guard.finiteness import NO_CHECK, SyncHooks
 from topology.plan import Plan
 
 
@@ -32,8 +32,8 @@ class RankProgram:
         plan: the rank-agnostic plan.
         touched: the local agents whose value the sync changes.
         reset: whether the state policy resets the inner state at this sync.
-        blocks: the block steps (:class:`~launch.engine.blocks.AllReduceBlock` or
-            :class:`~launch.engine.blocks.HubBlock`); ``mixes``: the point-to-point step or None.
+        blocks: the block steps (:class:`~launch.engine.sync.blocks.AllReduceBlock` or
+            :class:`~launch.engine.sync.blocks.HubBlock`); ``mixes``: the point-to-point step or None.
         peers: every rank this program communicates with, this rank included.
     """
 
@@ -79,7 +79,7 @@ class RankProgram:
 
     def run_tensors(self, tensors: dict[int, torch.Tensor], comm: Communicator, check: SyncHooks = NO_CHECK) -> None:
         """Apply the plan to the local agents' flat ``tensors`` (agent index -> tensor), in place;
-        ``check``: the finiteness check's hooks (:mod:`launch.engine.finiteness`)."""
+        ``check``: the finiteness check's hooks (:mod:`launch.engine.guard.finiteness`)."""
         old = dict(tensors)
         for i in self.ctx.snapshot:
             snap = self.ctx.scratch.like(f"snapshot{i}", tensors[i])

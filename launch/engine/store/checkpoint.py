@@ -4,7 +4,7 @@ each file checksummed, and the record of what defines the run.
 Layout on disk (one folder per checkpoint, shards keyed by agent index, a manifest that commits)::
 
     directory/
-        latest.json                 the manifest (launch.engine.manifest): which checkpoint is
+        latest.json                 the manifest (launch.engine.store.manifest): which checkpoint is
                                     complete (written last), the sha256 of each of its files, the
                                     layout that wrote it, and the records of the run (below)
         step-00000120/
@@ -21,7 +21,7 @@ Layout on disk (one folder per checkpoint, shards keyed by agent index, a manife
 
 Saving (:meth:`Checkpointer.save`, collective, every rank at the same t):
 
-1. the finiteness check (``sim.finiteness.check``, :mod:`launch.engine.finiteness`): a non-finite
+1. the finiteness check (``sim.finiteness.check``, :mod:`launch.engine.guard.finiteness`): a non-finite
    agent raises :class:`NonFiniteError` on every rank *before* anything is written, so a bad
    step never replaces the last good checkpoint;
 2. every rank writes its agents' shards and its rank file, each atomically (a temporary file in
@@ -60,13 +60,13 @@ ranks resumes co-located and the other way round.  Order of restoration on each 
    a run whose loss or data uses the global RNGs resumes bit for bit only on the same layout.
 
 **The same run.**  The manifest holds the engine's record of the run
-(:func:`launch.engine.run_record.engine_record`: schedule, state policy, inner optimizer and its
+(:func:`launch.engine.store.run_record.engine_record`: schedule, state policy, inner optimizer and its
 hyperparameters, slow rule, dtype, sizes) and the caller's own (``Checkpointer(config=...)``; the
 command line's resolved configuration).  :meth:`Checkpointer.load` compares both with the fresh
 simulation's: any difference is a ``ValueError`` naming each differing key with both values
 (the caller's keys first: they explain the engine's), unless the key is in ``allow``; an allowed
 change applies from the checkpoint's t on.  The keys of
-:data:`launch.engine.run_record.FIXED` (sizes, dtype, the optimizers' classes) never change.
+:data:`launch.engine.store.run_record.FIXED` (sizes, dtype, the optimizers' classes) never change.
 
 Resuming on the same layout reproduces the uninterrupted trajectory bit for bit (float32 and
 float64), also in the middle of a round; on another layout it is the other layout's trajectory,
@@ -93,9 +93,9 @@ from typing import Callable
 
 import torch
 
-from launch.engine.health import gather_objects
-from launch.engine.manifest import FORMAT, MANIFEST, read_manifest, read_verified, sha256_hex, step_folder
-from launch.engine.run_record import (ABSENT, FIXED, allowed, differences, engine_record, flatten, normalize,
+from launch.engine.guard.health import gather_objects
+from launch.engine.store.manifest import FORMAT, MANIFEST, read_manifest, read_verified, sha256_hex, step_folder
+from launch.engine.store.run_record import (ABSENT, FIXED, allowed, differences, engine_record, flatten, normalize,
                                       reapply_hyperparameters, snapshot_hyperparameters)
 from topology.validation import check_period
 
@@ -213,7 +213,7 @@ class Checkpointer:
 
     def manifest(self) -> dict | None:
         """The validated manifest of the latest complete checkpoint, or None if there is none
-        (``ValueError`` when ``latest.json`` is malformed, :func:`launch.engine.manifest.read_manifest`)."""
+        (``ValueError`` when ``latest.json`` is malformed, :func:`launch.engine.store.manifest.read_manifest`)."""
         return read_manifest(self.manifest_path)
 
     def latest_step(self) -> int | None:

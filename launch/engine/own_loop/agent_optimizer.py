@@ -24,7 +24,7 @@ Where the agents live (:class:`launch.engine.placement.Placement`, the same rule
   perhaps some passive agents; the user's loop runs there unchanged;
 - **passive-only ranks**: :meth:`AgentOptimizer.serve` takes part in every sync (and evaluation,
   gather) and returns when every worker has called :meth:`AgentOptimizer.close`; no forward or
-  backward runs there.  How they know what comes next: :mod:`launch.engine.control`.
+  backward runs there.  How they know what comes next: :mod:`launch.engine.own_loop.control`.
 
 **The counter t** counts calls of :meth:`AgentOptimizer.step` that stepped: with gradient
 accumulation, call ``step()`` once per accumulation group (t counts optimizer steps, not
@@ -78,18 +78,18 @@ from agents.reference import init_optimizer_hooks
 from launch.comm.base import Communicator
 from launch.comm.factory import make_communicator
 from launch.comm.local import LocalCommunicator
-from launch.engine.adoption import (
+from launch.engine.own_loop.adoption import (
     adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters, raise_verdicts,
 )
-from launch.engine.control import ABORT, ABORT_REASONS, CLOSE, EVAL, STATE, SYNC, Command, ControlChannel
+from launch.engine.own_loop.control import ABORT, ABORT_REASONS, CLOSE, EVAL, STATE, SYNC, Command, ControlChannel
 from launch.engine.core import SyncEngine
-from launch.engine.environment import detect_launch
-from launch.engine.evaluation import local_part, target_code, target_weights
-from launch.engine.health import collective, gather_objects
+from launch.engine.own_loop.environment import detect_launch
+from launch.engine.readout import local_part, target_code, target_weights
+from launch.engine.guard.health import collective, gather_objects
 from launch.engine.placement import Placement
 from topology.schedule import Schedule
 
-#: ABORT reasons (:data:`launch.engine.control.ABORT_REASONS`).
+#: ABORT reasons (:data:`launch.engine.own_loop.control.ABORT_REASONS`).
 ADD_PARAM_GROUP, GROUP_ADDED = 1, 2
 
 
@@ -129,7 +129,7 @@ class AgentOptimizer(torch.optim.Optimizer):
             agent's theta_0 (broadcast at construction, into every rank's model).
         comm: where the agents run (:func:`launch.make_communicator`); default co-located;
             ``"auto"``: the launcher's (torchrun, mpiexec, else co-located:
-            :func:`launch.engine.environment.detect_launch`), created here and closed when the run
+            :func:`launch.engine.own_loop.environment.detect_launch`), created here and closed when the run
             ends (:meth:`close`, or the end of :meth:`serve`).
         state_policy, agents_per_rank, outer, check_finite, overlap: as in
             :class:`launch.Simulation` (``agents_per_rank`` such that each rank holds at most one
@@ -304,7 +304,7 @@ class AgentOptimizer(torch.optim.Optimizer):
         """On a passive-only rank: take part in every sync, evaluation and gather the workers
         start, until every worker has called :meth:`close`.  ``callback(opt)`` runs after each
         sync (``opt.t`` is then the iteration after it).  Raises what the workers' events raise
-        (:class:`launch.engine.health.NonFiniteError`, a refused call's ``ValueError``)."""
+        (:class:`launch.engine.guard.health.NonFiniteError`, a refused call's ``ValueError``)."""
         if self._worker is not None:
             raise RuntimeError(f"this rank holds worker agent {self._worker.index}: run the training loop "
                                f"and call step(); serve() is for ranks that hold only passive agents")
@@ -412,7 +412,7 @@ class AgentOptimizer(torch.optim.Optimizer):
                 params.copy_(fast)
 
     def _combine(self, code: int) -> torch.Tensor:
-        """X c for target ``code`` (:mod:`launch.engine.evaluation`); collective when distributed."""
+        """X c for target ``code`` (:mod:`launch.engine.readout`); collective when distributed."""
         with self._numerators():
             value = local_part(self.engine.agents, target_weights(self.schedule, code),
                                next(iter(self.engine.agents.values())).params, debias=code < self.schedule.num_agents)

@@ -6,24 +6,24 @@ For each distinct matrix P of the schedule it compiles the plan (:func:`topology
 and builds this rank's program:
 
 - identity: a program with nothing to do;
-- with a slow rule (``outer``): a :class:`~launch.engine.outer_program.SlowRuleProgram` around
+- with a slow rule (``outer``): a :class:`~launch.engine.sync.slow_rule.SlowRuleProgram` around
   the plain program of the workers' matrix;
-- otherwise a :class:`~launch.engine.program.RankProgram` whose blocks are
-  :class:`~launch.engine.blocks.HubBlock` (overlapped) when ``overlap`` is on and the block
-  qualifies (:func:`launch.engine.overlap.hub_of`), else
-  :class:`~launch.engine.blocks.AllReduceBlock`, and whose mixes run point to point; the state
+- otherwise a :class:`~launch.engine.sync.program.RankProgram` whose blocks are
+  :class:`~launch.engine.sync.blocks.HubBlock` (overlapped) when ``overlap`` is on and the block
+  qualifies (:func:`launch.engine.sync.overlap.hub_of`), else
+  :class:`~launch.engine.sync.blocks.AllReduceBlock`, and whose mixes run point to point; the state
   region is weighted apart where per-level state policies say so
-  (:meth:`launch.engine.state_weights.SyncPolicy.state_weight`).
+  (:meth:`launch.engine.sync.state_weights.SyncPolicy.state_weight`).
 
 ``overlap`` is True, False or ``"auto"`` (the default of :class:`launch.Simulation`): on where it
 applies, that is when some block qualifies, there is no slow rule, and the scratch it costs (one
 flat copy, numel x itemsize bytes, on every rank of a hub block) is at most
-:data:`launch.engine.overlap.AUTO_MAX_BYTES`; a rule of the model's size alone, so every rank
+:data:`launch.engine.sync.overlap.AUTO_MAX_BYTES`; a rule of the model's size alone, so every rank
 decides the same.
 
 It also owns every compatibility check between these options (``overlap`` with ``outer``, the
 schedules a slow rule accepts) and returns the process groups every program needs, and the
-windows of the finiteness check (:class:`launch.engine.flooding.Windows`: how far the markers
+windows of the finiteness check (:class:`launch.engine.guard.windows.Windows`: how far the markers
 the sync's collectives carry travel).
 """
 
@@ -32,14 +32,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agents.slow_rule import SlowRule
-from launch.engine.blocks import AllReduceBlock, HubBlock, LocalBlock, LocalMix, PointToPointMixes, ProgramContext
-from launch.engine.flooding import Windows
-from launch.engine.kernel import Scratch, WeightedSum
-from launch.engine.outer_program import SlowRuleProgram, SlowRuleSync, slow_agent, workers_matrix
-from launch.engine.overlap import AUTO_MAX_BYTES, hub_of
+from launch.engine.sync.blocks import AllReduceBlock, HubBlock, LocalBlock, LocalMix, PointToPointMixes, ProgramContext
+from launch.engine.guard.windows import Windows
+from launch.engine.sync.kernel import Scratch, WeightedSum
+from launch.engine.sync.slow_rule import SlowRuleProgram, SlowRuleSync, slow_agent, workers_matrix
+from launch.engine.sync.overlap import AUTO_MAX_BYTES, hub_of
 from launch.engine.placement import Placement
-from launch.engine.program import RankProgram
-from launch.engine.state_weights import SyncPolicy
+from launch.engine.sync.program import RankProgram
+from launch.engine.sync.state_weights import SyncPolicy
 from topology.plan import Plan, compile_plan
 from topology.schedule import Schedule
 
@@ -116,8 +116,8 @@ def resolve_overlap(overlap: bool | str, schedule: Schedule, plans: list[Plan], 
                     nbytes: int) -> bool:
     """``overlap`` (True, False or ``"auto"``) as a bool for a plain-mixing schedule on
     ``placement``: ``"auto"`` is on when some block of ``plans`` qualifies
-    (:func:`launch.engine.overlap.hub_of`) and ``nbytes`` (one agent's synchronized buffer, the
-    scratch of a hub block) is at most :data:`~launch.engine.overlap.AUTO_MAX_BYTES`."""
+    (:func:`launch.engine.sync.overlap.hub_of`) and ``nbytes`` (one agent's synchronized buffer, the
+    scratch of a hub block) is at most :data:`~launch.engine.sync.overlap.AUTO_MAX_BYTES`."""
     if overlap != "auto":
         return bool(overlap)
     workers = set(schedule.workers)

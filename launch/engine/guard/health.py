@@ -1,14 +1,14 @@
 """Failures a long run must report instead of hiding or hanging: bad numbers and lost ranks.
 
 **Non-finite values** (:class:`NonFiniteError`): raised on every rank alike by the finiteness
-check (:mod:`launch.engine.finiteness`): at the sync that finds NaN or Inf, or (several ranks)
+check (:mod:`launch.engine.guard.finiteness`): at the sync that finds NaN or Inf, or (several ranks)
 at the last sync of its window; before a checkpoint could replace the last good one; at the end
 of a run.
 
 **Lost ranks.**  Every collective of a run goes through :func:`collective`, the one lost-rank
 handler: the syncs and the finiteness checks (:mod:`launch.engine.core`,
-:mod:`launch.engine.finiteness`), the start-up exchanges, checkpoints
-(:mod:`launch.engine.checkpoint`), the diagnostics (:mod:`launch.engine.diagnostics`) and, on
+:mod:`launch.engine.guard.finiteness`), the start-up exchanges, checkpoints
+(:mod:`launch.engine.store.checkpoint`), the diagnostics (:mod:`launch.engine.diagnostics`) and, on
 the command line, the metrics and the final gather.  Each is bounded by the communicator's
 ``timeout_s`` (:mod:`launch.comm.base`): when a peer dies, gloo raises at once (``Connection reset
 by peer``); when a peer is alive but stuck (SIGSTOP, a deadlock), gloo and NCCL raise after
@@ -42,7 +42,7 @@ class NonFiniteError(FloatingPointError):
     agent indices with non-finite values), ``parameters`` and ``losses`` (which of those had
     non-finite parameters / a non-finite loss), ``stopped`` (``(t, where)``: the sync or
     checkpoint at which every rank stopped; after a check carried by the syncs' collectives it
-    may come later than ``step``, see :mod:`launch.engine.finiteness`).
+    may come later than ``step``, see :mod:`launch.engine.guard.finiteness`).
     """
 
     def __init__(self, step: int, parameters: list[int], losses: list[int], where: str,

@@ -2,16 +2,16 @@
 
 A :class:`topology.Plan` has *blocks* (receivers that all get the same weighted sum) and *mixes*
 (one receiver, a weighted sum of a few sources).  On one rank each becomes one of these steps,
-chosen once when the plan is compiled for the rank (:mod:`launch.engine.compile`):
+chosen once when the plan is compiled for the rank (:mod:`launch.engine.sync.compile`):
 
 :class:`AllReduceBlock`
     ``acc = sum of w_i x_i`` over the block's local members (the kernel of
-    :mod:`launch.engine.kernel`), then one all-reduce (SUM) of ``acc`` over the ranks of the
+    :mod:`launch.engine.sync.kernel`), then one all-reduce (SUM) of ``acc`` over the ranks of the
     block when it spans more than one, then every other local receiver copies ``acc``.  With one
     agent per rank that is ``x.mul_(w); all_reduce(x)``: one collective, in place.
 :class:`HubBlock`
     the overlapped form of a block whose workers all live on one rank, the hub
-    (:mod:`launch.engine.overlap` says why it is exact and when it applies): the other ranks'
+    (:mod:`launch.engine.sync.overlap` says why it is exact and when it applies): the other ranks'
     part ``S = sum of w_i x_i`` is reduced to the hub before the sync (:meth:`HubBlock.prefetch`),
     the hub adds its own members' part at the sync and broadcasts the result.
 :class:`PointToPointMixes`
@@ -19,7 +19,7 @@ chosen once when the plan is compiled for the rank (:mod:`launch.engine.compile`
     messages between ranks (one per (source agent, destination rank) pair), then the local
     weighted sums.
 
-The finiteness check (:mod:`launch.engine.finiteness`) rides along: every step forms its products
+The finiteness check (:mod:`launch.engine.guard.finiteness`) rides along: every step forms its products
 through ``check.scale`` (checked in the same pass), sends buffers after ``check.inspect``, and
 calls ``check.mark`` on what it contributes to a collective and ``check.read`` on what it gets
 back (the first element of each: the marker).  With the check off these do nothing.
@@ -28,7 +28,7 @@ Memory: ``acc`` is the first local receiver's own buffer whenever it is a receiv
 nothing else reads (not in the plan's snapshot) -- it is overwritten by ``acc`` anyway -- and the
 other receivers' products are formed in place for the same reason; so a co-located Lookahead
 block needs no scratch buffer.  Products of passive members, snapshots, received values and
-gossip accumulators use the program's :class:`~launch.engine.kernel.Scratch`, allocated once.
+gossip accumulators use the program's :class:`~launch.engine.sync.kernel.Scratch`, allocated once.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from launch.comm.base import Communicator
-from launch.engine.kernel import Scratch, Term, WeightedSum
+from launch.engine.sync.kernel import Scratch, Term, WeightedSum
 
 Tensors = dict[int, torch.Tensor]
 
@@ -111,7 +111,7 @@ class AllReduceBlock:
 
 
 class HubBlock(AllReduceBlock):
-    """A block run overlapped around its hub rank (see :mod:`launch.engine.overlap`):
+    """A block run overlapped around its hub rank (see :mod:`launch.engine.sync.overlap`):
 
         hub:          acc = sum of w_i x_i over its members;  acc += S;  broadcast(acc)
         other ranks:  s_q = sum of w_i x_i over theirs (at the prefetch);  S = reduce(s_q) to hub
@@ -128,7 +128,7 @@ class HubBlock(AllReduceBlock):
         self.scratch = scratch if scratch is not None else ctx.scratch
         self._reduce = None
         #: The hub's broadcasts in flight: their source (the receivers' acc) stays read-only
-        #: until they are waited for (:meth:`launch.engine.overlap.Overlap.wait`).
+        #: until they are waited for (:meth:`launch.engine.sync.overlap.Overlap.wait`).
         self.broadcasts: list = []
 
     @property
@@ -154,7 +154,7 @@ class HubBlock(AllReduceBlock):
     def run(self, tensors: Tensors, old: Tensors, comm: Communicator, check) -> None:
         reduce, self._reduce = self._reduce, None
         if reduce is None:
-            raise RuntimeError("a hub block ran without its prefetch (launch.engine.overlap.Overlap.before_sync)")
+            raise RuntimeError("a hub block ran without its prefetch (launch.engine.sync.overlap.Overlap.before_sync)")
         scratch = self._scratch(tensors)
         if self.rank == self.hub:
             # The hub holds every worker of the block, and they are receivers: acc is one of them.

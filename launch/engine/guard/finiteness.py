@@ -16,11 +16,11 @@ One object per simulation, chosen once (:func:`make_finiteness_check`):
     sync's data: a rank that knows of one writes NaN into the first element of every buffer it
     contributes (the *marker*; otherwise it makes that element finite), and reads the first
     element of every buffer it receives; NaN survives any sum, so a NaN marker reaches every
-    rank the data reaches.  Syncs are grouped into windows (:mod:`launch.engine.flooding`) such
+    rank the data reaches.  Syncs are grouped into windows (:mod:`launch.engine.guard.windows`) such
     that by a window's last sync, its *decision sync*, every rank knows of every finding that
     could reach everyone in time; there every rank reads its marker knowledge (the same
     everywhere) and, if it is set, all ranks exchange their records (one collective, on this
-    failure path only) and raise the same :class:`~launch.engine.health.NonFiniteError`.  The
+    failure path only) and raise the same :class:`~launch.engine.guard.health.NonFiniteError`.  The
     guarantee: a non-finite value found at the sync of iteration s stops every rank at the
     decision sync of s's window (at the next window's when s is too late in its window for the
     marker to reach every rank by its end), or at an earlier checkpoint, whose check is
@@ -39,7 +39,7 @@ One object per simulation, chosen once (:func:`make_finiteness_check`):
 Every class checks collectively before a checkpoint (:meth:`FinitenessCheck.check`), so that
 the last good checkpoint is never replaced by a non-finite state.
 
-The hooks the sync's steps call (:mod:`launch.engine.blocks`): ``scale`` (a term of a weighted
+The hooks the sync's steps call (:mod:`launch.engine.sync.blocks`): ``scale`` (a term of a weighted
 sum, checked), ``inspect`` (a buffer sent as it is), ``mark`` (before a collective, on the
 buffer this rank contributes) and ``read`` (after it, on the buffer received); they do nothing
 except in :class:`MarkerCheck`.
@@ -53,7 +53,7 @@ import os
 import torch
 
 from launch.comm.base import Communicator
-from launch.engine.health import NonFiniteError, collective
+from launch.engine.guard.health import NonFiniteError, collective
 
 #: Pending losses of one agent are folded into one number beyond this many (bounded memory when
 #: syncs are rare): max |loss| keeps NaN (amax propagates it) and Inf, and cannot overflow.
@@ -92,7 +92,7 @@ def flag_non_finite_(x: torch.Tensor, flag: torch.Tensor) -> bool | None:
 
 def scale_checked(kernel, out: torch.Tensor, src: torch.Tensor, weights: tuple[float, ...],
                   flag: torch.Tensor) -> bool | None:
-    """``kernel.scale(out, src, weights)`` (see :class:`launch.engine.kernel.WeightedSum`) and
+    """``kernel.scale(out, src, weights)`` (see :class:`launch.engine.sync.kernel.WeightedSum`) and
     ``flag`` set to 1 when the product holds NaN or Inf.
 
     In place (``out is src``), in float32 / float16 / bfloat16, on CUDA or above
@@ -243,7 +243,7 @@ class MarkerCheck(FinitenessCheck):
 
     Args:
         agents, num_agents, comm: as :class:`FinitenessCheck`.
-        windows: the schedule's :class:`launch.engine.flooding.Windows` on this placement.
+        windows: the schedule's :class:`launch.engine.guard.windows.Windows` on this placement.
         host: keep the knowledge in Python (reading one element of a buffer costs nothing on
             CPU), or in tensors on the agents' device (no host synchronisation except at
             decision syncs: CUDA); default: by the device.
@@ -306,7 +306,7 @@ class MarkerCheck(FinitenessCheck):
         self._seen.clear()
         if not self._entry[2]:
             return
-        if bool(self.known):                 # the same on every rank: see launch.engine.flooding
+        if bool(self.known):                 # the same on every rank: see launch.engine.guard.windows
             self._fail(t, "sync", self.first.clone())
         self.known, self.deferred = self.deferred, (False if self.host else torch.zeros_like(self.deferred))
 

@@ -13,7 +13,7 @@ the result does not depend on the device's FMA.
 
 **Regions.**  A flat buffer may hold the parameters and, under ``pullback``, the inner
 optimizer's state slots after them (:class:`agents.flat.FlatBuffer`).  Per-level state policies
-mix the two regions with different weights (:mod:`launch.engine.state_weights`), so a term's
+mix the two regions with different weights (:mod:`launch.engine.sync.state_weights`), so a term's
 weight is a tuple: one weight per region, ``regions = (split,)`` splitting the buffer at
 ``split``; with one region the tuple has one weight and the buffer is scaled whole.  Scaling a
 region is ``torch.mul(src[region], w, out=dst[region])``, the same kernel (and bits) as
@@ -75,7 +75,7 @@ class WeightedSum:
         ``in_place``: ``acc`` is ``old[terms[0][0]]`` itself, scaled in place.  ``spare``:
         agents whose ``old`` value may be destroyed (their product is formed in it).  No terms:
         ``acc`` is zeroed.  ``check``: the finiteness check, which forms each product
-        (``check.scale(self, out, src, weights, agent)``, :mod:`launch.engine.finiteness`).
+        (``check.scale(self, out, src, weights, agent)``, :mod:`launch.engine.guard.finiteness`).
         """
         if not terms:
             return acc.zero_()

@@ -39,8 +39,8 @@ import torch
 
 from agents.slow_rule import SlowRule
 from launch.comm.base import Communicator
-from launch.engine.finiteness import NO_CHECK, SyncHooks
-from launch.engine.program import RankProgram
+from launch.engine.guard.finiteness import NO_CHECK, SyncHooks
+from launch.engine.sync.program import RankProgram
 from topology.plan import compile_plan
 from topology.schedule import Schedule
 from topology.validation import check_mixing_matrix
@@ -143,7 +143,7 @@ class SlowRuleSync:
 
 class SlowRuleProgram:
     """The program of one non-identity P_t under a slow rule: the same interface as
-    :class:`~launch.engine.program.RankProgram` (``run``, ``touched``, ``reset``, ``peers``),
+    :class:`~launch.engine.sync.program.RankProgram` (``run``, ``touched``, ``reset``, ``peers``),
     every local agent touched."""
 
     def __init__(self, sync: SlowRuleSync, workers: RankProgram, alpha: float, local, world_size: int,

@@ -1,6 +1,6 @@
 """How far news travels through a schedule's own collectives: the windows of the finiteness check.
 
-The finiteness check on several ranks (:class:`launch.engine.finiteness.MarkerCheck`) sends no
+The finiteness check on several ranks (:class:`launch.engine.guard.finiteness.MarkerCheck`) sends no
 message of its own: a rank that knows of a non-finite value sets the first element of every
 buffer it contributes to a sync to NaN (the *marker*), and every rank reads the first element of
 each buffer it receives.  So news travels exactly as the sync's data does, and this module works
@@ -8,9 +8,9 @@ out, once and identically on every rank, where it arrives.
 
 **The model of one sync.**  ``K[o, q]`` says that rank q knows what rank o knew.  A sync moves
 knowledge through its operations, in the order the ranks run them
-(:class:`launch.engine.program.RankProgram`):
+(:class:`launch.engine.sync.program.RankProgram`):
 
-1. overlapped blocks' reduces (:mod:`launch.engine.overlap`), started before the sync: every
+1. overlapped blocks' reduces (:mod:`launch.engine.sync.overlap`), started before the sync: every
    other member rank -> the hub, carrying what that rank knew *before* the sync;
 2. the point-to-point messages, all at once: source rank -> receiving rank;
 3. the blocks in the plan's order: an all-reduce over a group G leaves every rank of G knowing
