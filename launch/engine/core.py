@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from agents.agent import Agent, OptimizerFactory, StateLayout, probe_state_layout
-from agents.flat import check_uniform_parameters, module_signature
+from agents.flat import check_uniform_parameters, module_signature, parameter_region
 from launch.comm.base import Communicator
 from launch.comm.local import LocalCommunicator
 from launch.engine.sync.compile import compile_sync
@@ -83,7 +83,7 @@ class SyncEngine:
 
         # -- every distinct P_t compiled for this rank (local: the same choices on every rank) ---
         layout = probe_state_layout(model, optimizer) if self.state_policy == "pullback" else StateLayout.empty()
-        numel = sum(p.numel() for p in model.parameters())
+        numel = parameter_region(model)       # the parameters' region of a flat buffer (aligned)
         #: Bytes of one agent's buffer that a sync moves: its parameters, and under ``pullback`` the
         #: mixable inner state after them (what the communicator counts per collective).
         self.sync_nbytes = (numel + layout.numel) * next(model.parameters()).element_size()
@@ -195,15 +195,16 @@ class SyncEngine:
 
     # -- reading the agents ----------------------------------------------------------------------
     def local_parameters(self) -> dict[int, torch.Tensor]:
-        """Flat parameter vectors of this rank's agents (live views)."""
-        return {i: agent.params for i, agent in self.agents.items()}
+        """Flat parameter vectors of this rank's agents, packed (``module.parameters()`` order, no
+        padding: :mod:`agents.flat`): live views when the buffer's layout has no padding, else copies."""
+        return {i: agent.flat.pack(agent.params) for i, agent in self.agents.items()}
 
     def gather_parameters(self) -> list[dict[str, torch.Tensor]]:
         """Every agent's parameters as ``{name: tensor}`` (CPU copies), on every rank (under push-sum
         the de-biased z_i = x_i / w_i)."""
         local = {
             i: [c.view(shape).detach().cpu().clone()
-                for c, shape in zip(a.debiased().split(a.flat.numels), a.flat.shapes)]
+                for c, shape in zip(a.flat.split(a.debiased()), a.flat.shapes)]
             for i, a in self.agents.items()
         }
         merged: dict[int, list[torch.Tensor]] = {}

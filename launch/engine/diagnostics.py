@@ -40,10 +40,11 @@ from topology.diagnostics import spectral_gap
 
 def local_models(sim) -> dict[int, torch.Tensor]:
     """``{agent: z_i}`` of this rank's agents: the model of each, de-biased under push-sum
-    (:meth:`agents.agent.Agent.debiased`: x_i / w_i, a new tensor; else x_i, a live view).  Every
+    (:meth:`agents.agent.Agent.debiased`: x_i / w_i, a new tensor; else x_i, a live view), packed
+    as :meth:`launch.Simulation.local_parameters` (no padding: :mod:`agents.flat`).  Every
     consensus distance of the project (:func:`consensus_distance`, the per-agent column of
     ``metrics.csv``, :class:`launch.cli.metrics.MetricsProbe`) is measured on these."""
-    return {i: agent.debiased() for i, agent in sim.agents.items()}
+    return {i: agent.flat.pack(agent.debiased()) for i, agent in sim.agents.items()}
 
 
 def _gathered(sim, local: dict) -> dict:

@@ -251,8 +251,8 @@ class AgentOptimizer(torch.optim.Optimizer):
         return self.engine.agents
 
     def local_parameters(self) -> dict[int, torch.Tensor]:
-        """Flat parameter vectors of this rank's agents (live views; under push-sum the worker's
-        holds z = x / w between steps)."""
+        """Flat parameter vectors of this rank's agents, packed (:meth:`launch.Simulation.local_parameters`;
+        under push-sum the worker's holds z = x / w between steps)."""
         return self.engine.local_parameters()
 
     # -- the loop -----------------------------------------------------------------------------------------
