@@ -62,8 +62,12 @@ def test_check_device_refuses_what_does_not_fit(node):
     with pytest.raises(ValueError) as cpu_on_nccl:
         check_device(nccl, "cpu")
     assert str(cpu_on_nccl.value).startswith("rank 1: the model is on cpu but the nccl communicator moves cuda tensors")
-    with pytest.raises(ValueError, match="the model is on cuda:0 but the gloo communicator moves cpu tensors"):
+    with pytest.raises(ValueError, match="the model is on cuda:0 but the gloo communicator moves cpu tensors; create"):
         check_device(gloo, cuda(0))
+    mpi = SimpleNamespace(rank=1, backend="mpi", device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="the mpi communicator moves cpu tensors; keep the model on the CPU, or use "
+                                         "launch=torch for CUDA"):
+        check_device(mpi, cuda(1))
     with pytest.raises(ValueError) as other_gpu:
         check_device(nccl, cuda(0))
     message = str(other_gpu.value)

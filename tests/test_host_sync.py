@@ -9,14 +9,13 @@ on the device (as on CUDA) and while the own loop's control messages are sent, o
 ``torch.cuda.set_sync_debug_mode("warn")``.)
 """
 
-from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import topology
+from launch.bench.host_syncs import HostReads
 from launch.comm.base import Pending
 from launch.comm.local import LocalCommunicator
 from launch.engine.guard.finiteness import MarkerCheck
@@ -25,37 +24,6 @@ from launch.engine.own_loop.control import CLOSE, EVAL, SYNC, Command, ControlCh
 from launch.engine.placement import Placement
 from launch.engine.sync.compile import compile_sync
 from launch.engine.sync.state_weights import SyncPolicy
-
-#: Calls that read a tensor on the host (a synchronisation when the tensor is on a GPU).
-READS = {"item", "cpu", "tolist", "numpy", "__float__", "__bool__", "__int__", "__index__"}
-#: Calls that make a tensor from Python numbers (a host-to-device copy on a GPU).
-FROM_PYTHON = {"tensor", "as_tensor", "from_numpy"}
-
-
-class Calls(TorchFunctionMode):
-    """Counts the torch functions and tensor methods called in its ``with`` block; a read of what
-    ``.cpu()`` returned is not counted again (on a GPU that copy was the synchronisation)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-        self._host: list[torch.Tensor] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        on_host = bool(args) and any(args[0] is h for h in self._host)
-        if not (name in READS and on_host):
-            self.calls[name] += 1
-        out = func(*args, **(kwargs or {}))
-        if name == "cpu" or (on_host and isinstance(out, torch.Tensor)):
-            self._host.append(out)
-        return out
-
-    def reads(self) -> int:
-        return sum(self.calls[name] for name in READS)
-
-    def made(self) -> int:
-        return sum(self.calls[name] for name in FROM_PYTHON)
 
 
 class TwoRanks(LocalCommunicator):
@@ -88,7 +56,7 @@ def run_syncs(check, windows, steps, plant_at=None):
         entry = windows.at(t, 0)
         if entry is None:
             continue
-        with Calls() as calls:
+        with HostReads() as calls:
             check.prefetch(t)
             check.before_sync(t)
             if t == plant_at:
@@ -149,13 +117,13 @@ def test_control_messages_make_no_tensor_from_python_numbers(workers):
     passive = ControlChannel(ThreeRanks(2, workers), workers, torch.device("cpu"))
     for command in (Command(SYNC, 5), Command(EVAL, 9, 3), Command(CLOSE, 12)):
         worker.comm.said = passive.comm.said = command
-        with Calls() as sent:
+        with HostReads() as sent:
             got = worker.exchange(command)
         assert sent.made() == 0
         # The one worker broadcasts and reads nothing; several workers read what they all said.
         assert sent.reads() == (0 if len(workers) == 1 else 1)
         if len(workers) == 1:
             assert got == command and worker._slots.tolist() == [command.kind, command.t, command.arg]
-        with Calls() as received:
+        with HostReads() as received:
             assert passive.exchange(None) == command
         assert received.made() == 0 and received.reads() == 1     # the decision of a passive rank

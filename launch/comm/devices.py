@@ -121,9 +121,10 @@ def device_problem(comm, device) -> str | None:
         return None
     backend = getattr(comm, "backend", "?")
     if want.type != device.type:
-        return (f"rank {comm.rank}: the model is on {device} but the {backend} communicator moves {want.type} "
-                f"tensors; create the communicator for the model's device "
-                f"(make_communicator(launch, device=<the model's device>), launch.device={device.type})")
+        fix = ("keep the model on the CPU, or use launch=torch for CUDA" if backend == "mpi" else
+               f"create the communicator for the model's device (make_communicator(launch, device=<the model's "
+               f"device>); on the command line launch.device={device.type})")
+        return f"rank {comm.rank}: the model is on {device} but the {backend} communicator moves {want.type} tensors; {fix}"
     local_rank, local_world = local_ranks()
     return (f"rank {comm.rank}: the model is on {device} but this rank's GPU is {want} (LOCAL_RANK={local_rank} "
             f"of LOCAL_WORLD_SIZE={local_world}: {ONE_GPU_PER_RANK}); move the model to "

@@ -209,7 +209,7 @@ class FinitenessCheck(SyncHooks):
         device = tensors[0].device
         sums = torch.stack([x.sum().to(torch.float64) if x is not None
                             else torch.zeros((), dtype=torch.float64, device=device) for x in tensors])
-        suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+        suspects = (~torch.isfinite(sums)).cpu().nonzero().flatten().tolist()   # one transfer
         bad = [k for k in suspects if not torch.isfinite(tensors[k]).all()]
         self.pending.clear()
         flags = torch.zeros(2 * self.m, dtype=torch.float32)
