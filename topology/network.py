@@ -77,11 +77,10 @@ Example (one LA-1 sync of 4-byte vectors on 2 GPUs; 1 s latency, 1 byte/s):
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple, Sequence
 
+from topology.checks import check_integer, check_real
 from topology.plan import Block, Plan, compile_plan
 from topology.schedule import Schedule
 from topology.validation import check_period
@@ -92,17 +91,6 @@ class Link(NamedTuple):
 
     latency_s: float
     bytes_per_s: float
-
-
-def _check_real(value, *, name: str, positive: bool, unit: str) -> float:
-    """A finite real number, > 0 (``positive``) or >= 0; a ``ValueError`` naming ``name`` else."""
-    allowed = f"a finite real number {'> 0' if positive else '>= 0'} ({unit})"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -132,7 +120,7 @@ class Cluster:
                 value = check_period(value, name=f.name)
             else:
                 positive = f.name.endswith("bytes_per_s")
-                value = _check_real(value, name=f.name, positive=positive,
+                value = check_real(value, f.name, minimum=0.0, min_open=positive, kind="a finite real number",
                                     unit="bytes per second" if positive else "seconds")
             object.__setattr__(self, f.name, value)
 
@@ -291,10 +279,8 @@ def place_agents(cluster: Cluster, num_agents: int, agent_gpus: Sequence[int] | 
             )
         return tuple(range(num_agents))
     mapping = _mapping(num_agents, agent_gpus)
-    for i, q in enumerate(mapping):
-        if isinstance(q, bool) or not isinstance(q, numbers.Integral) or not 0 <= q < cluster.num_gpus:
-            raise ValueError(f"agent_gpus[{i}] must be a GPU index in [0, {cluster.num_gpus}); got {q!r}")
-    return tuple(int(q) for q in mapping)
+    return tuple(check_integer(q, f"agent_gpus[{i}]", minimum=0, maximum=cluster.num_gpus - 1,
+                               kind=f"a GPU index in [0, {cluster.num_gpus})") for i, q in enumerate(mapping))
 
 
 def _mapping(num_agents: int, agent_gpus: Sequence[int] | None) -> tuple:
@@ -370,9 +356,7 @@ def plan_time(
 
 
 def _check_nbytes(nbytes) -> int:
-    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral) or nbytes < 0:
-        raise ValueError(f"nbytes must be an integer >= 0 (bytes of one agent's vector); got {nbytes!r}")
-    return int(nbytes)
+    return check_integer(nbytes, "nbytes", minimum=0, kind="an integer >= 0 (bytes of one agent's vector)")
 
 
 # -- counts, as the communicator makes them ------------------------------------------------------
@@ -450,8 +434,7 @@ def schedule_counts(
         >>> schedule_counts(topology.lookahead(3, 0.5), 8, 7)[1].all_reduce_bytes
         16
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
-        raise ValueError(f"iterations must be an integer >= 0; got {iterations!r}")
+    iterations = check_integer(iterations, "iterations", minimum=0)
     occurrences: dict[int, int] = {}
     for t in range(min(iterations, schedule.period)):
         # t, t + period, ... < iterations
@@ -512,7 +495,8 @@ class SimClock:
 
     @compute_s.setter
     def compute_s(self, value: float) -> None:
-        self._compute_s = _check_real(value, name="compute_s", positive=False, unit="seconds per inner step")
+        self._compute_s = check_real(value, "compute_s", minimum=0.0, kind="a finite real number",
+                                     unit="seconds per inner step")
 
     def previous_sync(self, t: int) -> int:
         """The last iteration before ``t`` with a non-identity P (-1 when there is none).
