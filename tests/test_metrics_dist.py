@@ -1,4 +1,4 @@
-"""metrics.csv off the critical path (launch.cli.metrics.MetricsProbe.log) on 3 gloo ranks: the
+"""metrics.csv off the critical path (launch.engine.record.metrics.MetricsProbe.log) on 3 gloo ranks: the
 same rows as co-located, in step order; no collective at a Lookahead period's end (the default
 log_every), one small reduce there when workers live on several ranks, and asynchronous
 full-vector collectives only at steps where the agents differ."""
@@ -22,7 +22,7 @@ def same_rows(got, want, tol=1e-12):
     assert [(s, [r["agent"] for r in rows]) for s, rows, _ in got] == [(s, [r["agent"] for r in rows]) for s, rows, _ in want]
     for (_, a_rows, _), (_, b_rows, _) in zip(got, want):
         for a, b in zip(a_rows, b_rows):
-            for key in ("loss", "grad_norm", "consensus_distance"):
+            for key in ("loss", "grad_norm", "distance_to_virtual"):
                 if math.isnan(b[key]):
                     assert math.isnan(a[key]), (a, b)
                 else:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from launch.cli import app
-from launch.cli.metrics import read_metrics
+from launch.engine.record.metrics import read_metrics
 from launch.engine.store import checkpoint as ckpt_module
 from launch.engine.store.checkpoint import Checkpointer
 from tests.spawn import ROOT, _env
@@ -143,7 +143,7 @@ def read_only(monkeypatch, inside: Path, only: str | None = None):
 
 
 def losses(path):
-    return [(r["step"], r["agent"], r["loss"], r["grad_norm"], r["consensus_distance"])
+    return [(r["step"], r["agent"], r["loss"], r["grad_norm"], r["distance_to_virtual"])
             for r in read_metrics(path / "metrics.csv")]
 
 

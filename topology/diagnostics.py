@@ -68,12 +68,6 @@ def spectral_gap(schedule: Schedule, *, per_step: bool = False) -> float:
     return max(0.0, 1.0 - rate)
 
 
-def is_doubly_stochastic(matrix: torch.Tensor, tol: float = 1e-12) -> bool:
-    """Rows and columns each sum to 1 within ``tol`` (entries assumed non-negative)."""
-    ones = torch.ones(matrix.shape[0], dtype=matrix.dtype)
-    return bool(((matrix.sum(0) - ones).abs().max() <= tol) and ((matrix.sum(1) - ones).abs().max() <= tol))
-
-
 def vectors_sent_per_agent(schedule: Schedule) -> float:
     """Communication per agent per step, in parameter vectors, averaged over one period (of the
     repeating part, for a phased schedule), when every agent has its own rank (the cost model

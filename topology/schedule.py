@@ -23,6 +23,8 @@ function of t, which must call it at every t of a period: its period is limited 
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 from typing import Callable, Sequence
 
@@ -155,6 +157,18 @@ class Schedule:
         if (a < -CONSENSUS_TOL).any():
             return None
         return a.clamp_min(0.0)
+
+    def fingerprint(self) -> str:
+        """A sha256 hex digest of everything that defines t -> P_t: the distinct matrices (shape
+        and bytes), the prefix and cycle words, the workers and push-sum.  Two schedules with the
+        same map t -> P_t built the same way have the same fingerprint; a difference anywhere
+        changes it (up to a hash collision).  What the ranks of a job compare at start-up."""
+        digest = hashlib.sha256(type(self).__name__.encode())
+        for matrix in self._distinct:
+            shape, data = _key(matrix)
+            digest.update(repr(shape).encode() + data)
+        digest.update(repr((self.prefix, self.cycle, self.workers, self.push_sum)).encode())
+        return digest.hexdigest()
 
     #: A short description set by the generators of :mod:`topology.decentralized` (shown by repr).
     name: str | None = None

@@ -7,7 +7,7 @@ checkpoint holds).
   the same ``hydra.run.dir``, to resume a run in a new process);
 - ``resume: true`` starts from the latest complete checkpoint in ``checkpoint_dir`` (a clear error
   when there is none) and runs on until t reaches ``launch.steps``, a total: a checkpoint past it
-  is an error naming both (:func:`launch.engine.simulation.check_resume_step`, in the app).  The
+  is an error naming both (:func:`launch.engine.store.checkpoint.check_resume_step`, in the app).  The
   trajectory is the uninterrupted run's, bit for bit (same layout) or within 1e-12 (another
   layout).  The resume first proves it continues the same run: the checkpoint's resolved
   configuration (:func:`launch.cli.resume.config_record`) must equal the new command's, except the
@@ -22,37 +22,55 @@ so ``topology=stagewise`` refuses ``resume``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from launch.cli.resume import config_record, engine_keys, resume_allow
 from launch.engine.store.checkpoint import Checkpointer
+from topology.checks import check_bool, check_integer
 
 
-def checkpointer_for(cfg: DictConfig, job, out_dir: Path) -> tuple[Checkpointer | None, bool]:
-    """The run's :class:`Checkpointer` (None when neither key is set) and whether to resume.
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """The checkpoint keys of the ``launch`` group, validated, and the run's configuration record
+    (what a resume compares)."""
 
-    Validated locally and identically on every rank: a bad value is a ``ValueError`` naming the key.
-    """
-    every = cfg.launch.get("checkpoint_every")
-    resume = cfg.launch.get("resume", False)
-    if not isinstance(resume, bool):
-        raise ValueError(f"launch.resume must be true or false; got {resume!r}")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ValueError(f"launch.checkpoint_every must be null or an integer >= 1; got {every!r}")
+    every: int | None           # launch.checkpoint_every
+    directory: str              # launch.checkpoint_dir (relative: from the run directory)
+    resume: bool                # launch.resume
+    allow: tuple[str, ...]      # launch.resume_allow, the recorded keys (free keys dropped)
+    record: dict                # :func:`launch.cli.resume.config_record`
+
+
+def build_checkpoints(cfg: DictConfig, job) -> CheckpointOptions | None:
+    """The run's checkpoint options (None when neither ``checkpoint_every`` nor ``resume`` is
+    set); validated locally and identically on every rank: a bad value is a ``ValueError``
+    naming the key."""
+    every = check_integer(cfg.launch.get("checkpoint_every"), "launch.checkpoint_every", minimum=1,
+                          optional="")
+    resume = check_bool(cfg.launch.get("resume", False), "launch.resume")
     if every is None and not resume:
-        return None, False
-    if job.mode == "serial":
+        return None
+    if job.launch.mode == "serial":
         raise ValueError("launch.checkpoint_every / launch.resume need a simulator run (launch=colocated, torch or mpi); "
                          "launch=serial does not checkpoint")
     if resume and job.stages is not None:
         raise ValueError("launch.resume is not supported with topology=stagewise (SLRLA's stage controller "
                          "is not checkpointed)")
-    directory = Path(str(cfg.launch.get("checkpoint_dir") or "checkpoints"))
+    record = config_record(cfg, job)
+    return CheckpointOptions(every, str(cfg.launch.get("checkpoint_dir") or "checkpoints"), resume,
+                             resume_allow(cfg, record), record)
+
+
+def checkpointer_for(options: CheckpointOptions | None, out_dir: Path) -> Checkpointer | None:
+    """The run's :class:`Checkpointer` (None without checkpoint options), its folder taken from
+    the run directory ``out_dir`` when relative."""
+    if options is None:
+        return None
+    directory = Path(options.directory)
     if not directory.is_absolute():
         directory = out_dir / directory
-    record = config_record(cfg, job)
-    allow = resume_allow(cfg, record)
-    return Checkpointer(directory, every=every, config=record, allow=allow + engine_keys(allow),
-                        allow_option="launch.resume_allow"), resume
+    return Checkpointer(directory, every=options.every, config=options.record,
+                        allow=options.allow + engine_keys(options.allow), allow_option="launch.resume_allow")

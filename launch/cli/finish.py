@@ -2,9 +2,9 @@
 
 After the last iteration every rank calls :func:`finish_run`, which does, in this order:
 
-1. the end-of-run finiteness check, collective like a sync's (``sim.finiteness.check``,
-   :mod:`launch.engine.guard.finiteness`; a serial run checks its columns): a run that diverged after
-   its last sync is caught here;
+1. the end-of-run finiteness check, collective like a sync's (the run's ``check_finite``,
+   :meth:`launch.engine.core.SyncEngine.check_finite`; a serial run checks its columns): a run
+   that diverged after its last sync is caught here;
 2. the final checkpoint (when the run checkpoints and iterated), unless the check failed (the last
    good checkpoint is then kept); a :class:`launch.engine.store.checkpoint.CheckpointError` (a full
    disk, a read-only folder) is kept in the :class:`Ending`, not raised, so that the caller still
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from launch.cli.errors import EXIT_CHECKPOINT, EXIT_DEVIATION, EXIT_NONFINITE, EXIT_OK, report_error
 from launch.engine.store.checkpoint import CheckpointError
@@ -74,23 +72,13 @@ def finish_run(run_, checkpointer, first: int, steps: int) -> Ending:
     """Steps 1 and 2 of the module docstring (collective: every rank calls it)."""
     ending = Ending()
     try:
-        _check_finite(run_, steps)
+        run_.check_finite(END_OF_RUN)
     except NonFiniteError as err:
         ending.nonfinite = err
         return ending
     if checkpointer is not None and first < steps:
         try:
-            checkpointer.save(run_.simulation)
+            checkpointer.save(run_.engine)
         except CheckpointError as err:
             ending.checkpoint = err
     return ending
-
-
-def _check_finite(run_, t: int) -> None:
-    simulation = getattr(run_, "simulation", None)
-    if simulation is not None:
-        simulation.finiteness.check(t, END_OF_RUN)
-        return
-    bad = [i for i, column in run_.columns().items() if not torch.isfinite(column).all()]
-    if bad:
-        raise NonFiniteError(t, bad, [], END_OF_RUN)

@@ -41,7 +41,8 @@ from torch import nn
 
 from agents.level_policy import resolve_policy
 from launch.cli.registry import SCHEDULES, optimizers, problems
-from launch.engine.store.run_record import allowed, flatten, normalize
+from agents.settings import normalize
+from launch.engine.store.run_record import allowed, flatten
 from topology.schedule import MultilayerSchedule
 
 #: Keys a resume may always change (not recorded); listing them in launch.resume_allow is a no-op.
@@ -68,7 +69,7 @@ def config_record(cfg: DictConfig, job) -> dict:
         "agents": {"optimizer": {"name": name, **built.defaults},
                    "state_policy": list(resolve_policy(job.state_policy, depth, name="agents.state_policy")),
                    "outer": job.outer},
-        "launch": {"seed": job.seed, "dtype": str(cfg.launch.dtype)},
+        "launch": {"seed": job.launch.seed, "dtype": str(cfg.launch.dtype)},
     }
     return normalize(flatten(record))
 

@@ -10,10 +10,12 @@ where comm(t) is the alpha-beta cost of the collectives of P_t's plan on the byt
 sync moves (its parameters, and the state slots under ``pullback``: ``SyncEngine.sync_nbytes``,
 what the communicator counts per collective).  The simulated layout (:func:`simulated_placement`)
 is the run's own when it spans several processes (rank r on GPU r, its agents with it), and one
-agent per GPU (agent i on GPU i) for a co-located run, the layout it stands for.  Blocks run
-overlapped where the run's ``launch.overlap`` would overlap them on that layout
-(:func:`launch.engine.sync.compile.resolve_overlap`), and are costed as overlapped.  A slow rule
-(``agents.outer``) syncs differently from its plan and is refused.
+agent per GPU (agent i on GPU i) for a co-located run, the layout it stands for.  The blocks
+costed as overlapped are those the engine compiled as overlapped (:func:`simulated_hubs`: the
+engine's own compilation when the simulated layout is the run's; else the compiler's answer,
+:func:`launch.engine.sync.compile.overlap_hubs`, for the simulated layout with the run's
+``launch.overlap``).  A slow rule (``agents.outer``) syncs differently from its plan and is
+refused.
 
 ``metrics.csv``'s ``sim_time`` column is the simulated time after the logged iteration, and the
 summary gives ``cluster``, ``compute_s``, ``compute_measured``, ``sim_time_s`` and
@@ -36,11 +38,10 @@ import time
 
 import torch
 
-from launch.engine.sync.compile import resolve_overlap
-from launch.engine.sync.overlap import hub_of
 from launch.engine.placement import Placement
+from launch.engine.sync.compile import overlap_hubs
 from topology.checks import check_choice, check_real
-from topology.network import PRESETS, SimClock, preset
+from topology.network import PRESETS, HubOf, SimClock, preset
 from topology.plan import compile_plan
 from topology.schedule import Schedule
 
@@ -75,6 +76,18 @@ def simulated_placement(cluster: str, num_agents: int, world_size: int, agents_p
     return placement
 
 
+def simulated_hubs(engine, placement: Placement) -> HubOf:
+    """Which blocks the clock costs as overlapped, on the simulated ``placement``: what ``engine``
+    (a :class:`launch.engine.core.SyncEngine`) compiled, when ``placement`` is its own; else the
+    compiler's decision for ``placement`` with the engine's ``overlap`` option and buffer size."""
+    if placement == engine.placement:
+        return engine.compiled.hub_of
+    schedule = engine.schedule
+    plans = [compile_plan(p) for p in schedule.distinct_matrices]
+    hubs = overlap_hubs(schedule, plans, placement, engine.options.overlap, engine.sync_nbytes)
+    return lambda block, plan: hubs.get((plan, block))
+
+
 class SimulatedTime:
     """The run's simulated clock (module docstring).
 
@@ -84,14 +97,14 @@ class SimulatedTime:
         placement: the simulated layout (:func:`simulated_placement`).
         nbytes: bytes of one agent's synchronized buffer.
         compute_s: seconds of one inner step, or None to measure it.
-        overlap: the run's ``launch.overlap`` (True, False or ``"auto"``).
+        hub_of: which blocks are costed as overlapped (:func:`simulated_hubs`).
         local_workers: the number of workers whose inner steps one iteration of this process runs.
         start: the iteration the run starts at (a resumed run's checkpoint t; replayed).
         device: the run's device (CUDA is synchronized before a measured iteration's end).
     """
 
     def __init__(self, schedule: Schedule, cluster: str, placement: Placement, nbytes: int, compute_s: float | None,
-                 overlap: bool | str, local_workers: int, start: int = 0, device: str = "cpu"):
+                 hub_of: HubOf, local_workers: int, start: int = 0, device: str = "cpu"):
         self.schedule = schedule
         self.cluster_name = cluster
         self.nbytes = nbytes
@@ -99,11 +112,7 @@ class SimulatedTime:
         self.local_workers = max(1, local_workers)
         self.cuda = str(device).startswith("cuda")
         self.agent_gpus = tuple(placement.rank_of(i) for i in range(schedule.num_agents))
-        plans = [compile_plan(p) for p in schedule.distinct_matrices]
-        workers = set(schedule.workers)
-        overlapped = resolve_overlap(overlap, schedule, plans, placement, nbytes)
-        self.hub_of = ((lambda block, plan: hub_of(block, plan, placement, workers, schedule.push_sum))
-                       if overlapped else None)
+        self.hub_of = hub_of
         #: Iterations accounted so far (0..done-1), a resumed run's first ones included.
         self.done = start
         self._walls: list[float] = []

@@ -6,9 +6,9 @@ every rank before anything runs.  Event files go to ``<run directory>/tensorboar
 (``tensorboard --logdir outputs`` shows every run).  Scalars, by step:
 
 - ``train/loss/agent_<i>``, ``train/grad_norm/agent_<i>`` (workers) and
-  ``consensus_distance/agent_<i>``, at every logged step (the rows of ``metrics.csv``);
+  ``distance_to_virtual/agent_<i>``, at every logged step (the rows of ``metrics.csv``);
 - ``heldout_<metric>/agent_<i>`` and ``heldout_<metric>/virtual`` at every evaluated step, and
-  ``lr/agent_<i>`` (the rows of ``eval.csv``, :mod:`launch.cli.evaluation`).
+  ``lr/agent_<i>`` (the rows of ``eval.csv``, :mod:`launch.engine.record.evaluation`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class TensorBoardLog:
         """The rows of ``metrics.csv`` at ``step``."""
         for row in rows:
             for key, tag in (("loss", "train/loss"), ("grad_norm", "train/grad_norm"),
-                             ("consensus_distance", "consensus_distance")):
+                             ("distance_to_virtual", "distance_to_virtual")):
                 self._scalar(f"{tag}/agent_{row['agent']}", row.get(key), step)
 
     def evaluation(self, rows: list[dict]) -> None:

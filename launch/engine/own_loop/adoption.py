@@ -12,8 +12,9 @@
 - an optimizer holding a tensor that is not a parameter of the model (it could not be named,
   saved or evaluated with the model).
 
-Each rank checks its own model and optimizer (no communication); the caller exchanges the verdicts
-so that every rank raises the same ``ValueError``.
+Each rank checks its own model and optimizer (no communication); the engine's start-up agreement
+(:func:`launch.engine.core.agree`) exchanges the verdicts so that every rank raises the same
+``ValueError``.
 
 **The adopted parameters** (:func:`adopted_parameters`): the model's parameters that the inner
 optimizer holds, in the model's order, registered (the same objects, not copies) in a container
@@ -96,18 +97,6 @@ def adoption_problem(model, optimizer) -> str | None:
     if not params[0].is_floating_point():
         return f"the parameters must be floating point; got {params[0].dtype}"
     return None
-
-
-def raise_verdicts(verdicts: list[str | None]) -> None:
-    """The same ``ValueError`` on every rank when any rank's verdict (by rank) is a problem."""
-    bad = [(rank, v) for rank, v in enumerate(verdicts) if v is not None]
-    if not bad:
-        return
-    if len(verdicts) == 1:
-        raise ValueError(bad[0][1])
-    if len(bad) == len(verdicts) and len(set(verdicts)) == 1:
-        raise ValueError(f"{bad[0][1]} (on every rank)")
-    raise ValueError("; ".join(f"rank {rank}: {v}" for rank, v in bad))
 
 
 class _Adopted(nn.Module):

@@ -78,15 +78,15 @@ from agents.reference import init_optimizer_hooks
 from launch.comm.base import Communicator
 from launch.comm.factory import make_communicator
 from launch.comm.local import LocalCommunicator
+from launch.engine.core import EngineOptions, SyncEngine
+from launch.engine.guard.health import gather_objects
 from launch.engine.own_loop.adoption import (
-    adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters, raise_verdicts,
+    adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters,
 )
 from launch.engine.own_loop.control import ABORT, ABORT_REASONS, CLOSE, EVAL, STATE, SYNC, Command, ControlChannel
-from launch.engine.core import SyncEngine
 from launch.engine.own_loop.environment import detect_launch
-from launch.engine.readout import local_part, target_code, target_weights
-from launch.engine.guard.health import collective, gather_objects
 from launch.engine.placement import Placement
+from launch.engine.readout import combine, target_code, target_weights
 from topology.schedule import Schedule
 
 #: ABORT reasons (:data:`launch.engine.own_loop.control.ABORT_REASONS`).
@@ -143,7 +143,7 @@ class AgentOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, *, model: nn.Module,
                  comm: Communicator | str | None = None, state_policy="maintain", agents_per_rank: int | None = None,
-                 outer=None, check_finite: bool = True, overlap: bool = False):
+                 outer=None, check_finite: bool = True, overlap: bool | str = "auto"):
         if not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a topology.Schedule; got {type(schedule).__name__}")
         self._owns_comm = comm == "auto"
@@ -152,40 +152,45 @@ class AgentOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"comm must be a launch.Communicator, None (co-located) or 'auto'; got {comm!r}")
             comm = make_communicator(detect_launch())
         comm = comm if comm is not None else LocalCommunicator()
+        options = EngineOptions(state_policy=state_policy, agents_per_rank=agents_per_rank, outer=outer,
+                                check_finite=check_finite, overlap=overlap)
         try:
-            self._start(optimizer, schedule, model, comm, state_policy=state_policy, agents_per_rank=agents_per_rank,
-                        outer=outer, check_finite=check_finite, overlap=overlap)
+            self._start(optimizer, schedule, model, comm, options)
         except BaseException:
             if self._owns_comm:      # the same error on every rank: every rank closes what it made
                 comm.close()
             raise
 
-    def _start(self, optimizer, schedule, model, comm, **options) -> None:
+    def _start(self, optimizer, schedule, model, comm, options: EngineOptions) -> None:
         """The body of ``__init__`` (see the class docstring), on a resolved communicator."""
-        placement = Placement.make(schedule.num_agents, comm.world_size, options["agents_per_rank"])
-        worker = worker_of_rank(schedule, placement, comm.rank)
-        # What only this rank can see (its model and optimizer): shared, so all raise alike.
+        # What only this rank can see (its model and optimizer) is refused before the engine's
+        # agreement, which shares every rank's verdict so that all raise alike.
         problem = adoption_problem(model, optimizer)
-        raise_verdicts(gather_objects(comm, problem, 0, "check of the model and optimizer"))
-        container, names = adopted_parameters(model, optimizer)
+        container, names = adopted_parameters(model, optimizer) if problem is None else (model, None)
+        held: dict[str, int | None] = {}
+
+        def admit(placement: Placement) -> None:
+            if problem is not None:
+                raise ValueError(problem)
+            held["worker"] = worker_of_rank(schedule, placement, comm.rank)
 
         def make_agent(i: int, layout: StateLayout, policy: str) -> Agent:
-            adopt = i == worker
+            adopt = i == held["worker"]
             return Agent(i, container, worker=adopt, optimizer=optimizer if adopt else None, state_policy=policy,
                          layout=layout, push_sum=schedule.push_sum, adopt=adopt)
 
         self.optimizer, self.model, self.schedule, self.comm = optimizer, model, schedule, comm
-        options["agents_per_rank"] = placement.agents_per_rank
-        self.engine = SyncEngine(container, schedule, optimizer_factory(optimizer, container), make_agent,
-                                 comm=comm, **options)
-        self.engine.parameter_names = names
+        factory = optimizer_factory(optimizer, container) if problem is None else None
+        self.engine = SyncEngine(container, schedule, factory, make_agent, comm=comm, options=options,
+                                 parameter_names=names, admit=admit)
         self.world = tuple(range(comm.world_size))
         self.control: ControlChannel | None = None
         if comm.world_size > 1:
-            comm.init_groups([self.world])      # evaluations' all-reduce (collective, every rank)
+            placement = self.engine.placement
             worker_ranks = tuple(sorted({placement.rank_of(w) for w in schedule.workers}))
             device = next(iter(self.engine.agents.values())).flat.buffer.device
             self.control = ControlChannel(comm, worker_ranks, device)
+        worker = held["worker"]
         self._worker: Agent | None = self.engine.agents.get(worker) if worker is not None else None
         self._layout = (len(optimizer.param_groups), len(optimizer_parameters(optimizer)))
         self._closed = False
@@ -315,8 +320,7 @@ class AgentOptimizer(torch.optim.Optimizer):
         while True:
             command = self.control.exchange(None)
             if command.kind == SYNC:
-                engine.t = command.t
-                engine.end_step({})
+                engine.follow(command.t)
                 engine.begin_step()
                 if callback is not None:
                     callback(self)
@@ -325,7 +329,7 @@ class AgentOptimizer(torch.optim.Optimizer):
             elif command.kind == STATE:
                 self._gather_state()
             elif command.kind == CLOSE:
-                engine.t = max(engine.t, command.t)
+                engine.catch_up(command.t)
                 self._closed = True
                 self._finish()
                 return
@@ -412,14 +416,10 @@ class AgentOptimizer(torch.optim.Optimizer):
                 params.copy_(fast)
 
     def _combine(self, code: int) -> torch.Tensor:
-        """X c for target ``code`` (:mod:`launch.engine.readout`); collective when distributed."""
+        """X c for target ``code`` (:func:`launch.engine.readout.combine`); collective when
+        distributed."""
         with self._numerators():
-            value = local_part(self.engine.agents, target_weights(self.schedule, code),
-                               next(iter(self.engine.agents.values())).params, debias=code < self.schedule.num_agents)
-        if self.control is not None:
-            with collective(self.comm, self.t, "evaluation", self.world):
-                self.comm.all_reduce_(value, self.world)
-        return value
+            return combine(self.engine, target_weights(self.schedule, code), debias=code < self.schedule.num_agents)
 
     @contextlib.contextmanager
     def _numerators(self):

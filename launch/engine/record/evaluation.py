@@ -43,6 +43,7 @@ import torch
 
 from agents.flat import load_flat_
 from launch.engine.guard.health import collective, gather_objects
+from launch.engine.readout import virtual_weights, weighted_sum
 
 VIRTUAL = "virtual"
 
@@ -56,35 +57,36 @@ class Evaluator:
     """The held-out metrics of a run's agents (see the module docstring).
 
     Args:
-        job: the :class:`launch.cli.build.Job` (its problem, schedule, ``eval_every``, ``steps``).
-        run: a :mod:`launch.cli.runs` run (``models()``, ``columns()``, ``agents``).
+        run: the run (:class:`launch.engine.record.run.Run`).
         comm: the run's communicator, or None for a single-process run.
+        schedule: the run's schedule.
+        evaluate: ``evaluate(module) -> {metric: value}``, the problem's held-out metrics.
+        template: a module of the agents' architecture where the metrics are taken (its
+            parameters and buffers are overwritten at each evaluation).
+        every: evaluate after every ``every``-th step (None: only at ``last``).
+        last: the run's last step, always evaluated (None: not known in advance).
     """
 
-    def __init__(self, job, run, comm):
-        self.job, self.run = job, run
+    def __init__(self, run, comm, schedule, evaluate, template, *, every: int | None, last: int | None):
+        self.run, self.evaluate_module, self.template = run, evaluate, template
+        self.every, self.last = every, last
         self.comm = comm if comm is not None and comm.world_size > 1 else None
         self.rank = 0 if comm is None else comm.rank
-        self.template = job.model()
-        if job.evaluate_on_device:
-            self.template = self.template.to(job.device)
         self.has_buffers = any(True for _ in self.template.buffers())
-        a = job.schedule.consensus()
-        self.a = None if a is None else [float(v) for v in a]
-        self.first_worker = min(job.schedule.workers)
-        self.m = job.schedule.num_agents
+        self.a = virtual_weights(schedule)
+        self.first_worker = min(schedule.workers)
+        self.m = schedule.num_agents
         self.pending_lrs: dict[int, dict[int, float]] = {}  # step -> {local worker: lr}, not yet gathered
         self.evaluated = 0  # the last evaluated step
 
     # -- when -----------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
         """Whether step s is evaluated: every ``eval_every``-th and the last."""
-        every = self.job.eval_every
-        return step == self.job.steps or (every is not None and step % every == 0)
+        return step == self.last or (self.every is not None and step % self.every == 0)
 
     def note_lr(self, step: int) -> None:
         """Record the local workers' learning rates for step ``step`` (call before its iteration)."""
-        self.pending_lrs[step] = local_learning_rates(self.run)
+        self.pending_lrs[step] = self.run.learning_rates()
 
     # -- evaluating -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -93,10 +95,9 @@ class Evaluator:
         the rows of ``eval.csv`` for every step recorded since the last evaluation, up to
         ``step`` (the evaluated one with metrics); None on the other ranks."""
         self.evaluated = step
-        if hasattr(self.run, "simulation"):
-            self.run.simulation.wait_in_flight()  # overlapped syncs: a receiver may still be written
+        self.run.wait_in_flight()  # overlapped syncs: a receiver may still be written
         buffers = self._lowest_worker_buffers(step)
-        own = local_buffers(self.run)
+        own = self.run.worker_buffers()
         metrics = {i: self._metrics(z, own.get(i, buffers)) for i, z in self.run.models().items()}
         virtual = self._virtual(buffers, step)
         lrs, self.pending_lrs = self.pending_lrs, {}
@@ -131,14 +132,14 @@ class Evaluator:
         for name, buf in self.template.named_buffers():
             if name in buffers:
                 buf.copy_(buffers[name])
-        return self.job.evaluate(self.template)
+        return self.evaluate_module(self.template)
 
     def _lowest_worker_buffers(self, step: int) -> dict:
         """The buffers of the lowest-numbered worker, on every rank (one all-gather when the model
         has buffers and the run spans ranks)."""
         if not self.has_buffers:
             return {}
-        local = local_buffers(self.run).get(self.first_worker)
+        local = self.run.worker_buffers().get(self.first_worker)
         if self.comm is None:
             return local or {}
         mine = {n: t.cpu() for n, t in local.items()} if local is not None else None
@@ -151,29 +152,12 @@ class Evaluator:
         if self.a is None:
             return None
         columns = self.run.columns()
-        theta = None
-        for i, x in columns.items():
-            term = x.detach() * self.a[i]
-            theta = term if theta is None else theta.add_(term)
+        theta = weighted_sum(columns, self.a, torch.empty_like(next(iter(columns.values()))))
         if self.comm is not None:
             world = tuple(range(self.comm.world_size))
             with collective(self.comm, step, "all-reduce of the virtual iterate", world):
                 self.comm.all_reduce_(theta, world)
         return self._metrics(theta, buffers) if self.rank == 0 else None
-
-
-def local_learning_rates(run) -> dict[int, float]:
-    """``{worker: lr}`` of the run's local workers (``param_groups[0]["lr"]``)."""
-    if hasattr(run, "simulation"):
-        return {i: float(a.optimizer.param_groups[0]["lr"]) for i, a in run.simulation.agents.items() if a.is_worker}
-    return {0: float(run.optimizer.param_groups[0]["lr"])}  # the serial reference: agent 0 is the worker
-
-
-def local_buffers(run) -> dict[int, dict[str, torch.Tensor]]:
-    """``{worker: {name: buffer}}`` of the run's local workers (live tensors; read only)."""
-    if hasattr(run, "simulation"):
-        return {i: dict(a.module.named_buffers()) for i, a in run.simulation.agents.items() if a.is_worker}
-    return {0: dict(run.module.named_buffers())}
 
 
 class EvalWriter:
