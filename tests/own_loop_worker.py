@@ -126,7 +126,38 @@ def refuse_two_workers(comm):
                    model=net, comm=comm)
 
 
+def refuse_other_alphas(comm):
+    """Rank 1 builds its schedule with another alpha: refused at construction, naming both."""
+    net = problems.make_model(0)
+    AgentOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), topology.lookahead(2, 0.5 if comm.rank == 0 else 0.6),
+                   model=net, comm=comm)
+
+
+def refuse_other_overlap(comm):
+    net = problems.make_model(0)
+    AgentOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), topology.lookahead(2, 0.5), model=net, comm=comm,
+                   overlap=comm.rank == 0)
+
+
+def refuse_bad_option_on_one_rank(comm):
+    """An invalid option on rank 1 alone: every rank raises it (no rank waits in a collective)."""
+    net = problems.make_model(0)
+    AgentOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), topology.lookahead(2, 0.5), model=net, comm=comm,
+                   overlap="auto" if comm.rank == 0 else "sometimes")
+
+
+def refuse_simulation_other_k(comm):
+    from launch import Simulation
+
+    Simulation(problems.make_model(0), problems.loss_fn, problems.batches(1), topology.lookahead(2 + comm.rank, 0.5),
+               problems.OPTIMIZERS["sgd"], comm=comm)
+
+
 REFUSALS = {
+    "other_alphas": refuse_other_alphas,
+    "other_overlap": refuse_other_overlap,
+    "bad_option_on_one_rank": refuse_bad_option_on_one_rank,
+    "simulation_other_k": refuse_simulation_other_k,
     "ddp": refuse_ddp,
     "ddp_hook": lambda comm: refuse_ddp(comm, hook=True),
     "ddp_simulation": refuse_ddp_simulation,

@@ -201,6 +201,12 @@ def test_mpi_three_processes(tmp_path):
 
 
 REFUSALS = {
+    # The start-up agreement (launch.engine.core.agree): what ranks disagree on, with each value.
+    "other_alphas": (ValueError, "schedule must be the same on every rank .* rank 0: 'MultilayerSchedule\\(ks=\\(2,\\), "
+                                 "alphas=\\(0.5,\\)\\).*rank 1: 'MultilayerSchedule\\(ks=\\(2,\\), alphas=\\(0.6,\\)\\)"),
+    "other_overlap": (ValueError, "overlap must be the same on every rank .* rank 0: True; rank 1: False"),
+    "bad_option_on_one_rank": (ValueError, "^rank 1: overlap must be True or False, or 'auto'"),
+    "simulation_other_k": (ValueError, "schedule must be the same on every rank .*ks=\\(2,\\).*ks=\\(3,\\)"),
     "ddp": (ValueError, "model is a DistributedDataParallel\\): each backward .* \\(on every rank\\)"),
     "ddp_hook": (ValueError, "DistributedDataParallel, with DDP comm hooks"),
     "ddp_simulation": (ValueError, "model is a DistributedDataParallel"),

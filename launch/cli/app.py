@@ -48,7 +48,7 @@ from omegaconf import DictConfig
 from experiments.partition import write_label_histograms
 from launch.cli import rundir
 from launch.cli.build import Job, build_job
-from launch.cli.checkpoint_options import checkpointer_for
+from launch.cli.resume import checkpointer_for
 from launch.cli.deviation import DeviationTracker, format_table
 from launch.cli.errors import (EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DEVIATION, EXIT_NONFINITE, EXIT_OK, EXIT_RANK_FAILURE,
                                in_config_terms, linger, report_error, run_hydra_app)

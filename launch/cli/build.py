@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from agents.level_policy import resolve_policy
-from launch.cli.checkpoint_options import CheckpointOptions, build_checkpoints
+from launch.cli.resume import CheckpointOptions, build_checkpoints
 from launch.cli.deviation import tolerance_for
 from launch.cli.errors import in_group_terms, launcher_world
 from launch.cli.registry import OUTER_RULES, SCHEDULES, make_schedule, optimizers, problems
