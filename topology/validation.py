@@ -30,6 +30,9 @@ def check_alpha(alpha, *, name: str = "alpha") -> float:
 
 def check_levels(ks: Sequence, alphas: Sequence) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Periods and step sizes of a multilayer Lookahead: equal, non-zero lengths."""
+    for name, value in (("ks", ks), ("alphas", alphas)):
+        if isinstance(value, (str, bytes)):   # a string is a sequence of characters, not of numbers
+            raise ValueError(f"{name} must be a sequence of numbers, one per level; got the string {value!r}")
     try:
         ks, alphas = tuple(ks), tuple(alphas)
     except TypeError as err:

@@ -147,7 +147,7 @@ def _run(job: Job, out_dir: Path, comm) -> int:
         tracker = _loop(job, run_, reference, checkpointer, log, first)
     finally:
         elapsed = log.close()
-    ending = finish_run(run_, checkpointer, first, job.launch.steps)  # the end checked like a sync; a failed
+    ending = finish_run(run_, checkpointer, first, job.launch.steps, log.evaluator.nonfinite)  # checked like a sync; a failed
     # final checkpoint does not stop the results below from being written (launch.cli.finish)
     state_dicts = run_.state_dicts(job.model())  # a collective: every rank
     if not rank0:
@@ -163,6 +163,8 @@ def _resume(job: Job, out_dir: Path, run_, rank0: bool):
     """The run's checkpointer (None without checkpoints) and the t it resumed from (None when it
     did not resume): the same t on every rank."""
     checkpointer = checkpointer_for(job.checkpoints, out_dir)
+    if checkpointer is not None:
+        checkpointer.check_writable(run_.engine)   # before a step is computed, on every rank alike
     if checkpointer is None or not job.checkpoints.resume:
         return checkpointer, None
     steps = job.launch.steps

@@ -288,6 +288,11 @@ def build_problem(node, launch: LaunchOptions, schedule: Schedule):
     given = dict(options)
     accepted = _parameters(factory)
     workers = schedule.workers
+    if "num_workers" in options and options["num_workers"] != len(workers):
+        raise ValueError(f"problem.num_workers={options['num_workers']!r} does not match the topology's {len(workers)} "
+                         f"workers: the data is split into one shard per worker, and a shard no worker reads "
+                         f"would silently drop out of training; leave problem.num_workers unset (the topology's "
+                         f"number is used) or set it to {len(workers)}")
     run_values = {"seed": launch.seed, "dtype": launch.dtype, "device": launch.device, "num_workers": len(workers)}
     for key, value in run_values.items():
         if accepted is not None and key in accepted and key not in options:

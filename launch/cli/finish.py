@@ -4,7 +4,9 @@ After the last iteration every rank calls :func:`finish_run`, which does, in thi
 
 1. the end-of-run finiteness check, collective like a sync's (the run's ``check_finite``,
    :meth:`launch.engine.core.SyncEngine.check_finite`; a serial run checks its columns): a run
-   that diverged after its last sync is caught here;
+   that diverged after its last sync is caught here; and the held-out metrics of the last
+   evaluation: an agent whose parameters are finite but whose held-out loss is not (parameters
+   of 1e155) has diverged too -- the same verdict on every rank, from the evaluation's gather;
 2. the final checkpoint (when the run checkpoints and iterated), unless the check failed (the last
    good checkpoint is then kept); a :class:`launch.engine.store.checkpoint.CheckpointError` (a full
    disk, a read-only folder) is kept in the :class:`Ending`, not raised, so that the caller still
@@ -26,6 +28,9 @@ from launch.cli.errors import EXIT_CHECKPOINT, EXIT_DEVIATION, EXIT_NONFINITE, E
 from launch.engine.store.checkpoint import CheckpointError
 from launch.engine.guard.health import END_OF_RUN, NonFiniteError
 
+#: Where a non-finite held-out metric of the last evaluation is found.
+HELDOUT = "held-out evaluation at the end of the run"
+
 
 @dataclass
 class Ending:
@@ -41,8 +46,9 @@ class Ending:
         that failed is reported apart: :meth:`report`)."""
         if self.nonfinite is not None:
             err = self.nonfinite
+            loss = "held-out metrics" if err.stopped[1] == HELDOUT else "loss"
             parts = ([f"parameters of agent(s) {err.parameters}"] if err.parameters else []) + (
-                [f"loss of agent(s) {err.losses}"] if err.losses else [])
+                [f"{loss} of agent(s) {err.losses}"] if err.losses else [])
             return "non_finite", (f"non-finite {' and '.join(parts)} at the end of the run, t={err.step}; "
                                   f"no final checkpoint")
         if status == EXIT_DEVIATION:
@@ -68,11 +74,14 @@ class Ending:
                          f"summary.txt and metrics.csv{where}")
 
 
-def finish_run(run_, checkpointer, first: int, steps: int) -> Ending:
-    """Steps 1 and 2 of the module docstring (collective: every rank calls it)."""
+def finish_run(run_, checkpointer, first: int, steps: int, heldout_nonfinite: list[int] = ()) -> Ending:
+    """Steps 1 and 2 of the module docstring (collective: every rank calls it);
+    ``heldout_nonfinite``: the agents whose held-out metrics at the end are not finite."""
     ending = Ending()
     try:
         run_.check_finite(END_OF_RUN)
+        if heldout_nonfinite:
+            raise NonFiniteError(steps, [], list(heldout_nonfinite), HELDOUT)
     except NonFiniteError as err:
         ending.nonfinite = err
         return ending

@@ -43,7 +43,7 @@ class RunLog:
                                    last=launch.steps)
         self.metrics = (MetricsWriter(out_dir / "metrics.csv", workers=schedule.workers, consensus=self.probe.a is not None,
                                       resume_at=first or None) if out_dir is not None else None)
-        self.evals = EvalWriter(out_dir / "eval.csv") if out_dir is not None else None
+        self.evals = EvalWriter(out_dir / "eval.csv", resume_at=first or None) if out_dir is not None else None
         self.board = TensorBoardLog(out_dir) if out_dir is not None and launch.tensorboard else None
         self.bar = tqdm(total=launch.steps, initial=first, desc=f"{job.problem_name} {where}", unit="step",
                         disable=self.metrics is None, mininterval=0.5)

@@ -100,6 +100,8 @@ def build_checkpoints(cfg: DictConfig, job) -> CheckpointOptions | None:
                           optional="")
     resume = check_bool(cfg.launch.get("resume", False), "launch.resume")
     if every is None and not resume:
+        if cfg.launch.get("resume_allow"):   # checked all the same: a typo must not wait for the resume
+            resume_allow(cfg, config_record(cfg, job))
         return None
     if job.launch.mode == "serial":
         raise ValueError("launch.checkpoint_every / launch.resume need a simulator run (launch=colocated, torch or mpi); "
@@ -121,7 +123,8 @@ def checkpointer_for(options: CheckpointOptions | None, out_dir: Path) -> Checkp
     if not directory.is_absolute():
         directory = out_dir / directory
     return Checkpointer(directory, every=options.every, config=options.record,
-                        allow=options.allow + engine_keys(options.allow), allow_option="launch.resume_allow")
+                        allow=options.allow + engine_keys(options.allow), allow_option="launch.resume_allow",
+                        key_name=config_key)
 
 
 def config_record(cfg: DictConfig, job) -> dict:
@@ -183,6 +186,24 @@ def engine_keys(allow) -> tuple[str, ...]:
             rest = key[len("agents.outer."):] if key.startswith("agents.outer.") else ""
             keys += ["outer"] if rest in ("", "name") else [f"outer.{rest}", f"outer.optimizer.{rest}"]
     return tuple(dict.fromkeys(keys))
+
+
+def config_key(key: str) -> str:
+    """The configuration key of an engine record's ``key`` (the inverse of :func:`engine_keys`,
+    for a checkpoint written through the Python API, which holds no configuration record).
+
+    Example:
+        >>> config_key("optimizer.lr"), config_key("outer.optimizer.momentum"), config_key("schedule")
+        ('agents.optimizer.lr', 'agents.outer.momentum', 'topology')
+    """
+    for config, engine in ENGINE_KEYS.items():
+        if key in engine:
+            return config
+    if key.startswith("outer.optimizer."):
+        return "agents.outer." + key[len("outer.optimizer."):]
+    if key == "optimizer" or key.startswith("optimizer.") or key == "outer" or key.startswith("outer."):
+        return "agents." + key
+    return key
 
 
 def _container(node) -> dict:

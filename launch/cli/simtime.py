@@ -48,6 +48,10 @@ from topology.schedule import Schedule
 #: Iterations whose wall time gives the measured compute time per inner step.
 MEASURED_STEPS = 5
 
+#: The largest ``launch.compute_s``: a day per inner step, so that the clock of any run stays a
+#: finite number (a step count times this, plus the syncs, is far below the float range).
+MAX_COMPUTE_S = 86400.0
+
 
 def check_cluster_options(cluster, compute_s) -> tuple[str | None, float | None]:
     """``launch.cluster`` (None or a preset name) and ``launch.compute_s`` (None or seconds >= 0),
@@ -58,7 +62,8 @@ def check_cluster_options(cluster, compute_s) -> tuple[str | None, float | None]
         if cluster is None:
             raise ValueError("launch.compute_s needs launch.cluster (a preset of the simulated network: "
                              f"{', '.join(PRESETS)})")
-        compute_s = check_real(compute_s, "launch.compute_s", minimum=0.0)
+        compute_s = check_real(compute_s, "launch.compute_s", minimum=0.0, maximum=MAX_COMPUTE_S,
+                               unit="seconds per inner step")
     return cluster, compute_s
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -78,6 +79,9 @@ class Evaluator:
         self.m = schedule.num_agents
         self.pending_lrs: dict[int, dict[int, float]] = {}  # step -> {local worker: lr}, not yet gathered
         self.evaluated = 0  # the last evaluated step
+        #: The agents whose held-out metrics were not all finite at the last evaluation (the same
+        #: on every rank: every rank receives every rank's metrics).
+        self.nonfinite: list[int] = []
 
     # -- when -----------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -103,6 +107,8 @@ class Evaluator:
         lrs, self.pending_lrs = self.pending_lrs, {}
         parts = (gather_objects(self.comm, (metrics, lrs), step, "gather of the evaluation")
                  if self.comm is not None else [(metrics, lrs)])
+        self.nonfinite = sorted(i for part, _ in parts for i, values in part.items()
+                                if not all(math.isfinite(v) for v in values.values()))
         if self.rank != 0:
             return None
         merged_metrics: dict[int, dict] = {}
@@ -162,21 +168,41 @@ class Evaluator:
 
 class EvalWriter:
     """Appends :class:`Evaluator` rows to ``path`` (the header from the first rows' metrics),
-    flushed at every write; NaN (not applicable) is an empty field, floats with 17 digits."""
+    flushed at every write; NaN (not applicable) is an empty field, floats with 17 digits.
 
-    def __init__(self, path: Path | str):
+    ``resume_at=t`` (a resumed run): the file's history is kept as in
+    :class:`launch.engine.record.metrics.MetricsWriter` -- its complete rows of steps up to t stay
+    (those after t, which the resumed run recomputes, and a line cut short are dropped) and the new
+    rows are appended; the kept history is written back at once (a crash cannot lose it).  Without
+    it the file is written afresh at the first rows."""
+
+    def __init__(self, path: Path | str, *, resume_at: int | None = None):
         self.path = Path(path)
         self._file = None
         self._columns: list[str] = []
+        self._kept: list[list[str]] = []
+        if resume_at is not None and self.path.exists():
+            columns, kept = _eval_history(self.path, resume_at)
+            if columns:
+                self._columns, self._kept = columns, kept
+                self._open()
+
+    def _open(self) -> None:
+        partial = self.path.with_name(f".{self.path.name}.tmp")
+        with open(partial, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(self._columns)
+            writer.writerows(self._kept)
+        os.replace(partial, self.path)
+        self._file = open(self.path, "a", newline="")
+        self._csv = csv.writer(self._file)
 
     def write(self, rows: list[dict]) -> None:
         if not rows:
             return
         if self._file is None:
             self._columns = ["step", "agent", "lr"] + [k for k in rows[0] if k.startswith("heldout_")]
-            self._file = open(self.path, "w", newline="")
-            self._csv = csv.writer(self._file)
-            self._csv.writerow(self._columns)
+            self._open()
         for row in rows:
             self._csv.writerow([_cell(row.get(k, math.nan)) for k in self._columns])
         self._file.flush()
@@ -190,6 +216,19 @@ def _cell(value) -> str:
     if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
         return str(value)
     return "" if value is None or math.isnan(value) else repr(float(value))
+
+
+def _eval_history(path: Path, until: int) -> tuple[list[str], list[list[str]]]:
+    """The header of ``path`` and its complete rows of steps up to ``until`` (a last line
+    without its newline, cut short by a crash, is dropped)."""
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    rows = list(csv.reader(lines))
+    if not rows:
+        return [], []
+    header, body = rows[0], rows[1:]
+    return header, [r for r in body if len(r) == len(header) and r[0].isdigit() and int(r[0]) <= until]
 
 
 def read_eval(path: Path | str) -> list[dict]:

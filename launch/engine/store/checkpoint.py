@@ -188,10 +188,13 @@ class Checkpointer:
             key allows the keys under it.  The new values then apply.
         allow_option: how the error message tells the user to allow a change (default
             ``Checkpointer(allow=[...])``; the command line: ``launch.resume_allow``).
+        key_name: ``engine key -> the caller's key`` (the command line: ``optimizer.lr`` ->
+            ``agents.optimizer.lr``), for the messages about a checkpoint that holds no caller's
+            record (one written through the Python API), whose engine keys are then compared.
     """
 
     def __init__(self, directory, every: int | None = None, keep: int | None = 2, *, config: dict | None = None,
-                 allow=(), allow_option: str | None = None):
+                 allow=(), allow_option: str | None = None, key_name=None):
         if not isinstance(directory, (str, os.PathLike)):
             raise ValueError(f"directory must be a path; got {directory!r}")
         self.directory = Path(directory)
@@ -204,6 +207,7 @@ class Checkpointer:
             raise ValueError(f"allow must be a list of record keys; got {allow!r}")
         self.allow = tuple(allow)
         self.allow_option = allow_option
+        self.key_name = key_name
         #: After :meth:`load`: ``(key, checkpoint's value, new value)`` of every allowed change (in
         #: the caller's keys when the checkpoint and this checkpointer both have a ``config``).
         self.changed: list[tuple[str, object, object]] = []
@@ -224,6 +228,24 @@ class Checkpointer:
         """t of the latest complete checkpoint, or None."""
         manifest = self.manifest()
         return None if manifest is None else manifest["t"]
+
+    def check_writable(self, target) -> None:
+        """``ValueError`` on every rank alike (naming the folder and each rank's error) when some
+        rank cannot write into :attr:`directory` -- a file in its place, no permission -- so that a
+        run learns it before it computes, not at its first checkpoint.  Collective: every rank
+        calls it, with the engine or door of :meth:`save`."""
+        engine = engine_of(target)
+        error = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".writable.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            error = f"rank {engine.rank}: {_describe(err)}"
+        errors = [e for e in gather_objects(engine.comm, error, engine.t, "check of the checkpoint folder") if e]
+        if errors:
+            raise ValueError(f"the checkpoint folder {self.directory} cannot be written: {'; '.join(errors)}")
 
     # -- saving -------------------------------------------------------------------------------------
     def due(self, t: int) -> bool:
@@ -397,18 +419,19 @@ class Checkpointer:
         named = [d[0][: -len("name")] for d in refused if d[0].endswith(".name")]
         refused = [d for d in refused if not any(d[0].startswith(f[0] + ".") for f in fixed)
                    and not any(d[0].startswith(prefix) and d[0] != prefix + "name" for prefix in named)]
+        compared = self.config is not None and manifest["config"] is not None
+        name = self.key_name if (self.key_name is not None and not compared) else (lambda key: key)
         if refused or fixed:
-            parts = [f"{key} is {_show(new)}, the checkpoint's {_show(old)}" for key, old, new in refused]
-            parts += [f"{key} is {_show(new)}, the checkpoint's {_show(old)} (this cannot change on resume: the "
+            parts = [f"{name(key)} is {_show(new)}, the checkpoint's {_show(old)}" for key, old, new in refused]
+            parts += [f"{name(key)} is {_show(new)}, the checkpoint's {_show(old)} (this cannot change on resume: the "
                       f"saved state would not fit)" for key, old, new in fixed]
             message = f"this run is not the run of the checkpoint (t={manifest['t']}): " + "; ".join(parts)
-            keys = [key for key, _, _ in refused]
+            keys = [name(key) for key, _, _ in refused]
             if keys and not fixed:
                 option = (f"Checkpointer(allow={keys!r})" if self.allow_option is None
                           else f"{self.allow_option}=[{','.join(keys)}]")
                 message += f". To continue with the new value(s) from t={manifest['t']} on, allow the change: {option}"
             raise ValueError(message)
-        compared = self.config is not None and manifest["config"] is not None
         return (config if compared else engine), engine
 
     @staticmethod
