@@ -87,18 +87,27 @@ class PhasedSchedule(Schedule):
         for steps, _ in self.phases:
             self.starts.append(start)
             start += steps or 0
+        distinct, cycle, prefix = self._chained(lambda s: (s.distinct_matrices, s.prefix, s.cycle), Schedule.head)
+        gradients = self._chained(lambda s: (s.distinct_gradient_matrices, s.gradient_prefix, s.gradient_cycle),
+                                  Schedule.gradient_head)
+        last = self.phases[-1][1]
+        super().__init__(distinct, cycle, last.workers, last.push_sum, prefix, gradients)
+        self.name = "phases([" + ", ".join(f"({steps}, {schedule!r})" for steps, schedule in self.phases) + "])"
+
+    def _chained(self, parts, head) -> tuple:
+        """(distinct, cycle, prefix) of one kind of matrix (``parts(schedule)`` = its distinct
+        matrices, prefix and cycle words; ``head(schedule, steps)`` its first indices) over the
+        phases: every phase's matrices numbered after the previous phases', each finite phase cut
+        to its steps, the last phase's prefix appended and its cycle the cycle."""
         matrices, words, offset = [], [], 0
-        for (steps, schedule), start in zip(self.phases, self.starts):
-            numbers = range(offset, offset + len(schedule.distinct_matrices))
-            matrices += schedule.distinct_matrices
+        for steps, schedule in self.phases:
+            distinct, prefix, cycle = parts(schedule)
+            numbers = range(offset, offset + len(distinct))
+            matrices += distinct
             offset = numbers.stop
             if steps is not None:
-                words.append(renumber(schedule.head(steps), numbers))
-        last = self.phases[-1][1]
-        prefix = concat(*words, renumber(last.prefix, numbers))
-        distinct, cycle, prefix = canonical(matrices, renumber(last.cycle, numbers), prefix)
-        super().__init__(distinct, cycle, last.workers, last.push_sum, prefix)
-        self.name = "phases([" + ", ".join(f"({steps}, {schedule!r})" for steps, schedule in self.phases) + "])"
+                words.append(renumber(head(schedule, steps), numbers))
+        return canonical(matrices, renumber(cycle, numbers), concat(*words, renumber(prefix, numbers)))
 
     def phase(self, t: int) -> tuple[int, int]:
         """(i, u): iteration t is iteration u of phase i (u = t - S_i)."""
