@@ -10,7 +10,12 @@ reads ``batches(1 + i)``, i its rank in the group).
 
 Four processes run every case: the 2-rank cases on the pairs {0, 1} (SGD with momentum) and
 {2, 3} (Adam) at once, the 4-rank cases on the world (the averager's counter alignment is the
-same on 2 and 4 ranks: the documented ``warmup_steps=s`` runs on 2 only).  Writes ``out/rank{R}.pt``: {case name:
+same on 2 and 4 ranks: the documented ``warmup_steps=s`` runs on 2 only).
+
+The "2 agents x 2 ranks" cases are local SGD over agents that span two ranks, written the PyTorch
+way: a plain DDP model over each agent's pair {0, 1}, {2, 3} (no hook: DDP's own gradient mean),
+and ``PeriodicModelAverager(TAU, warmup_steps=TAU - 1)`` over each lane {0, 2}, {1, 3} (each
+pair's i-th rank with the other's i-th rank).  Writes ``out/rank{R}.pt``: {case name:
 (worker index, (STEPS, d) parameters after every iteration)}.
 
 Usage: python tests/post_local_worker.py SPEC_JSON, SPEC = {"out": folder}.
@@ -33,6 +38,7 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 import topology  # noqa: E402
 from tests.averagers_worker import theirs  # noqa: E402
 from topology import decentralized as dec  # noqa: E402
+from topology.data_parallel import shard_schedule  # noqa: E402
 
 STEPS, START, TAU = 200, 30, 4
 OPTIMIZERS = ("sgd_momentum", "adam")
@@ -44,6 +50,8 @@ VARIANTS = {"aligned": START + TAU - 1, "documented": START, "subgroups": START 
 
 def schedule(world: int, variant: str) -> topology.Schedule:
     """The schedule that is the case's recipe (docs/ranks.md)."""
+    if variant == "agents of 2 ranks":
+        return shard_schedule(dec.local_sgd(world // 2, TAU), 2)
     warmup = topology.data_parallel(world)
     if variant == "aligned":        # averages at t = START + TAU - 1 + j TAU
         return topology.phases([(START, warmup), (None, dec.local_sgd(world, TAU))])
@@ -60,7 +68,7 @@ def schedule(world: int, variant: str) -> topology.Schedule:
 def cases() -> list[tuple[str, int, str, str]]:
     """(name, world, optimizer, variant) of every case."""
     found = [(f"2 ranks {o} {v}", 2, o, v) for v in ("aligned", "documented") for o in OPTIMIZERS]
-    found += [(f"4 ranks {o} {v}", 4, o, v) for v in ("aligned", "subgroups") for o in OPTIMIZERS]
+    found += [(f"4 ranks {o} {v}", 4, o, v) for v in ("aligned", "subgroups", "agents of 2 ranks") for o in OPTIMIZERS]
     return found
 
 
@@ -78,6 +86,22 @@ def recipe(group, subgroup, optimizer: str, warmup_steps: int) -> torch.Tensor:
     return theirs(dist.get_rank(group), [(averager, None)], STEPS, optimizer, forward)
 
 
+def agents_of_two_ranks(pair, lane, optimizer: str) -> torch.Tensor:
+    """Local SGD over 2 agents of 2 ranks, the PyTorch way (module docstring)."""
+    averager = PeriodicModelAverager(TAU, warmup_steps=TAU - 1, process_group=lane)
+    return theirs(dist.get_rank(), [(averager, None)], STEPS, optimizer,
+                  lambda model: torch.nn.parallel.DistributedDataParallel(model, process_group=pair))
+
+
+def run_case(world: int, optimizer: str, variant: str, pair, lane) -> tuple[int, torch.Tensor]:
+    """(worker index, trajectory) of this rank in one case."""
+    if variant == "agents of 2 ranks":
+        return dist.get_rank(), agents_of_two_ranks(pair, lane, optimizer)
+    group = pair if world == 2 else dist.group.WORLD
+    subgroup = pair if variant == "subgroups" else None
+    return dist.get_rank(group), recipe(group, subgroup, optimizer, VARIANTS[variant])
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(1)
@@ -85,14 +109,13 @@ def main() -> int:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     pair, _ = dist.new_subgroups(group_size=2)
+    lane, _ = dist.new_subgroups_by_enumeration([[0, 2], [1, 3]])
     results = {}
     try:
         for name, world, optimizer, variant in cases():
             if world == 2 and optimizer != OPTIMIZERS[rank // 2]:
                 continue        # the other pair runs it
-            group = pair if world == 2 else dist.group.WORLD
-            subgroup = pair if variant == "subgroups" else None
-            results[name] = (dist.get_rank(group), recipe(group, subgroup, optimizer, VARIANTS[variant]))
+            results[name] = run_case(world, optimizer, variant, pair, lane)
         torch.save(results, os.path.join(spec["out"], f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

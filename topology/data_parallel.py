@@ -50,7 +50,7 @@ import torch
 from topology.checks import check_integer
 from topology.plan import Plan, compile_plan
 from topology.schedule import Schedule, compose
-from topology.validation import check_gradient_matrix, check_period, passive_identity
+from topology.validation import check_gradient_matrix, check_mixing_matrix, check_period, passive_identity
 from topology.word import EMPTY, run
 
 
@@ -78,10 +78,48 @@ def data_parallel(num_workers: int, *, passive: int = 0) -> Schedule:
     return schedule
 
 
+def shard_schedule(schedule: Schedule, ranks_per_agent: int) -> Schedule:
+    """The one-agent-per-rank schedule of ``schedule`` run with every agent spanning G =
+    ``ranks_per_agent`` ranks (``launch.engine.placement.GroupPlacement``): agent i becomes the G
+    shard agents i G .. i G + G - 1 (a worker's data-parallel shards, a passive agent's replicas),
+    and
+
+        Q'_t = Q_t (x) J_G,    P'_t = P_t (x) I_G        ((x): the Kronecker product, J_G = (1/G) 1 1^T),
+
+    so shard (j, b) steps on sum_i Q_t[i, j] (1/G) sum_a g_(i, a) -- the mean of each agent's
+    shards' gradients (DDP inside the agent), mixed across agents by Q_t -- and gets
+    sum_i P_t[i, j] x_(i, b): the sync of P_t on lane b alone (each group's b-th rank with the
+    others' b-th rank).  Its trajectory (:func:`agents.matrix_reference.run_model`, the data of
+    shard s ``data(s)``) is the serial check of agents that span ranks.  Distinct matrices map one
+    to one, so the words are the same: nothing is enumerated.  G = 1 gives ``schedule``'s matrices.
+
+    Example (local SGD over 2 agents of 2 ranks: gradients averaged in each agent's pair, the
+    parameters averaged lane by lane):
+        >>> from topology.decentralized import local_sgd
+        >>> s = shard_schedule(local_sgd(2, 3), 2)
+        >>> s.workers, s.gradient_matrix(0)[:, 0].tolist(), s.matrix(2)[:, 0].tolist()
+        ((0, 1, 2, 3), [0.5, 0.5, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0])
+    """
+    size = check_period(ranks_per_agent, name="ranks_per_agent")
+    if schedule.push_sum:
+        raise ValueError("shard_schedule does not spread push-sum schedules over ranks (their weights)")
+    m = schedule.num_agents * size
+    workers = tuple(w * size + lane for w in schedule.workers for lane in range(size))
+    eye, mean = torch.eye(size, dtype=torch.float64), torch.full((size, size), 1.0 / size, dtype=torch.float64)
+    mixing = [check_mixing_matrix(torch.kron(p, eye), m, name="the shard mixing matrix")
+              for p in schedule.distinct_matrices]
+    gradients = [check_gradient_matrix(torch.kron(q, mean), m, workers, name="the shard gradient matrix")
+                 for q in schedule.distinct_gradient_matrices]
+    sharded = Schedule(mixing, schedule.cycle, workers, False, schedule.prefix,
+                       (gradients, schedule.gradient_cycle, schedule.gradient_prefix))
+    sharded.name = f"shard_schedule({schedule!r}, ranks_per_agent={size})"
+    return sharded
+
+
 def gradient_plan(schedule: Schedule, index: int) -> Plan:
     """The plan of the distinct gradient matrix ``index`` of ``schedule`` (module docstring)."""
     matrix = schedule.distinct_gradient_matrices[index]
     return compile_plan(matrix + passive_identity(schedule.num_agents, schedule.workers))
 
 
-__all__ = ["data_parallel", "gradient_plan"]
+__all__ = ["data_parallel", "gradient_plan", "shard_schedule"]
