@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from topology.data_parallel import gradient_plan
 from topology.schedule import Schedule
 from topology.word import counts, product
 
@@ -91,8 +92,7 @@ def vectors_sent_per_agent(schedule: Schedule) -> float:
     per step.  Computed as sum over distinct matrices d of cost(d) * (number of iterations of the
     period using d) / period, for the P's and for the Q's.
     """
-    from topology.data_parallel import gradient_plan  # local: these import nothing from here, keep it so
-    from topology.plan import compile_plan
+    from topology.plan import compile_plan  # local: plan imports nothing from here, keep it so
 
     total = 0.0
     for index, count in sorted(counts(schedule.cycle).items()):
