@@ -68,6 +68,7 @@ def run_model(schedule: Schedule, model: nn.Module, optimizer: Callable[[list], 
     agents = [copy.deepcopy(model) for _ in range(schedule.num_agents)]
     inner = {i: optimizer(list(agents[i].parameters())) for i in schedule.workers}
     streams = {i: iter(data(i)) for i in schedule.workers}
+    identity = torch.eye(schedule.num_agents, dtype=torch.float64)
     rows = []
     for t in range(steps):
         gradients = {}
@@ -76,14 +77,14 @@ def run_model(schedule: Schedule, model: nn.Module, optimizer: Callable[[list], 
             loss_fn(agents[i], next(streams[i])).backward()
             gradients[i] = _flat([p.grad if p.grad is not None else torch.zeros_like(p)
                                   for p in agents[i].parameters()])
-        mixed = {j: _combine(schedule.gradient_matrix(t)[:, j], gradients) for j in schedule.workers}
+        q, matrix = schedule.gradient_matrix(t), schedule.matrix(t)
+        mixed = {j: _combine(q[:, j], gradients) for j in schedule.workers}
         for j in schedule.workers:
             _write([p.grad for p in _with_grads(agents[j])], mixed[j])
             inner[j].step()
         values = {i: _flat(list(agents[i].parameters())) for i in range(schedule.num_agents)}
-        matrix = schedule.matrix(t)
         for j in range(schedule.num_agents):
-            if not torch.equal(matrix[:, j], torch.eye(schedule.num_agents, dtype=torch.float64)[:, j]):
+            if not torch.equal(matrix[:, j], identity[:, j]):
                 _write(list(agents[j].parameters()), _combine(matrix[:, j], values))
         rows.append(torch.stack([_flat(list(a.parameters())) for a in agents]))
     return torch.stack(rows)

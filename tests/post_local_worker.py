@@ -110,15 +110,13 @@ def main() -> int:
     rank = dist.get_rank()
     pair, _ = dist.new_subgroups(group_size=2)
     lane, _ = dist.new_subgroups_by_enumeration([[0, 2], [1, 3]])
-    results = {}
     try:
-        for name, world, optimizer, variant in cases():
-            if world == 2 and optimizer != OPTIMIZERS[rank // 2]:
-                continue        # the other pair runs it
-            results[name] = run_case(world, optimizer, variant, pair, lane)
-        torch.save(results, os.path.join(spec["out"], f"rank{rank}.pt"))
+        results = {name: run_case(world, optimizer, variant, pair, lane)
+                   for name, world, optimizer, variant in cases()
+                   if world == 4 or optimizer == OPTIMIZERS[rank // 2]}    # each pair runs its optimizer's
     finally:
         dist.destroy_process_group()
+    torch.save(results, os.path.join(spec["out"], f"rank{rank}.pt"))
     return 0
 
 
