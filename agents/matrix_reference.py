@@ -66,7 +66,8 @@ def run_model(schedule: Schedule, model: nn.Module, optimizer: Callable[[list], 
     if schedule.push_sum:
         raise ValueError("run_model does not model push-sum schedules (their weights and de-biasing)")
     agents = [copy.deepcopy(model) for _ in range(schedule.num_agents)]
-    inner = {i: optimizer(list(agents[i].parameters())) for i in schedule.workers}
+    params = [list(agent.parameters()) for agent in agents]
+    inner = {i: optimizer(params[i]) for i in schedule.workers}
     streams = {i: iter(data(i)) for i in schedule.workers}
     identity = torch.eye(schedule.num_agents, dtype=torch.float64)
     rows = []
@@ -75,18 +76,17 @@ def run_model(schedule: Schedule, model: nn.Module, optimizer: Callable[[list], 
         for i in schedule.workers:
             inner[i].zero_grad(set_to_none=True)
             loss_fn(agents[i], next(streams[i])).backward()
-            gradients[i] = _flat([p.grad if p.grad is not None else torch.zeros_like(p)
-                                  for p in agents[i].parameters()])
+            gradients[i] = _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in params[i]])
         q, matrix = schedule.gradient_matrix(t), schedule.matrix(t)
         mixed = {j: _combine(q[:, j], gradients) for j in schedule.workers}
         for j in schedule.workers:
-            _write([p.grad for p in _with_grads(agents[j])], mixed[j])
+            _write(_grads(params[j]), mixed[j])
             inner[j].step()
-        values = {i: _flat(list(agents[i].parameters())) for i in range(schedule.num_agents)}
+        values = [_flat(p) for p in params]
         for j in range(schedule.num_agents):
             if not torch.equal(matrix[:, j], identity[:, j]):
-                _write(list(agents[j].parameters()), _combine(matrix[:, j], values))
-        rows.append(torch.stack([_flat(list(a.parameters())) for a in agents]))
+                _write(params[j], _combine(matrix[:, j], dict(enumerate(values))))
+        rows.append(torch.stack([_flat(p) for p in params]))
     return torch.stack(rows)
 
 
@@ -106,13 +106,12 @@ def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
-def _with_grads(module: nn.Module) -> list[nn.Parameter]:
-    """The parameters of ``module``, each given a (zero) ``.grad`` where it had none."""
-    params = list(module.parameters())
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """The ``.grad`` of every parameter, a zero one given where it had none (an unused parameter)."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    return params
+    return [p.grad for p in params]
 
 
 @torch.no_grad()
