@@ -210,6 +210,16 @@ REFUSALS = {
     "ddp": (ValueError, "model is a DistributedDataParallel\\): each backward .* \\(on every rank\\)"),
     "ddp_hook": (ValueError, "DistributedDataParallel, with DDP comm hooks"),
     "ddp_simulation": (ValueError, "model is a DistributedDataParallel"),
+    "fsdp": (ValueError, "must not be wrapped in FullyShardedDataParallel \\(model is .* pass the plain, unsharded "
+                         "module .* \\(on every rank\\)"),
+    "fsdp_module": (ValueError, "must not be FSDP flat parameters \\(_flat_param is a "
+                                "FlatParameter.* \\(on every rank\\)"),
+    "fully_shard": (ValueError, "must not be sharded with fully_shard \\(FSDP2; model is an FSDPModule.* "
+                                "\\(on every rank\\)"),
+    "tensor_parallel": (ValueError, "must be plain tensors, not DTensors \\(0.weight is a DTensor.* \\(on every "
+                                    "rank\\)"),
+    "ddp_forward": (ValueError, "run through a DistributedDataParallel wrapper over ranks \\[0, 1\\] before the "
+                                "first step\\(\\), but this rank's agent is this rank alone.* \\(on every rank\\)"),
     "zero": (ValueError, "must not be a ZeroRedundancyOptimizer.* \\(on every rank\\)"),
     "mixed_dtypes": (ValueError, "rank 1: the parameters must share one dtype"),
     "add_param_group": (ValueError, "worker rank 0 refused a call at t=1: add_param_group"),

@@ -2,10 +2,12 @@
 
 Every iteration t gets a simulated duration (:class:`SimClock`)
 
-    step_time(t) = compute_s + comm(t),
+    step_time(t) = compute_s + gradient_comm(t) + comm(t),
 
 compute_s being the time of one inner step (every worker takes its step at once, one agent per
-GPU; passive agents take none) and comm(t) the time of the collectives of P_t's plan
+GPU; passive agents take none), gradient_comm(t) the time of the gradient all-reduces of Q_t's
+plan (:func:`topology.data_parallel.gradient_plan`; 0 when Q_t is the identity), which the
+workers wait for before their inner step, and comm(t) the time of the collectives of P_t's plan
 (:func:`plan_time`), as the engine runs them with one agent per rank: a block whose members span
 g > 1 GPUs is one all-reduce over those g GPUs; a mix sends one point-to-point message per
 (source agent, receiver's GPU) pair on different GPUs.  n is the size in bytes of one agent's
@@ -81,6 +83,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple, Sequence
 
 from topology.checks import check_integer, check_real
+from topology.data_parallel import gradient_plan
 from topology.plan import Block, Plan, compile_plan
 from topology.schedule import Schedule
 from topology.validation import check_period
@@ -452,10 +455,10 @@ def schedule_counts(
 class SimClock:
     """Simulated time of a run of ``schedule`` on ``cluster``: ``time`` after ``t`` iterations.
 
-    ``step_time(t) = compute_s + plan_time(plan of P_t, head_start_s = compute_s x (t - t_prev))``
-    with t_prev the previous non-identity iteration before t (-1 when there is none); see the
-    module docstring.  Plans are compiled and costed once per distinct matrix (and head start),
-    so a step costs O(1).
+    ``step_time(t) = compute_s + plan_time(plan of Q_t) + plan_time(plan of P_t, head_start_s =
+    compute_s x (t - t_prev))`` with t_prev the previous non-identity iteration before t (-1 when
+    there is none); see the module docstring.  Plans are compiled and costed once per distinct
+    matrix (and head start), so a step costs O(1).
 
     Args:
         schedule: the schedule t -> P_t.
@@ -485,6 +488,9 @@ class SimClock:
         self.t = 0
         self.time = 0.0
         self._plans = [compile_plan(p) for p in schedule.distinct_matrices]
+        #: Per distinct Q: the time of its gradient all-reduces (no hub: nothing to overlap with).
+        self._gradient_cost = [plan_time(gradient_plan(schedule, i), cluster, self.nbytes, agent_gpus=self.agent_gpus)
+                               for i in range(len(schedule.distinct_gradient_matrices))]
         #: Per distinct matrix: whether its plan has a hub block (its cost depends on the head start).
         self._has_hub = [hub_of is not None and any(hub_of(b, p) is not None for b in p.blocks) for p in self._plans]
         self._cost: dict[tuple[int, float], float] = {}
@@ -527,9 +533,13 @@ class SimClock:
                                         hub_of=self.hub_of, head_start_s=head_start)
         return self._cost[key]
 
+    def gradient_time(self, t: int) -> float:
+        """gradient_comm(t): the simulated time of iteration ``t``'s gradient all-reduces (Q_t)."""
+        return self._gradient_cost[self.schedule.gradient_index(t)]
+
     def step_time(self, t: int) -> float:
-        """The simulated duration of iteration ``t``: compute_s + comm(t)."""
-        return self._compute_s + self.comm_time(t)
+        """The simulated duration of iteration ``t``: compute_s + gradient_comm(t) + comm(t)."""
+        return self._compute_s + self.gradient_time(t) + self.comm_time(t)
 
     def advance(self) -> float:
         """Simulate iteration ``self.t``: add its duration to ``time`` and return the duration."""

@@ -158,6 +158,10 @@ def compile_sync(schedule: Schedule, placement: Placement, rank: int, *, numel: 
             (``rule.check(model, optimizer)``: the rule's own checks).
         itemsize: bytes per element of the agents' buffers (``"auto"``'s memory rule).
     """
+    if schedule.mixes_gradients:
+        raise ValueError(f"schedule {schedule!r} mixes the workers' gradients (a Q_t other than the identity, "
+                         f"e.g. topology.data_parallel): the engine does not run gradient mixing yet; "
+                         f"agents.matrix_reference.run_model computes such a schedule serially")
     if overlap is True and outer is not None:
         raise ValueError("overlap=True applies to plain mixing syncs; it cannot be combined with outer=...")
     plans = [compile_plan(p) for p in schedule.distinct_matrices]
