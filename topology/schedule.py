@@ -217,15 +217,16 @@ class Schedule:
         return a.clamp_min(0.0)
 
     def fingerprint(self) -> str:
-        """A sha256 hex digest of everything that defines t -> P_t: the distinct matrices (shape
-        and bytes), the prefix and cycle words, the workers and push-sum.  Two schedules with the
+        """A sha256 hex digest of everything that defines t -> (P_t, Q_t): the distinct matrices
+        (shape and bytes), the prefix and cycle words, the workers and push-sum.  Two schedules with the
         same map t -> P_t built the same way have the same fingerprint; a difference anywhere
         changes it (up to a hash collision).  What the ranks of a job compare at start-up."""
         digest = hashlib.sha256(type(self).__name__.encode())
-        for matrix in self._distinct:
+        for matrix in self._distinct + self._gradient_distinct:
             shape, data = _key(matrix)
             digest.update(repr(shape).encode() + data)
-        digest.update(repr((self.prefix, self.cycle, self.workers, self.push_sum)).encode())
+        digest.update(repr((self.prefix, self.cycle, self.gradient_prefix, self.gradient_cycle, self.workers,
+                            self.push_sum)).encode())
         return digest.hexdigest()
 
     #: A short description set by the generators of :mod:`topology.decentralized` (shown by repr).
