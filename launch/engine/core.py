@@ -151,7 +151,7 @@ class SyncEngine:
     def _terms(self, model: nn.Module) -> dict:
         """What must agree across ranks, by the name the user gave it (:func:`agree`)."""
         return {
-            "schedule": f"{self.schedule!r} [{self.schedule.fingerprint()[:12]}]",
+            "schedule": f"{self.schedule!r} [{self.schedule.fingerprint()[:12]}]",   # as the run record
             "agents_per_rank": self.placement.agents_per_rank,
             "state_policy": list(self.sync_policy.levels),
             "outer": None if self.options.outer is None else normalize(self.options.outer.describe()),

@@ -167,11 +167,19 @@ def sharding_problem(model: nn.Module, optimizer: torch.optim.Optimizer) -> str 
     return None
 
 
+#: The inner optimizers an open AgentOptimizer holds (released by its close()): one optimizer's
+#: parameters can be views into one agent's buffer only.
+ADOPTED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+
+
 def adoption_problem(model, optimizer) -> str | None:
     """Why this rank's ``model`` and ``optimizer`` cannot be adopted (a message), or None."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         return (f"optimizer must be a torch.optim.Optimizer built on the model's parameters; "
                 f"got {type(optimizer).__name__}")
+    if optimizer in ADOPTED:
+        return ("optimizer is already wrapped by another AgentOptimizer that is not closed (its parameters are "
+                "views into that one's agent): close() it first, or build a new inner optimizer for this one")
     if not isinstance(model, nn.Module):
         return f"model must be the torch.nn.Module that optimizer trains; got {type(model).__name__}"
     wrapped = ddp_problem(model) or sharding_problem(model, optimizer)

@@ -81,12 +81,13 @@ from launch.comm.local import LocalCommunicator
 from launch.engine.core import EngineOptions, SyncEngine
 from launch.engine.guard.health import gather_objects
 from launch.engine.own_loop.adoption import (
-    adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters,
+    ADOPTED, adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters,
 )
 from launch.engine.own_loop.control import ABORT, ABORT_REASONS, CLOSE, EVAL, STATE, SYNC, Command, ControlChannel
 from launch.engine.own_loop.environment import detect_launch
 from launch.engine.placement import Placement
 from launch.engine.readout import combine, target_code, target_weights
+from launch.engine.store.run_record import differences, engine_record
 from topology.schedule import Schedule
 
 #: ABORT reasons (:data:`launch.engine.own_loop.control.ABORT_REASONS`).
@@ -201,6 +202,7 @@ class AgentOptimizer(torch.optim.Optimizer):
         self.defaults = dict(optimizer.defaults)
         self._begun = False
         if self._worker is not None:
+            ADOPTED.add(optimizer)              # its parameters are this agent's now (until close)
             self._worker.show_debiased_()       # push-sum: the model holds z = x / w
             if self.control is not None:        # a run whose loop forgets close(): the end, at exit
                 atexit.register(self._close_at_exit)
@@ -336,7 +338,9 @@ class AgentOptimizer(torch.optim.Optimizer):
 
     def _finish(self) -> None:
         """The end of the run on this rank: wait for everything in flight (the control message,
-        the reduces prefetched for a sync that will not come); close a communicator made here."""
+        the reduces prefetched for a sync that will not come); close a communicator made here;
+        release the inner optimizer (another AgentOptimizer may wrap it now)."""
+        ADOPTED.discard(self.optimizer)
         if self.control is not None:
             self.control.wait()
             self.comm.wait_in_flight()
@@ -434,15 +438,18 @@ class AgentOptimizer(torch.optim.Optimizer):
 
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:  # type: ignore[override]
-        """This rank's state: ``{"t", "agents": {i: Agent.state_dict()}, "replicated"}`` -- the
-        counter, every local agent's flat buffer (the worker's: the model's parameters), the inner
-        optimizer's ``state_dict`` (in the worker's entry) and a slow rule's replicated state
-        (None without one).  Local; :meth:`gather_state_dict` gathers every rank's."""
+        """This rank's state: ``{"t", "agents": {i: Agent.state_dict()}, "replicated", "run"}`` --
+        the counter, every local agent's flat buffer (the worker's: the model's parameters), the
+        inner optimizer's ``state_dict`` (in the worker's entry), a slow rule's replicated state
+        (None without one) and the record of the run (:func:`launch.engine.store.run_record.engine_record`:
+        schedule, sizes, dtype, policies, optimizers), which :meth:`load_state_dict` compares.
+        Local; :meth:`gather_state_dict` gathers every rank's."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         with self._numerators():
             state = self.engine.state_dict()
         state["replicated"] = self.engine.replicated_state()
+        state["run"] = engine_record(self.engine)
         for hook in self._optimizer_state_dict_post_hooks.values():
             state = hook(self, state) or state
         return state
@@ -460,17 +467,23 @@ class AgentOptimizer(torch.optim.Optimizer):
         local = self.state_dict()
         parts = gather_objects(self.comm, local, self.t, "gather of the state") if self.control is not None else [local]
         agents = {i: entry for part in parts for i, entry in part["agents"].items()}
-        return {"t": max(part["t"] for part in parts), "agents": agents, "replicated": local["replicated"]}
+        run: dict = {}
+        for part in parts:     # a passive rank's record holds no optimizer: the workers' do
+            run.update(part["run"])
+        return {"t": max(part["t"] for part in parts), "agents": agents, "replicated": local["replicated"], "run": run}
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
         """Restore :meth:`state_dict` or :meth:`gather_state_dict` into this fresh AgentOptimizer
         (no step taken): the counter, this rank's agents (entries of other agents are ignored),
         the inner optimizer's state and a slow rule's.  Local: every rank loads, before its loop
-        or :meth:`serve`."""
+        or :meth:`serve`.  ``ValueError`` when the state was saved by another run (another
+        schedule, number of agents, parameters, dtype, policy or optimizer), naming what differs
+        (:meth:`launch.Checkpointer.load` resumes with allowed changes)."""
         if self._begun or self._closed:
             raise ValueError("load_state_dict must come before the first step, evaluation, gather or serve() "
                              "(on every rank, right after construction)")
         state = dict(state_dict)
+        _check_same_run(state.get("run"), engine_record(self.engine))
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state = hook(self, state) or state
         with self._numerators():
@@ -479,3 +492,19 @@ class AgentOptimizer(torch.optim.Optimizer):
             self.engine.load_replicated_state(state["replicated"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _check_same_run(saved: dict | None, current: dict) -> None:
+    """``ValueError`` naming every difference between the record a state was saved with and
+    this run's (a passive rank, which holds no optimizer, leaves the optimizer to the workers)."""
+    if not isinstance(saved, dict):
+        raise ValueError("load_state_dict: the state holds no record of its run (its 'run' entry): pass what "
+                         "AgentOptimizer.state_dict() or gather_state_dict() returned")
+    if "optimizer" not in current:
+        saved = {k: v for k, v in saved.items() if not (k == "optimizer" or k.startswith("optimizer."))}
+    found = differences(saved, current)
+    classes = [key for key, _, _ in found if key in ("optimizer", "outer", "outer.optimizer")]
+    found = [d for d in found if not any(d[0].startswith(c + ".") for c in classes)]   # the class explains them
+    if found:
+        raise ValueError("load_state_dict: the state was saved by another run: " + "; ".join(
+            f"{key} is {new!r} here, {old!r} in the state" for key, old, new in found))

@@ -416,8 +416,9 @@ class Checkpointer:
         fixed = [d for d in engine if d[0] in FIXED]
         # A class that changed explains every difference of its hyperparameters, and a ``name``
         # that changed those of its siblings (another optimizer's options): not listed.
+        # A key under another refused key (schedule.fingerprint under schedule) is explained by it.
         named = [d[0][: -len("name")] for d in refused if d[0].endswith(".name")]
-        refused = [d for d in refused if not any(d[0].startswith(f[0] + ".") for f in fixed)
+        refused = [d for d in refused if not any(d[0].startswith(f[0] + ".") for f in fixed + refused)
                    and not any(d[0].startswith(prefix) and d[0] != prefix + "name" for prefix in named)]
         compared = self.config is not None and manifest["config"] is not None
         name = self.key_name if (self.key_name is not None and not compared) else (lambda key: key)

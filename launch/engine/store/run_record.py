@@ -6,8 +6,9 @@ that the trajectory depends on and that does not depend on the layout (ranks, pl
 
 ``num_agents``, ``numel`` (parameters per agent), ``dtype``
     the shape of X;
-``schedule``
-    ``repr(schedule)`` (t -> P_t: kind, periods, weights);
+``schedule``, ``schedule.fingerprint``
+    ``repr(schedule)`` (t -> P_t: kind, periods, weights) and its fingerprint
+    (:meth:`topology.Schedule.fingerprint`: a schedule whose repr does not show every matrix);
 ``state_policy``
     the resolved policy of each level;
 ``optimizer``, ``optimizer.<name>``
@@ -80,6 +81,7 @@ def engine_record(engine) -> dict:
         "numel": agent.flat.numel,
         "dtype": str(agent.flat.buffer.dtype),
         "schedule": repr(engine.schedule),
+        "schedule.fingerprint": engine.schedule.fingerprint(),
         "state_policy": list(engine.sync_policy.levels),
     }
     workers = engine.worker_optimizers()
