@@ -12,7 +12,7 @@ import pytest
 from launch.cli import app
 from launch.cli.build import build_job
 from launch.engine.record.metrics import MetricsWriter, read_metrics
-from launch.cli.simtime import MEASURED_STEPS
+from launch.engine.record.clock import MEASURED_STEPS
 from tests.spawn import ROOT, run_torchrun
 from tests.test_app import config
 

@@ -17,8 +17,8 @@ agent and of X a, every ``launch.eval_every`` steps and at the end, and the inne
 included, a list indexed by agent), ``summary.json`` and ``summary.txt`` (:mod:`launch.cli.summary`;
 the line is also printed; it includes ``spectral_gap``, 1 - |lambda_2| of the product of one
 period's mixing matrices, :func:`topology.diagnostics.spectral_gap`), and with
-``launch.tensorboard=true`` TensorBoard event files (:mod:`launch.cli.tensorboard`).  With
-``launch.cluster`` every iteration is also clocked on a simulated cluster (:mod:`launch.cli.simtime`:
+``launch.tensorboard=true`` TensorBoard event files (:mod:`launch.engine.record.tensorboard`).  With
+``launch.cluster`` every iteration is also clocked on a simulated cluster (:mod:`launch.engine.record.clock`:
 metrics.csv's ``sim_time``, the summary's ``sim_time_s``, a printed line).
 ``python -m launch.plot DIR`` draws a run or a sweep (:mod:`launch.cli.plot`).
 Rank 0 shows a progress bar; the other ranks print nothing but errors.
@@ -53,10 +53,10 @@ from launch.cli.deviation import DeviationTracker, format_table
 from launch.cli.errors import (EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DEVIATION, EXIT_NONFINITE, EXIT_OK, EXIT_RANK_FAILURE,
                                in_config_terms, linger, report_error, run_hydra_app)
 from launch.cli.finish import Ending, finish_run
-from launch.cli.record import RunLog
 from launch.cli.registry import serial_reference_missing
 from launch.cli.runs import SerialRun, open_simulation_run, role
-from launch.cli.simtime import SimulatedTime, simulated_hubs, simulated_placement
+from launch.engine.record.clock import SimulatedTime, simulated_hubs, simulated_placement
+from launch.engine.record.recorder import RunRecord
 from launch.cli.summary import summary_record, write_summary
 from launch.comm import make_communicator
 from launch.engine.guard.health import NonFiniteError, RankFailureError
@@ -135,19 +135,20 @@ def _run(job: Job, out_dir: Path, comm) -> int:
         if job.problem.partition is not None:   # each worker's label histogram
             write_label_histograms(job.problem.partition, out_dir)
     placement = (simulated_placement(job.launch.cluster, job.schedule.num_agents, 1 if comm is None else comm.world_size,
-                                     job.launch.agents_per_rank) if job.launch.cluster is not None else None)
+                                     job.launch.agents_per_rank, name="launch.cluster")
+                 if job.launch.cluster is not None else None)
     model = job.model()
     run_ = open_run(job, comm, model)
     checkpointer, first = _resume(job, out_dir, run_, rank0)
     reference = _reference_run(job, model, first is not None)
     first = first or 0
     clock = _simulated_time(job, run_, placement, first)
-    log = RunLog(job, run_, comm, out_dir if rank0 else None, first, clock, _where(job, comm))
+    log = _record(job, run_, comm, out_dir if rank0 else None, first, clock)
     try:
         tracker = _loop(job, run_, reference, checkpointer, log, first)
     finally:
         elapsed = log.close()
-    ending = finish_run(run_, checkpointer, first, job.launch.steps, log.evaluator.nonfinite)  # checked like a sync; a failed
+    ending = finish_run(run_, checkpointer, first, job.launch.steps, log.nonfinite)  # checked like a sync; a failed
     # final checkpoint does not stop the results below from being written (launch.cli.finish)
     state_dicts = run_.state_dicts(job.model())  # a collective: every rank
     if not rank0:
@@ -205,7 +206,17 @@ def _simulated_time(job: Job, run_, placement, first: int) -> SimulatedTime | No
                          simulated_hubs(engine, placement), local_workers, start=first, device=job.launch.device)
 
 
-def _loop(job: Job, run_, reference, checkpointer, log: RunLog, first: int) -> DeviationTracker:
+def _record(job: Job, run_, comm, out_dir: Path | None, first: int, clock: SimulatedTime | None) -> RunRecord:
+    """The run's record (:class:`launch.engine.record.recorder.RunRecord`): metrics.csv,
+    eval.csv (the problem's held-out metrics on a fresh model), TensorBoard, the progress bar."""
+    launch = job.launch
+    template = job.model().to(launch.device) if job.evaluate_on_device else job.model()
+    return RunRecord(run_, comm, job.schedule, out_dir, log_every=job.log_every, evaluate=job.evaluate,
+                     template=template, eval_every=launch.eval_every, steps=launch.steps, first=first, clock=clock,
+                     tensorboard=launch.tensorboard, progress=f"{job.problem_name} {_where(job, comm)}")
+
+
+def _loop(job: Job, run_, reference, checkpointer, log: RunRecord, first: int) -> DeviationTracker:
     """Iterations ``first`` .. ``launch.steps - 1``: step, compare with the reference, record,
     checkpoint.  Returns the deviation tracker."""
     tracker = DeviationTracker()

@@ -17,7 +17,7 @@
   ``steps``, ``log_every`` (null: the schedule's period, so that logged steps fall on syncs),
   ``num_threads``, ``eval_every``, ``tensorboard``; ``check_reference`` (colocated);
   ``checkpoint_every``, ``checkpoint_dir``, ``resume``, ``resume_allow``, ``overlap`` (true | false |
-  auto), ``cluster``, ``compute_s`` (simulated time on a preset cluster, :mod:`launch.cli.simtime`)
+  auto), ``cluster``, ``compute_s`` (simulated time on a preset cluster, :mod:`launch.engine.record.clock`)
   (the simulator's launches); ``agents_per_rank``, ``timeout_s`` (torch, mpi: every collective
   completes or fails within it, naming the rank that seems lost: :mod:`launch.engine.guard.health`).  A
   key a launch does not take is an error.  The yaml files hold the defaults of each launch:
@@ -51,13 +51,14 @@ from launch.cli.resume import CheckpointOptions, build_checkpoints
 from launch.cli.deviation import tolerance_for
 from launch.cli.errors import in_group_terms, launcher_world
 from launch.cli.registry import OUTER_RULES, SCHEDULES, make_schedule, optimizers, problems
-from launch.cli.simtime import check_cluster_options
-from launch.cli.tensorboard import summary_writer_class
+from launch.engine.record.clock import MAX_COMPUTE_S
+from launch.engine.record.tensorboard import MISSING, summary_writer_class
 from launch.comm import LAUNCHES
 from launch.comm.base import check_timeout
 from launch.engine.simulation import convert_batch
-from topology.checks import (check_bool, check_choice, check_integer, check_number, dtype_from_name,
+from topology.checks import (check_bool, check_choice, check_integer, check_number, check_real, dtype_from_name,
                              is_finite_real)
+from topology.network import PRESETS
 from topology.schedule import MultilayerSchedule, Schedule
 
 #: Where a run can take place: the serial reference, or the simulator's communicators.
@@ -189,7 +190,10 @@ def build_launch(node) -> LaunchOptions:
     _check_world(mode)
     tensorboard = check_bool(node.get("tensorboard", False), "launch.tensorboard")
     if tensorboard:
-        summary_writer_class()  # the package is there, or the same error on every rank
+        try:
+            summary_writer_class()  # the package is there, or the same error on every rank
+        except ValueError:
+            raise ValueError(f"launch.tensorboard=true {MISSING} (or leave launch.tensorboard=false)") from None
     return LaunchOptions(
         mode=mode, dtype=dtype_from_name(node.dtype, "launch.dtype"), device=_device(str(node.device), mode),
         seed=check_integer(node.seed, "launch.seed", minimum=0, maximum=MAX_SEED),
@@ -374,6 +378,20 @@ def _check_agent_count(options: dict) -> None:
     if "rows" in counts and "cols" in counts and counts["rows"] * counts["cols"] > MAX_AGENTS:
         raise ValueError(f"topology.rows x topology.cols = {counts['rows'] * counts['cols']} agents; the command "
                          f"line runs at most {MAX_AGENTS} (every P_t is a dense m x m matrix)")
+
+
+def check_cluster_options(cluster, compute_s) -> tuple[str | None, float | None]:
+    """``launch.cluster`` (None or a preset name) and ``launch.compute_s`` (None or seconds >= 0),
+    validated; ``compute_s`` without ``cluster`` is refused (it would be silently unused)."""
+    if cluster is not None:
+        cluster = check_choice(cluster, tuple(PRESETS), "launch.cluster")
+    if compute_s is not None:
+        if cluster is None:
+            raise ValueError("launch.compute_s needs launch.cluster (a preset of the simulated network: "
+                             f"{', '.join(PRESETS)})")
+        compute_s = check_real(compute_s, "launch.compute_s", minimum=0.0, maximum=MAX_COMPUTE_S,
+                               unit="seconds per inner step")
+    return cluster, compute_s
 
 
 def _options(node, key: str) -> dict:

@@ -24,7 +24,7 @@ One row per agent per logged step, columns :data:`COLUMNS`:
 ``wall_time``
     seconds on rank 0 since the first iteration began (a resumed run: continuing the kept rows').
 ``sim_time``
-    the simulated time after iteration s on ``launch.cluster`` (:mod:`launch.cli.simtime`);
+    the simulated time after iteration s on ``launch.cluster`` (:mod:`launch.engine.record.clock`);
     empty without a cluster.
 
 Cost, in a run spread over several ranks (co-located and serial runs communicate nothing).

@@ -1,8 +1,8 @@
-"""Simulated time on the command line: ``launch.cluster`` and ``launch.compute_s``.
+"""Simulated time: every iteration of a run clocked on a simulated cluster.
 
-With ``launch.cluster`` set to a preset of :data:`topology.network.PRESETS` (``nvlink_8``,
-``ethernet_100g_64``, ``infiniband_400g_1024``), every iteration t gets a simulated duration on
-that cluster (:class:`topology.network.SimClock`):
+With a cluster preset of :data:`topology.network.PRESETS` (``nvlink_8``, ``ethernet_100g_64``,
+``infiniband_400g_1024``; the command line's ``launch.cluster``), every iteration t gets a
+simulated duration on that cluster (:class:`topology.network.SimClock`):
 
     step_time(t) = compute_s + comm(t)
 
@@ -14,21 +14,22 @@ agent per GPU (agent i on GPU i) for a co-located run, the layout it stands for.
 costed as overlapped are those the engine compiled as overlapped (:func:`simulated_hubs`: the
 engine's own compilation when the simulated layout is the run's; else the compiler's answer,
 :func:`launch.engine.sync.compile.overlap_hubs`, for the simulated layout with the run's
-``launch.overlap``).  A slow rule (``agents.outer``) syncs differently from its plan and is
-refused.
+``overlap`` option).  A slow rule (``outer``) syncs differently from its plan and is not
+modelled (the command line refuses it).
 
 ``metrics.csv``'s ``sim_time`` column is the simulated time after the logged iteration, and the
 summary gives ``cluster``, ``compute_s``, ``compute_measured``, ``sim_time_s`` and
 ``sim_time_per_step_s`` (over every iteration 0..steps-1, a resumed run's included).
 
-``compute_s`` is the simulated duration of one inner step: ``launch.compute_s`` when given (the
-step's time on the target GPU), else *measured*: the median, over the first
-:data:`MEASURED_STEPS` iterations this process runs, of an iteration's wall time here (the sync
-included; CUDA synchronized) divided by the number of workers this process steps; until that
-many are done, the median of those so far.  ``sim_time`` after iteration s is the SimClock's time
-after iterations 0..s with the estimate current at s (a resumed run measures again, and replays
-its first iterations with its own estimate).  Measured, it is this machine's compute, not the
-cluster's: give ``launch.compute_s`` for figures that do not depend on where the run took place.
+``compute_s`` is the simulated duration of one inner step: given (the step's time on the target
+GPU; the command line's ``launch.compute_s``, at most :data:`MAX_COMPUTE_S`), else *measured*:
+the median, over the first :data:`MEASURED_STEPS` iterations this process runs, of an iteration's
+wall time here (the sync included; CUDA synchronized) divided by the number of workers this
+process steps; until that many are done, the median of those so far.  ``sim_time`` after
+iteration s is the SimClock's time after iterations 0..s with the estimate current at s (a
+resumed run measures again, and replays its first iterations with its own estimate).  Measured,
+it is this machine's compute, not the cluster's: give ``compute_s`` for figures that do not
+depend on where the run took place.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import torch
 
 from launch.engine.placement import Placement
 from launch.engine.sync.compile import overlap_hubs
-from topology.checks import check_choice, check_real
 from topology.network import PRESETS, HubOf, SimClock, preset
 from topology.plan import compile_plan
 from topology.schedule import Schedule
@@ -53,30 +53,17 @@ MEASURED_STEPS = 5
 MAX_COMPUTE_S = 86400.0
 
 
-def check_cluster_options(cluster, compute_s) -> tuple[str | None, float | None]:
-    """``launch.cluster`` (None or a preset name) and ``launch.compute_s`` (None or seconds >= 0),
-    validated; ``compute_s`` without ``cluster`` is refused (it would be silently unused)."""
-    if cluster is not None:
-        cluster = check_choice(cluster, tuple(PRESETS), "launch.cluster")
-    if compute_s is not None:
-        if cluster is None:
-            raise ValueError("launch.compute_s needs launch.cluster (a preset of the simulated network: "
-                             f"{', '.join(PRESETS)})")
-        compute_s = check_real(compute_s, "launch.compute_s", minimum=0.0, maximum=MAX_COMPUTE_S,
-                               unit="seconds per inner step")
-    return cluster, compute_s
-
-
-def simulated_placement(cluster: str, num_agents: int, world_size: int, agents_per_rank: int | None) -> Placement:
-    """The layout the clock models (module docstring), GPU = rank; a ``ValueError`` naming
-    ``launch.cluster`` when the cluster has too few GPUs for it."""
+def simulated_placement(cluster: str, num_agents: int, world_size: int, agents_per_rank: int | None,
+                        name: str = "cluster") -> Placement:
+    """The layout the clock models (module docstring), GPU = rank; a ``ValueError`` naming the
+    option ``name`` (the caller's word for the cluster) when it has too few GPUs for it."""
     placement = (Placement.make(num_agents, num_agents) if world_size == 1
                  else Placement.make(num_agents, world_size, agents_per_rank))
     gpus = preset(cluster).num_gpus
     if placement.world_size > gpus:
         what = (f"{num_agents} agents, one per GPU (a co-located run)" if world_size == 1
                 else f"{world_size} processes, one per GPU")
-        raise ValueError(f"launch.cluster={cluster} has {gpus} GPUs; the run needs {what}: choose a larger "
+        raise ValueError(f"{name}={cluster} has {gpus} GPUs; the run needs {what}: choose a larger "
                          f"cluster ({', '.join(f'{n}: {c.num_gpus}' for n, c in PRESETS.items())} GPUs)")
     return placement
 
