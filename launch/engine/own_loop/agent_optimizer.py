@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -83,10 +84,11 @@ from launch.engine.guard.health import gather_objects
 from launch.engine.own_loop.adoption import (
     ADOPTED, adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters,
 )
-from launch.engine.own_loop.control import ABORT, ABORT_REASONS, CLOSE, EVAL, STATE, SYNC, Command, ControlChannel
+from launch.engine.own_loop.control import ABORT, ABORT_REASONS, CLOSE, EVAL, SAVE, STATE, SYNC, Command, ControlChannel
 from launch.engine.own_loop.environment import detect_launch
 from launch.engine.placement import Placement
 from launch.engine.readout import combine, target_code, target_weights
+from launch.engine.store.checkpoint import Checkpointer, decline_save
 from launch.engine.store.run_record import differences, engine_record
 from topology.schedule import Schedule
 
@@ -307,11 +309,14 @@ class AgentOptimizer(torch.optim.Optimizer):
             self._announce(Command(CLOSE, self.t))
         self._finish()
 
-    def serve(self, callback: Callable[["AgentOptimizer"], None] | None = None) -> None:
-        """On a passive-only rank: take part in every sync, evaluation and gather the workers
-        start, until every worker has called :meth:`close`.  ``callback(opt)`` runs after each
-        sync (``opt.t`` is then the iteration after it).  Raises what the workers' events raise
-        (:class:`launch.engine.guard.health.NonFiniteError`, a refused call's ``ValueError``)."""
+    def serve(self, callback: Callable[["AgentOptimizer"], None] | None = None,
+              checkpointer: Checkpointer | None = None) -> None:
+        """On a passive-only rank: take part in every sync, evaluation, gather and checkpoint the
+        workers start, until every worker has called :meth:`close`.  ``callback(opt)`` runs after
+        each sync (``opt.t`` is then the iteration after it); ``checkpointer``: the one the
+        workers :meth:`save` with (without it a worker's save fails on every rank).  Raises what
+        the workers' events raise (:class:`launch.engine.guard.health.NonFiniteError`, a refused
+        call's ``ValueError``, a :class:`launch.engine.store.checkpoint.CheckpointError`)."""
         if self._worker is not None:
             raise RuntimeError(f"this rank holds worker agent {self._worker.index}: run the training loop "
                                f"and call step(); serve() is for ranks that hold only passive agents")
@@ -330,6 +335,12 @@ class AgentOptimizer(torch.optim.Optimizer):
                 self._combine(command.arg)
             elif command.kind == STATE:
                 self._gather_state()
+            elif command.kind == SAVE:
+                engine.catch_up(command.t)       # the workers' steps since the last sync
+                if checkpointer is None:
+                    decline_save(engine, "a worker saved a checkpoint, but this rank's serve() was given no "
+                                         "checkpointer: pass the workers' Checkpointer as serve(checkpointer=...)")
+                self._save(checkpointer, None)
             elif command.kind == CLOSE:
                 engine.catch_up(command.t)
                 self._closed = True
@@ -453,6 +464,56 @@ class AgentOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_post_hooks.values():
             state = hook(self, state) or state
         return state
+
+    # -- checkpoints (the engine's one store, launch.engine.store) -----------------------------------------
+    def save(self, checkpointer: Checkpointer, extra=None) -> Path:
+        """Write a checkpoint of the run at its step t with ``checkpointer`` (a
+        :class:`launch.Checkpointer`: checksummed files, an atomic manifest, a record of the run
+        that a resume compares): every agent of every rank (the worker's flat buffer is the model's
+        parameters; the inner optimizer's state), the model's buffers (BatchNorm's running
+        statistics), each process's RNG states (torch, CUDA, numpy, Python) and ``extra``, this
+        rank's own state (anything ``torch.save`` takes: the LR scheduler's and GradScaler's
+        ``state_dict()``, the epoch and the position in it).  A collective: every worker rank calls
+        it at the same step; passive ranks write their part in ``serve(checkpointer=...)``.
+        Returns the checkpoint's folder."""
+        self._require_worker("save")
+        if self.control is not None:
+            self._announce(Command(SAVE, self.t))
+        return self._save(checkpointer, extra)
+
+    def _save(self, checkpointer: Checkpointer, extra) -> Path:
+        self.engine.wait_in_flight()          # overlapped syncs: a buffer may still be written
+        buffers = ({name: b.detach().cpu().clone() for name, b in self.model.named_buffers()}
+                   if self._worker is not None else {})
+        with self._numerators():
+            return checkpointer.save(self.engine, extra={"buffers": buffers, "extra": extra})
+
+    def resume(self, checkpointer: Checkpointer, *, required: bool = False):
+        """Restore the latest checkpoint of ``checkpointer`` into this fresh AgentOptimizer, on
+        every rank, right after construction (before the loop; on passive ranks before
+        :meth:`serve`): the counter t, every local agent, the inner optimizer's state, the model's
+        buffers and the RNG states.  Returns this rank's ``extra`` as :meth:`save` was given it
+        (None when the folder holds no checkpoint: a first run; ``required=True`` makes that a
+        ``ValueError``).  The resume proves it continues the same run: another schedule, number of
+        agents, model size, dtype, policy or optimizer (class or hyperparameters) is a
+        ``ValueError`` on every rank naming each difference, unless the checkpointer allows it
+        (``Checkpointer(allow=[...])``; an allowed hyperparameter takes its new value).  Resumed
+        on the same layout, the run goes on bit for bit as if it had not stopped (provided the
+        loop restores its own position from ``extra``)."""
+        if self._begun or self._closed:
+            raise ValueError("resume() must come before the first step, evaluation, gather or serve() "
+                             "(on every rank, right after construction)")
+        with self._numerators():
+            t = checkpointer.load(self.engine, required=required)
+        if t is None:
+            return None
+        saved = checkpointer.extra or {}
+        if self._worker is not None:
+            with torch.no_grad():
+                for name, buffer in self.model.named_buffers():
+                    if name in saved.get("buffers", {}):
+                        buffer.copy_(saved["buffers"][name])
+        return saved.get("extra")
 
     def gather_state_dict(self) -> dict:
         """Every agent's state (the format of :meth:`state_dict`, every agent in ``"agents"``), on

@@ -10,6 +10,7 @@ collectives:
     SYNC  t       the sync of iteration t (a non-identity P_t): the finiteness check, the plan
     EVAL  t, i    an evaluation of agent i's weights (i = m: the virtual iterate X a)
     STATE t       a gather of every agent's state (``AgentOptimizer.gather_state_dict``)
+    SAVE  t       a checkpoint (``AgentOptimizer.save``: every rank writes its part)
     CLOSE t       the end: every worker called ``close()`` after t steps; ``serve()`` returns
     ABORT t, c    a worker refused a call (reason c): every rank raises the same ``ValueError``
 
@@ -47,9 +48,9 @@ import torch
 from launch.comm.base import Communicator
 from launch.engine.guard.health import collective
 
-SYNC, EVAL, STATE, CLOSE, ABORT = 1, 2, 3, 4, 5
+SYNC, EVAL, STATE, CLOSE, ABORT, SAVE = 1, 2, 3, 4, 5, 6
 KINDS = {SYNC: "the sync", EVAL: "an evaluation", STATE: "a gather of the state", CLOSE: "close()",
-         ABORT: "a refused call"}
+         ABORT: "a refused call", SAVE: "a checkpoint"}
 
 #: Why a worker aborted the run (``Command.arg`` of an ABORT): the message every rank raises.
 ABORT_REASONS = {

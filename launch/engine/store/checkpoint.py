@@ -484,6 +484,18 @@ def check_resume_step(t: int | None, steps, directory, steps_name: str = "steps"
                          f"{steps_name} >= {t}")
 
 
+def decline_save(target, reason: str) -> None:
+    """This rank's part of a checkpoint it cannot write (no :class:`Checkpointer` to write with):
+    the collectives of :meth:`Checkpointer.save`, contributing ``reason`` as this rank's error, so
+    that every rank raises the same :class:`CheckpointError` instead of waiting for this one."""
+    engine = engine_of(target)
+    t = engine.t
+    engine.check_finite("checkpoint")
+    gather_objects(engine.comm, (f"rank {engine.rank}: {reason}", {}, {}), t, "checkpoint")
+    errors = gather_objects(engine.comm, [], t, "checkpoint commit")[0]   # rank 0's: all of them
+    raise CheckpointError(f"checkpoint of iteration t={t} not written: {'; '.join(errors)}")
+
+
 def engine_of(target) -> SyncEngine:
     """The engine of ``target``: a :class:`launch.engine.core.SyncEngine`, or a door that holds
     one as ``.engine`` (:class:`launch.Simulation`, :class:`launch.AgentOptimizer`)."""
