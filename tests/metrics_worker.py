@@ -38,10 +38,11 @@ def run_case(case, comm=None):
         counts.append([getattr(stats, k) - b for k, b in zip(COUNTS, before)])
 
     for t in range(case["steps"]):
-        losses = run.step()
         done = t + 1
-        if done % case["every"] == 0 or done == case["steps"]:
-            counted(lambda: probe.log(done, losses, 0.0))
+        if done % case["every"] == 0 or done == case["steps"]:   # logged before the sync, as a run does
+            run.step(lambda losses: counted(lambda: probe.log(done, losses, 0.0)))
+        else:
+            run.step()
     counted(probe.finish)
     return {"rows": rows, "counts": counts}
 

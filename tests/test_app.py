@@ -95,12 +95,13 @@ def test_metrics_csv_columns_rows_and_distance_to_virtual(colocated):
             assert math.isnan(r["loss"]) and math.isnan(r["grad_norm"])
     walls = [r["wall_time"] for r in rows]
     assert walls == sorted(walls) and walls[0] >= 0
-    # At a sync of every level (step 6) all agents are equal; at the last step (33, no sync) the
-    # distance to theta = X a is ||x_i - X a||, recomputed here from agents.pt.
+    # Measured before the sync: at a sync of every level (step 6) the agents still differ (the
+    # sync then makes them equal); at the last step (33, no sync) the distance to theta = X a is
+    # ||x_i - X a||, recomputed here from agents.pt.
     a = topology.multilayer((3, 2), (0.5, 0.6)).consensus()
     columns = torch.stack([flat(state) for state in torch.load(out / "agents.pt")])
     scale = float(columns.abs().max())
-    assert all(r["distance_to_virtual"] <= 1e-12 * scale for r in rows if r["step"] == 6)
+    assert all(r["distance_to_virtual"] > 1e-4 * scale for r in rows if r["step"] == 6)
     theta = (a.unsqueeze(1) * columns).sum(0)
     last = [r for r in rows if r["step"] == STEPS]
     for i, r in enumerate(last):
@@ -261,9 +262,9 @@ def test_topology_without_serial_reference_runs_colocated(tmp_path, capsys):
     rows = read_metrics(tmp_path / "metrics.csv")
     assert [r["agent"] for r in rows if r["step"] == 5] == [0, 1]
     assert all(r["loss"] > 0 for r in rows)              # both agents are workers
-    odd = [r["distance_to_virtual"] for r in rows if r["step"] == 5]
-    assert odd[0] == pytest.approx(odd[1]) and odd[0] > 0   # after a step without averaging
-    assert all(r["distance_to_virtual"] <= 1e-12 for r in rows if r["step"] == 4)  # averaged
+    for step in (4, 5):   # before an averaging sync (4) and after a step without one (5)
+        pair = [r["distance_to_virtual"] for r in rows if r["step"] == step]
+        assert pair[0] == pytest.approx(pair[1]) and pair[0] > 0
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "launch" / "cli" / "conf" / "problem").glob("*.yaml")), ids=lambda p: p.stem)

@@ -224,11 +224,11 @@ def _loop(job: Job, run_, reference, checkpointer, log: RunRecord, first: int) -
     for t in range(first, steps):
         done = t + 1
         log.before(done)
-        losses = run_.step()
+        run_.step(lambda losses: log.before_sync(done, losses))
         if reference is not None:
             reference.step()
             tracker.update(run_.columns(), reference.columns())
-        log.after(done, losses)
+        log.after(done)
         # Decided from t alone, identically on every rank (saving is collective); the last one:
         # launch.cli.finish.finish_run.  The metrics in flight are completed first, so that a
         # checkpoint of t implies every row up to t is in metrics.csv (a resume keeps those).

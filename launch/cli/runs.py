@@ -83,11 +83,19 @@ class SerialRun(Run):
         self.agents = tuple(range(schedule.num_agents))
         self.rank, self.world_size = 0, 1
 
-    def step(self) -> dict[int, torch.Tensor]:
+    def step(self, before_sync=None) -> dict[int, torch.Tensor]:
+        """One iteration; ``before_sync(losses)`` after the inner step, before the reference's
+        sync (a post-hook of the inner optimizer, which the reference steps first)."""
         self.optimizer.zero_grad()
         loss = self.loss_fn(self.module, next(self.data))
         loss.backward()
-        self.optimizer.step()
+        hook = (None if before_sync is None else
+                self.optimizer.optimizer.register_step_post_hook(lambda *_: before_sync({0: loss.detach()})))
+        try:
+            self.optimizer.step()
+        finally:
+            if hook is not None:
+                hook.remove()
         self.t += 1
         if self.stages is not None and self.t in self.ends[1:-1]:
             self.optimizer = stage_lookahead(self.params, self.inner, self.stages[self.ends.index(self.t)],
@@ -131,8 +139,9 @@ class SimulationRun(EngineRun):
         self.name = name
         self.controller = controller
 
-    def step(self) -> dict[int, torch.Tensor]:
-        losses = self.simulation.step()
+    def step(self, before_sync=None) -> dict[int, torch.Tensor]:
+        """One iteration (:meth:`launch.Simulation.step`, ``before_sync`` as there)."""
+        losses = self.simulation.step(before_sync)
         if self.controller is not None:
             self.controller(self.simulation)
         return losses

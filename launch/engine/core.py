@@ -205,10 +205,13 @@ class SyncEngine:
         """Before the inner steps of iteration t (overlapped syncs: start the next sync's reduces)."""
         self.overlap.before_step(self._t)
 
-    def end_step(self, losses: dict[int, torch.Tensor]) -> None:
+    def end_step(self, losses: dict[int, torch.Tensor], before_sync: Callable[[], None] | None = None) -> None:
         """After the inner steps of iteration t: keep ``losses`` (the local workers' losses, by
-        agent) for the finiteness check, apply the sync of P_t, advance t."""
+        agent) for the finiteness check, call ``before_sync()`` (a reader of the agents between
+        their inner steps and the sync: the record's metrics), apply the sync of P_t, advance t."""
         self.finiteness.record(losses)
+        if before_sync is not None:
+            before_sync()
         self.sync(self._t)
         self._t += 1
 

@@ -135,15 +135,16 @@ class Simulation:
     parameter_names = property(lambda self: self.engine.parameter_names, doc="The parameters' names, in order.")
 
     # -- the loop --------------------------------------------------------------------------------------
-    def step(self) -> dict[int, torch.Tensor]:
-        """Iteration t: inner steps of the local workers, then the sync of P_t.
+    def step(self, before_sync: Callable[[dict], None] | None = None) -> dict[int, torch.Tensor]:
+        """Iteration t: inner steps of the local workers, then the sync of P_t;
+        ``before_sync(losses)`` between them (a reader of the agents before they are mixed).
 
         Returns the losses of the local workers (evaluated before their update), by agent.
         """
         engine = self.engine
         engine.begin_step()
         losses = {i: agent.inner_step(self.loss_fn) for i, agent in engine.agents.items() if agent.is_worker}
-        engine.end_step(losses)
+        engine.end_step(losses, None if before_sync is None else (lambda: before_sync(losses)))
         return losses
 
     def run(self, steps: int, callback: Callable[["Simulation", dict], None] | None = None) -> None:

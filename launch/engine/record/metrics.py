@@ -13,14 +13,15 @@ One row per agent per logged step, columns :data:`COLUMNS`:
 ``grad_norm``
     ||g||_2 of that step's gradient, over all parameters (empty for a passive agent).
 ``distance_to_virtual``
-    ||z_i - X a||_2 after the s-th iteration (its sync included), with a = schedule.consensus()
-    and X a = theta, the virtual iterate (Wang et al. eq. 8): agent i's distance to the virtual
-    iterate (:mod:`launch.engine.readout`; not the consensus distance, which is the workers'
+    ||z_i - X a||_2 after the inner steps of the s-th iteration and *before its sync*, with a =
+    schedule.consensus() and X a = theta, the virtual iterate (Wang et al. eq. 8; a sync does not
+    move it, P a = a): agent i's distance to the virtual iterate, the spread that the sync
+    removes -- measured after the sync, a Lookahead or local-SGD run logged at its syncs would
+    show 0 (:mod:`launch.engine.readout`; not the consensus distance, which is the workers'
     spread around their mean); empty when the schedule has no consensus vector.  z_i is agent
     i's model (:func:`launch.engine.readout.models`): x_i, or under push-sum the de-biased
-    x_i / w_i.  (Push-sum's matrices are row-stochastic, so
-    a = 1/m and theta = mean_i x_i = sum_i x_i / sum_i w_i, the value every z_i converges to;
-    the raw x_i do not converge to it.)
+    x_i / w_i.  (Push-sum's matrices are row-stochastic, so a = 1/m and theta = mean_i x_i =
+    sum_i x_i / sum_i w_i, the value every z_i converges to; the raw x_i do not converge to it.)
 ``wall_time``
     seconds on rank 0 since the first iteration began (a resumed run: continuing the kept rows').
 ``sim_time``
@@ -29,27 +30,19 @@ One row per agent per logged step, columns :data:`COLUMNS`:
 
 Cost, in a run spread over several ranks (co-located and serial runs communicate nothing).
 Rank 0 writes every row, so the losses and gradient norms of workers on other ranks, and the
-distances of their agents, must reach it; theta is a sum over every agent's column.  What the CLI
-does (:meth:`MetricsProbe.log`, off the critical path):
-
-- after a sync that leaves every agent with the same value (one block over all agents: a
-  Lookahead period's outermost sync, a local-SGD average, a slow rule's sync; not push-sum), every
-  rank knows X: theta = sum_i a_i z (in agent order, the co-located sum) and every distance
-  is ||z - theta||, computed by rank 0 from its own agent.  No full-vector collective; the
-  workers' losses and gradient norms (2m numbers) reach rank 0 by one asynchronous reduce, unless
-  every worker lives on rank 0 (Lookahead: nothing at all is communicated);
-- otherwise, three asynchronous collectives, each started at one logged step and waited for at
-  the next: a reduce to rank 0 of [sum of a_i x_i over local i | losses and gradient norms] (d +
-  2m numbers), its broadcast back (the theta every rank needs for its own agents' distances,
-  measured on a copy of its models taken at the logged step), and a reduce of the m squared
-  distances.
+distances of their agents, must reach it; theta is a sum over every agent's column.  What a run
+does (:meth:`MetricsProbe.log`, called before the sync of a logged step, off the critical
+path): three asynchronous collectives, each started at one logged step and waited for at the
+next -- a reduce to rank 0 of [sum of a_i x_i over local i | losses and gradient norms] (d + 2m
+numbers), its broadcast back (the theta every rank needs for its own agents' distances, measured
+on a copy of its models taken at the logged step), and a reduce of the m squared distances;
+without a consensus vector, the reduce of the losses and gradient norms alone.
 
 So a row is written one to three logged steps after its step (with that step's ``wall_time``),
 the rest at the end of the run (:meth:`MetricsProbe.finish`), and no logged step waits for a
-collective it started.  With the default ``launch.log_every`` (the schedule's period) a
-Lookahead or local-SGD run logs at the period's last sync: the first case.  The values are
-those of the synchronous :meth:`MetricsProbe.measure` (two all-reduces over the world, for
-callers that want rows at once), up to the summation order of theta.
+collective it started.  The values are those of the synchronous :meth:`MetricsProbe.measure`
+(two all-reduces over the world, for callers that want rows at once), up to the summation order
+of theta.
 """
 
 from __future__ import annotations
@@ -65,7 +58,6 @@ import torch
 
 from launch.engine.guard.health import collective
 from launch.engine.readout import squared_distances, virtual_weights, weighted_sum
-from topology.plan import compile_plan
 
 COLUMNS = ("step", "agent", "loss", "grad_norm", "distance_to_virtual", "wall_time", "sim_time")
 
@@ -88,11 +80,6 @@ class MetricsProbe:
         self.world = tuple(range(comm.world_size)) if self.comm is not None else None
         #: In flight, oldest first: [step, wall, generator, pending collective, rows or None].
         self._entries: deque = deque()
-        if self.comm is not None:
-            self.schedule = schedule
-            self.workers_on_rank0 = all(run.engine.placement.rank_of(w) == 0 for w in schedule.workers)
-            #: Per distinct matrix: does its sync leave every agent with the same value?
-            self._equal = [_all_equal(matrix, schedule.push_sum) for matrix in schedule.distinct_matrices]
 
     # -- at once -------------------------------------------------------------------------------------
     def measure(self, losses: dict[int, torch.Tensor]) -> list[dict]:
@@ -159,20 +146,6 @@ class MetricsProbe:
     def _entry(self, step: int, losses):
         """The phases of one logged step: yields each collective it starts, returns its rows."""
         comm, world = self.comm, self.world
-        equal = self._equal[self.schedule.matrix_index(step - 1)]
-        if equal and self.a is not None:
-            z = next(iter(self.run.models().values()))
-            theta = weighted_sum(dict.fromkeys(range(self.m), z), self.a, torch.empty_like(z))
-            distance = float(torch.sum((z - theta) ** 2))
-            stats = self._stats(losses, z)
-            if self.workers_on_rank0:        # every agent of another rank is passive
-                local = self.run.columns()
-                for i in range(self.m):
-                    if i not in local:
-                        stats[2 * i:2 * i + 2] = math.nan
-            else:
-                yield comm.reduce_async_(stats, 0, world)
-            return _rows(stats.cpu().tolist(), [math.sqrt(distance)] * self.m) if comm.rank == 0 else []
         if self.a is None:                   # no consensus vector: the losses and norms alone
             stats = self._stats(losses, next(iter(self.run.columns().values())))
             yield comm.reduce_async_(stats, 0, world)
@@ -212,14 +185,6 @@ class MetricsProbe:
         if self.comm is not None:   # under the lost-rank handler, as every collective of a run
             with collective(self.comm, self.run.engine.t, "metrics all-reduce", self.world):
                 self.comm.all_reduce_(tensor, self.world)
-
-
-def _all_equal(matrix: torch.Tensor, push_sum: bool) -> bool:
-    """Does a sync with ``matrix`` leave every agent with the same value (one block, every agent
-    a receiver)?  Not under push-sum (the models are x_i / w_i)."""
-    plan = compile_plan(matrix)
-    m = matrix.shape[0]
-    return not push_sum and not plan.mixes and len(plan.blocks) == 1 and plan.blocks[0].receivers == tuple(range(m))
 
 
 def _rows(stats: list[float], distances: list[float]) -> list[dict]:

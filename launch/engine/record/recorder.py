@@ -2,11 +2,12 @@
 simulated clock's column and a progress bar (rank 0 writes; every rank measures).
 
 One implementation for both doors: the command line's loop (:mod:`launch.cli.app`) and
-:meth:`launch.AgentOptimizer.record` drive a :class:`RunRecord` the same way, twice per
+:meth:`launch.AgentOptimizer.record` drive a :class:`RunRecord` the same way, three times per
 iteration: :meth:`RunRecord.before` (the learning rates of the iteration about to run, when it
-will be logged or evaluated) and :meth:`RunRecord.after` (the simulated clock, the metrics of a
-logged step -- off the critical path, :class:`launch.engine.record.metrics.MetricsProbe` -- and
-the evaluation of an evaluated one, :class:`launch.engine.record.evaluation.Evaluator`).
+will be logged or evaluated), :meth:`RunRecord.before_sync` (after the inner steps: the metrics
+of a logged step -- off the critical path, :class:`launch.engine.record.metrics.MetricsProbe`)
+and :meth:`RunRecord.after` (after the sync: the simulated clock and the evaluation of an
+evaluated step, :class:`launch.engine.record.evaluation.Evaluator`).
 :meth:`RunRecord.flush` completes the metrics in flight (before a checkpoint, so that a checkpoint
 of t implies every row up to t is in ``metrics.csv``; and at the end).  Every call but
 :meth:`RunRecord.before` is a collective when the run spans several ranks: every rank makes it at
@@ -87,14 +88,18 @@ class RunRecord:
             self.evaluator.note_lr(done)
         self._started = time.perf_counter()
 
-    def after(self, done: int, losses: dict) -> None:
-        """After it: the clock, the metrics of a logged step, the evaluation of an evaluated one."""
+    def before_sync(self, done: int, losses: dict) -> None:
+        """After its inner steps, before its sync: the metrics of a logged step (the agents'
+        distances before the sync mixes them: :mod:`launch.engine.record.metrics`)."""
+        if self.logged(done):
+            self._write(self.probe.log(done, losses, time.perf_counter() - self.start))
+
+    def after(self, done: int) -> None:
+        """After its sync: the clock, the evaluation of an evaluated step."""
         if self.clock is not None:
             simulated = self.clock.advance(self._started)
             if self.logged(done):
                 self._sim_times[done] = simulated
-        if self.logged(done):
-            self._write(self.probe.log(done, losses, time.perf_counter() - self.start))
         if self.due(done):
             self.evaluate(done)
         self.bar.update()
