@@ -22,6 +22,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from agents.flat import load_flat_
+
 from launch.engine.record.clock import SimulatedTime
 from launch.engine.record.evaluation import EvalWriter, Evaluator
 from launch.engine.record.metrics import MetricsProbe, MetricsWriter
@@ -48,15 +50,17 @@ class RunRecord:
         clock: the simulated clock, or None.
         tensorboard: also write TensorBoard's event files.
         progress: show a progress bar on rank 0, described by ``progress`` (None: no bar).
+        load: how an agent's flat parameters are put into ``template``
+            (:class:`launch.engine.record.evaluation.Evaluator`).
     """
 
     def __init__(self, run: Run, comm, schedule: Schedule, out_dir: Path | None, *, log_every: int,
                  evaluate: Callable | None = None, template=None, eval_every: int | None = None,
                  steps: int | None = None, first: int = 0, clock: SimulatedTime | None = None,
-                 tensorboard: bool = False, progress: str | None = None):
+                 tensorboard: bool = False, progress: str | None = None, load=load_flat_):
         self.steps, self.log_every, self.workers, self.clock = steps, log_every, schedule.workers, clock
         self.probe = MetricsProbe(run, comm, schedule)
-        self.evaluator = (Evaluator(run, comm, schedule, evaluate, template, every=eval_every, last=steps)
+        self.evaluator = (Evaluator(run, comm, schedule, evaluate, template, every=eval_every, last=steps, load=load)
                           if evaluate is not None else None)
         write = out_dir is not None
         self.metrics = (MetricsWriter(out_dir / "metrics.csv", workers=schedule.workers, consensus=self.probe.a is not None,
