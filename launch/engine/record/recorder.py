@@ -76,6 +76,8 @@ class RunRecord:
         #: time until its row is written.
         self.final: list[dict] = []
         self._sim_times: dict[int, float] = {}
+        #: Rows measured complete at before_sync, written at after() (when the clock has advanced).
+        self._ready: list = []
         self._started = self.start
 
     def logged(self, done: int) -> bool:
@@ -95,8 +97,8 @@ class RunRecord:
     def before_sync(self, done: int, losses: dict) -> None:
         """After its inner steps, before its sync: the metrics of a logged step (the agents'
         distances before the sync mixes them: :mod:`launch.engine.record.metrics`)."""
-        if self.logged(done):
-            self._write(self.probe.log(done, losses, time.perf_counter() - self.start))
+        if self.logged(done):   # rows complete now wait for after(): the clock's time of their step
+            self._ready.extend(self.probe.log(done, losses, time.perf_counter() - self.start))
 
     def after(self, done: int) -> None:
         """After its sync: the clock, the evaluation of an evaluated step."""
@@ -104,6 +106,8 @@ class RunRecord:
             simulated = self.clock.advance(self._started)
             if self.logged(done):
                 self._sim_times[done] = simulated
+        self._write(self._ready)
+        self._ready = []
         if self.due(done):
             self.evaluate(done)
         self.bar.update()
@@ -127,7 +131,8 @@ class RunRecord:
 
     def flush(self) -> None:
         """Complete the metrics in flight (a collective) and write them."""
-        self._write(self.probe.finish())
+        self._write(self._ready + self.probe.finish())
+        self._ready = []
 
     def _write(self, entries) -> None:
         """Rank 0: append the complete metrics rows to metrics.csv (and TensorBoard), and show the
