@@ -176,8 +176,8 @@ def _run(job: Job, cfg: DictConfig, out_dir: Path, comm) -> int:
     failure, detail = ending.failure(status, worst, tolerance)
     record = summary_record(job, processes=1 if comm is None else comm.world_size, agent_rows=rows,
                             virtual_row=virtual, gap=gap, tolerance=tolerance if checked else None, worst=worst,
-                            elapsed=elapsed, first=first, status="ok" if failure is None else "FAILED",
-                            failure=failure, failure_detail=detail,
+                            elapsed=elapsed, first=first, exit_status=status, failure=failure,
+                            failure_detail=detail, final_checkpoint=ending.checkpoint, metrics_csv=out_dir / "metrics.csv",
                             simulated=clock.summary() if clock is not None else None)
     print(f"\n{_title(job, where, checked)}\n{_table(rows, checked)}")
     if clock is not None:
