@@ -90,3 +90,13 @@ def test_runs_that_cannot_be_compared_are_one_line_and_status_2(runs, tmp_path, 
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error [rank 0]: ") and captured.out == ""
     assert message.format(a=a, b=runs / "colocated") in err[0]
+
+
+def test_relative_deviation_is_scaled_by_the_reference_and_counts_non_finite_entries():
+    nan, inf = float("nan"), float("inf")
+    vector = lambda *v: torch.tensor(v, dtype=torch.float64)   # noqa: E731
+    assert compare.relative(vector(3.0, 0.0), vector(1.0, 0.0)) == (2.0, 0)        # max|x - y| / max|y|
+    assert compare.relative(vector(1.0, nan, inf), vector(2.0, nan, inf)) == (0.5, 0)   # same NaN, same Inf: 0
+    assert compare.relative(vector(1.0, nan), vector(1.0, 2.0)) == (inf, 1)         # recorded in one run only
+    assert compare.relative(vector(0.0), vector(0.0)) == (0.0, 0)
+    assert compare.relative(vector(1e-300), vector(0.0)) == (inf, 0)                # nothing to scale by

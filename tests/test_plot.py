@@ -291,8 +291,12 @@ def test_sweep_drops_are_warnings_and_a_summary_list_is_one_line(sweep, drawn, t
     shutil.copytree(sweep, copy)
     (copy / "4").mkdir()                                          # a job that wrote nothing
     (copy / "1" / "summary.json").write_text("[1, 2]\n")          # issue: AttributeError before
+    (copy / "2" / "eval.csv").unlink()
+    (copy / "3" / "summary.json").unlink()
     assert plot.main([str(copy), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"warning: {copy / '4'} has no metrics.csv: left out of the sweep" in err
+    assert f"warning: {copy / '2'} has no eval.csv: no held-out metric or learning rate is drawn for it" in err
+    assert f"warning: {copy / '3'} has no summary.json (the run did not finish): its figures are not in the table" in err
     assert f"warning: cannot read {copy / '1' / 'summary.json'}: it holds a JSON list, not an object" in err
     assert "Traceback" not in err and "sweep.png" in drawn

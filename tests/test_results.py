@@ -8,7 +8,6 @@ with 2 processes, bounded in time (tests/spawn.py).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys

@@ -10,8 +10,8 @@ A run directory holds ``metrics.csv`` (required), and, when the run wrote them, 
   object) is a ``warning:`` naming the file and what is left out, and counts as unreadable
   (:attr:`Notes.unreadable`: the command's exit status is then 2, after it drew the rest);
   an unreadable ``metrics.csv`` is an error (``ValueError``: nothing to draw);
-- what the data lacks (an agent without rows in one of the files, a run directory of a sweep
-  without ``metrics.csv``) is a ``warning:`` too, but not an error.
+- what the data lacks (no ``eval.csv``, an agent without rows in one of the files, a run
+  directory of a sweep without ``metrics.csv``) is a ``warning:`` too, but not an error.
 
 The CSV values: :func:`read_rows` keeps an empty cell as None (the value does not apply: a
 passive agent's loss, the distance of a schedule without a consensus vector) and a written
@@ -113,6 +113,8 @@ def read_run(path: Path, notes: Notes, models: bool = True) -> Run:
         raise ValueError(f"cannot read {path / 'metrics.csv'}: {_reason(err)}") from None
     if (path / "eval.csv").is_file():
         run.evals = _attempt(notes, path / "eval.csv", read_rows, [], "the held-out panels are left out")
+    else:
+        notes.warn(f"{path} has no eval.csv: no held-out metric or learning rate is drawn for it")
     if (path / "summary.json").is_file():
         run.summary = _attempt(notes, path / "summary.json", _json_object, None, "its figures are left out")
     run.overrides = _overrides(path, notes)

@@ -47,6 +47,8 @@ def sweep_rows(runs: list[Run], notes: Notes) -> tuple[list[dict], list[str]]:
         for key in ("loss", DISTANCE):
             values = [v for s, v in mean_points(run.metrics, key) if s == last]
             row[f"final_{key}"] = values[0] if values else None
+        if run.summary is None and not (run.path / "summary.json").is_file():
+            notes.warn(f"{run.path} has no summary.json (the run did not finish): its figures are not in the table")
         try:
             row.update(figures(run.summary or {}))
         except (TypeError, KeyError, AttributeError, ValueError) as err:
