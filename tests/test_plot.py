@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from launch.cli import app, plot
 from launch.cli.plotting import panels as panel_rules
 from launch.cli.plotting.panels import ROUNDING_UNITS, why_empty
-from launch.cli.plotting.records import read_rows
+from launch.cli.run_files import read_rows
 from launch.cli.plotting.series import smooth
 from tests.test_app import config
 

@@ -41,7 +41,7 @@ import torch
 
 from launch.cli.deviation import TOLERANCES, format_table
 from launch.cli.errors import EXIT_CONFIG, EXIT_DEVIATION, EXIT_OK, report_error
-from launch.cli.plotting.records import FLOATS, READ_ERRORS, Notes, read_run
+from launch.cli.run_files import FLOATS, READ_ERRORS, Notes, read_run
 
 #: metrics.csv columns that are timings, not results.
 TIMINGS = ("wall_time", "sim_time")

@@ -16,7 +16,7 @@ simulated time of ``launch.cluster``, the wall time: :mod:`launch.cli.plotting.s
 
 A panel that holds no information (no finite value; constant to rounding; distances 0 to
 rounding) is left out, with a note saying why (:mod:`launch.cli.plotting.panels`).  Whatever
-else is left out is a ``warning:`` on stderr naming it (:mod:`launch.cli.plotting.records`).
+else is left out is a ``warning:`` on stderr naming it (:mod:`launch.cli.run_files`).
 PNG through matplotlib's Agg backend (no display needed).
 
 Exit status: 0; 2 with one line when ``PATH`` cannot be drawn (neither a run nor a multirun
@@ -33,7 +33,7 @@ from pathlib import Path
 from launch.cli.errors import EXIT_CONFIG, EXIT_OK, report_error
 from launch.cli.plotting.figures import run_panels, sweep_panels, xlabel
 from launch.cli.plotting.panels import draw, kept, positive
-from launch.cli.plotting.records import Notes, is_run, read_run, read_sweep
+from launch.cli.run_files import Notes, is_run, read_run, read_sweep
 from launch.cli.plotting.series import X_AXES
 from launch.cli.plotting.table import sweep_rows, write_table
 

@@ -64,7 +64,7 @@ import torch
 
 from agents.level_policy import resolve_policy
 from launch.cli.errors import EXIT_CHECKPOINT, EXIT_DEVIATION, EXIT_NONFINITE, EXIT_OK
-from launch.cli.metrics import read_metrics
+from launch.cli.run_files import read_rows
 from topology.schedule import MultilayerSchedule
 
 #: The simulated-time keys (null without ``launch.cluster``: :mod:`launch.cli.simtime`).
@@ -125,7 +125,7 @@ def summary_record(job, *, processes: int, agent_rows: list[dict], virtual_row: 
         "failure_detail": failure_detail,
         "exit_status": exit_status,
         **{key: (simulated or {}).get(key) for key in SIMULATED},
-        **provenance(job, metrics_csv),
+        **provenance(job.optimizer, job.state_policy, job.schedule, job.outer, job.device, metrics_csv),
     }
 
 
@@ -150,17 +150,19 @@ def verdict(exit_status: int, failure: str | None, detail: str | None, final_che
     return "FAILED", failure, detail
 
 
-def provenance(job, metrics_csv: Path | None) -> dict:
-    """What ``job`` was made of and where it ran: the keys ``optimizer`` ... ``device_name`` of
-    the module docstring (``metrics_csv``: the run's metrics.csv, for ``final_loss``)."""
-    policies = resolve_policy(job.state_policy, job.schedule.depth if isinstance(job.schedule, MultilayerSchedule) else None)
+def provenance(optimizer, state_policy, schedule, outer: dict | None, device: str, metrics_csv: Path | None) -> dict:
+    """What a run was made of and where it ran: the keys ``optimizer`` ... ``device_name`` of the
+    module docstring.  ``optimizer``: the inner-optimizer factory (``params -> Optimizer``);
+    ``state_policy``: as configured (a name, per level, ...); ``outer``: the slow rule's
+    validated options or None; ``metrics_csv``: the run's metrics.csv (``final_loss``), or None."""
+    depth = schedule.depth if isinstance(schedule, MultilayerSchedule) else None
     return {
-        "optimizer": optimizer_record(job.optimizer([torch.nn.Parameter(torch.zeros(1))])),
-        "state_policy": list(policies),
-        "outer": None if job.outer is None else _jsonable(job.outer),
-        "final_loss": final_loss(metrics_csv, job.schedule.workers) if metrics_csv is not None else None,
+        "optimizer": optimizer_record(optimizer([torch.nn.Parameter(torch.zeros(1))])),
+        "state_policy": list(resolve_policy(state_policy, depth)),
+        "outer": None if outer is None else _jsonable(outer),
+        "final_loss": final_loss(metrics_csv, schedule.workers) if metrics_csv is not None else None,
         "versions": versions(),
-        **device_record(job.device),
+        **device_record(device),
     }
 
 
@@ -179,11 +181,11 @@ def final_loss(metrics_csv: Path, workers) -> dict | None:
     """``{"step", "mean", "per_worker"}``: the losses of ``workers`` at the last step logged in
     ``metrics_csv`` and their mean (NaN when one is not finite: null in the JSON); None when
     the file is missing or has no row."""
-    rows = read_metrics(metrics_csv) if Path(metrics_csv).is_file() else []
+    rows = read_rows(metrics_csv) if Path(metrics_csv).is_file() else []
     if not rows:
         return None
     last = max(r["step"] for r in rows)
-    losses = {r["agent"]: r["loss"] for r in rows if r["step"] == last and r["agent"] in set(workers)}
+    losses = {r["agent"]: _float(r["loss"]) for r in rows if r["step"] == last and r["agent"] in set(workers)}
     mean = math.fsum(losses.values()) / len(losses) if losses else math.nan
     return {"step": last, "mean": _number(mean), "per_worker": {str(i): _number(v) for i, v in sorted(losses.items())}}
 
@@ -304,6 +306,10 @@ def write_summary(out_dir: Path, record: dict) -> str:
 def read_summary(run_dir: Path | str) -> dict:
     """A run directory's ``summary.json``."""
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def _float(value) -> float:
+    return math.nan if value is None else value
 
 
 def _number(value):

@@ -23,7 +23,7 @@ and the first step.
 from __future__ import annotations
 
 from launch.cli.plotting.panels import Panel
-from launch.cli.plotting.records import VIRTUAL, Notes, Run
+from launch.cli.run_files import VIRTUAL, Notes, Run
 from launch.cli.plotting.series import X_AXES, agent_points, band, curve, mean_points, non_finite, placed, x_of
 
 #: The key of the seed in a sweep's overrides.

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.cli.plotting.records import Notes
+from launch.cli.run_files import Notes
 from launch.cli.plotting.series import Curve
 
 #: Units of rounding (of the run's dtype) within which values count as constant or zero.

@@ -27,7 +27,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from launch.cli.plotting.records import VIRTUAL, Notes, Run
+from launch.cli.run_files import VIRTUAL, Notes, Run
 
 #: ``--x`` choices: the metrics.csv column that gives the x of a step (None: the step) and the
 #: axis label.

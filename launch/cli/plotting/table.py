@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 
 from launch.cli.plotting.figures import DISTANCE
-from launch.cli.plotting.records import Notes, Run
+from launch.cli.run_files import Notes, Run
 from launch.cli.plotting.series import mean_points
 from launch.cli.summary import flat_summary
 
