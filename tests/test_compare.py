@@ -24,8 +24,8 @@ def runs(tmp_path_factory):
     jobs = {"colocated": CO, "serial": (*LA2, "launch=serial"),
             "planted": (*CO, "plant={run: colocated, agent: 1, step: 2, size: 1e-9}"),
             "float32": (*CO, "launch.dtype=float32"), "float32_serial": (*LA2, "launch=serial", "launch.dtype=float32"),
-            "local_sgd": ("topology=local_sgd", "launch.steps=5"),
-            "wider": (*CO, "problem.hidden=16")}
+            "local_sgd": ("topology=local_sgd", "launch.steps=2"),
+            "wider": (*CO, "problem.hidden=16", "launch.steps=2")}
     for name, overrides in jobs.items():
         assert app.run(config(*overrides), out / name) == 0
     return out
