@@ -41,7 +41,7 @@ import torch
 
 from launch.cli.deviation import TOLERANCES, format_table
 from launch.cli.errors import EXIT_CONFIG, EXIT_DEVIATION, EXIT_OK, report_error
-from launch.cli.run_files import FLOATS, READ_ERRORS, Notes, read_run
+from launch.cli.run_files import FLOATS, READ_ERRORS, VIRTUAL, Notes, read_run
 
 #: metrics.csv columns that are timings, not results.
 TIMINGS = ("wall_time", "sim_time")
@@ -110,7 +110,7 @@ def compare_rows(a: list[dict], b: list[dict], what: str, notes: Notes) -> dict:
         notes.note(f"{what}: column {k} is in one run only: not compared")
     rows_a = {(r["step"], r["agent"]): r for r in a}
     rows_b = {(r["step"], r["agent"]): r for r in b}
-    shared = sorted(set(rows_a) & set(rows_b), key=lambda k: (str(k[1]), k[0]))
+    shared = sorted(set(rows_a) & set(rows_b), key=_row_order)
     if len(shared) != len(rows_a) or len(shared) != len(rows_b):
         notes.note(f"{what}: {len(shared)} (step, agent) rows in both runs, of {len(rows_a)} and {len(rows_b)}; "
                    f"only those are compared")
@@ -173,6 +173,12 @@ def _table_rows(finals: dict[int, float], stepwise: dict) -> list[dict]:
 
 def _largest(finals: dict[int, float], stepwise: dict) -> float:
     return max([*finals.values(), *(v for v, _ in stepwise.values())], default=0.0)
+
+
+def _row_order(key: tuple) -> tuple:
+    """(step, agent) rows by agent (0, 1, ..., then X a's), then step."""
+    step, agent = key
+    return (agent == VIRTUAL, agent if agent != VIRTUAL else 0, step)
 
 
 def _flat(state: dict) -> torch.Tensor:

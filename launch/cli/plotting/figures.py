@@ -11,8 +11,8 @@
   files), ||z_i - X a||_2 of every agent;
 - ``inner learning rate``: eval.csv's ``lr`` of every worker.
 
-``sweep.png``: one curve per group of runs (:func:`seed_groups`: runs that differ only in
-``launch.seed`` form a group, drawn as the mean +- std over its n runs, n in the legend) of the
+``sweep.png``: one curve per group of runs (:func:`seed_groups`: runs that differ only in their
+``launch.seed`` override form a group, drawn as the mean +- std over its n runs, n in the legend) of the
 workers' mean training loss, the held-out metrics of X a (of the lowest agent when the run has no
 X a) and the agents' mean distance to X a.
 
@@ -62,25 +62,34 @@ def run_panels(run: Run, axis: str, width: int, notes: Notes) -> list[Panel]:
 
 
 def seed_groups(runs: list[Run]) -> list[tuple[str, list[Run]]]:
-    """The runs grouped by their overrides other than ``launch.seed``, labelled by those that
-    differ between the groups (``all runs`` when none does), in the order of their first run.
+    """The runs of a sweep in groups: runs with a ``launch.seed`` override whose other overrides
+    are the same form one group; any other run is a group of its own (without hydra's
+    overrides nothing says that two runs differ only in their seed).  Each group is labelled by
+    its overrides that not every group shares (its first run's folder when none; ``all runs``
+    for a single group), in the order of their first run.
 
     Example:
         >>> from pathlib import Path
         >>> runs = [Run(Path(str(i)), [], overrides=[f"agents.optimizer.lr={lr}", f"launch.seed={s}"])
-        ...         for i, (lr, s) in enumerate([(0.1, 0), (0.1, 1), (0.2, 0)])]
+        ...         for i, (lr, s) in enumerate([(0.1, 0), (0.1, 1), (0.2, 0)])] + [Run(Path("3"), []), Run(Path("4"), [])]
         >>> [(label, [r.path.name for r in group]) for label, group in seed_groups(runs)]
-        [('agents.optimizer.lr=0.1', ['0', '1']), ('agents.optimizer.lr=0.2', ['2'])]
+        [('agents.optimizer.lr=0.1', ['0', '1']), ('agents.optimizer.lr=0.2', ['2']), ('3', ['3']), ('4', ['4'])]
     """
-    def key(run: Run) -> tuple[str, ...]:
-        return tuple(o for o in run.overrides if o.lstrip("+~").partition("=")[0] != SEED)
+    def key(run: Run) -> tuple:
+        others = tuple(o for o in run.overrides if _key(o) != SEED)
+        return others if len(others) < len(run.overrides) else (str(run.path), *run.overrides)
 
-    groups: dict[tuple[str, ...], list[Run]] = {}
+    groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(key(run), []).append(run)
-    shared = set.intersection(*(set(k) for k in groups)) if groups else set()
-    return [(" ".join(o for o in k if o not in shared) or ("all runs" if len(groups) == 1 else members[0].path.name),
-             members) for k, members in groups.items()]
+    shared = set.intersection(*(set(members[0].overrides) for members in groups.values())) if groups else set()
+    return [(" ".join(o for o in members[0].overrides if o not in shared and _key(o) != SEED)
+             or ("all runs" if len(groups) == 1 else members[0].path.name), members) for members in groups.values()]
+
+
+def _key(override: str) -> str:
+    """The key an override sets (``+launch.seed=1`` -> ``launch.seed``)."""
+    return override.lstrip("+~").partition("=")[0]
 
 
 def sweep_panels(runs: list[Run], axis: str, width: int, notes: Notes) -> list[Panel]:
