@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from launch.cli import app
-from launch.cli.metrics import read_metrics
+from launch.engine.record.metrics import read_metrics
 from launch.cli.summary import device_record, git_commit, parse_summary_line, write_summary
 from tests.spawn import ROOT
 from tests.test_app import config

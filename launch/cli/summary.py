@@ -20,7 +20,7 @@ null) [``virtual_heldout_<metric>``], ``spectral_gap``, ``max_deviation`` and ``
 unless checked against the serial reference), ``time_s``, ``steps_per_s``, ``status``,
 ``failure``, ``failure_detail`` and ``exit_status`` (below); with ``launch.cluster``,
 ``cluster``, ``compute_s``, ``compute_measured``, ``sim_time_s`` and ``sim_time_per_step_s``
-(:mod:`launch.cli.simtime`; null without).  Then what the run was made of (:func:`provenance`):
+(:mod:`launch.engine.record.clock`; null without).  Then what the run was made of (:func:`provenance`):
 
 - ``optimizer``: ``{"name", "hyperparameters"}``: the inner optimizer's class name (``SGD``) and
   every hyperparameter it runs with, defaults included (its ``defaults``: ``lr``, ``momentum``,
@@ -63,11 +63,12 @@ from pathlib import Path
 import torch
 
 from agents.level_policy import resolve_policy
+from agents.settings import jsonable
 from launch.cli.errors import EXIT_CHECKPOINT, EXIT_DEVIATION, EXIT_NONFINITE, EXIT_OK
 from launch.cli.run_files import read_rows
 from topology.schedule import MultilayerSchedule
 
-#: The simulated-time keys (null without ``launch.cluster``: :mod:`launch.cli.simtime`).
+#: The simulated-time keys (null without ``launch.cluster``: :mod:`launch.engine.record.clock`).
 SIMULATED = ("cluster", "compute_s", "compute_measured", "sim_time_s", "sim_time_per_step_s")
 
 #: Printed precision of each figure in summary.txt (others: 6 significant digits).
@@ -100,32 +101,32 @@ def summary_record(job, *, processes: int, agent_rows: list[dict], virtual_row: 
     ``exit_status``: the run's exit status, with ``failure`` / ``failure_detail`` (the run's
     ending's verdict) and ``final_checkpoint`` (the error of a final checkpoint that could not
     be written, or None): :func:`verdict`; ``metrics_csv``: the run's metrics.csv (the final
-    training loss); ``simulated``: :meth:`launch.cli.simtime.SimulatedTime.summary`, or None."""
+    training loss); ``simulated``: :meth:`launch.engine.record.clock.SimulatedTime.summary`, or None."""
     metrics = [k.removeprefix("heldout_") for k in agent_rows[0] if k.startswith("heldout_")]
     status, failure, failure_detail = verdict(exit_status, failure, failure_detail, final_checkpoint)
     return {
         "problem": job.problem_name,
-        "topology": {"name": job.topology_name, "options": _jsonable(job.topology_options or {}),
+        "topology": {"name": job.topology_name, "options": jsonable(job.topology_options or {}),
                      "repr": compact(repr(job.schedule))},
-        "launch": job.mode,
+        "launch": job.launch.mode,
         "processes": processes,
-        "steps": job.steps,
+        "steps": job.launch.steps,
         "resumed_from": first if first else None,
-        "dtype": str(job.dtype).replace("torch.", ""),
-        "seed": job.seed,
+        "dtype": str(job.launch.dtype).replace("torch.", ""),
+        "seed": job.launch.seed,
         "heldout": {k: [_number(r[f"heldout_{k}"]) for r in agent_rows] for k in metrics},
         "virtual_heldout": None if virtual_row is None else {k: _number(virtual_row[f"heldout_{k}"]) for k in metrics},
         "spectral_gap": _number(gap),
         "max_deviation": _number(worst),
         "tolerance": _number(tolerance),
         "time_s": _number(elapsed),
-        "steps_per_s": _number((job.steps - first) / max(elapsed, 1e-9)),
+        "steps_per_s": _number((job.launch.steps - first) / max(elapsed, 1e-9)),
         "status": status,
         "failure": failure,
         "failure_detail": failure_detail,
         "exit_status": exit_status,
         **{key: (simulated or {}).get(key) for key in SIMULATED},
-        **provenance(job.optimizer, job.state_policy, job.schedule, job.outer, job.device, metrics_csv),
+        **provenance(job.optimizer, job.state_policy, job.schedule, job.outer, job.launch.device, metrics_csv),
     }
 
 
@@ -159,7 +160,7 @@ def provenance(optimizer, state_policy, schedule, outer: dict | None, device: st
     return {
         "optimizer": optimizer_record(optimizer([torch.nn.Parameter(torch.zeros(1))])),
         "state_policy": list(resolve_policy(state_policy, depth)),
-        "outer": None if outer is None else _jsonable(outer),
+        "outer": None if outer is None else jsonable(outer),
         "final_loss": final_loss(metrics_csv, schedule.workers) if metrics_csv is not None else None,
         "versions": versions(),
         **device_record(device),
@@ -174,7 +175,7 @@ def optimizer_record(optimizer: torch.optim.Optimizer) -> dict:
         >>> optimizer_record(torch.optim.SGD([torch.zeros(1)], lr=0.1))["hyperparameters"]["lr"]
         0.1
     """
-    return {"name": type(optimizer).__name__, "hyperparameters": _jsonable(dict(optimizer.defaults))}
+    return {"name": type(optimizer).__name__, "hyperparameters": jsonable(dict(optimizer.defaults))}
 
 
 def final_loss(metrics_csv: Path, workers) -> dict | None:
@@ -318,17 +319,6 @@ def _number(value):
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _jsonable(value):
-    """Configuration values as JSON values (tuples as lists; anything else as its string)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def _text(key: str, value) -> str:
