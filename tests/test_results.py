@@ -32,7 +32,7 @@ from tests.spawn import ROOT, run_command, run_mpiexec, run_torchrun
 from tests.test_app import LA2, config, flat
 
 TOL = 1e-12
-EVAL = [*LA2, "launch.eval_every=5"]  # LA-2, 33 steps: evaluated at 5, 10, ..., 30 and 33
+EVAL = [*LA2, "launch.steps=33", "launch.eval_every=5"]  # LA-2, 33 steps: evaluated at 5, 10, ..., 30 and 33
 EVALUATED = [5, 10, 15, 20, 25, 30, 33]
 
 
@@ -109,7 +109,7 @@ def test_eval_csv_columns_steps_and_learning_rate(evaluated):
 
 
 def test_evaluation_does_not_change_the_trajectory(evaluated, tmp_path):
-    assert app.run(config(*LA2), tmp_path) == 0
+    assert app.run(config(*LA2, "launch.steps=33"), tmp_path) == 0
     for a, b in zip(torch.load(tmp_path / "agents.pt"), torch.load(evaluated / "agents.pt")):
         assert torch.equal(flat(a), flat(b))
     # Without launch.eval_every only the last step is evaluated.
