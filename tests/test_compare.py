@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from launch.cli import app, compare
+from tests import plant
 from tests.test_app import config, flat
 
 LA2 = ("topology=multilayer", "topology.ks=[3,2]", "topology.alphas=[0.5,0.6]", "agents=adam",
@@ -22,12 +23,14 @@ CO = (*LA2, "launch.check_reference=false")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     jobs = {"colocated": CO, "serial": (*LA2, "launch=serial"),
-            "planted": (*CO, "plant={run: colocated, agent: 1, step: 2, size: 1e-9}"),
             "float32": (*CO, "launch.dtype=float32"), "float32_serial": (*LA2, "launch=serial", "launch.dtype=float32"),
             "local_sgd": ("topology=local_sgd", "launch.steps=2"),
             "wider": (*CO, "problem.hidden=16", "launch.steps=2")}
     for name, overrides in jobs.items():
         assert app.run(config(*overrides), out / name) == 0
+    with pytest.MonkeyPatch.context() as patch:       # agent 1 moved by 1e-9 after iteration t=2
+        plant.install(dict(run="colocated", agent=1, step=2, size=1e-9), patch.setattr)
+        assert app.run(config(*CO), out / "planted") == 0
     return out
 
 
@@ -61,7 +64,9 @@ def test_a_planted_difference_fails_and_names_the_step(runs, capsys):
     out = capsys.readouterr().out
     assert out.strip().endswith("tolerance 1e-12 (float64's default): FAIL")
     assert 1e-11 < largest(out) < 1e-6
-    assert table(out)["1"][-1] == "3"       # planted after iteration t=2: the row of step 3 is the first to differ
+    # Planted after iteration t=2 (step 3): step 3's row is measured before its sync, so before the
+    # plant; step 4's is the first to differ.
+    assert table(out)["1"][-1] == "4"
     assert compare.main([str(runs / "planted"), str(runs / "serial"), "--tolerance", "1e-3"]) == 0
     assert capsys.readouterr().out.strip().endswith("tolerance 0.001 (--tolerance): PASS")
 

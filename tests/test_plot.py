@@ -32,7 +32,7 @@ LA2 = ("topology=multilayer", "topology.ks=[3,2]", "agents=adam", "agents.optimi
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Real runs: LA-2 logged every step (distances vary) and evaluated every 4 steps; local SGD
-    with 3 workers logged at its averages (distances are rounding noise); LA-1 on a simulated
+    with 3 workers logged at its averages (distances measured before them); LA-1 on a simulated
     cluster, evaluated at steps that are not logged."""
     out = tmp_path_factory.mktemp("plot")
     jobs = {"la2": LA2,
@@ -113,17 +113,31 @@ def test_run_panels_and_the_notes_of_those_left_out(runs, drawn, tmp_path, capsy
 
 
 def test_distances_that_are_rounding_noise_are_left_out(runs, drawn, tmp_path, capsys):
-    """Local SGD over 3 workers logged right after its averages: ||z_i - X a|| is about 2e-16
-    (X a = (z + z + z) / 3 rounds): not a distance."""
+    """Local SGD over 3 workers logged at its averages: measured before the average, the distances
+    are the workers' real spread, and drawn.  The same run's file with the distances replaced by
+    1e-16 .. 3e-16 (what a distance measured right after an average is: X a = (z + z + z) / 3
+    rounds) leaves
+    the panel out, with a note; without agents.pt (no scale to judge rounding by) it is drawn."""
     distances = [r["distance_to_virtual"] for r in read_rows(runs / "lsgd" / "metrics.csv")]
-    assert 0 < max(distances) < 1e-15
+    assert min(distances) > 1e-6
     assert plot.main([str(runs / "lsgd"), "--out", str(tmp_path)]) == 0
+    assert "distance to X a (||z_i - X a||)" in titles(drawn["curves.png"])
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    for name in ("eval.csv", "summary.json", "agents.pt"):
+        shutil.copy(runs / "lsgd" / name, noise / name)
+    header, *lines = (runs / "lsgd" / "metrics.csv").read_text().splitlines()
+    column = header.split(",").index("distance_to_virtual")
+    rows = [line.split(",") for line in lines]
+    for k, row in enumerate(rows):
+        row[column] = repr((1 + k % 3) * 1e-16)
+    (noise / "metrics.csv").write_text("\n".join([header, *(",".join(row) for row in rows)]) + "\n")
+    capsys.readouterr()
+    assert plot.main([str(noise), "--out", str(tmp_path)]) == 0
     assert "distance to X a (||z_i - X a||)" not in titles(drawn["curves.png"])
     assert "its values are 0 to rounding" in capsys.readouterr().err
-    (tmp_path / "copy").mkdir()
-    for name in ("metrics.csv", "eval.csv", "summary.json"):   # without agents.pt: no scale, drawn
-        shutil.copy(runs / "lsgd" / name, tmp_path / "copy" / name)
-    assert plot.main([str(tmp_path / "copy")]) == 0
+    (noise / "agents.pt").unlink()
+    assert plot.main([str(noise)]) == 0
     assert "distance to X a (||z_i - X a||)" in titles(drawn["curves.png"])
 
 
@@ -177,9 +191,21 @@ def test_smooth_is_a_trailing_mean_of_the_training_curves_only(runs, drawn, tmp_
 
 
 def test_logy_warns_of_values_it_cannot_draw(runs, drawn, tmp_path, capsys):
-    assert plot.main([str(runs / "la2"), "--logy", "--out", str(tmp_path)]) == 0
-    distances = [r["distance_to_virtual"] for r in read_rows(runs / "la2" / "metrics.csv") if r["agent"] == 0]
-    zeros = sum(d == 0 for d in distances)                                      # right after the syncs
+    """LA-2's metrics with the distances of every third step set to 0 (as a file written when
+    distances were measured after the syncs has them): those are left out of the log scale, with
+    a warning that counts them."""
+    run = tmp_path / "zeros"
+    run.mkdir()
+    header, *lines = (runs / "la2" / "metrics.csv").read_text().splitlines()
+    step, column = header.split(",").index("step"), header.split(",").index("distance_to_virtual")
+    rows = [line.split(",") for line in lines]
+    for row in rows:
+        if int(row[step]) % 3 == 0:
+            row[column] = "0"
+    (run / "metrics.csv").write_text("\n".join([header, *(",".join(row) for row in rows)]) + "\n")
+    assert plot.main([str(run), "--logy", "--out", str(tmp_path)]) == 0
+    distances = [r["distance_to_virtual"] for r in read_rows(run / "metrics.csv") if r["agent"] == 0]
+    zeros = sum(d == 0 for d in distances)
     assert zeros > 0 and f"{zeros} value(s) <= 0 of agent 0 are not drawn on the log scale (--logy)" in (
         capsys.readouterr().err)
     drawn_distances = curve_of(drawn["curves.png"], "distance to X a (||z_i - X a||)", "agent 0").y
