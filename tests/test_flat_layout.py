@@ -11,7 +11,7 @@ import topology
 from agents import flat as flat_module
 from agents.agent import Agent, probe_state_layout
 from agents.flat import FlatBuffer, check_attached, detached_parameters, flatten_module_, load_flat_
-from launch.engine.diagnostics import local_models
+from launch.engine.record.run import EngineRun
 from launch.engine.simulation import Simulation
 from tests import problems
 
@@ -69,7 +69,7 @@ def simulate_odd(policy, steps, optimizer="adam", schedule=None, dtype=torch.flo
     for _ in range(steps):
         sim.step()
         rows.append((torch.stack([x.clone() for x in sim.local_parameters().values()]),
-                     torch.stack([z.clone() for z in local_models(sim).values()])))
+                     torch.stack([z.clone() for z in EngineRun(sim.engine).models().values()])))
     return sim, rows
 
 
@@ -155,3 +155,24 @@ def test_parameters_that_left_the_buffer_are_named(change):
     assert f"{names[expected[0]]} (now " in str(info.value)
     assert "no longer live in the agent's flat buffer (torch.float32 on cpu)" in str(info.value)
     assert "do it before wrapping the optimizer" in str(info.value)
+
+
+def test_agent_optimizer_step_refuses_parameters_that_left_the_buffer():
+    """model.half() after the AgentOptimizer was built: the next step raises, naming the
+    parameters, before the inner optimizer touches anything (co-located; on several ranks the
+    refusal reaches every rank through the control message's ABORT)."""
+    from launch import AgentOptimizer
+
+    model = conv_model()
+    opt = AgentOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), topology.lookahead(2, 0.5), model=model)
+    batch = torch.randn(2, 3, 5, 5)
+    model(batch).sum().backward()
+    opt.step()
+    before = opt.local_parameters()[1].clone()
+    model.half()
+    model.zero_grad()
+    with pytest.raises(ValueError) as info:
+        opt.step()
+    assert "0.weight (now torch.float16 on cpu)" in str(info.value)
+    assert "do it before wrapping the optimizer" in str(info.value)
+    assert opt.t == 1 and torch.equal(opt.local_parameters()[1], before)

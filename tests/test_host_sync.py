@@ -42,7 +42,7 @@ class TwoRanks(LocalCommunicator):
 def marker_check(schedule, placement_world=3):
     placement = Placement.make(schedule.num_agents, placement_world)
     windows = compile_sync(schedule, placement, 0, numel=10, state_numel=0,
-                           policy=SyncPolicy("maintain", schedule)).windows
+                           policy=SyncPolicy("maintain", schedule), overlap=False).windows
     agents = {0: SimpleNamespace(flat=SimpleNamespace(buffer=torch.ones(10)), is_worker=True)}
     return MarkerCheck(agents, schedule.num_agents, TwoRanks(), windows, host=False), windows
 
