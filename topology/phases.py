@@ -116,6 +116,19 @@ class PhasedSchedule(Schedule):
                 words.append(renumber(head(schedule, steps), numbers))
         return canonical(matrices, renumber(cycle, numbers), concat(*words, renumber(prefix, numbers)))
 
+    def periodic_parts(self) -> tuple[tuple[int, int | None, int], ...]:
+        """Every phase's own parts (:meth:`topology.Schedule.periodic_parts`), moved to the
+        phase's start S_i and cut to its steps: each phase is periodic from its own counter."""
+        parts = []
+        for (steps, schedule), start in zip(self.phases, self.starts):
+            for offset, length, period in schedule.periodic_parts():
+                if steps is not None and offset >= steps:
+                    break
+                if steps is not None:
+                    length = steps - offset if length is None else min(length, steps - offset)
+                parts.append((start + offset, length, period))
+        return tuple(parts)
+
     def phase(self, t: int) -> tuple[int, int]:
         """(i, u): iteration t is iteration u of phase i (u = t - S_i)."""
         if t < 0:
