@@ -18,7 +18,9 @@ by a periodic part; here the prefix is every phase but the last, plus the last o
 * ``spectral_gap``, ``period_product``, ``vectors_sent_per_agent``
   (:mod:`topology.diagnostics`): those of one period of the last, repeating phase (the earlier
   phases are transient);
-* ``next_sync(t)``: exact over the phases (the first non-identity P at or after t).
+* ``next_sync(t)``: exact over the phases (the first non-identity P at or after t);
+* ``periodic_parts()``: every phase's own, from its start (each phase periodic from its own
+  counter): the finiteness check's windows are laid phase by phase.
 
 Phases nest: a phase's schedule may itself be phased (its own prefix is cut like any word).
 Every phase must have the same agents: ``num_agents``, ``workers`` and ``push_sum`` agree.
