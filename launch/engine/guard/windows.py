@@ -170,8 +170,9 @@ class Window:
         backward = reverse(word)
         #: The position of the decision sync: the window's last sync.
         self.decides = self.length - 1 - backward.next_marked(0, syncs)
-        # Change points, from the end: A = I after the last position; then, going back, the last
-        # sync q before the previous change point whose held differs from held A, A <- held_q A.
+        # Change points, from the end: A = I after the last position; then, going back from the
+        # previous change point, the last sync q with held_q A != A (every sync after it leaves A
+        # as it is), and A <- held_q A there.
         after = torch.eye(flows[0].held.shape[0], dtype=torch.bool)
         points, self._after, position = [], [after], self.length
         while True:
@@ -285,9 +286,12 @@ class _Layout:
         return None
 
     def window(self, start: int, stop: int) -> Window:
+        """The table of the window of iterations [start, stop)."""
         return Window(self.span(start, stop), self.flows, self.syncs)
 
     def windows(self) -> Windows | None:
+        """Part by part: the whole windows of L periods from the part's start, a pending tail
+        joined to the first of them, the part's own tail (when it holds a sync) left pending."""
         stretches, tail, last = [], None, 1
         for start, steps, period in self.schedule.periodic_parts():
             stop = None if steps is None else start + steps
