@@ -180,6 +180,7 @@ CLI_HUGE = [
     ["topology=multilayer", "topology.ks=[1000000000,1000000000,1000000000]", "topology.alphas=[0.5,0.5,0.5]"],
     ["topology=local_sgd", "topology.num_workers=2", f"topology.tau={BIG}"],
     ["topology=ring", f"topology.every={BIG}"],
+    ["topology=nested", f"topology.k={BIG}"],
 ]
 COMMON = ["launch.steps=8", "launch.dtype=float64", "launch.log_every=1"]
 
