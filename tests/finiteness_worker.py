@@ -2,18 +2,20 @@
 on, the check off, or a NaN / Inf planted, and saves what every rank saw.
 
 Usage: python tests/finiteness_worker.py SPEC_JSON.  SPEC: backend (torch | mpi), out (a folder),
-cases ({name: case}).  A case: schedule (``["multilayer", ks, alphas]`` or
-``[decentralized name, args...]``), steps, optionally overlap (default False), agents_per_rank,
-check_finite (default True), state ("host" | "device": where MarkerCheck keeps its knowledge;
-default by the device), plant ({agent, t, kind: "param" | "loss" | "inf"}: the rank holding
+cases ({name: case}).  A case: schedule (``["multilayer", ks, alphas]``, ``["with_slow_agent",
+W, k, alpha]``, ``["phases", [[steps, schedule], ..., [None, schedule]]]`` or ``[decentralized
+name, args...]``), steps, optionally overlap (default False), agents_per_rank, optimizer (a name
+of ``tests.problems.OPTIMIZERS``, default sgd), trajectory (True: the local agents' buffers
+after every step are kept), check_finite (default True), state ("host" | "device": where
+MarkerCheck keeps its knowledge; default by the device), plant ({agent, t, kind: "param" | "loss" | "inf"}: the rank holding
 the agent writes NaN (``param``) or -Inf (``inf``) into its parameter 3 at iteration t -- a
 worker's after its loss (a finite one) is computed, a passive agent's before the iteration -- or
 the agent's loss of iteration t is +Inf with a finite gradient (``loss``)).
 
 Writes ``out/rank{R}.pt``: {name: {"error": None or {"step", "stopped", "parameters", "losses",
 "message"}, "t": the counter when it ended, "counts": per step, the communicator's counts
-(all_reduces, sends, reduces, block_broadcasts, flag_reduces), "buffers": the local agents' final
-flat buffers}}.
+(all_reduces, sends, reduces, block_broadcasts, flag_reduces), "trajectory": per step {agent:
+flat buffer} (empty unless asked), "buffers": the local agents' final flat buffers}}.
 """
 
 import json
@@ -31,6 +33,7 @@ from launch.engine.simulation import Simulation  # noqa: E402
 from tests import problems  # noqa: E402
 from tests.dist_worker import make_comm  # noqa: E402
 from topology import decentralized  # noqa: E402
+from topology.slow import with_slow_agent  # noqa: E402
 
 _MARKER_CHECK = finiteness.MarkerCheck
 COUNTS = ("all_reduces", "sends", "reduces", "block_broadcasts", "flag_reduces")
@@ -38,8 +41,13 @@ COUNTS = ("all_reduces", "sends", "reduces", "block_broadcasts", "flag_reduces")
 
 def make_schedule(spec):
     name, *args = spec
+    args = [{int(k): v for k, v in a.items()} if isinstance(a, dict) else a for a in args]   # JSON's keys
     if name == "multilayer":
         return topology.multilayer(*args)
+    if name == "with_slow_agent":
+        return with_slow_agent(*args)
+    if name == "phases":
+        return topology.phases([(steps, make_schedule(phase)) for steps, phase in args[0]])
     return decentralized.SCHEDULES[name](*args)
 
 
@@ -78,10 +86,10 @@ def run_case(case: dict, comm) -> dict:
 
     force_state(case.get("state"))
     sim = Simulation(problems.make_model(0), loss_fn, lambda i: problems.batches(1 + i), schedule,
-                     problems.OPTIMIZERS["sgd"], comm=comm, agents_per_rank=case.get("agents_per_rank"),
+                     problems.OPTIMIZERS[case.get("optimizer", "sgd")], comm=comm, agents_per_rank=case.get("agents_per_rank"),
                      overlap=case.get("overlap", False), check_finite=case.get("check_finite", True))
     modules.update({id(a.module): i for i, a in sim.agents.items() if a.module is not None})
-    counts, error = [], None
+    counts, error, trajectory = [], None, []
     try:
         for t in range(case["steps"]):
             if (plant and plant["kind"] != "loss" and plant["t"] == t and plant["agent"] in sim.agents
@@ -90,12 +98,15 @@ def run_case(case: dict, comm) -> dict:
             before = [getattr(comm.stats, k) for k in COUNTS]
             sim.step()
             counts.append([getattr(comm.stats, k) - b for k, b in zip(COUNTS, before)])
+            if case.get("trajectory"):
+                sim.wait_in_flight()
+                trajectory.append({i: a.flat.buffer.clone() for i, a in sim.agents.items()})
     except NonFiniteError as err:
         error = {"step": err.step, "stopped": list(err.stopped), "parameters": err.parameters,
                  "losses": err.losses, "message": str(err)}
     sim.wait_in_flight()
     comm.wait_in_flight()
-    return {"error": error, "t": sim.t, "counts": counts,
+    return {"error": error, "t": sim.t, "counts": counts, "trajectory": trajectory,
             "buffers": {i: a.flat.buffer.clone() for i, a in sim.agents.items()}}
 
 

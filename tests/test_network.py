@@ -181,6 +181,12 @@ def test_schedule_counts_sum_the_plans_of_the_iterations_run():
     assert counts[2] == RankCounts(all_reduces=2, all_reduce_bytes=16)
     assert schedule_counts(decentralized.ring(4), 8, 0) == {q: RankCounts() for q in range(4)}
     assert schedule_counts(decentralized.ring(4), 8, 3)[2] == RankCounts(sends=6, send_bytes=48)
+    # Counted on the schedule's words: a period of 10^21, and a phased schedule's prefix (syncs
+    # at t = 0, 1, 2, then every 4 from its own start: 6, 10).
+    assert schedule_counts(topology.lookahead(10**21, 0.5), 8, 10**22)[1] == RankCounts(all_reduces=10,
+                                                                                       all_reduce_bytes=80)
+    phased = topology.phases([(3, decentralized.local_sgd(2, 1)), (None, decentralized.local_sgd(2, 4))])
+    assert schedule_counts(phased, 8, 11)[0] == RankCounts(all_reduces=5, all_reduce_bytes=40)
 
 
 # -- presets -----------------------------------------------------------------------------------

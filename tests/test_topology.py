@@ -17,7 +17,7 @@ from topology.diagnostics import period_product, spectral_gap, vectors_sent_per_
 from topology.plan import compile_plan
 from topology.schedule import MAX_ENUMERATED_PERIOD
 from topology.stagewise import Stage
-from topology.word import chain, concat, counts, from_indices, product, repeat, run
+from topology.word import chain, concat, counts, from_indices, product, repeat, reverse, run, segment
 
 
 # -- multilayer schedules ---------------------------------------------------------------------------
@@ -360,6 +360,8 @@ def test_word_operations_agree_with_the_explicit_list(case, marked, cut):
     assert word.first(marked) == next((p for p, i in enumerate(items) if i in marked), None)
     n = min(cut, len(items))
     assert word.take(n).tolist() == items[:n]
+    assert reverse(word).tolist() == items[::-1]
+    assert segment(word, n // 2, n).tolist() == items[n // 2:n]
     assert counts(word) == {i: items.count(i) for i in set(items)}
     if items:
         gen = torch.Generator().manual_seed(len(items))

@@ -87,6 +87,7 @@ from topology.data_parallel import gradient_plan
 from topology.plan import Block, Plan, compile_plan
 from topology.schedule import Schedule
 from topology.validation import check_period
+from topology.word import counts
 
 
 class Link(NamedTuple):
@@ -438,11 +439,9 @@ def schedule_counts(
         16
     """
     iterations = check_integer(iterations, "iterations", minimum=0)
-    occurrences: dict[int, int] = {}
-    for t in range(min(iterations, schedule.period)):
-        # t, t + period, ... < iterations
-        index = schedule.matrix_index(t)
-        occurrences[index] = occurrences.get(index, 0) + (iterations - 1 - t) // schedule.period + 1
+    # How many times each matrix occurs among P_0 .. P_{iterations-1}: counted on the words, in
+    # their number of nodes whatever the period (and across a phased schedule's prefix).
+    occurrences = counts(schedule.head(iterations))
     total = {q: RankCounts() for q in sorted(set(_mapping(schedule.num_agents, agent_gpus)))}
     for index, times in sorted(occurrences.items()):
         plan = compile_plan(schedule.distinct_matrices[index])

@@ -18,7 +18,9 @@ by a periodic part; here the prefix is every phase but the last, plus the last o
 * ``spectral_gap``, ``period_product``, ``vectors_sent_per_agent``
   (:mod:`topology.diagnostics`): those of one period of the last, repeating phase (the earlier
   phases are transient);
-* ``next_sync(t)``: exact over the phases (the first non-identity P at or after t).
+* ``next_sync(t)``: exact over the phases (the first non-identity P at or after t);
+* ``periodic_parts()``: every phase's own, from its start (each phase periodic from its own
+  counter): the finiteness check's windows are laid phase by phase.
 
 Phases nest: a phase's schedule may itself be phased (its own prefix is cut like any word).
 Every phase must have the same agents: ``num_agents``, ``workers`` and ``push_sum`` agree.
@@ -115,6 +117,19 @@ class PhasedSchedule(Schedule):
             if steps is not None:
                 words.append(renumber(head(schedule, steps), numbers))
         return canonical(matrices, renumber(cycle, numbers), concat(*words, renumber(prefix, numbers)))
+
+    def periodic_parts(self) -> tuple[tuple[int, int | None, int], ...]:
+        """Every phase's own parts (:meth:`topology.Schedule.periodic_parts`), moved to the
+        phase's start S_i and cut to its steps: each phase is periodic from its own counter."""
+        parts = []
+        for (steps, schedule), start in zip(self.phases, self.starts):
+            for offset, length, period in schedule.periodic_parts():
+                if steps is not None and offset >= steps:
+                    break
+                if steps is not None:
+                    length = steps - offset if length is None else min(length, steps - offset)
+                parts.append((start + offset, length, period))
+        return tuple(parts)
 
     def phase(self, t: int) -> tuple[int, int]:
         """(i, u): iteration t is iteration u of phase i (u = t - S_i)."""

@@ -154,6 +154,16 @@ class Schedule:
         first = self.cycle.first(marked)
         return None if first is None else t - local + self.period + first
 
+    def periodic_parts(self) -> tuple[tuple[int, int | None, int], ...]:
+        """The iterations cut into consecutive *parts*, each periodic from its own start:
+        ``(start, steps, period)`` says that P_t for start <= t < start + steps (steps None: for
+        every later t) depends only on (t - start) % period.  Here the prefix, one part that
+        does not repeat (period = its length), then the cycle; :class:`topology.phases`' are
+        those of each phase from its own counter.  What the finiteness windows are laid on
+        (:mod:`launch.engine.guard.windows`)."""
+        prefix = ((0, self.prefix_length, self.prefix_length),) if self.prefix_length else ()
+        return prefix + ((self.prefix_length, None, self.period),)
+
     def head(self, steps: int) -> Word:
         """The indices of P_0 ... P_{steps-1} as a word (how :func:`topology.phases` cuts a phase)."""
         return _head(self.prefix, self.cycle, steps)

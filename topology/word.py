@@ -13,6 +13,7 @@ time in the number of nodes (and the depth of the expression), never in the leng
 
 * :meth:`Word.at` (the index at position t), :meth:`Word.next_marked` (the first position >= t
   whose index is in a set), :meth:`Word.take` (the first n positions, as a word);
+* :func:`reverse` (the word backwards) and :func:`segment` (positions a .. b - 1, as a word);
 * :func:`fold`: any function defined on the three forms (the product of the matrices of a
   word, the number of times each index occurs, a renumbering of the indices...), evaluated once
   per node.  :func:`matrix_power` is the power by repeated squaring that products use.
@@ -296,6 +297,18 @@ def renumber(word: Word, mapping: Sequence[int] | dict) -> Word:
     return fold(word, lambda i, c: run(mapping[i], c), lambda parts: concat(*parts), repeat)
 
 
+def reverse(word: Word) -> Word:
+    """``word`` backwards: position p holds the index ``word`` holds at length - 1 - p.  With
+    :meth:`Word.next_marked` it finds the *last* marked position before a given one."""
+    return fold(word, run, lambda parts: concat(*reversed(parts)), repeat)
+
+
+def segment(word: Word, start: int, stop: int) -> Word:
+    """The word of positions ``start`` .. ``stop`` - 1 (0 <= start <= stop <= length): the last
+    stop - start positions of the first ``stop``, i.e. a cut of the reversed word, reversed."""
+    return reverse(reverse(word.take(stop)).take(stop - start))
+
+
 def matrix_power(matrix: torch.Tensor, n: int) -> torch.Tensor:
     """matrix^n by repeated squaring (O(log n) products; n >= 0 any Python integer)."""
     result = None
@@ -333,5 +346,7 @@ __all__ = [
     "product",
     "renumber",
     "repeat",
+    "reverse",
     "run",
+    "segment",
 ]

@@ -120,17 +120,11 @@ class Overlap(NoOverlap):
                 # The broadcast reads the hub's buffer: its optimizer must not write it before.
                 agent.optimizer.register_step_pre_hook(lambda *_: self.wait())
 
-    def next_sync(self, t_from: int) -> int | None:
-        """The first iteration t >= t_from with a non-identity P_t (None when there is none)."""
-        schedule = self.schedule
-        for t in range(t_from, t_from + schedule.period):
-            if not self.programs[schedule.matrix_index(t)].is_identity:
-                return t
-        return None
-
     def ensure(self, t_from: int) -> None:
-        """Start the reduces of the next sync at or after ``t_from``, unless already started."""
-        t = self.next_sync(t_from)
+        """Start the reduces of the next sync at or after ``t_from`` (the schedule's next
+        non-identity P_t, found in its words whatever the period: a program is the identity
+        exactly when its matrix is), unless already started."""
+        t = self.schedule.next_sync(t_from)
         if t is None or t == self.launched_for:
             return
         program = self.programs[self.schedule.matrix_index(t)]
