@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from agents.flat import parameter_region
 from launch.cli import app
 from launch.cli.build import build_job
 from launch.engine.record.metrics import MetricsWriter, read_metrics
@@ -20,9 +21,10 @@ NVLINK = dict(alpha=3e-6, beta=450e9)   # preset nvlink_8: one node, NVLink 4 (t
 
 
 def nbytes(*overrides) -> int:
-    """Bytes of one agent's synchronized buffer of the configuration (float64 parameters)."""
+    """Bytes of one agent's synchronized buffer of the configuration (float64 parameters): its
+    parameter region, each parameter aligned to 16 bytes (agents.flat), which a sync sends whole."""
     job = build_job(config(*overrides))
-    return sum(p.numel() for p in job.model().parameters()) * job.launch.dtype.itemsize
+    return parameter_region(job.model().to(job.launch.dtype)) * job.launch.dtype.itemsize
 
 
 def sim_times(out) -> dict[int, float]:
