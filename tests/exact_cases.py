@@ -14,8 +14,9 @@ for that many syncs, to show that it differs).
 Between two syncs every worker takes "an inner step" on every iteration: x <- x - lr g, g drawn
 from the agent's own generator (the same numbers whatever the layout), parameters and state
 alike; passive agents change only at syncs.  Buffers start drawn at random, different for every
-agent (all equal under a slow rule: theta_0, as the engine starts them).  An overlapped sync's hub blocks are prefetched at the start of the sync's iteration,
-before the workers' step (the timing contract of launch.engine.sync.overlap).
+agent (all equal under a slow rule: theta_0, as the engine starts them).  An overlapped sync's
+hub blocks are prefetched at the start of the sync's iteration, before the workers' step (the
+timing contract of launch.engine.sync.overlap).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class Column:
         return self.flat.buffer
 
 
-def compile_case(case: dict, schedule, placement: Placement, rank: int, exact: bool):
+def compile_case(case: dict, schedule, placement: Placement, rank: int, exact: bool, backend: str | None = None):
     """The case's programs for ``rank`` (``compile_sync`` with the case's options)."""
     from agents.outer import OuterOptimizer
 
@@ -107,7 +108,7 @@ def compile_case(case: dict, schedule, placement: Placement, rank: int, exact: b
     return compiler.compile_sync(
         schedule, placement, rank, numel=NUMEL, state_numel=case.get("state_numel", 0),
         policy=SyncPolicy(case.get("policy", "maintain"), schedule), outer=rule,
-        overlap=case.get("overlap", False), itemsize=DTYPES[case["dtype"]].itemsize, exact=exact)
+        overlap=case.get("overlap", False), itemsize=DTYPES[case["dtype"]].itemsize, exact=exact, backend=backend)
 
 
 class Run:
@@ -116,7 +117,7 @@ class Run:
 
     def __init__(self, case: dict, schedule, comm, placement: Placement, exact: bool):
         rank = comm.rank if placement.world_size > 1 else 0
-        self.compiled = compile_case(case, schedule, placement, rank, exact)
+        self.compiled = compile_case(case, schedule, placement, rank, exact, comm.backend)
         self.width = NUMEL + case.get("state_numel", 0)
         dtype = DTYPES[case["dtype"]]
         self.schedule, self.comm = schedule, comm
@@ -167,9 +168,10 @@ def run_case(case: dict, comm) -> dict | None:
     schedule = make_schedule(case["schedule"])
     world = case.get("world", comm.world_size)
     placement = Placement.make(schedule.num_agents, world, case.get("agents_per_rank"))
-    ordered.GATHER_MAX_BYTES = 0 if case["strategy"] == "chain" else 1 << 40
+    ordered.GATHER_MAX_BYTES = {comm.backend: 0 if case["strategy"] == "chain" else 1 << 40}
     # Group creation is collective over the whole job: every rank, the same list.
-    comm.init_groups(sorted({g for exact in (True, False) for g in compile_case(case, schedule, placement, 0, exact).groups}))
+    groups = {g for exact in (True, False) for g in compile_case(case, schedule, placement, 0, exact).groups}
+    comm.init_groups(sorted(groups))
     if comm.rank >= world:
         return None
     co_located = Placement.make(schedule.num_agents, 1, schedule.num_agents)

@@ -6,10 +6,11 @@ cases ({name: case}).  A case: schedule (``["multilayer", ks, alphas]`` or
 ``[decentralized name, args...]``), steps, optionally overlap (default False), agents_per_rank,
 check_finite (default True), exact ("chain" or "gather": every sync compiled with ``exact=True``,
 its blocks spanning ranks chained or gathered; default: not exact), state ("host" | "device":
-where MarkerCheck keeps its knowledge; default by the device), plant ({agent, t, kind: "param" | "loss" | "inf"}: the rank holding
-the agent writes NaN (``param``) or -Inf (``inf``) into its parameter 3 at iteration t -- a
-worker's after its loss (a finite one) is computed, a passive agent's before the iteration -- or
-the agent's loss of iteration t is +Inf with a finite gradient (``loss``)).
+where MarkerCheck keeps its knowledge; default by the device), plant ({agent, t, kind: "param" |
+"loss" | "inf"}: the rank holding the agent writes NaN (``param``) or -Inf (``inf``) into its
+parameter 3 at iteration t -- a worker's after its loss (a finite one) is computed, a passive
+agent's before the iteration -- or the agent's loss of iteration t is +Inf with a finite gradient
+(``loss``)).
 
 Writes ``out/rank{R}.pt``: {name: {"error": None or {"step", "stopped", "parameters", "losses",
 "message"}, "t": the counter when it ended, "counts": per step, the communicator's counts
@@ -68,8 +69,8 @@ def compile_exact(case: dict) -> None:
     its blocks spanning ranks chained or gathered; else as it is."""
     core.compile_sync = COMPILE_SYNC
     if case.get("exact"):
-        core.compile_sync = functools.partial(COMPILE_SYNC, exact=True)
-        ordered.GATHER_MAX_BYTES = 0 if case["exact"] == "chain" else 1 << 40
+        core.compile_sync = functools.partial(COMPILE_SYNC, exact=True, backend="gloo")
+        ordered.GATHER_MAX_BYTES = {"gloo": 0 if case["exact"] == "chain" else 1 << 40}
 
 
 def run_case(case: dict, comm) -> dict:

@@ -36,7 +36,7 @@ def test_tiny_run_exits_0_and_writes_every_benchmark(tiny):
     results = json.loads(out.read_text())
     assert set(BENCHMARKS) <= set(results)
     assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
-    for name in ("B1", "B2", "B3", "B5", "B6", "B7"):
+    for name in ("B1", "B2", "B3", "B5", "B6", "B7", "B8"):
         rows = results[name]["rows"]
         assert rows and all(row["ratio"] > 0 for row in rows if "skipped" not in row), name
     assert [r["name"] for r in results["B1"]["rows"][:3]] == [f"LA-{n} / bare SGD" for n in (1, 2, 4)]
@@ -51,6 +51,11 @@ def test_tiny_run_exits_0_and_writes_every_benchmark(tiny):
     assert [(r["workers"], r["period"]) for r in b6] == [(w, p) for w in TINY.b6_workers for p in TINY.b6_periods]
     assert all(r["bit_identical"] and r["averaging_ratio"] > 0 for r in b6)
     assert results["B7"]["rows"][0]["metrics_rows"] > 0
+    # B8: the exact sync is a chain at these sizes, and the rule's rows time both strategies.
+    assert all(r["strategy"] == "ChainBlock" and r["exact_counts_per_sync"]["chains"] == 1
+               for r in results["B8"]["rows"])
+    assert all(r["gather_ratio"] > 0 and r["chain_ratio"] > 0 and r["rule"] == "ChainBlock"   # gloo: chained
+               for r in results["B8"]["rule_rows"])
     assert all(r["peak_bytes"] > 0 for r in results["B4"]["rows"])
     if torch.cuda.is_available():
         assert "rows" in results["GPU"] or "needs 2 CUDA devices" in results["GPU"]["skipped"]
@@ -156,7 +161,7 @@ def test_bad_options_are_refused_naming_the_option(capsys):
     with pytest.raises(SystemExit) as err:
         parse(["--only", "B1,B9"])
     assert err.value.code == 2
-    assert "--only must name benchmarks among B1, B2, B3, B4, B5, B6, B7, GPU; got B9" in capsys.readouterr().err
+    assert "--only must name benchmarks among B1, B2, B3, B4, B5, B6, B7, B8, GPU; got B9" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(["--repeats", "0"])
     assert "--repeats must be a positive integer; got 0" in capsys.readouterr().err
@@ -175,13 +180,15 @@ def test_prepared_gpu_run_on_cpu_and_without_cuda(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.read_text())
     if not torch.cuda.is_available():
-        assert all(results[part]["skipped"] == "no CUDA device" for part in ("nccl", "reference", "B1", "cli"))
+        assert all(results[part]["skipped"] == "no CUDA device"
+                   for part in ("nccl", "reference", "B1", "cli", "premul"))
     out = tmp_path / "cpu.json"
     done = subprocess.run([sys.executable, "-m", "launch.bench", "--gpu", "--tiny", "--device", "cpu", "--json",
                            str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.read_text())
     assert results["nccl"] == {"skipped": "NCCL needs CUDA", "wall_seconds": results["nccl"]["wall_seconds"]}
+    assert results["premul"]["skipped"] == "NCCL needs CUDA"
     deviation = results["reference"]["rows"][0]
     assert deviation["met"] and deviation["deviation"] <= 1e-12
     assert [r["name"] for r in results["B1"]["rows"][:3]] == [f"LA-{n} / bare SGD" for n in (1, 2, 4)]

@@ -8,7 +8,6 @@ collectives, and the finiteness check's markers riding in the exact collectives.
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from launch.engine.sync.kernel import Scratch, WeightedSum
 from launch.engine.sync.ordered import ChainBlock, GatherBlock, OrderedHubBlock, exact_strategy
 from tests import exact_cases
 from tests.exact_cases import bits_equal, compile_case, family_cases, two_per_rank_cases
-from tests.spawn import ROOT, run_mpiexec, run_torch
+from tests.spawn import ROOT, run_job
 from tests.test_finiteness_dist import check_raised, lookahead_expected, ring_expected
 
 WORKER = ROOT / "tests" / "exact_worker.py"
@@ -54,13 +53,7 @@ def cases_for(n: int, backend: str) -> dict:
 
 
 def run(backend: str, nprocs: int, cases: dict, tmp_path, timeout: float = 400) -> list[dict]:
-    spec = dict(backend=backend, out=str(tmp_path), cases=cases, timeout_s=60)
-    if backend == "mpi":
-        code, output = run_mpiexec(nprocs, [sys.executable, WORKER, json.dumps(spec)], timeout)
-        assert code == 0, output
-    else:
-        results = run_torch(nprocs, spec, timeout=timeout, worker=WORKER)
-        assert all(code == 0 for code, _ in results), results
+    run_job(backend, nprocs, dict(backend=backend, out=str(tmp_path), cases=cases, timeout_s=60), WORKER, timeout)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nprocs)]
 
 
@@ -77,7 +70,7 @@ def check_exact(ranks: list[dict], cases: dict, every_case_differs: bool = True)
         for rank, result in enumerate(results):
             assert result["syncs"] == case["syncs"], (name, rank)
             assert result["mismatches"]["exact"] == 0, (name, rank, result)
-        if case["default"] and (every_case_differs or "-x2-" in name):
+        if case.get("default") and (every_case_differs or "-x2-" in name):
             assert sum(r["mismatches"]["default"] for r in results) > 0, (name, results[0])
             first, last = max(r["deviations"] for r in results)
             assert last > first > 0, (name, first, last)
@@ -136,9 +129,7 @@ def test_markers_ride_in_the_exact_collectives(tmp_path):
         cases.update({f"{mode}-{kind}{agent}@{t}": dict(base, plant=dict(kind=kind, agent=agent, t=t))
                       for kind, agent, t in plants})
     cases["ring-param2@4"] = dict(schedule=["ring", 3], steps=8, exact="chain", plant=dict(kind="param", agent=2, t=4))
-    spec = dict(backend="torch", out=str(tmp_path), cases=cases, timeout_s=60)
-    results = run_torch(3, spec, timeout=300, worker=FINITENESS_WORKER)
-    assert all(code == 0 for code, _ in results), results
+    run_job("torch", 3, dict(backend="torch", out=str(tmp_path), cases=cases, timeout_s=60), FINITENESS_WORKER, 300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
     for mode in ("chain", "gather", "overlap"):
         for rank, r in enumerate(ranks):
@@ -152,7 +143,8 @@ def test_markers_ride_in_the_exact_collectives(tmp_path):
             check_raised(ranks, f"{mode}-{kind}{agent}@{t}", found, stopped, **named)
     check_raised(ranks, "ring-param2@4", 4, 4, parameters=[2])
     # What carried them (COUNTS of the worker: ..., chains, gathers, flag_reduces).
-    totals = {mode: [sum(c[k] for c in ranks[1][f"{mode}-on"]["counts"]) for k in (4, 5)] for mode in ("chain", "gather")}
+    totals = {mode: [sum(c[k] for c in ranks[1][f"{mode}-on"]["counts"]) for k in (4, 5)]
+              for mode in ("chain", "gather")}
     assert totals["chain"][0] > 0 == totals["chain"][1] and totals["gather"][1] > 0 == totals["gather"][0]
 
 
@@ -163,7 +155,7 @@ def test_ring_windows_hold_for_exact_syncs():
     placement = Placement.make(4, 4)
     case = dict(dtype="float32")
     for rank in range(4):
-        exact, default = compile_case(case, schedule, placement, rank, True), compile_case(case, schedule, placement, rank, False)
+        exact, default = (compile_case(case, schedule, placement, rank, on) for on in (True, False))
         assert exact.windows.periods == default.windows.periods
         assert [exact.windows.at(t, rank) for t in range(4)] == [default.windows.at(t, rank) for t in range(4)]
 
@@ -183,19 +175,21 @@ def test_an_exact_block_carries_the_markers_of_its_term_holders_only():
     assert default.held.all() and default.born.all()
     assert exact.held[2].tolist() == [False, False, True] and exact.held[:2].all()
     case = dict(dtype="float64")
-    steps = compile_case(case, topology.multilayer((2, 2), (0.5, 1.0)), placement, 2, True).programs[2].blocks
+    steps = compile_case(case, topology.multilayer((2, 2), (0.5, 1.0)), placement, 2, True, "mpi").programs[2].blocks
     assert type(steps[0]) is GatherBlock and steps[0].holders == ((0,), (1,), ())
 
 
 # ----------------------------------------------------------------- choices, local sums, collectives
-def test_the_strategy_of_each_block(monkeypatch):
+def test_the_strategy_of_each_block():
     """The rule of exact_strategy, and what compile_sync builds from it on every rank."""
-    assert exact_strategy((1, 1, 1), ordered.GATHER_MAX_BYTES // 2 + 1, None) == "chain"
-    assert exact_strategy((1, 1, 1), ordered.GATHER_MAX_BYTES // 2, None) == "gather"
-    assert exact_strategy((2, 1, 1), ordered.GATHER_MAX_BYTES // 2, None) == "chain"    # 2 rows each
-    assert exact_strategy((1, 1), 1 << 30, None) == "pair" and exact_strategy((3,), 1, None) == "local"
-    assert exact_strategy((1, 0, 1), 1, 0) == "hub" and exact_strategy((2, 0), 1 << 30, None) == "chain"
-    monkeypatch.setattr(ordered, "GATHER_MAX_BYTES", 0)
+    assert exact_strategy((1, 1, 1), 501, None, 1000) == "chain"
+    assert exact_strategy((1, 1, 1), 500, None, 1000) == "gather"
+    assert exact_strategy((2, 1, 1), 500, None, 1000) == "chain"                  # 2 rows each
+    assert exact_strategy((1, 1), 1 << 30, None, 0) == "pair" and exact_strategy((3,), 1, None, 0) == "local"
+    assert exact_strategy((1, 0, 1), 1, 0, 0) == "hub" and exact_strategy((2, 0), 1 << 30, None, 0) == "chain"
+    # By backend: MPI gathers up to 16 MiB received, NCCL 64 KiB, gloo (and any other) never.
+    assert (ordered.gather_max_bytes("mpi"), ordered.gather_max_bytes("nccl")) == (16 << 20, 64 << 10)
+    assert ordered.gather_max_bytes("gloo") == ordered.gather_max_bytes(None) == 0
     schedule = topology.multilayer((2, 2), (0.5, 0.6))
     placement = Placement.make(3, 3)
     case = dict(dtype="float64")
@@ -213,12 +207,14 @@ def test_the_strategy_of_each_block(monkeypatch):
 
 
 def test_the_gather_threshold_counts_the_bytes_each_rank_receives(monkeypatch):
-    monkeypatch.setattr(ordered, "GATHER_MAX_BYTES", 2 * 600 * 4)
+    monkeypatch.setattr(ordered, "GATHER_MAX_BYTES", {"mpi": 2 * 600 * 4})
     schedule = topology.multilayer((2, 2), (0.5, 0.6))
-    steps = [type(b) for b in compile_case(dict(dtype="float32"), schedule, Placement.make(3, 3), 0, True).programs[2].blocks]
-    assert steps == [GatherBlock]
-    steps = [type(b) for b in compile_case(dict(dtype="float64"), schedule, Placement.make(3, 3), 0, True).programs[2].blocks]
-    assert steps == [ChainBlock]
+
+    def steps(dtype, backend="mpi"):
+        compiled = compile_case(dict(dtype=dtype), schedule, Placement.make(3, 3), 0, True, backend)
+        return [type(b) for b in compiled.programs[2].blocks]
+    assert steps("float32") == [GatherBlock] and steps("float64") == [ChainBlock]
+    assert steps("float32", "gloo") == [ChainBlock]
 
 
 def ctx_for(snapshot=()):
@@ -278,7 +274,8 @@ def test_premul_is_chosen_only_where_it_gives_the_same_bits():
     assert steps(backend="nccl", dtype=torch.float32) == [PremulBlock]
     assert steps(backend="gloo", dtype=torch.float32) == [AllReduceBlock]
     assert steps(backend="nccl") == [AllReduceBlock]
-    assert steps(backend="nccl", dtype=torch.float32, exact=True) == [GatherBlock]
+    assert steps(backend="nccl", dtype=torch.float32, exact=True) == [GatherBlock]      # 80 bytes: small
+    assert steps(backend="gloo", dtype=torch.float32, exact=True) == [ChainBlock]
 
 
 def test_premul_block_on_one_rank_runs_the_two_passes_semantics():

@@ -20,6 +20,13 @@ one GPU: the NCCL one), in well under 8 minutes on one GPU:
     and summary line; and with 3 GPUs or more the ``launch=torch`` job, ``torchrun
     --nproc_per_node 3 -m launch launch=torch`` (one GPU per rank, NCCL, float32).
 
+``premul``
+    NCCL's ``ReduceOp.PREMUL_SUM`` (:class:`launch.engine.sync.blocks.PremulBlock`) against the
+    two passes it replaces (``x.mul_(w)``, then the SUM all-reduce), bit for bit, per dtype and
+    weight, one rank per GPU (one GPU: the product alone;
+    :func:`launch.bench.distributed.premul_bits`): met unless the engine's rule
+    (:func:`launch.engine.sync.compile.premul_applies`) chooses PREMUL_SUM where the bits differ.
+
 ``--device`` runs the parts that need no NCCL on another device (``--device cpu``: how the test
 suite checks this script on a machine without CUDA).
 """
@@ -37,7 +44,7 @@ from pathlib import Path
 
 from launch.bench.processes import ROOT, free_port
 
-GPU_PARTS = ("nccl", "reference", "B1", "cli")
+GPU_PARTS = ("nccl", "reference", "B1", "cli", "premul")
 
 
 def available(device: str) -> str | None:
@@ -54,6 +61,15 @@ def nccl(config) -> dict:
     from launch.bench.suite import gpu
 
     return gpu(config)
+
+
+def premul() -> dict:
+    """The ``premul`` part: :func:`launch.bench.distributed.premul_bits` on one rank per GPU."""
+    import torch
+
+    from launch.bench.processes import spawn
+
+    return spawn(torch.cuda.device_count(), {"task": "premul", "device": "cuda"})[0]
 
 
 def reference(device: str, steps: int, width: int = 32, batch_size: int = 16) -> dict:
@@ -149,6 +165,8 @@ def run(config, device: str = "cuda") -> dict:
                 results[part] = reference(device, steps=config.gpu_reference_steps)
             elif part == "B1":
                 results[part] = b1(config, device)
+            elif part == "premul":
+                results[part] = premul() if device.startswith("cuda") else {"skipped": "NCCL needs CUDA"}
             else:
                 results[part] = cli(device, config.gpu_cli_overrides)
         except Exception as err:  # noqa: BLE001 - the run goes on and records what failed
@@ -173,6 +191,9 @@ def table(results: dict) -> str:
             elif "deviation" in row:
                 lines.append(f"    {row['name']:<70} {row['deviation']:.2e}  target {row['target']:g}  "
                              f"{'yes' if row['met'] else 'NO'}")
+            elif "same_bits" in row:
+                lines.append(f"    {row['name']:<70} same bits: {'yes' if row['same_bits'] else 'no'}, "
+                             f"chosen: {'yes' if row['premul_chosen'] else 'no'}  {'yes' if row['met'] else 'NO'}")
             elif "summary" in row:
                 lines.append(f"    {row['name']}: exit {row['returncode']}; {row['summary'] or '(no summary)'}")
             else:

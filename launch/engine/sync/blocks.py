@@ -2,7 +2,8 @@
 
 A :class:`topology.Plan` has *blocks* (receivers that all get the same weighted sum) and *mixes*
 (one receiver, a weighted sum of a few sources).  On one rank each becomes one of these steps,
-chosen once when the plan is compiled for the rank (:mod:`launch.engine.sync.compile`):
+chosen once when the plan is compiled for the rank (:mod:`launch.engine.sync.compile`; the exact
+syncs' steps, which add every sum in agent order, are in :mod:`launch.engine.sync.ordered`):
 
 :class:`AllReduceBlock`
     ``acc = sum of w_i x_i`` over the block's local members (the kernel of
@@ -14,6 +15,10 @@ chosen once when the plan is compiled for the rank (:mod:`launch.engine.sync.com
     (:mod:`launch.engine.sync.overlap` says why it is exact and when it applies): the other ranks'
     part ``S = sum of w_i x_i`` is reduced to the hub before the sync (:meth:`HubBlock.prefetch`),
     the hub adds its own members' part at the sync and broadcasts the result.
+:class:`PremulBlock`
+    on NCCL, an all-reduce block whose one local term is its first receiver's own buffer:
+    ``ReduceOp.PREMUL_SUM`` forms the product inside the collective (where it gives the same bits,
+    :func:`launch.engine.sync.compile.premul_applies`).
 :class:`PointToPointMixes`
     every mix of the plan that has a receiver or a source here: one batched exchange of the
     messages between ranks (one per (source agent, destination rank) pair), then the local

@@ -48,7 +48,7 @@ import torch
 from agents.slow_rule import SlowRule
 from launch.engine.sync.blocks import (AllReduceBlock, HubBlock, LocalBlock, LocalMix, PointToPointMixes, PremulBlock,
                                        ProgramContext)
-from launch.engine.sync.ordered import ChainBlock, GatherBlock, OrderedHubBlock, exact_strategy
+from launch.engine.sync.ordered import ChainBlock, GatherBlock, OrderedHubBlock, exact_strategy, gather_max_bytes
 from launch.engine.guard.windows import Windows
 from launch.engine.sync.kernel import Scratch, WeightedSum
 from launch.engine.sync.slow_rule import SlowRuleProgram, SlowRuleSync, slow_agent, workers_matrix
@@ -107,11 +107,14 @@ class BlockRules:
         nbytes: bytes of one agent's synchronized buffer (the gather-or-chain rule).
         premul_dtype: the buffers' dtype where ``ReduceOp.PREMUL_SUM`` is available (NCCL), else
             None.
+        gather_max: an exact block is gathered up to this many bytes received per rank
+            (:func:`launch.engine.sync.ordered.gather_max_bytes` of the backend), else chained.
     """
 
     exact: bool = False
     nbytes: int = 0
     premul_dtype: torch.dtype | None = None
+    gather_max: int = 0
 
 
 def premul_applies(view: LocalBlock, snapshot, dtype: torch.dtype | None) -> bool:
@@ -142,11 +145,13 @@ def block_step(block: Block, view: LocalBlock, ctx: ProgramContext, placement: P
     if not rules.exact:
         if hub is not None:
             return HubBlock(view, ctx, hub, rank, name, hub_scratch)
-        return PremulBlock(view, ctx) if premul_applies(view, ctx.snapshot, rules.premul_dtype) else AllReduceBlock(view, ctx)
+        if premul_applies(view, ctx.snapshot, rules.premul_dtype):
+            return PremulBlock(view, ctx)
+        return AllReduceBlock(view, ctx)
     # Per rank of the group, in rank order, its terms' agents (a contiguous run of the order).
     holders = tuple(tuple(i for i, w in zip(block.members, block.weights) if w != 0.0 and placement.rank_of(i) == r)
                     for r in view.ranks)
-    strategy = exact_strategy(tuple(len(agents) for agents in holders), rules.nbytes, hub)
+    strategy = exact_strategy(tuple(len(agents) for agents in holders), rules.nbytes, hub, rules.gather_max)
     if strategy == "hub":
         remote = tuple((i, r) for r, agents in zip(view.ranks, holders) if r != hub for i in agents)
         return OrderedHubBlock(view, ctx, hub, rank, name, remote, hub_scratch)
@@ -248,8 +253,9 @@ def compile_sync(schedule: Schedule, placement: Placement, rank: int, *, numel: 
             gather-or-chain rule of ``exact``).
         exact: every sum in the canonical order, bit for bit the same on any layout (module
             docstring; :mod:`launch.engine.sync.ordered`).
-        backend: the communicator's (``Communicator.backend``); with ``dtype``, the buffers'
-            dtype, it decides where PREMUL_SUM applies (NCCL only; :func:`premul_applies`).
+        backend: the communicator's (``Communicator.backend``): it decides the exact blocks'
+            gather-or-chain rule (:func:`launch.engine.sync.ordered.gather_max_bytes`) and, with
+            ``dtype``, the buffers' dtype, where PREMUL_SUM applies (NCCL only; :func:`premul_applies`).
     """
     exact = check_bool(exact, "exact")
     if schedule.mixes_gradients:
@@ -260,7 +266,7 @@ def compile_sync(schedule: Schedule, placement: Placement, rank: int, *, numel: 
         raise ValueError("overlap=True applies to plain mixing syncs; it cannot be combined with outer=...")
     plans = [compile_plan(p) for p in schedule.distinct_matrices]
     nbytes = (numel + state_numel) * itemsize
-    rules = BlockRules(exact, nbytes, dtype if backend == "nccl" and not exact else None)
+    rules = BlockRules(exact, nbytes, dtype if backend == "nccl" and not exact else None, gather_max_bytes(backend))
     if outer is not None:
         return _compile_slow_rule(schedule, plans, placement, rank, numel, state_numel, policy, outer, check_rule,
                                   rules)

@@ -23,7 +23,7 @@ each rank are one contiguous run of the canonical order, and the ranks holding t
     (:meth:`launch.comm.base.Communicator.chain_reduce_`, pipelined in chunks).  A rank forms its
     products before the chain starts (each checked once by the finiteness check), in place in the
     buffers of receivers whose old value nothing else reads, else in scratch buffers.
-:class:`GatherBlock` (``gather``, small blocks)
+:class:`GatherBlock` (``gather``, small blocks, by backend: :data:`GATHER_MAX_BYTES`)
     every rank sends its products (:meth:`~launch.comm.base.Communicator.all_gather_`, padded to
     the largest count of terms a rank holds) and sums all of them in canonical order itself: one
     collective instead of a chain of ``len(chain) - 1`` hops and a broadcast.
@@ -55,25 +55,32 @@ import torch
 from launch.comm.base import HUB_TAG, TAG_SPAN, Communicator
 from launch.engine.sync.blocks import AllReduceBlock, HubBlock, LocalBlock, ProgramContext, Tensors
 
-#: A block is gathered (:class:`GatherBlock`) when what each rank receives,
-#: ``(ranks - 1) x (most terms on one rank) x bytes of a buffer``, is at most this; else chained.
-#: Below it a collective's latency dominates, and one all-gather beats a chain of hops and a
-#: broadcast (docs/exactness.md has the measurements).
-GATHER_MAX_BYTES = 64 << 10
+#: Per backend, a block is gathered (:class:`GatherBlock`) when what each rank receives,
+#: ``(ranks - 1) x (most terms on one rank) x bytes of a buffer``, is at most this many bytes;
+#: else chained (any other backend: always chained).  Measured (``python -m launch.bench --only
+#: B8``, docs/exactness.md): under MPI the all-gather (MPICH's, in C) beats the chain (whose
+#: hops are polled from Python) up to several MiB; under gloo the chain is as fast or faster at
+#: every size (gloo's all-gather is a ring of ``ranks - 1`` steps, as slow as the chain's hops).
+#: NCCL's is not measured: a small all-gather is one kernel where the chain is several.
+GATHER_MAX_BYTES = {"mpi": 16 << 20, "nccl": 64 << 10}
 
-#: The strategies of an exact block (module docstring).
-STRATEGIES = ("local", "pair", "gather", "chain", "hub")
+
+def gather_max_bytes(backend: str | None) -> int:
+    """The gather threshold of ``backend`` (:data:`GATHER_MAX_BYTES`; 0, always chained, for
+    another backend or None)."""
+    return GATHER_MAX_BYTES.get(backend, 0)
 
 
-def exact_strategy(counts: tuple[int, ...], nbytes: int, hub: int | None) -> str:
+def exact_strategy(counts: tuple[int, ...], nbytes: int, hub: int | None, gather_max: int) -> str:
     """The strategy of an exact block whose group's ranks hold ``counts`` terms each (in rank
-    order), buffers of ``nbytes`` bytes, overlapped around ``hub`` (or None); see the module
-    docstring.  The same on every rank: a function of the plan and the placement only.
+    order), buffers of ``nbytes`` bytes, overlapped around ``hub`` (or None), gathered up to
+    ``gather_max`` bytes received per rank (:func:`gather_max_bytes`); see the module docstring.
+    The same on every rank: a function of the plan, the placement and the backend only.
 
     Example:
-        >>> exact_strategy((1, 1, 1), 4_000_000, None), exact_strategy((1, 1, 1), 4_000, None)
+        >>> exact_strategy((1, 1, 1), 40_000, None, 65536), exact_strategy((1, 1, 1), 4_000, None, 65536)
         ('chain', 'gather')
-        >>> exact_strategy((1, 1), 4_000_000, None), exact_strategy((2,), 4_000_000, None)
+        >>> exact_strategy((1, 1), 4_000_000, None, 0), exact_strategy((2,), 4_000_000, None, 0)
         ('pair', 'local')
     """
     if hub is not None:
@@ -82,7 +89,7 @@ def exact_strategy(counts: tuple[int, ...], nbytes: int, hub: int | None) -> str
         return "local"
     if counts == (1, 1):
         return "pair"
-    if (len(counts) - 1) * max(counts) * nbytes <= GATHER_MAX_BYTES:
+    if (len(counts) - 1) * max(counts) * nbytes <= gather_max:
         return "gather"
     return "chain"
 
