@@ -269,7 +269,8 @@ def test_premul_is_chosen_only_where_it_gives_the_same_bits():
     policy = SyncPolicy("maintain", schedule)
 
     def steps(**options):
-        compiled = compile_sync(schedule, Placement.make(3, 3), 0, numel=10, state_numel=0, policy=policy, **options)
+        compiled = compile_sync(schedule, Placement.make(3, 3), 0, numel=10, state_numel=0, policy=policy,
+                                overlap=False, **options)
         return [type(b) for p in compiled.programs for b in p.blocks]
     assert steps(backend="nccl", dtype=torch.float32) == [PremulBlock]
     assert steps(backend="gloo", dtype=torch.float32) == [AllReduceBlock]
