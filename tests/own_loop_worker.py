@@ -91,8 +91,8 @@ def refuse_tensor_parallel(comm):
 def refuse_ddp_forward(comm):
     """model=ddp.module while the loop calls the wrapper: the watch sees it at the first step (a
     plain forward of the module is not reported); every rank raises the exchanged verdicts."""
-    from launch.engine.guard.health import gather_objects
-    from launch.engine.own_loop.adoption import DDPForwardWatch, raise_verdicts
+    from launch.engine.core import agree
+    from launch.engine.own_loop.adoption import DDPForwardWatch
 
     net = problems.make_model(0)
     ddp = nn.parallel.DistributedDataParallel(net)
@@ -105,7 +105,8 @@ def refuse_ddp_forward(comm):
     if watch.problem((0, 1)) is not None:
         raise AssertionError("a DDP spanning exactly the agent's ranks must be allowed")
     try:
-        raise_verdicts(gather_objects(comm, watch.problem(), 0, "check of the DDP forward"))
+        problem = watch.problem()
+        agree(comm, problem, None if problem is not None else {})
     finally:
         watch.remove()
 

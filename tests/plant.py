@@ -30,8 +30,8 @@ def install(plant: dict, patch=None) -> None:
     patch = patch or setattr
 
     def planted(original):
-        def step_(self):
-            losses = original(self)
+        def step_(self, before_sync=None):
+            losses = original(self, before_sync)
             done = self.t if isinstance(self, SerialRun) else self.engine.t
             if self.name == run and done == step + 1:
                 _perturb(self, agent, size)

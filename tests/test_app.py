@@ -25,8 +25,8 @@ from tests.spawn import ROOT, run_command, run_mpiexec, run_torchrun
 TOL = 1e-12
 # LA-2 with Adam and pullback, 33 steps: the last step is not a sync, so the agents differ there.
 LA2 = ["topology=multilayer", "topology.ks=[3,2]", "topology.alphas=[0.5,0.6]", "agents=adam",
-       "agents.optimizer.lr=0.01", "agents.state_policy=pullback", "launch.steps=33", "launch.log_every=1"]
-STEPS, AGENTS = 33, 3
+       "agents.optimizer.lr=0.01", "agents.state_policy=pullback", "launch.steps=34", "launch.log_every=1"]
+STEPS, AGENTS = 34, 3
 
 
 def config(*overrides):
@@ -96,7 +96,7 @@ def test_metrics_csv_columns_rows_and_distance_to_virtual(colocated):
     walls = [r["wall_time"] for r in rows]
     assert walls == sorted(walls) and walls[0] >= 0
     # Measured before the sync: at a sync of every level (step 6) the agents still differ (the
-    # sync then makes them equal); at the last step (33, no sync) the distance to theta = X a is
+    # sync then makes them equal); at the last step (34, no sync) the distance to theta = X a is
     # ||x_i - X a||, recomputed here from agents.pt.
     a = topology.multilayer((3, 2), (0.5, 0.6)).consensus()
     columns = torch.stack([flat(state) for state in torch.load(out / "agents.pt")])

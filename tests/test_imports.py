@@ -35,6 +35,7 @@ LAYERS = {
     "launch.engine.core": 3.3,        # the per-rank engine
     "launch.engine.readout": 3.4,     # X c, every agent's and level's weights, distances
     "launch.engine.store": 3.4,       # checkpoints
+    "launch.engine.record": 3.45,     # metrics.csv, eval.csv, the simulated clock
     "launch.engine.simulation": 3.5,  # the built-in loop's door
     "launch.engine.own_loop": 3.5,    # the user's loop's door
     "launch.engine": 3.6,

@@ -204,7 +204,7 @@ class MPICommunicator(Communicator):
             raise ValueError("premul (ReduceOp.PREMUL_SUM) needs the nccl backend; MPI has none")
         self._count_all_reduce(tensor)
         buf = _buffer(tensor)
-        self._wait([self._groups[ranks].Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)],
+        self._wait([self._group(ranks).Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)],
                    f"all-reduce over ranks {list(ranks)}", buf)
 
     def exchange_async_(self, sends, recvs) -> Pending:

@@ -215,12 +215,13 @@ class SyncEngine:
         self.sync(self._t)
         self._t += 1
 
-    def follow(self, t: int) -> None:
+    def follow(self, t: int, before_sync: Callable[[], None] | None = None) -> None:
         """A rank without a worker following the workers (:meth:`launch.AgentOptimizer.serve`):
-        the sync of iteration ``t`` (announced by the workers), then t + 1.  No identity step
-        between the last sync and t has anything to do on such a rank."""
+        the sync of iteration ``t`` (announced by the workers; ``before_sync`` as in
+        :meth:`end_step`), then t + 1.  No identity step between the last sync and t has anything
+        to do on such a rank."""
         self._t = t
-        self.end_step({})
+        self.end_step({}, before_sync)
 
     def catch_up(self, t: int) -> None:
         """The counter set to ``t`` when it is behind (the workers took ``t`` steps, the last ones

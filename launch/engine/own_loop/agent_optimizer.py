@@ -84,7 +84,9 @@ from launch.engine.guard.health import gather_objects
 from launch.engine.own_loop.adoption import (
     ADOPTED, adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters,
 )
-from launch.engine.own_loop.control import ABORT, ABORT_REASONS, CLOSE, EVAL, SAVE, STATE, SYNC, Command, ControlChannel
+from launch.engine.own_loop.control import (ABORT, ABORT_REASONS, CLOSE, EVAL, REC, SAVE, STATE, SYNC, Command,
+                                            ControlChannel)
+from launch.engine.own_loop.record import LoopRecord
 from launch.engine.own_loop.environment import detect_launch
 from launch.engine.placement import Placement
 from launch.engine.readout import combine, target_code, target_weights
@@ -203,6 +205,7 @@ class AgentOptimizer(torch.optim.Optimizer):
         self._warned_capturable_if_run_uncaptured = True
         self.defaults = dict(optimizer.defaults)
         self._begun = False
+        self._record: LoopRecord | None = None
         if self._worker is not None:
             ADOPTED.add(optimizer)              # its parameters are this agent's now (until close)
             self._worker.show_debiased_()       # push-sum: the model holds z = x / w
@@ -269,9 +272,10 @@ class AgentOptimizer(torch.optim.Optimizer):
         """The inner optimizer's ``zero_grad``."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Callable | None = None):  # type: ignore[override]
+    def step(self, closure: Callable | None = None, *, loss: torch.Tensor | float | None = None):  # type: ignore[override]
         """The inner optimizer's step, then the sync of P_t; t <- t + 1.  Returns the inner
-        step's return value (the closure's loss, which the finiteness check also watches)."""
+        step's return value.  ``loss``: this step's training loss, for the finiteness check and
+        the record (:meth:`record`); default the closure's return value."""
         worker = self._require_worker("step")
         if self._layout != (len(self.param_groups), len(optimizer_parameters(self.optimizer))):
             self._abort(GROUP_ADDED)
@@ -280,15 +284,26 @@ class AgentOptimizer(torch.optim.Optimizer):
                              "numerator x, not z = x / w): call backward before step()")
         engine = self.engine
         worker.restore_numerator_()
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        returned = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         worker.steps += 1
-        if self.control is not None and engine.is_sync(engine.t):
-            self._announce(Command(SYNC, engine.t))
-        engine.end_step({worker.index: loss.detach()} if isinstance(loss, torch.Tensor) else {})
+        loss = returned if loss is None else loss
+        losses = {worker.index: torch.as_tensor(loss).detach()} if loss is not None else {}
+        self._advance(engine.t, losses)
+        worker.show_debiased_()
+        return returned
+
+    def _advance(self, t: int, losses: dict) -> None:
+        """The end of iteration t on a worker rank: the control message when the step syncs or is
+        logged, the record's metrics, the sync, the record's clock; the next sync's reduces start."""
+        engine, record = self.engine, self._record
+        logged = record is not None and record.logged(t + 1)
+        if self.control is not None and (logged or engine.is_sync(t)):
+            self._announce(Command(SYNC, t, int(logged)))
+        engine.end_step(losses, (lambda: record.before_sync(t + 1, losses)) if logged else None)
+        if record is not None:
+            record.after(t + 1)
         self._begun = True
         engine.begin_step()          # overlapped syncs: the next sync's reduces start now
-        worker.show_debiased_()
-        return loss
 
     def add_param_group(self, param_group: dict) -> None:
         """Refused (``ValueError`` on every rank): the agents' flat buffers are laid out for the
@@ -327,10 +342,12 @@ class AgentOptimizer(torch.optim.Optimizer):
         while True:
             command = self.control.exchange(None)
             if command.kind == SYNC:
-                engine.follow(command.t)
-                engine.begin_step()
+                self._follow(command)
                 if callback is not None:
                     callback(self)
+            elif command.kind == REC:
+                engine.catch_up(command.t)
+                self._record.evaluate(command.t)
             elif command.kind == EVAL:
                 self._combine(command.arg)
             elif command.kind == STATE:
@@ -347,11 +364,22 @@ class AgentOptimizer(torch.optim.Optimizer):
                 self._finish()
                 return
 
+    def _follow(self, command: Command) -> None:
+        """A passive rank's part of a worker's step that syncs or is logged (``command.arg``)."""
+        record, done = self._record, command.t + 1
+        self.engine.follow(command.t, (lambda: record.before_sync(done, {})) if command.arg else None)
+        if record is not None:
+            record.after(done)
+        self.engine.begin_step()
+
     def _finish(self) -> None:
         """The end of the run on this rank: wait for everything in flight (the control message,
         the reduces prefetched for a sync that will not come); close a communicator made here;
-        release the inner optimizer (another AgentOptimizer may wrap it now)."""
+        release the inner optimizer (another AgentOptimizer may wrap it now); complete the record
+        (a collective)."""
         ADOPTED.discard(self.optimizer)
+        if self._record is not None:
+            self._record.close()
         if self.control is not None:
             self.control.wait()
             self.comm.wait_in_flight()
@@ -464,6 +492,37 @@ class AgentOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_post_hooks.values():
             state = hook(self, state) or state
         return state
+
+    # -- the record of the run (launch.engine.own_loop.record) -----------------------------------------------
+    def record(self, directory, *, evaluate=None, log_every: int | None = None, eval_every: int | None = None,
+               progress: bool = False, tensorboard: bool = False, cluster: str | None = None,
+               compute_s: float | None = None) -> None:
+        """Record the run into ``directory`` as the command line does: ``metrics.csv`` (every
+        ``log_every``-th step, default the schedule's period: every agent's loss -- give it as
+        ``step(loss=loss)`` -- gradient norm and distance to X a before the sync, the simulated
+        time on ``cluster``), ``eval.csv`` (at each :meth:`record_evaluation`, and every
+        ``eval_every`` steps when given: ``evaluate(model) -> {metric: value}`` of every agent and
+        of X a) and ``summary.json`` at :meth:`close`; ``python -m launch.plot directory`` draws
+        it.  Every rank calls it, right after construction (after :meth:`resume`: a resumed run
+        keeps the files' rows up to its checkpoint); rank 0 writes.  See
+        :mod:`launch.engine.own_loop.record`."""
+        if self._record is not None:
+            raise ValueError("record() was called already: a run has one record")
+        self._record = LoopRecord(self, directory, evaluate=evaluate, log_every=log_every, eval_every=eval_every,
+                                  progress=progress, tensorboard=tensorboard, cluster=cluster, compute_s=compute_s)
+
+    def record_evaluation(self) -> None:
+        """Evaluate every agent and X a now into the record's ``eval.csv`` (:meth:`record` with
+        ``evaluate``).  A collective: every worker rank calls it at the same step."""
+        self._require_worker("record_evaluation")
+        if self._record is None or self._record.record.evaluator is None:
+            raise ValueError("record_evaluation() needs a record with an evaluate function: "
+                             "opt.record(directory, evaluate=...) first")
+        if self.control is not None:
+            self._announce(Command(REC, self.t))
+        self.engine.wait_in_flight()
+        with self._numerators():
+            self._record.evaluate(self.t)
 
     # -- checkpoints (the engine's one store, launch.engine.store) -----------------------------------------
     def save(self, checkpointer: Checkpointer, extra=None) -> Path:

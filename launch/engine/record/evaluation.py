@@ -66,10 +66,13 @@ class Evaluator:
             parameters and buffers are overwritten at each evaluation).
         every: evaluate after every ``every``-th step (None: only at ``last``).
         last: the run's last step, always evaluated (None: not known in advance).
+        load: ``load(template, flat)`` puts an agent's flat parameters into ``template`` (default
+            :func:`agents.flat.load_flat_`: every parameter of the template, in order).
     """
 
-    def __init__(self, run, comm, schedule, evaluate, template, *, every: int | None, last: int | None):
-        self.run, self.evaluate_module, self.template = run, evaluate, template
+    def __init__(self, run, comm, schedule, evaluate, template, *, every: int | None, last: int | None,
+                 load=load_flat_):
+        self.run, self.evaluate_module, self.template, self.load = run, evaluate, template, load
         self.every, self.last = every, last
         self.comm = comm if comm is not None and comm.world_size > 1 else None
         self.rank = 0 if comm is None else comm.rank
@@ -134,7 +137,7 @@ class Evaluator:
 
     def _metrics(self, flat: torch.Tensor, buffers: dict) -> dict:
         """The held-out metrics of the model ``flat`` with ``buffers`` (in the template)."""
-        load_flat_(self.template, flat.detach().to(next(self.template.parameters()).device))
+        self.load(self.template, flat.detach().to(next(self.template.parameters()).device))
         for name, buf in self.template.named_buffers():
             if name in buffers:
                 buf.copy_(buffers[name])

@@ -22,6 +22,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from agents.flat import load_flat_
+
 from launch.engine.record.clock import SimulatedTime
 from launch.engine.record.evaluation import EvalWriter, Evaluator
 from launch.engine.record.metrics import MetricsProbe, MetricsWriter
@@ -48,15 +50,17 @@ class RunRecord:
         clock: the simulated clock, or None.
         tensorboard: also write TensorBoard's event files.
         progress: show a progress bar on rank 0, described by ``progress`` (None: no bar).
+        load: how an agent's flat parameters are put into ``template``
+            (:class:`launch.engine.record.evaluation.Evaluator`).
     """
 
     def __init__(self, run: Run, comm, schedule: Schedule, out_dir: Path | None, *, log_every: int,
                  evaluate: Callable | None = None, template=None, eval_every: int | None = None,
                  steps: int | None = None, first: int = 0, clock: SimulatedTime | None = None,
-                 tensorboard: bool = False, progress: str | None = None):
+                 tensorboard: bool = False, progress: str | None = None, load=load_flat_):
         self.steps, self.log_every, self.workers, self.clock = steps, log_every, schedule.workers, clock
         self.probe = MetricsProbe(run, comm, schedule)
-        self.evaluator = (Evaluator(run, comm, schedule, evaluate, template, every=eval_every, last=steps)
+        self.evaluator = (Evaluator(run, comm, schedule, evaluate, template, every=eval_every, last=steps, load=load)
                           if evaluate is not None else None)
         write = out_dir is not None
         self.metrics = (MetricsWriter(out_dir / "metrics.csv", workers=schedule.workers, consensus=self.probe.a is not None,
@@ -72,6 +76,8 @@ class RunRecord:
         #: time until its row is written.
         self.final: list[dict] = []
         self._sim_times: dict[int, float] = {}
+        #: Rows measured complete at before_sync, written at after() (when the clock has advanced).
+        self._ready: list = []
         self._started = self.start
 
     def logged(self, done: int) -> bool:
@@ -91,8 +97,8 @@ class RunRecord:
     def before_sync(self, done: int, losses: dict) -> None:
         """After its inner steps, before its sync: the metrics of a logged step (the agents'
         distances before the sync mixes them: :mod:`launch.engine.record.metrics`)."""
-        if self.logged(done):
-            self._write(self.probe.log(done, losses, time.perf_counter() - self.start))
+        if self.logged(done):   # rows complete now wait for after(): the clock's time of their step
+            self._ready.extend(self.probe.log(done, losses, time.perf_counter() - self.start))
 
     def after(self, done: int) -> None:
         """After its sync: the clock, the evaluation of an evaluated step."""
@@ -100,6 +106,8 @@ class RunRecord:
             simulated = self.clock.advance(self._started)
             if self.logged(done):
                 self._sim_times[done] = simulated
+        self._write(self._ready)
+        self._ready = []
         if self.due(done):
             self.evaluate(done)
         self.bar.update()
@@ -123,7 +131,8 @@ class RunRecord:
 
     def flush(self) -> None:
         """Complete the metrics in flight (a collective) and write them."""
-        self._write(self.probe.finish())
+        self._write(self._ready + self.probe.finish())
+        self._ready = []
 
     def _write(self, entries) -> None:
         """Rank 0: append the complete metrics rows to metrics.csv (and TensorBoard), and show the
