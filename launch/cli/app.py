@@ -57,7 +57,8 @@ from launch.cli.registry import serial_reference_missing
 from launch.cli.runs import SerialRun, open_simulation_run, role
 from launch.engine.record.clock import SimulatedTime, simulated_hubs, simulated_placement
 from launch.engine.record.recorder import RunRecord
-from launch.cli.summary import summary_record, write_summary
+from launch.cli.summary import summary_record
+from launch.engine.record.summary import write_summary
 from launch.comm import make_communicator
 from launch.engine.guard.health import NonFiniteError, RankFailureError
 from launch.engine.record.evaluation import VIRTUAL
@@ -255,7 +256,8 @@ def _report(job: Job, comm, out_dir: Path, final: list[dict], tracker: Deviation
     record = summary_record(job, processes=1 if comm is None else comm.world_size, agent_rows=rows,
                             virtual_row=virtual, gap=spectral_gap(job.schedule),
                             tolerance=tolerance if checked else None, worst=worst, elapsed=elapsed, first=first,
-                            status="ok" if failure is None else "FAILED", failure=failure, failure_detail=detail,
+                            exit_status=status, failure=failure, failure_detail=detail,
+                            final_checkpoint=ending.checkpoint, metrics_csv=out_dir / "metrics.csv",
                             simulated=clock.summary() if clock is not None else None)
     print(f"\n{_title(job, _where(job, comm), checked)}\n{_table(rows, checked)}")
     if clock is not None:
