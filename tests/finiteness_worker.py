@@ -6,18 +6,21 @@ cases ({name: case}).  A case: schedule (``["multilayer", ks, alphas]``, ``["wit
 W, k, alpha]``, ``["phases", [[steps, schedule], ..., [None, schedule]]]`` or ``[decentralized
 name, args...]``), steps, optionally overlap (default False), agents_per_rank, optimizer (a name
 of ``tests.problems.OPTIMIZERS``, default sgd), trajectory (True: the local agents' buffers
-after every step are kept), check_finite (default True), state ("host" | "device": where
-MarkerCheck keeps its knowledge; default by the device), plant ({agent, t, kind: "param" | "loss" | "inf"}: the rank holding
-the agent writes NaN (``param``) or -Inf (``inf``) into its parameter 3 at iteration t -- a
-worker's after its loss (a finite one) is computed, a passive agent's before the iteration -- or
-the agent's loss of iteration t is +Inf with a finite gradient (``loss``)).
+after every step are kept), check_finite (default True), exact ("chain" or "gather": every sync
+compiled with ``exact=True``, its blocks spanning ranks chained or gathered; default: not exact),
+state ("host" | "device": where MarkerCheck keeps its knowledge; default by the device), plant
+({agent, t, kind: "param" | "loss" | "inf"}: the rank holding the agent writes NaN (``param``) or
+-Inf (``inf``) into its parameter 3 at iteration t -- a worker's after its loss (a finite one) is
+computed, a passive agent's before the iteration -- or the agent's loss of iteration t is +Inf
+with a finite gradient (``loss``)).
 
 Writes ``out/rank{R}.pt``: {name: {"error": None or {"step", "stopped", "parameters", "losses",
 "message"}, "t": the counter when it ended, "counts": per step, the communicator's counts
-(all_reduces, sends, reduces, block_broadcasts, flag_reduces), "trajectory": per step {agent:
-flat buffer} (empty unless asked), "buffers": the local agents' final flat buffers}}.
+(all_reduces, sends, reduces, block_broadcasts, chains, gathers, flag_reduces), "trajectory": per
+step {agent: flat buffer} (empty unless asked), "buffers": the local agents' final flat buffers}}.
 """
 
+import functools
 import json
 import os
 import sys
@@ -27,8 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import topology  # noqa: E402
+from launch.engine import core  # noqa: E402
 from launch.engine.guard import finiteness  # noqa: E402
 from launch.engine.guard.health import NonFiniteError  # noqa: E402
+from launch.engine.sync import ordered  # noqa: E402
 from launch.engine.simulation import Simulation  # noqa: E402
 from tests import problems  # noqa: E402
 from tests.dist_worker import make_comm  # noqa: E402
@@ -36,7 +41,8 @@ from topology import decentralized  # noqa: E402
 from topology.slow import with_slow_agent  # noqa: E402
 
 _MARKER_CHECK = finiteness.MarkerCheck
-COUNTS = ("all_reduces", "sends", "reduces", "block_broadcasts", "flag_reduces")
+COMPILE_SYNC = core.compile_sync
+COUNTS = ("all_reduces", "sends", "reduces", "block_broadcasts", "chains", "gathers", "flag_reduces")
 
 
 def make_schedule(spec):
@@ -66,7 +72,17 @@ def _forced_marker_check(host: bool):
     return Forced
 
 
+def compile_exact(case: dict) -> None:
+    """``case["exact"]`` ("chain" or "gather"): the engine compiles every sync with ``exact=True``,
+    its blocks spanning ranks chained or gathered; else as it is."""
+    core.compile_sync = COMPILE_SYNC
+    if case.get("exact"):
+        core.compile_sync = functools.partial(COMPILE_SYNC, exact=True, backend="gloo")
+        ordered.GATHER_MAX_BYTES = {"gloo": 0 if case["exact"] == "chain" else 1 << 40}
+
+
 def run_case(case: dict, comm) -> dict:
+    compile_exact(case)
     schedule = make_schedule(case["schedule"])
     plant = case.get("plant")
     modules = {}

@@ -96,6 +96,17 @@ def run_mpi(nprocs: int, spec: dict, timeout: float = 120) -> tuple[int, str]:
     return run_mpiexec(nprocs, [sys.executable, str(WORKER), json.dumps(spec)], timeout)
 
 
+def run_job(backend: str, nprocs: int, spec: dict, worker: Path, timeout: float = 240) -> None:
+    """Run ``worker SPEC_JSON`` as ``nprocs`` ranks, gloo (``backend="torch"``) or under mpiexec
+    (``"mpi"``), and fail the test with their output unless every rank exits 0."""
+    if backend == "mpi":
+        code, output = run_mpiexec(nprocs, [sys.executable, str(worker), json.dumps(spec)], timeout)
+        assert code == 0, output
+    else:
+        results = run_torch(nprocs, spec, timeout=timeout, worker=worker)
+        assert all(code == 0 for code, _ in results), results
+
+
 def run_command(args: list[str], timeout: float = 120, cwd=None) -> tuple[int, str]:
     """Run ``args`` in a session of its own; (returncode, stdout and stderr together)."""
     proc = subprocess.Popen(

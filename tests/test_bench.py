@@ -37,7 +37,7 @@ def test_tiny_run_exits_0_and_writes_every_benchmark(tiny):
     results = json.loads(out.read_text())
     assert set(BENCHMARKS) <= set(results)
     assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
-    for name in ("B1", "B2", "B3", "B5", "B6", "B7"):
+    for name in ("B1", "B2", "B3", "B5", "B6", "B7", "B8"):
         rows = results[name]["rows"]
         assert rows and all(row["ratio"] > 0 for row in rows if "skipped" not in row), name
     assert [r["name"] for r in results["B1"]["rows"][:3]] == [f"LA-{n} / bare SGD" for n in (1, 2, 4)]
@@ -52,6 +52,11 @@ def test_tiny_run_exits_0_and_writes_every_benchmark(tiny):
     assert [(r["workers"], r["period"]) for r in b6] == [(w, p) for w in TINY.b6_workers for p in TINY.b6_periods]
     assert all(r["bit_identical"] and r["averaging_ratio"] > 0 for r in b6)
     assert results["B7"]["rows"][0]["metrics_rows"] > 0
+    # B8: the exact sync is a chain at these sizes, and the rule's rows time both strategies.
+    assert all(r["strategy"] == "ChainBlock" and r["exact_counts_per_sync"]["chains"] == 1
+               for r in results["B8"]["rows"])
+    assert all(r["gather_ratio"] > 0 and r["chain_ratio"] > 0 and r["rule"] == "ChainBlock"   # gloo: chained
+               for r in results["B8"]["rule_rows"])
     assert all(r["peak_bytes"] > 0 for r in results["B4"]["rows"])
     if torch.cuda.is_available():
         assert "rows" in results["GPU"] or "needs 2 CUDA devices" in results["GPU"]["skipped"]
@@ -157,7 +162,7 @@ def test_bad_options_are_refused_naming_the_option(capsys):
     with pytest.raises(SystemExit) as err:
         parse(["--only", "B1,B9"])
     assert err.value.code == 2
-    assert "--only must name benchmarks among B1, B2, B3, B4, B5, B6, B7, GPU; got B9" in capsys.readouterr().err
+    assert "--only must name benchmarks among B1, B2, B3, B4, B5, B6, B7, B8, GPU; got B9" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(["--repeats", "0"])
     assert "--repeats must be a positive integer; got 0" in capsys.readouterr().err
@@ -181,14 +186,15 @@ def test_acceptance_run_without_cuda_and_its_lines(tmp_path):
         assert done.stdout.count("SKIP ") == len(PARTS)
     out = tmp_path / "cpu.json"
     done = subprocess.run([sys.executable, "-m", "launch.bench", "--gpu", "--tiny", "--device", "cpu", "--parts",
-                           "versions,reference,nccl,B1", "--json", str(out)], cwd=ROOT, env=_env(),
+                           "versions,reference,nccl,premul,B1", "--json", str(out)], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=280)
     results = json.loads(out.read_text())
     lines = [line.split(":")[0] for line in done.stdout.splitlines() if line[:5] in ("PASS ", "FAIL ", "SKIP ")]
     assert lines == ["PASS versions", "PASS reference", f"{'PASS' if results['B1']['passed'] else 'FAIL'} B1",
-                     "SKIP nccl"], done.stdout
+                     "SKIP nccl", "SKIP premul"], done.stdout
     assert done.returncode == (0 if results["B1"]["passed"] else 1)
     assert results["reference"]["deviation"] <= 1e-12 and results["nccl"]["skipped"] == "NCCL needs CUDA"
+    assert results["premul"]["skipped"] == "NCCL needs CUDA"
     assert [r["name"] for r in results["B1"]["rows"][:3]] == [f"LA-{n} / bare SGD" for n in (1, 2, 4)]
 
 

@@ -17,7 +17,7 @@ from launch.engine.placement import Placement
 from launch.engine.simulation import Simulation
 from launch.engine.sync.state_weights import SyncPolicy
 from tests import problems
-from tests.spawn import ROOT, run_mpiexec, run_torch
+from tests.spawn import ROOT, run_job
 from topology import decentralized
 from topology.plan import compile_plan
 
@@ -49,16 +49,7 @@ def cases_with(name, base, plants):
 
 
 def run(backend, nprocs, cases, tmp_path, timeout=240):
-    spec = dict(backend=backend, out=str(tmp_path), cases=cases, timeout_s=60)
-    if backend == "mpi":
-        import json
-        import sys
-
-        code, output = run_mpiexec(nprocs, [sys.executable, WORKER, json.dumps(spec)], timeout)
-        assert code == 0, output
-    else:
-        results = run_torch(nprocs, spec, timeout=timeout, worker=WORKER)
-        assert all(code == 0 for code, _ in results), results
+    run_job(backend, nprocs, dict(backend=backend, out=str(tmp_path), cases=cases, timeout_s=60), WORKER, timeout)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(nprocs)]
 
 

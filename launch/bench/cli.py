@@ -24,6 +24,10 @@ B6  the project's local SGD (topology.local_sgd, defaults) over PyTorch's PostLo
     averaging step alone on a second line; the two sides' final bits compared.
 B7  the command line: a torchrun LA-2 job (digits_cnn, float32) with the default launch.log_every
     over the same job with logging off; target <= 1.10.
+B8  the exact sync (every sum in agent order, bit-identical on any layout; compile_sync(exact=True))
+    over the default sync, the same LA-n sync on the same buffer, gloo, 3 and 4 processes, 1M and
+    25M parameters; target <= 1.30.  Below, for the rule that picks a block's strategy (by
+    backend): the gathered and the chained exact sync, each over the default sync, gloo and MPI.
 GPU NCCL weighted all-reduce bandwidth over raw NCCL all-reduce (>= 0.95), with the device name;
     "skipped: no CUDA device" without one.  ``--gpu`` runs the acceptance run for a GPU
     machine instead (:mod:`launch.bench.gpu`: one JSON, one PASS / FAIL / SKIP line per part;
@@ -51,7 +55,7 @@ import time
 BENCHMARK_TITLES = {
     "B1": "co-located overhead", "B2": "sync cost", "B3": "end to end", "B4": "memory",
     "B5": "scale", "B6": "local SGD vs PyTorch's post-local SGD", "B7": "command-line metrics",
-    "GPU": "NCCL bandwidth",
+    "B8": "exact sync", "GPU": "NCCL bandwidth",
 }
 
 
@@ -99,6 +103,8 @@ def parse(argv):
     parser.add_argument("--b2-sizes", type=_ints, help="B2 flat buffer sizes, e.g. 1000000,25000000")
     parser.add_argument("--b4-repeats", type=int, help="fresh processes per B4 case (median reported)")
     parser.add_argument("--b5-agents", type=_ints, help="B5 numbers of agents, e.g. 8,32,128")
+    parser.add_argument("--b8-processes", type=_ints, help="B8 process counts, e.g. 3,4")
+    parser.add_argument("--b8-sizes", type=_ints, help="B8 flat buffer sizes, e.g. 1000000,25000000")
     parser.add_argument("--b6-workers", type=_ints, help="B6 numbers of processes, e.g. 2,4")
     parser.add_argument("--b6-periods", type=_ints, help="B6 averaging periods, e.g. 1,8")
     parser.add_argument("--gpu", action="store_true",
@@ -128,8 +134,9 @@ def config_from(args):
     from launch.bench.suite import TINY, Config
 
     config = TINY if args.tiny else Config()
-    changes = {name: getattr(args, name) for name in ("repeats", "k", "b2_processes", "b2_sizes",
-                                                      "b4_repeats", "b5_agents", "b6_workers", "b6_periods")
+    changes = {name: getattr(args, name) for name in ("repeats", "k", "b2_processes", "b2_sizes", "b4_repeats",
+                                                      "b5_agents", "b6_workers", "b6_periods", "b8_processes",
+                                                      "b8_sizes")
                if getattr(args, name) is not None}
     if args.repeats is not None:
         changes["b1_repeats"] = args.repeats
@@ -154,11 +161,28 @@ def run_benchmark(name: str, config) -> dict:
                                units=config.b5_agent_iterations, repeats=config.repeats)
     if name == "B6":
         return suite.post_local(config)
+    if name == "B8":
+        return suite.exact_sync(config)
     if name == "B7":
         from launch.bench.cli_logging import cli_logging
 
         return cli_logging(nprocs=config.b7_processes, overrides=config.b7_overrides, repeats=config.b7_repeats)
     return suite.gpu(config)
+
+
+def _exact_row(row: dict) -> list[str]:
+    """B8: an exact row's times and the exact sync's counts."""
+    if "exact_counts_per_sync" not in row:
+        return []
+    return [f"{'':8}exact {row['exact_seconds'] * 1e3:.2f} ms ({row['strategy']}: {row['exact_counts_per_sync']}), "
+            f"default {row['default_seconds'] * 1e3:.2f} ms"]
+
+
+def _strategy_rule(result: dict) -> list[str]:
+    """B8: the rows of the rule that picks an exact block's strategy."""
+    return [f"{'':8}{row['launch']}, {row['processes']} procs, d={row['parameters']:,}: gather "
+            f"{row['gather_ratio']:.3f}x, chain {row['chain_ratio']:.3f}x the default sync; the rule: {row['rule']}"
+            for row in result.get("rule_rows", [])]
 
 
 def table(results: dict) -> str:
@@ -200,11 +224,13 @@ def table(results: dict) -> str:
                     f"{'':8}sync {row['sync_seconds'] * 1e3:.2f} ms, all_reduce {row['raw_seconds'] * 1e3:.2f} ms, "
                     f"the weighting pass x.mul_(a_i) alone {row['scale_seconds'] * 1e3:.2f} ms; "
                     f"(sync, check off - pass) / all_reduce = {row['ratio_without_scale']:.3f}")
+            lines += _exact_row(row)
             if "averaging_ratio" in row:
                 lines.append(
                     f"{'':8}the averaging step alone: {row['averaging_ratio']:.3f}x ({row['averaging_seconds'] * 1e3:.2f} ms "
                     f"vs {row['baseline_averaging_seconds'] * 1e3:.2f} ms); final parameters bit-identical: "
                     f"{'yes' if row['bit_identical'] else 'NO'}")
+        lines += _strategy_rule(result)
         if name == "GPU" and "device_name" in result:
             lines.append(f"{'':8}device: {result['device_name']}")
     return "\n".join(lines)

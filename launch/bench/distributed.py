@@ -19,6 +19,15 @@ so ``(sync - scale) / raw`` shows what remains.  Collectives and bytes of one sy
 the communicator's stats and compared with the plan's count: one all-reduce per block, d x
 itemsize bytes each.
 
+B8 (``task = "exact_sync"``, gloo or MPI): the exact sync (``compile_sync(exact=True)``,
+:mod:`launch.engine.sync.ordered`) over the default sync, the same LA-n outermost sync on the
+same flat float32 buffer, both as compiled (no finiteness check), each block's strategy by the
+backend's rule.  Then, for that rule, the gathered and the chained exact sync over the default
+sync, size by size.
+
+``task = "premul"`` (the GPU run's ``premul`` part, :func:`premul_bits`): NCCL's
+``ReduceOp.PREMUL_SUM`` against the two passes it replaces, bit for bit.
+
 B3 (``task = "end_to_end"``): LA-2 on 3 processes (rank 0 the fast worker) against the serial
 ``MultilayerLookahead`` run by rank 0 alone in the same job (the other ranks wait at a barrier):
 the default simulation (``overlap="auto"``, which overlaps a distributed Lookahead's syncs, and
@@ -115,6 +124,111 @@ def sync_cost(comm, sizes, units: int, repeats: int) -> list[dict]:
         })
         del sims, buffers, buffer
     return rows
+
+
+def _comm_contender(body, comm):
+    """``run(n)`` as :func:`_contender`, through ``comm`` (any launcher): barrier, n calls of
+    ``body``, the slowest rank's seconds per call."""
+    import torch
+
+    def run(n: int) -> float:
+        comm.barrier()
+        start = time.perf_counter()
+        for _ in range(n):
+            body()
+        seconds = torch.tensor([(time.perf_counter() - start) / n], dtype=torch.float64)
+        comm.max_flags_(seconds)
+        return float(seconds)
+    return run
+
+
+def exact_sync_cost(comm, sizes, rule_sizes, units: int, repeats: int) -> dict:
+    """B8 on this rank (see the module docstring): ``rows`` (exact / default per size in
+    ``sizes``) and ``rule_rows`` (gather and chain / default per size in ``rule_sizes``).  Any
+    launcher (CPU)."""
+    import torch
+
+    import topology
+    from launch.bench.timing import interleave, median, ratio
+    from launch.engine.placement import Placement
+    from launch.engine.sync.compile import BlockRules, rank_program
+    from launch.engine.sync.ordered import gather_max_bytes
+    from topology.plan import compile_plan
+
+    depth = comm.world_size - 1
+    schedule = topology.multilayer((2,) * depth, (0.5,) * depth)
+    plan = compile_plan(schedule.matrix(schedule.period - 1))       # the outermost sync: every rank
+    placement = Placement.make(schedule.num_agents, comm.world_size)
+    comm.init_groups([tuple(range(comm.world_size))])
+
+    def program(d: int, exact: bool, gather_max: int = gather_max_bytes(comm.backend)):
+        return rank_program(plan, placement, comm.rank, rules=BlockRules(exact, d * 4, None, gather_max))
+
+    def timed(d: int, programs: dict) -> dict:
+        tensors = {comm.rank: torch.zeros(d)}            # zeros: repeated sums stay finite
+        return interleave({name: _comm_contender(lambda p=p: p.run_tensors(tensors, comm), comm)
+                           for name, p in programs.items()}, units=syncs_per_round(units, d), repeats=repeats)
+
+    rows = []
+    for d in sizes:
+        programs = {"default": program(d, False), "exact": program(d, True)}
+        before = dict(vars(comm.stats))
+        programs["exact"].run_tensors({comm.rank: torch.zeros(d)}, comm)
+        counts = {k: v - before[k] for k, v in vars(comm.stats).items() if v != before[k]}
+        times = timed(d, programs)
+        rows.append({"processes": comm.world_size, "parameters": d, "ratio": ratio(times, "exact", "default"),
+                     "exact_seconds": median(times["exact"]), "default_seconds": median(times["default"]),
+                     "strategy": type(programs["exact"].blocks[0]).__name__, "exact_counts_per_sync": counts,
+                     "syncs_per_round": syncs_per_round(units, d)})
+    rule_rows = []
+    for d in rule_sizes:
+        times = timed(d, {"default": program(d, False), "gather": program(d, True, 1 << 62),
+                          "chain": program(d, True, 0)})
+        rule = type(program(d, True).blocks[0]).__name__
+        rule_rows.append({"processes": comm.world_size, "parameters": d, "rule": rule,
+                          **{f"{k}_ratio": ratio(times, k, "default") for k in ("gather", "chain")},
+                          **{f"{k}_seconds": median(times[k]) for k in ("gather", "chain", "default")}})
+    return {"rows": rows, "rule_rows": rule_rows}
+
+
+#: The weights :func:`premul_bits` compares: LA-2's (0.5, 0.6) products, local SGD's 1/3, and
+#: ones exact in every dtype.
+PREMUL_WEIGHTS = (1 / 3, 0.5, 0.3, 0.2, 0.25)
+
+
+def premul_bits(comm, numel: int = (1 << 20) + 3) -> dict:
+    """For each dtype and weight of :data:`PREMUL_WEIGHTS`: ``all_reduce(x, PREMUL_SUM(w))`` against
+    ``x.mul_(w); all_reduce(x)`` on the group of every rank, x drawn at random (seeded by rank;
+    on one rank: the product alone), compared bit for bit on every rank.  A row is met unless
+    :func:`launch.engine.sync.compile.premul_applies` chooses PREMUL_SUM where the bits differ.
+    Any communicator whose ``all_reduce_`` takes ``premul`` (NCCL; the co-located one, where
+    it is ``mul_``)."""
+    import torch
+
+    from launch.engine.sync.blocks import LocalBlock
+    from launch.engine.sync.compile import premul_applies
+
+    world = tuple(range(comm.world_size))
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+            torch.bfloat16: torch.int16}
+    rows = []
+    for dtype, integer in bits.items():
+        for weight in PREMUL_WEIGHTS:
+            g = torch.Generator().manual_seed(1234 + comm.rank)
+            x = torch.randn(numel, generator=g, dtype=torch.float64).to(device=comm.device, dtype=dtype)
+            two_pass, fused = x.clone().mul_(weight), x.clone()
+            if comm.world_size > 1:
+                comm.all_reduce_(two_pass, world)
+            comm.all_reduce_(fused, world, premul=weight)
+            differs = torch.tensor([0.0 if torch.equal(fused.view(integer), two_pass.view(integer)) else 1.0],
+                                   device=comm.device)
+            comm.max_flags_(differs)                  # 1 when the bits differ on some rank
+            same = float(differs) == 0.0
+            chosen = premul_applies(LocalBlock(((0, (weight,)),), (0,), (0, 1)), (), dtype)
+            rows.append({"name": f"PREMUL_SUM vs mul_ + SUM, {str(dtype)[6:]}, w={weight:.6g}",
+                         "dtype": str(dtype), "weight": weight, "same_bits": same, "premul_chosen": chosen,
+                         "met": same or not chosen})
+    return {"processes": comm.world_size, "numel": numel, "rows": rows}
 
 
 def end_to_end(comm, width: int, batch_size: int, ks, units: int, repeats: int) -> dict:

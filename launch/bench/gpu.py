@@ -22,6 +22,13 @@ the part's name and what it found.  In under 8 minutes on one GPU.  The parts, i
                   and the own loop on 2 ranks.
 ``sigstop``       (2 GPUs) one rank stopped with SIGSTOP: named by the other, within a bound.
 
+``premul``
+    NCCL's ``ReduceOp.PREMUL_SUM`` (:class:`launch.engine.sync.blocks.PremulBlock`) against the
+    two passes it replaces (``x.mul_(w)``, then the SUM all-reduce), bit for bit, per dtype and
+    weight, one rank per GPU (one GPU: the product alone;
+    :func:`launch.bench.distributed.premul_bits`): met unless the engine's rule
+    (:func:`launch.engine.sync.compile.premul_applies`) chooses PREMUL_SUM where the bits differ.
+
 ``--device cpu`` runs every part on the CPU instead (gloo for the torchrun jobs; ``nccl`` is
 skipped): how the test suite checks this script on a machine without CUDA.  Without CUDA and
 without ``--device cpu`` every part is skipped with its reason.
@@ -35,7 +42,7 @@ import traceback
 from launch.bench import gpu_jobs, gpu_loops
 
 PARTS = ("versions", "torchrun", "own_loop", "reference", "low_precision", "host_syncs", "B1", "ring", "nccl",
-         "torchrun_2", "sigstop")
+         "torchrun_2", "sigstop", "premul")
 #: Parts that need 2 GPUs on CUDA (one rank per GPU).
 MULTI_GPU = ("nccl", "torchrun_2", "sigstop")
 
@@ -47,6 +54,19 @@ def available(device: str) -> str | None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         return "no CUDA device"
     return None
+
+
+def premul(config, device: str) -> dict:
+    """The ``premul`` part: :func:`launch.bench.distributed.premul_bits` on one rank per GPU."""
+    import torch
+
+    from launch.bench.processes import spawn
+
+    result = spawn(torch.cuda.device_count(), {"task": "premul", "device": "cuda"})[0]
+    missed = [row["name"] for row in result["rows"] if not row["met"]]
+    result.update(passed=not missed, summary=(f"{len(result['rows'])} dtype/weight pairs, PREMUL_SUM chosen only where "
+                                              f"its bits are the two passes'" if not missed else f"missed: {missed}"))
+    return result
 
 
 def versions(config, device: str) -> dict:
@@ -92,7 +112,7 @@ def nccl(config, device: str) -> dict:
 RUNNERS = {"versions": versions, "torchrun": gpu_jobs.checkpoint_resume, "own_loop": gpu_loops.own_loop,
            "reference": gpu_loops.reference, "low_precision": gpu_jobs.low_precision,
            "host_syncs": gpu_loops.host_syncs, "B1": b1, "ring": gpu_loops.ring, "nccl": nccl,
-           "torchrun_2": gpu_jobs.two_ranks, "sigstop": gpu_jobs.stopped_rank}
+           "torchrun_2": gpu_jobs.two_ranks, "sigstop": gpu_jobs.stopped_rank, "premul": premul}
 
 
 def why_skipped(part: str, device: str) -> str | None:
@@ -102,7 +122,7 @@ def why_skipped(part: str, device: str) -> str | None:
     why = available(device)
     if why is not None:
         return why
-    if part == "nccl" and not device.startswith("cuda"):
+    if part in ("nccl", "premul") and not device.startswith("cuda"):
         return "NCCL needs CUDA"
     if part in MULTI_GPU and device.startswith("cuda") and torch.cuda.device_count() < 2:
         return f"needs 2 CUDA devices (one rank per GPU); found {torch.cuda.device_count()}"

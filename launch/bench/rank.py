@@ -1,8 +1,10 @@
 """One rank of a spawned benchmark job (:func:`launch.bench.processes.spawn`).
 
 ``python -m launch.bench.rank TASK_JSON OUT_DIR``: opens a torch.distributed communicator from the
-environment, runs the task (``sync``: B2 and the GPU row, ``end_to_end``: B3, ``memory``: B4's
-distributed cases, ``post_local_sgd``: B6) and writes ``OUT_DIR/rank{R}.json``.
+environment (an MPI one with ``"launch": "mpi"`` in the task, under mpiexec), runs the task
+(``sync``: B2 and the GPU row, ``end_to_end``: B3, ``memory``: B4's distributed cases,
+``post_local_sgd``: B6, ``exact_sync``: B8, ``premul``: the GPU run's PREMUL_SUM comparison) and
+writes ``OUT_DIR/rank{R}.json``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,20 @@ def run_task(task: dict, comm) -> dict:
         return run_case(task["case"], comm)
     if task["task"] == "end_to_end":
         return end_to_end(comm, task["width"], task["batch_size"], tuple(task["ks"]), task["units"], task["repeats"])
+    if task["task"] == "exact_sync":
+        from launch.bench.distributed import exact_sync_cost
+
+        return exact_sync_cost(comm, task["sizes"], task["rule_sizes"], task["units"], task["repeats"])
+    if task["task"] == "premul":
+        from launch.bench.distributed import premul_bits
+
+        return premul_bits(comm)
     if task["task"] == "post_local_sgd":
         from launch.bench.post_local import post_local_sgd
 
         return post_local_sgd(comm, task["width"], task["batch_size"], task["periods"], task["units"], task["repeats"])
-    raise ValueError(f"task must be sync, end_to_end, memory or post_local_sgd; got {task['task']!r}")
+    raise ValueError("task must be sync, end_to_end, memory, post_local_sgd, exact_sync or premul; "
+                     f"got {task['task']!r}")
 
 
 def main(argv: list[str]) -> int:
@@ -42,7 +53,12 @@ def main(argv: list[str]) -> int:
     from launch.comm.torch_dist import TorchCommunicator
 
     task, out = json.loads(argv[0]), argv[1]
-    comm = TorchCommunicator(device=task.get("device", "cpu"), timeout_s=task.get("timeout_s", 300))
+    if task.get("launch") == "mpi":
+        from launch.comm.mpi import MPICommunicator
+
+        comm = MPICommunicator(timeout_s=task.get("timeout_s", 300))
+    else:
+        comm = TorchCommunicator(device=task.get("device", "cpu"), timeout_s=task.get("timeout_s", 300))
     try:
         result = run_task(task, comm)
         Path(out, f"rank{comm.rank}.json").write_text(json.dumps(result))

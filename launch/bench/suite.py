@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from launch.bench.processes import spawn
 
-BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "GPU")
+BENCHMARKS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "GPU")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,12 @@ class Config:
     b7_processes: int = 3
     b7_overrides: tuple[str, ...] = ("problem=digits_cnn", "launch.steps=600")
     b7_repeats: int = 3
-    # GPU (and python -m launch.bench --gpu)
+    # B8: the exact sync over the default sync
+    b8_processes: tuple[int, ...] = (3, 4)
+    b8_sizes: tuple[int, ...] = (1_000_000, 25_000_000)
+    b8_rule_sizes: tuple[int, ...] = (256, 4096, 65536, 1_048_576)   # the gather-or-chain rule's range
+    b8_rule_launches: tuple[str, ...] = ("torch", "mpi")
+    # GPU
     gpu_sizes: tuple[int, ...] = (25_000_000,)
     gpu_syncs: int = 20
     gpu_reference_steps: int = 300         # LA-2 vs the reference
@@ -75,6 +80,7 @@ TINY = Config(
     b4_depths=(1,), b4_repeats=1, b5_agents=(2, 4), b5_width=32, b5_batch=4, b5_agent_iterations=8,
     b6_workers=(2,), b6_periods=(1, 2), b6_width=32, b6_batch=4, b6_iterations=4,
     b7_overrides=("problem.dim=4", "problem.hidden=4", "launch.steps=20"), b7_repeats=1,
+    b8_processes=(3,), b8_sizes=(10_000,), b8_rule_sizes=(256,), b8_rule_launches=("torch",),
     gpu_sizes=(10_000,), gpu_syncs=2, gpu_reference_steps=20, gpu_cli_overrides=("problem.dim=4", "problem.hidden=4"),
     gpu_job_steps=10, gpu_own_loop_steps=12, gpu_sync_steps=20, gpu_ring_agents=4, gpu_stop_timeout_s=5,
 )
@@ -137,6 +143,25 @@ def post_local(config: Config) -> dict:
             "repeats": config.repeats, "rows": rows}
 
 
+def exact_sync(config: Config) -> dict:
+    """B8: one spawned job per launcher and number of processes, every size inside it (the
+    exact / default rows on gloo; the strategy rule's rows on every launcher of
+    ``b8_rule_launches``)."""
+    rows, rule_rows = [], []
+    for launch in dict.fromkeys(("torch",) + config.b8_rule_launches):
+        for n in config.b8_processes:
+            result = spawn(n, {"task": "exact_sync", "launch": launch,
+                               "sizes": list(config.b8_sizes) if launch == "torch" else [],
+                               "rule_sizes": list(config.b8_rule_sizes) if launch in config.b8_rule_launches else [],
+                               "units": config.b2_syncs, "repeats": config.repeats})[0]
+            for row in result["rows"]:
+                row.update(name=f"exact / default LA-{n - 1} sync, {n} procs, d={row['parameters']:,}",
+                           target=1.30, met=row["ratio"] <= 1.30)
+                rows.append(row)
+            rule_rows += [dict(row, launch=launch) for row in result["rule_rows"]]
+    return {"backend": "gloo", "repeats": config.repeats, "rows": rows, "rule_rows": rule_rows}
+
+
 def gpu(config: Config) -> dict:
     """NCCL: weighted all-reduce (an LA sync) bandwidth over raw all-reduce, one rank per GPU."""
     import torch
@@ -164,4 +189,4 @@ def gpu(config: Config) -> dict:
             "rows": rows}
 
 
-__all__ = ["BENCHMARKS", "Config", "TINY", "sync_cost", "end_to_end", "post_local", "gpu"]
+__all__ = ["BENCHMARKS", "Config", "TINY", "sync_cost", "end_to_end", "post_local", "exact_sync", "gpu"]

@@ -17,6 +17,15 @@ backend's error or :class:`CollectiveTimeout`.  The engine runs every collective
 :func:`launch.engine.guard.health.collective`, which sets :attr:`Communicator.context` (the iteration
 and the operation) for the duration and turns such a failure into a ``RankFailureError`` naming
 the rank that seems lost (:meth:`Communicator.responsive_ranks`).
+
+**Ordered sums** (the exact syncs of :mod:`launch.engine.sync.ordered`).  An all-reduce adds its
+terms in an order of the backend's choosing (a ring's, a tree's), so from three terms on its
+result depends on the layout of the ranks.  Two collectives here let the engine fix the order
+itself: :meth:`Communicator.chain_reduce_` (a chain in rank order, each rank folding its terms into
+the running sum it receives, pipelined in chunks, then a broadcast of the result) and
+:meth:`Communicator.all_gather_` (every rank gets every rank's contribution and sums them
+itself).  :meth:`Communicator.exchange_async_` is the asynchronous point-to-point exchange that an
+overlapped exact sync sends its terms to the hub with.
 """
 
 from __future__ import annotations
@@ -28,6 +37,16 @@ import torch
 
 from topology.network import RankCounts
 
+#: Bytes per chunk of :meth:`Communicator.chain_reduce_`: a chunk travels to the next rank while
+#: the following one is folded.  Large enough that a message's latency is small beside its
+#: transfer, small enough that the pipeline fills quickly (at most 2 chunks of scratch per rank).
+CHAIN_CHUNK_BYTES = 4 << 20
+#: Message tags of the chains (``CHAIN_TAG + chunk % TAG_SPAN``) and of the overlapped exact syncs'
+#: terms (``HUB_TAG + agent % TAG_SPAN``): apart from each other and from the exchanges' tags (agent
+#: indices), below 32768, the least upper bound MPI guarantees.  Messages of one pair of ranks with
+#: one tag are matched in the order they were sent, so wrapping around is harmless.
+CHAIN_TAG, HUB_TAG, TAG_SPAN = 16384, 24576, 8192
+
 
 @dataclass
 class CommStats(RankCounts):
@@ -35,10 +54,17 @@ class CommStats(RankCounts):
     bytes (the fields of :class:`topology.network.RankCounts`, which the cost model computes for
     a plan: all-reduces, point-to-point sends, and the overlapped syncs' reduces to a hub and the
     hub's broadcasts), plus the start-up broadcasts and the finiteness checks' tiny collectives
-    (``flag_reduces``), which are not the plans'."""
+    (``flag_reduces``), which are not the plans', and the ordered sums of the exact syncs:
+    ``chains`` (:meth:`Communicator.chain_reduce_`, its broadcast included) and ``gathers``
+    (:meth:`Communicator.all_gather_`), with their bytes (the buffer's, per rank and call, as for
+    an all-reduce; a gather's: the contribution's)."""
 
     broadcasts: int = 0
     flag_reduces: int = 0
+    chains: int = 0
+    chain_bytes: int = 0
+    gathers: int = 0
+    gather_bytes: int = 0
 
     def reset(self) -> None:
         for f in fields(self):
@@ -143,8 +169,12 @@ class Communicator:
         raise NotImplementedError
 
     # -- the sync ----------------------------------------------------------------------------
-    def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
-        """Sum ``tensor`` in place over the ranks of the group ``ranks`` (this rank among them)."""
+    def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...], *, premul: float | None = None) -> None:
+        """Sum ``tensor`` in place over the ranks of the group ``ranks`` (this rank among them).
+
+        ``premul``: NCCL only (``ReduceOp.PREMUL_SUM``): the sum of ``premul x tensor`` over the
+        ranks, each rank's factor its own, the product formed inside the collective (one pass over
+        the buffer fewer than ``tensor.mul_(premul)`` first); ``ValueError`` on other backends."""
         raise NotImplementedError
 
     def exchange(
@@ -156,7 +186,84 @@ class Communicator:
 
         Messages between one pair of ranks are matched by tag.
         """
-        raise NotImplementedError
+        self.exchange_async_(sends, recvs).wait()
+
+    def exchange_async_(self, sends, recvs) -> Pending:
+        """:meth:`exchange` started: returns at once; ``wait()`` returns when every message has
+        completed (no tensor of ``sends`` may be written, nor one of ``recvs`` read, before).
+        Counted in ``stats.sends`` as :meth:`exchange`."""
+        if sends or recvs:
+            raise ValueError("a single rank has no peer to exchange with")
+        return Pending(None)
+
+    # -- ordered sums (launch.engine.sync.ordered) -----------------------------------------------
+    def chain_reduce_(self, tensor: torch.Tensor, chain: tuple[int, ...], ranks: tuple[int, ...], fold) -> None:
+        """A sum formed in the rank order ``chain``, then broadcast to the group ``ranks``.
+
+        ``chain``: the ranks that hold terms of the sum, in increasing order, all in ``ranks``.
+        The first of them holds its part (its terms summed left to right) in ``tensor``.  Chunk
+        by chunk (``[lo, hi)``, :data:`CHAIN_CHUNK_BYTES` each), every later rank of the chain
+        receives the running sum ``s`` of the chunk from its predecessor, calls
+        ``fold(s, lo, hi)``, which must write ``s`` plus its own terms, added to ``s`` one by one
+        in order, into ``tensor[lo:hi]``, and sends that chunk on; a chunk travels while the next
+        one is folded.  So every element of the sum is added strictly left to right in rank order,
+        whatever the layout.  The chain's last rank then broadcasts ``tensor`` to ``ranks``.
+        Returns when this rank's ``tensor`` holds the sum.  One rank: ``tensor`` already holds
+        it.  Counted once per call in ``stats.chains`` (and ``chain_bytes``: the buffer's).
+
+        Every rank of ``ranks`` calls it with the same arguments (``fold`` aside)."""
+        self._count("chain", tensor)
+        if len(chain) > 1 and self.rank in chain:
+            self._run_chain(tensor, chain, fold)
+        if len(ranks) > 1:
+            self._broadcast_async(tensor, chain[-1], ranks).wait()
+
+    def _run_chain(self, tensor: torch.Tensor, chain: tuple[int, ...], fold) -> None:
+        """This rank's links of the chain (see :meth:`chain_reduce_`): receive chunk c (two
+        receives posted ahead, into two chunk buffers), fold it, send it on (sends left in flight
+        until the end, the chunks they read are not written again)."""
+        position = chain.index(self.rank)
+        before = chain[position - 1] if position > 0 else None
+        after = chain[position + 1] if position + 1 < len(chain) else None
+        n = tensor.numel()
+        step = max(1, CHAIN_CHUNK_BYTES // tensor.element_size())
+        bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+        spare = [tensor.new_empty(min(step, n)) for _ in range(2)] if before is not None else []
+
+        def receive(c: int) -> Pending:
+            lo, hi = bounds[c]
+            return self._p2p_async([], [(spare[c % 2][:hi - lo], before, CHAIN_TAG + c % TAG_SPAN)])
+
+        incoming = [receive(c) for c in range(min(2, len(bounds)))] if before is not None else []
+        sends = []
+        for c, (lo, hi) in enumerate(bounds):
+            if before is not None:
+                incoming[c].wait()
+                fold(spare[c % 2][:hi - lo], lo, hi)
+                if c + 2 < len(bounds):
+                    incoming.append(receive(c + 2))
+            if after is not None:
+                sends.append(self._p2p_async([(tensor[lo:hi], after, CHAIN_TAG + c % TAG_SPAN)], []))
+        for pending in sends:
+            pending.wait()
+
+    def all_gather_(self, out: torch.Tensor, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
+        """``out`` (flat, ``len(ranks) x tensor.numel()`` elements) <- the ``tensor`` of every rank
+        of the group ``ranks``, in rank order.  Counted in ``stats.gathers`` (and
+        ``gather_bytes``: this rank's contribution)."""
+        if ranks != (self.rank,):
+            raise ValueError(f"ranks must be ({self.rank},) on a single rank; got {ranks}")
+        self._count("gather", tensor)
+        out.copy_(tensor.reshape(-1))
+
+    # Backends override these two: uncounted, asynchronous building blocks.
+    def _p2p_async(self, sends, recvs) -> Pending:
+        """Start the point-to-point messages ``(tensor, peer, tag)`` (uncounted)."""
+        raise NotImplementedError(f"the {self.backend} communicator has no point-to-point messages")
+
+    def _broadcast_async(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...]) -> Pending:
+        """Start a broadcast from ``src`` over the group ``ranks`` (uncounted)."""
+        raise NotImplementedError(f"the {self.backend} communicator has no asynchronous broadcast")
 
     # -- overlapped syncs (launch.engine.sync.overlap) -----------------------------------------------
     def reduce_async_(self, tensor: torch.Tensor, dst: int, ranks: tuple[int, ...], *,
@@ -170,7 +277,8 @@ class Communicator:
                          flags: bool = False) -> Pending:
         """Start overwriting ``tensor`` on every rank of the group ``ranks`` with rank ``src``'s
         (which must not be written before ``wait()``); ``flags`` as in :meth:`reduce_async_`."""
-        raise NotImplementedError(f"the {self.backend} communicator has no asynchronous broadcast")
+        self._count_block_broadcast(tensor, flags)
+        return self._broadcast_async(tensor, src, ranks)
 
     def _group(self, ranks: tuple[int, ...]):
         """The group of ``ranks`` made by :meth:`init_groups`; every rank: the world group."""
@@ -226,12 +334,12 @@ class Communicator:
                     raise
 
     def _count_reduce(self, tensor: torch.Tensor, flags: bool = False) -> None:
-        self._count_overlapped("reduce", tensor, flags)
+        self._count("reduce", tensor, flags)
 
     def _count_block_broadcast(self, tensor: torch.Tensor, flags: bool = False) -> None:
-        self._count_overlapped("block_broadcast", tensor, flags)
+        self._count("block_broadcast", tensor, flags)
 
-    def _count_overlapped(self, kind: str, tensor: torch.Tensor, flags: bool) -> None:
+    def _count(self, kind: str, tensor: torch.Tensor, flags: bool = False) -> None:
         """``stats.<kind>s`` and ``stats.<kind>_bytes``; a health check's in ``flag_reduces``."""
         if flags:
             self.stats.flag_reduces += 1

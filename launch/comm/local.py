@@ -19,10 +19,8 @@ class LocalCommunicator(Communicator):
         if src != 0:
             raise ValueError(f"src must be 0 on a single rank; got {src}")
 
-    def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
+    def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...], *, premul: float | None = None) -> None:
         if ranks != (0,):
             raise ValueError(f"ranks must be (0,) on a single rank; got {ranks}")
-
-    def exchange(self, sends, recvs) -> None:
-        if sends or recvs:
-            raise ValueError("a single rank has no peer to exchange with")
+        if premul is not None:
+            tensor.mul_(premul)

@@ -200,22 +200,33 @@ class MPICommunicator(Communicator):
         buf = _buffer(tensor)
         self._wait([self.comm.Ibcast(buf, root=src)], "broadcast", buf)
 
-    def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
+    def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...], *, premul: float | None = None) -> None:
+        if premul is not None:
+            raise ValueError("premul (ReduceOp.PREMUL_SUM) needs the nccl backend; MPI has none")
         self._count_all_reduce(tensor)
         buf = _buffer(tensor)
         self._wait([self._group(ranks).Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)],
                    f"all-reduce over ranks {list(ranks)}", buf)
 
-    def exchange(self, sends, recvs) -> None:
-        if not sends and not recvs:
-            return
+    def exchange_async_(self, sends, recvs) -> Pending:
         self._count_sends(sends)
+        return self._p2p_async(sends, recvs)
+
+    def _p2p_async(self, sends, recvs) -> Pending:
+        if not sends and not recvs:
+            return Pending(None)
         buffers = [_buffer(t) for t, _, _ in sends] + [_buffer(t) for t, _, _ in recvs]
         requests = [self.comm.Isend(b, dest=peer, tag=tag) for b, (_, peer, tag) in zip(buffers, sends)]
         requests += [self.comm.Irecv(b, source=peer, tag=tag)
                      for b, (_, peer, tag) in zip(buffers[len(sends):], recvs)]
         peers = sorted({peer for _, peer, _ in sends} | {peer for _, peer, _ in recvs})
-        self._wait(requests, f"exchange with ranks {peers}", buffers)
+        return self._track(lambda: self._wait(requests, f"exchange with ranks {peers}", buffers))
+
+    def all_gather_(self, out: torch.Tensor, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
+        self._count("gather", tensor)
+        buf, received = _buffer(tensor.reshape(-1)), _buffer(out)
+        self._wait([self._group(ranks).Iallgather(buf, received)], f"all-gather over ranks {list(ranks)}",
+                   (buf, received))
 
     def reduce_async_(self, tensor: torch.Tensor, dst: int, ranks: tuple[int, ...], *,
                       flags: bool = False) -> Pending:
@@ -228,9 +239,7 @@ class MPICommunicator(Communicator):
             request = group.Ireduce(buf, None, op=self.MPI.SUM, root=root)
         return self._pending(request, f"reduce to rank {dst} over ranks {list(ranks)}", buf)
 
-    def broadcast_async_(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...], *,
-                         flags: bool = False) -> Pending:
-        self._count_block_broadcast(tensor, flags)
+    def _broadcast_async(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...]) -> Pending:
         buf = _buffer(tensor)
         return self._pending(self._group(ranks).Ibcast(buf, root=ranks.index(src)),
                              f"broadcast from rank {src} over ranks {list(ranks)}", buf)

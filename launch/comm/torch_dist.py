@@ -114,9 +114,18 @@ class TorchCommunicator(Communicator):
         self.stats.broadcasts += 1
         dist.broadcast(tensor, src=src)
 
-    def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
+    def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...], *, premul: float | None = None) -> None:
+        op = dist.ReduceOp.SUM
+        if premul is not None:
+            if self.backend != "nccl":
+                raise ValueError(f"premul (ReduceOp.PREMUL_SUM) needs the nccl backend; this one is {self.backend}")
+            op = dist._make_nccl_premul_sum(premul)
         self._count_all_reduce(tensor)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._group(ranks))
+        dist.all_reduce(tensor, op=op, group=self._group(ranks))
+
+    def all_gather_(self, out: torch.Tensor, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
+        self._count("gather", tensor)
+        dist.all_gather_into_tensor(out, tensor.reshape(-1), group=self._group(ranks))
 
     def reduce_async_(self, tensor: torch.Tensor, dst: int, ranks: tuple[int, ...], *,
                       flags: bool = False) -> Pending:
@@ -124,19 +133,24 @@ class TorchCommunicator(Communicator):
         work = dist.reduce(tensor, dst=dst, op=dist.ReduceOp.SUM, group=self._group(ranks), async_op=True)
         return self._track(work.wait)
 
-    def broadcast_async_(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...], *,
-                         flags: bool = False) -> Pending:
-        self._count_block_broadcast(tensor, flags)
+    def _broadcast_async(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...]) -> Pending:
         return self._track(dist.broadcast(tensor, src=src, group=self._group(ranks), async_op=True).wait)
 
-    def exchange(self, sends, recvs) -> None:
-        if not sends and not recvs:
-            return
+    def exchange_async_(self, sends, recvs) -> Pending:
         self._count_sends(sends)
+        return self._p2p_async(sends, recvs)
+
+    def _p2p_async(self, sends, recvs) -> Pending:
+        if not sends and not recvs:
+            return Pending(None)
         ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer, tag in sends]
         ops += [dist.P2POp(dist.irecv, t, peer, tag=tag) for t, peer, tag in recvs]
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+        requests = dist.batch_isend_irecv(ops)
+
+        def wait() -> None:
+            for request in requests:
+                request.wait()
+        return self._track(wait)
 
     def max_flags_(self, flags: torch.Tensor) -> None:
         super().max_flags_(flags)

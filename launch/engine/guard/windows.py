@@ -16,6 +16,13 @@ knowledge through its operations, in the order the ranks run them
 3. the blocks in the plan's order: an all-reduce over a group G leaves every rank of G knowing
    what any rank of G knew; an overlapped block, the hub's broadcast: hub -> the block's ranks.
 
+The exact syncs (``compile_sync(exact=True)``, :mod:`launch.engine.sync.ordered`) carry markers
+the same way, except that only the ranks holding a term of a block's sum (a member with a
+non-zero weight) send anything: a chain runs through them and its last one broadcasts to G, a
+gather sends their products to G, an exact overlapped block's messages go from them to the hub.
+So with ``exact`` a block leaves every rank of G knowing what its term holders knew (the same as
+an all-reduce when every rank of G holds a term, as it does unless a member's weight is 0).
+
 A sync has two matrices: ``held`` for what a rank knows when the sync begins (including what it
 found when it prefetched its part of an overlapped block), and ``born`` for what it finds during
 the sync (its losses, the buffers it contributes at the sync), which the reduces, already under
@@ -125,12 +132,18 @@ def _rows_full(a: torch.Tensor, after: torch.Tensor) -> tuple[bool, ...]:
     return tuple(bool(v) for v in _compose(a, after).all(dim=1))
 
 
-def sync_flow(plan: Plan, placement: Placement, hub_of_block=None, workers=()) -> SyncFlow:
+def sync_flow(plan: Plan, placement: Placement, hub_of_block=None, workers=(), exact: bool = False) -> SyncFlow:
     """The :class:`SyncFlow` of ``plan`` on ``placement``; ``hub_of_block(block)``: the hub rank
     of an overlapped block, or None (default: no block is overlapped); ``workers``: the schedule's
-    workers (their ranks check their losses at every sync)."""
+    workers (their ranks check their losses at every sync); ``exact``: the blocks' senders are
+    their term holders only (module docstring)."""
     n = placement.world_size
     hubs = [(block, hub_of_block(block) if hub_of_block is not None else None) for block in plan.blocks]
+
+    def senders(block) -> list[int]:
+        """The ranks whose markers a block carries."""
+        members = [i for i, w in zip(block.members, block.weights) if w != 0.0] if exact else block.members
+        return list(placement.ranks_of(members))
 
     def run(reduces: bool) -> torch.Tensor:
         k = torch.eye(n, dtype=torch.bool)
@@ -138,7 +151,7 @@ def sync_flow(plan: Plan, placement: Placement, hub_of_block=None, workers=()) -
             start = k.clone()
             for block, hub in hubs:
                 if hub is not None:
-                    for r in placement.ranks_of(block.members):
+                    for r in senders(block):
                         k[:, hub] |= start[:, r]
         edges = {(placement.rank_of(s), placement.rank_of(m.receiver)) for m in plan.mixes for s in m.sources}
         before = k.clone()
@@ -150,7 +163,7 @@ def sync_flow(plan: Plan, placement: Placement, hub_of_block=None, workers=()) -
             if len(group) < 2:
                 continue
             if hub is None:
-                k[:, group] = k[:, group].any(dim=1, keepdim=True)
+                k[:, group] |= k[:, senders(block)].any(dim=1, keepdim=True)
             else:
                 k[:, group] |= k[:, hub:hub + 1]
         return k
@@ -243,12 +256,13 @@ class Windows:
         return None if located is None else located[0] + located[1].decides
 
     @classmethod
-    def build(cls, schedule: Schedule, plans: list[Plan], placement: Placement, hubs) -> "Windows | None":
+    def build(cls, schedule: Schedule, plans: list[Plan], placement: Placement, hubs,
+              exact: bool = False) -> "Windows | None":
         """The windows of ``schedule`` (``plans``: its distinct matrices compiled, in order;
-        ``hubs``: ``(index, block) -> hub rank | None`` for overlapped blocks, or None), or None
-        when they do not exist (module docstring)."""
-        flows = [sync_flow(plan, placement, (lambda b, i=index: hubs(i, b)) if hubs else None, schedule.workers)
-                 for index, plan in enumerate(plans)]
+        ``hubs``: ``(index, block) -> hub rank | None`` for overlapped blocks, or None; ``exact``:
+        the syncs are exact), or None when they do not exist (module docstring)."""
+        flows = [sync_flow(plan, placement, (lambda b, i=index: hubs(i, b)) if hubs else None, schedule.workers,
+                           exact) for index, plan in enumerate(plans)]
         syncs = frozenset(i for i, plan in enumerate(plans) if not plan.is_identity)
         occurring = syncs.intersection(order_of_appearance(concat(schedule.prefix, schedule.cycle)))
         if not occurring:

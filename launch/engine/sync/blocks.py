@@ -2,7 +2,8 @@
 
 A :class:`topology.Plan` has *blocks* (receivers that all get the same weighted sum) and *mixes*
 (one receiver, a weighted sum of a few sources).  On one rank each becomes one of these steps,
-chosen once when the plan is compiled for the rank (:mod:`launch.engine.sync.compile`):
+chosen once when the plan is compiled for the rank (:mod:`launch.engine.sync.compile`; the exact
+syncs' steps, which add every sum in agent order, are in :mod:`launch.engine.sync.ordered`):
 
 :class:`AllReduceBlock`
     ``acc = sum of w_i x_i`` over the block's local members (the kernel of
@@ -14,6 +15,10 @@ chosen once when the plan is compiled for the rank (:mod:`launch.engine.sync.com
     (:mod:`launch.engine.sync.overlap` says why it is exact and when it applies): the other ranks'
     part ``S = sum of w_i x_i`` is reduced to the hub before the sync (:meth:`HubBlock.prefetch`),
     the hub adds its own members' part at the sync and broadcasts the result.
+:class:`PremulBlock`
+    on NCCL, an all-reduce block whose one local term is its first receiver's own buffer:
+    ``ReduceOp.PREMUL_SUM`` forms the product inside the collective (where it gives the same bits,
+    :func:`launch.engine.sync.compile.premul_applies`).
 :class:`PointToPointMixes`
     every mix of the plan that has a receiver or a source here: one batched exchange of the
     messages between ranks (one per (source agent, destination rank) pair), then the local
@@ -64,11 +69,16 @@ class ProgramContext:
 
 
 class AllReduceBlock:
-    """A block: local weighted sum, all-reduce over the block's ranks, copies to local receivers."""
+    """A block: local weighted sum, all-reduce over the block's ranks, copies to local receivers.
 
-    def __init__(self, block: LocalBlock, ctx: ProgramContext):
+    ``ordered``: the local sum is added in the terms' (agent) order, left to right (the exact
+    syncs, :mod:`launch.engine.sync.ordered`); otherwise the first receiver's own term may be moved
+    first, to be scaled in place."""
+
+    def __init__(self, block: LocalBlock, ctx: ProgramContext, *, ordered: bool = False):
         self.block = block
         self.ctx = ctx
+        self.ordered = ordered
 
     @property
     def groups(self) -> tuple[tuple[int, ...], ...]:
@@ -83,23 +93,45 @@ class AllReduceBlock:
     def prefetch(self, tensors: Tensors, comm: Communicator, check) -> None:
         """Nothing to start ahead of the sync."""
 
-    def local_sum(self, tensors: Tensors, old: Tensors, check) -> torch.Tensor:
-        """acc = this rank's part of the block, held in the first local receiver (a scratch
-        buffer when there is none or when its old value must survive)."""
+    def accumulator(self, tensors: Tensors, terms, reach: int = 1) -> tuple[torch.Tensor, bool]:
+        """``(acc, in_place)``: where this rank's sum of ``terms`` goes, and whether the first
+        receiver's term is scaled in place there (moved first among the terms).
+
+        acc is the first local receiver's buffer, its own term scaled in place, when no other
+        operation reads its old value (not in the snapshot).  In an ordered sum only where moving
+        that term first changes no bit: at position 0, or up to ``reach`` (1 for a sum that starts
+        with its first term: a + b = b + a exactly; 0 for a sum prefixed by a running sum); further
+        back, acc is a scratch buffer (the receiver's old value is still to be read).  No receiver
+        here: a scratch buffer."""
         block, ctx = self.block, self.ctx
         first = block.receivers[0] if block.receivers else None
-        in_place = first is not None and first not in ctx.snapshot and any(i == first for i, _ in block.terms)
-        acc = tensors[first] if first is not None else ctx.scratch.like("acc", next(iter(tensors.values())))
-        terms = list(block.terms)
+        position = next((k for k, (i, _) in enumerate(terms) if i == first), None)
+        free = first is not None and first not in ctx.snapshot and position is not None
+        if free and (not self.ordered or position <= reach):
+            return tensors[first], True
+        if first is None or free:
+            return ctx.scratch.like("acc", next(iter(tensors.values()))), False
+        return tensors[first], False
+
+    def spare(self, tensors: Tensors, acc: torch.Tensor) -> frozenset:
+        """The local receivers other than acc's owner whose old value nothing else reads: overwritten
+        by acc at the end, their products may be formed in place."""
+        return frozenset(r for r in self.block.receivers if r not in self.ctx.snapshot and tensors[r] is not acc)
+
+    def local_sum(self, tensors: Tensors, old: Tensors, check, terms=None) -> torch.Tensor:
+        """acc = this rank's part of the block (``terms``, default the block's local terms),
+        held where :meth:`accumulator` says."""
+        terms = list(self.block.terms if terms is None else terms)
+        acc, in_place = self.accumulator(tensors, terms)
         if in_place:  # acc's own term first: it is scaled in place
+            first = self.block.receivers[0]
             terms = [t for t in terms if t[0] == first] + [t for t in terms if t[0] != first]
-        # Receivers other than acc's owner are overwritten by acc below: scale them in place.
-        spare = frozenset(r for r in block.receivers[1:] if r not in ctx.snapshot)
-        return ctx.kernel(acc, terms, old, in_place=in_place, spare=spare, check=check)
+        return self.ctx.kernel(acc, terms, old, in_place=in_place, spare=self.spare(tensors, acc), check=check)
 
     def copy_to_receivers(self, tensors: Tensors, acc: torch.Tensor) -> None:
-        for r in self.block.receivers[1:]:
-            tensors[r].copy_(acc)
+        for r in self.block.receivers:
+            if tensors[r] is not acc:
+                tensors[r].copy_(acc)
 
     def run(self, tensors: Tensors, old: Tensors, comm: Communicator, check) -> None:
         acc = self.local_sum(tensors, old, check)
@@ -107,6 +139,23 @@ class AllReduceBlock:
             check.mark(acc)
             comm.all_reduce_(acc, self.block.ranks)
             check.read(acc)
+        self.copy_to_receivers(tensors, acc)
+
+
+class PremulBlock(AllReduceBlock):
+    """A block on NCCL whose one local term is its first receiver's own buffer, not in the snapshot:
+    ``all_reduce(x, PREMUL_SUM(w))`` instead of ``x.mul_(w); all_reduce(x)``, the product formed
+    inside the collective (one pass over the buffer fewer).  Chosen by
+    :func:`launch.engine.sync.compile.premul_applies`, where it gives the same bits as the two
+    passes.  The finiteness check inspects the buffer as it is sent."""
+
+    def run(self, tensors: Tensors, old: Tensors, comm: Communicator, check) -> None:
+        (agent, (weight,)), = self.block.terms
+        acc = tensors[agent]
+        check.inspect(acc, agent)
+        check.mark(acc)
+        comm.all_reduce_(acc, self.block.ranks, premul=weight)
+        check.read(acc)
         self.copy_to_receivers(tensors, acc)
 
 
@@ -155,21 +204,25 @@ class HubBlock(AllReduceBlock):
         reduce, self._reduce = self._reduce, None
         if reduce is None:
             raise RuntimeError("a hub block ran without its prefetch (launch.engine.sync.overlap.Overlap.before_sync)")
-        scratch = self._scratch(tensors)
         if self.rank == self.hub:
             # The hub holds every worker of the block, and they are receivers: acc is one of them.
-            acc = self.local_sum(tensors, old, check)
-            reduce.wait()
-            check.read(scratch)
-            acc.add_(scratch)                # + S, the other ranks' part, rounded once
+            acc = self.hub_sum(tensors, old, check, reduce)
             check.mark(acc)
             self.broadcasts.append(comm.broadcast_async_(acc, self.hub, self.block.ranks))
         else:
             reduce.wait()
-            acc = tensors[self.block.receivers[0]] if self.block.receivers else scratch
+            acc = tensors[self.block.receivers[0]] if self.block.receivers else self._scratch(tensors)
             comm.broadcast_async_(acc, self.hub, self.block.ranks).wait()
             check.read(acc)
         self.copy_to_receivers(tensors, acc)
+
+    def hub_sum(self, tensors: Tensors, old: Tensors, check, reduce) -> torch.Tensor:
+        """On the hub: its members' part, then + S (the other ranks' part, once reduced)."""
+        acc = self.local_sum(tensors, old, check)
+        reduce.wait()
+        scratch = self._scratch(tensors)
+        check.read(scratch)
+        return acc.add_(scratch)             # + S, the other ranks' part, rounded once
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,18 @@ region is ``torch.mul(src[region], w, out=dst[region])``, the same kernel (and b
 
 **Memory.**  The products go to a scratch buffer (``tmp``), except for agents in ``spare``:
 those whose old value the caller will overwrite anyway, whose product is formed in place.
+
+**Products formed elsewhere.**  A term whose weights are None is a product already (received
+from the rank that formed it, :mod:`launch.engine.sync.ordered`): it is added as it is, so the
+sum is the same bits as if it had been formed here.
 """
 
 from __future__ import annotations
 
 import torch
 
-#: A term of a weighted sum: (agent index, one weight per region).
-Term = tuple[int, tuple[float, ...]]
+#: A term of a weighted sum: (agent index, one weight per region, or None: a product already).
+Term = tuple[int, tuple[float, ...] | None]
 
 
 class Scratch:
@@ -38,11 +42,13 @@ class Scratch:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def like(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """The buffer ``name``, of ``tensor``'s shape, dtype and device (contents undefined)."""
+    def like(self, name: str, tensor: torch.Tensor, numel: int | None = None) -> torch.Tensor:
+        """The buffer ``name``, of ``tensor``'s shape (or flat, of ``numel`` elements), dtype and
+        device (contents undefined)."""
+        shape = tensor.shape if numel is None else torch.Size([numel])
         buf = self._buffers.get(name)
-        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.device != tensor.device:
-            buf = self._buffers[name] = torch.empty_like(tensor)
+        if buf is None or buf.shape != shape or buf.dtype != tensor.dtype or buf.device != tensor.device:
+            buf = self._buffers[name] = tensor.new_empty(shape)
         return buf
 
 
@@ -75,17 +81,21 @@ class WeightedSum:
         ``in_place``: ``acc`` is ``old[terms[0][0]]`` itself, scaled in place.  ``spare``:
         agents whose ``old`` value may be destroyed (their product is formed in it).  No terms:
         ``acc`` is zeroed.  ``check``: the finiteness check, which forms each product
-        (``check.scale(self, out, src, weights, agent)``, :mod:`launch.engine.guard.finiteness`).
+        (``check.scale(self, out, src, weights, agent)``, :mod:`launch.engine.guard.finiteness`);
+        products formed elsewhere (weights None) were checked where they were formed.
         """
         if not terms:
             return acc.zero_()
-
-        def scale(out, src, weights, agent):
-            return self.scale(out, src, weights) if check is None else check.scale(self, out, src, weights, agent)
-
         (first, weights), rest = terms[0], terms[1:]
-        scale(acc, acc if in_place else old[first], weights, first)
+        self.product(acc, acc if in_place else old[first], weights, first, check)
         for i, weights in rest:
-            out = old[i] if i in spare else self.scratch.like("tmp", acc)
-            acc.add_(scale(out, old[i], weights, i))
+            out = old[i] if i in spare or weights is None else self.scratch.like("tmp", acc)
+            acc.add_(self.product(out, old[i], weights, i, check))
         return acc
+
+    def product(self, out: torch.Tensor, src: torch.Tensor, weights, agent: int, check=None) -> torch.Tensor:
+        """``out = weights * src`` (``check.scale`` forms it when a check is given); weights None:
+        ``src`` is the product already, copied into ``out`` unless it is ``out``.  Returns ``out``."""
+        if weights is None:
+            return out if out is src else out.copy_(src)
+        return self.scale(out, src, weights) if check is None else check.scale(self, out, src, weights, agent)

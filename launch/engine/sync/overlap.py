@@ -19,6 +19,10 @@ Every product w_i x_i is rounded once, as in the plain all-reduce; for a two-ran
 in the reduce's order and added last (the plain all-reduce sums in the ring's order): the
 result agrees to rounding.
 
+Under ``exact`` (:mod:`launch.engine.sync.ordered`) S is not formed: the other ranks send the hub
+their products one by one (:class:`launch.engine.sync.ordered.OrderedHubBlock`) and the hub adds
+every term in agent order, the same bits as co-located.
+
 **What it costs and saves.**  Per hub block and sync: a reduce (started before the inner steps,
 waited for at the sync) and a broadcast (started at the sync; the hub waits for it only before
 its next optimizer step writes the buffer), d x itemsize bytes each; a scratch buffer of d on
