@@ -92,6 +92,9 @@ SKIPPED = {
     "make test": "the whole test suite, this file included",
     ". .venv/bin/activate": "changes the calling shell; every command here runs in that environment",
     "pytest -q -s tests/test_overlap.py | grep deviation": "a test file of the suite (make test runs it)",
+    "python -m experiments.own_loop":
+        "tests/test_own_loop_script.py::test_colocated_torchrun_and_mpiexec_agree runs it (--epochs 1), in-process, "
+        "and compares it with torchrun and mpiexec",
     "python -m experiments.own_loop_deviation":
         "30 s; tests/test_own_loop_script.py::test_deviation_command runs its main and checks every row",
     "python -m experiments.e1_noisy_quadratic": _TINY.format("52 s", "tests/test_experiments.py::test_e1_tiny"),
