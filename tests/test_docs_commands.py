@@ -100,9 +100,9 @@ SKIPPED = {
     "python -m experiments.e1_noisy_quadratic": _TINY.format("52 s", "tests/test_experiments.py::test_e1_tiny"),
     "python -m experiments.e2_digits": _TINY.format("542 s", "tests/test_experiments.py::test_e2_tiny"),
     "python -m experiments.e3_convergence_bound": _TINY.format("83 s", "tests/test_experiments.py::test_e3_tiny"),
-    "python -m experiments.e4_nested": _TINY.format("301 s", "tests/test_experiments.py::test_e4_tiny"),
-    "python -m experiments.e5_slrla": _TINY.format("67 s", "tests/test_experiments.py::test_e5_tiny"),
-    "python -m experiments.e6_adaptive": _TINY.format("107 s", "tests/test_experiments.py::test_e6_tiny"),
+    "python -m experiments.e4_nested": _TINY.format("176 s", "tests/test_experiments.py::test_e4_tiny"),
+    "python -m experiments.e5_slrla": _TINY.format("40 s", "tests/test_experiments.py::test_e5_tiny"),
+    "python -m experiments.e6_adaptive": _TINY.format("67 s", "tests/test_experiments.py::test_e6_tiny"),
     "python -m experiments.e7_decentralized":
         "a long experiment (471 s; 54 s even with --steps 40 --seeds 1); no test runs it yet",
     "python -m experiments.e8_cluster_time": _TINY.format("1617 s", "tests/test_e8.py::test_tiny_main_writes_table_and_plot"),
