@@ -34,6 +34,7 @@ import torch
 
 from agents.flat import cpu_copy
 from agents.reference import Lookahead
+from agents.settings import describe_optimizer
 from agents.slow_rule import SlowRule
 
 OuterFactory = Callable[[list], torch.optim.Optimizer]
@@ -70,6 +71,15 @@ class OuterOptimizer(SlowRule):
         torch.sub(slow, mixed, out=slow.grad)
         self.optimizer.step()
         return alpha
+
+    def describe(self, prefix: str = "outer") -> dict:
+        """:meth:`agents.slow_rule.SlowRule.describe`, plus ``prefix.optimizer`` (the outer
+        optimizer's class) and its hyperparameters -- before :meth:`start`, those of the optimizer
+        the factory builds on a throwaway parameter."""
+        record = super().describe(prefix)
+        optimizer = self.optimizer if self.optimizer is not None else self.factory([torch.nn.Parameter(torch.zeros(1))])
+        record.update(describe_optimizer(optimizer, f"{prefix}.optimizer"))
+        return record
 
     def state_dict(self) -> dict:
         """The outer optimizer's ``state_dict`` (momentum buffers...), as CPU copies."""

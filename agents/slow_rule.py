@@ -56,3 +56,13 @@ class SlowRule(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (after :meth:`start`)."""
+
+    def describe(self, prefix: str = "outer") -> dict:
+        """The rule's settings as flat keys: ``prefix`` (its class) and ``prefix.<name>`` (its
+        public scalar attributes); a rule with more settings adds them (an outer optimizer: its
+        class and hyperparameters, :meth:`agents.outer.OuterOptimizer.describe`).  Compared across
+        ranks at start-up and with a checkpoint on resume."""
+        record = {prefix: type(self).__name__}
+        record.update({f"{prefix}.{k}": v for k, v in sorted(vars(self).items())
+                       if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))})
+        return record

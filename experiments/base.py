@@ -12,7 +12,6 @@ whatever ``launch`` puts the agents on.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -23,7 +22,6 @@ from torch.nn import functional as F
 #: Seed of worker ``agent``'s data stream: ``seed + AGENT_SEED_STRIDE * (agent + 1)``.
 AGENT_SEED_STRIDE = 1000
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -36,33 +34,9 @@ class Problem:
     partition: object = None  # an experiments.partition.Partition (classifiers), or None
 
 
-def as_dtype(dtype) -> torch.dtype:
-    """``dtype`` as a floating ``torch.dtype``; strings ``"float32"``, ``"torch.float64"`` ... accepted
-    (configuration files hold strings)."""
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"dtype must be a floating torch.dtype or one of {sorted(_DTYPES)}; got {dtype!r}")
-
-
 #: The largest tensor a built-in problem allocates, in entries (2 GiB of float64): a size option
 #: that would exceed it is a ``ValueError`` naming it, not an allocator error.
 MAX_ENTRIES = 2**28
-
-
-def check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    return value
-
-
-def check_number(value, name: str, minimum: float = -math.inf) -> float:
-    """A finite real number >= ``minimum`` (bool rejected), as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        bound = "" if minimum == -math.inf else f" >= {minimum:g}"
-        raise ValueError(f"{name} must be a finite number{bound}; got {value!r}")
-    return float(value)
 
 
 def check_entries(name: str, value: int, entries: int, what: str) -> None:

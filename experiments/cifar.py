@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from experiments import models
-from experiments.base import (
-    Problem, agent_generator, as_dtype, check_positive_int, classification_metrics, cross_entropy_loss,
-)
+from experiments.base import Problem, agent_generator, classification_metrics, cross_entropy_loss
 from experiments.partition import make_partition
+from topology.checks import check_positive_int, dtype_from_name
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -155,7 +154,7 @@ def cifar10_resnet18(root: str = "data", batch_size: int = 128, augment_data: bo
     module's running statistics: these are buffers, not parameters, so a sync does not mix them).
     """
     batch_size = check_positive_int(batch_size, "batch_size")
-    dtype = as_dtype(dtype)
+    dtype = dtype_from_name(dtype, "dtype")
     data = load_cifar10(root)
     n_test = len(data.y_test) if test_size is None else check_positive_int(test_size, "test_size")
     if n_test > len(data.y_test):

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 
 from experiments import models
-from experiments.base import (
-    Problem, agent_generator, as_dtype, check_positive_int, classification_metrics, cross_entropy_loss,
-)
+from experiments.base import Problem, agent_generator, classification_metrics, cross_entropy_loss
 from experiments.partition import make_partition
+from topology.checks import check_positive_int, dtype_from_name
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ def digits_split(split_seed: int = 0, test_fraction: float = 0.2) -> DigitsSplit
 def _digits_problem(name: str, build, *, batch_size, seed, split_seed, test_fraction, dtype, partition,
                     num_workers, beta, shards_per_worker) -> Problem:
     batch_size = check_positive_int(batch_size, "batch_size")
-    dtype = as_dtype(dtype)
+    dtype = dtype_from_name(dtype, "dtype")
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be a number in (0, 1); got {test_fraction!r}")
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:

@@ -16,7 +16,7 @@ Part 2: local SGD (averaging every 8 steps) against Lookahead over local SGD (ev
 slow agent and all workers get (1 - alpha) z + alpha * mean(workers)), alpha = 0.5: the same
 communication.
 
-Logged through :class:`launch.engine.diagnostics.MetricsHook`: the consensus distance of the workers and
+Logged through :class:`launch.engine.readout.MetricsHook`: the consensus distance of the workers and
 their training losses at every step; every 40 steps (a sync step of every schedule here) the
 held-out loss of the workers' mean and the mean held-out loss of the workers.  Writes
 ``e7_decentralized.md`` (the table) and ``e7_decentralized.png`` (the curves, mean over seeds)
@@ -36,7 +36,7 @@ import torch
 from agents.flat import load_flat_
 from experiments.problems import teacher_student
 from launch import Simulation
-from launch.engine.diagnostics import MetricsHook
+from launch.engine.readout import MetricsHook
 from topology import decentralized as dec
 from topology.diagnostics import spectral_gap, vectors_sent_per_agent
 

@@ -65,7 +65,7 @@ from agents.flat import load_flat_
 from experiments.report import Timer, markdown_table, parser, pyplot, save_figure, write_markdown
 from experiments.teacher_classification import first_valid_split_seed, teacher_classification
 from launch import Simulation
-from launch.engine.diagnostics import consensus_distance
+from launch.engine.readout import consensus_distance
 from topology import decentralized as dec
 from topology.network import PRESETS, Cluster, SimClock
 from topology.schedule import Schedule
@@ -128,7 +128,7 @@ def run(problem, arm: Arm, clusters: dict[str, Cluster], *, steps: int, eval_eve
     Returns the evaluations at iteration 0, every ``eval_every`` and at ``steps``:
     ``{"step", "accuracy", "loss", "consensus", "time": {cluster name: simulated seconds}}``,
     accuracy and loss of the workers' average on the held-out set, consensus the workers'
-    consensus distance (:func:`launch.engine.diagnostics.consensus_distance`).
+    consensus distance (:func:`launch.engine.readout.consensus_distance`).
     """
     schedule = arm.schedule
     model = problem.model()

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from experiments.base import Problem, agent_generator, as_dtype, check_positive_int
+from experiments.base import Problem, agent_generator
+from topology.checks import check_positive_int, dtype_from_name
 
 
 # -- closed forms (Zhang et al., appendix A) --------------------------------------------------------
@@ -180,7 +181,7 @@ def noisy_quadratic(
     dim = check_positive_int(dim, "dim")
     batch_size = check_positive_int(batch_size, "batch_size")
     replicas = check_positive_int(replicas, "replicas")
-    dtype = as_dtype(dtype)
+    dtype = dtype_from_name(dtype, "dtype")
     h = torch.tensor([1.0 / i for i in range(1, dim + 1)], dtype=torch.float64) if curvatures is None else \
         torch.as_tensor(list(curvatures), dtype=torch.float64)
     if h.shape != (dim,) or not (h > 0).all() or not torch.isfinite(h).all():

@@ -65,7 +65,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from experiments.base import check_positive_int, epoch_batches
+from experiments.base import epoch_batches
+from topology.checks import check_positive_int
 
 SCHEMES = ("iid", "dirichlet", "shards")
 DEFAULT_BETA = 0.5

@@ -24,13 +24,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from experiments.base import (
-    Problem, agent_generator, as_dtype, check_entries, check_number, check_positive_int, module_place,
-)
+from experiments.base import Problem, agent_generator, check_entries, module_place
 from experiments.cifar import cifar10_resnet18
 from experiments.digits import digits_cnn, digits_logistic, digits_mlp
 from experiments.nqm import noisy_quadratic
 from experiments.teacher_classification import teacher_classification
+from topology.checks import check_number, check_positive_int, dtype_from_name
 
 __all__ = ["PROBLEMS", "Problem", "make_problem", "teacher_student"]
 
@@ -55,7 +54,7 @@ def teacher_student(
     check_entries("dim", dim, EVAL_POINTS * dim, f"the held-out inputs ({EVAL_POINTS} x dim)")
     check_entries("hidden", hidden, dim * hidden, "the first layer (dim x hidden)")
     check_entries("batch_size", batch_size, batch_size * dim, "a batch (batch_size x dim)")
-    dtype = as_dtype(dtype)
+    dtype = dtype_from_name(dtype, "dtype")
     gen = torch.Generator().manual_seed(seed)
     w1 = torch.randn(dim, hidden, generator=gen, dtype=dtype) / dim**0.5
     w2 = torch.randn(hidden, 1, generator=gen, dtype=dtype) / hidden**0.5

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from experiments.base import (
-    Problem, agent_generator, as_dtype, check_positive_int, classification_metrics, cross_entropy_loss,
-)
+from experiments.base import Problem, agent_generator, classification_metrics, cross_entropy_loss
 from experiments.partition import make_partition
+from topology.checks import check_positive_int, dtype_from_name
 
 #: Training examples by default: enough for a Dirichlet(0.1) split over 256 workers in batches of 16.
 DEFAULT_TRAIN_SIZE = 2**19
@@ -89,7 +88,7 @@ def teacher_classification(
     batch_size = check_positive_int(batch_size, "batch_size")
     if isinstance(data_seed, bool) or not isinstance(data_seed, int) or data_seed < 0:
         raise ValueError(f"data_seed must be a non-negative integer; got {data_seed!r}")
-    dtype = as_dtype(dtype)
+    dtype = dtype_from_name(dtype, "dtype")
     data = teacher_data(dim, teacher_hidden, classes, train_size, test_size, data_seed)
     x_train, x_test = data.x_train.to(dtype), data.x_test.to(dtype)
     workers = make_partition(data.y_train, partition, num_workers=num_workers, beta=beta,

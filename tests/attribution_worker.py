@@ -25,7 +25,7 @@ import torch._dynamo  # noqa: E402,F401
 import topology  # noqa: E402
 from launch.cli import app  # noqa: E402
 from launch.comm.torch_dist import TorchCommunicator  # noqa: E402
-from launch.engine.diagnostics import MetricsHook, consensus_distance  # noqa: E402
+from launch.engine.readout import MetricsHook, consensus_distance  # noqa: E402
 from launch.engine.simulation import Simulation  # noqa: E402
 from tests import problems  # noqa: E402
 from tests.test_app import config  # noqa: E402

@@ -38,18 +38,21 @@ def ours(comm, schedule, steps):
     return torch.stack(rows)
 
 
-def theirs(rank, averagers, steps):
+def theirs(rank, averagers, steps, optimizer="sgd_momentum", forward=None):
     """The same loop written the PyTorch way: the rank's own model and optimizer, and after every
     ``optimizer.step()`` each averager's ``average_parameters`` (``averagers``: list of
-    (averager, last step s it is called on, or None for every step))."""
+    (averager, last step s it is called on, or None for every step)).  ``rank``: the worker whose
+    data stream is read; ``forward(model)``: the module the loop calls (a DDP wrapper; default
+    the model itself)."""
     model = problems.make_model(0)
-    optimizer = problems.OPTIMIZERS["sgd_momentum"](list(model.parameters()))
+    net = model if forward is None else forward(model)
+    inner = problems.OPTIMIZERS[optimizer](list(model.parameters()))
     data = problems.batches(1 + rank)
     rows = []
     for s in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        problems.loss_fn(model, next(data)).backward()
-        optimizer.step()
+        inner.zero_grad(set_to_none=True)
+        problems.loss_fn(net, next(data)).backward()
+        inner.step()
         for averager, until in averagers:
             if until is None or s < until:
                 averager.average_parameters(model.parameters())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from launch.engine.diagnostics import consensus_distance
+from launch.engine.readout import consensus_distance
 from launch.engine.simulation import Simulation
 from tests import problems
 from topology import decentralized
@@ -45,8 +45,7 @@ def run_case(case: dict, comm=None) -> dict:
             with torch.no_grad():
                 for i, agent in sim.agents.items():
                     agent.params.fill_(float(i))
-            sim.sync(t)
-            sim.t += 1
+            sim.engine.end_step({})
         else:
             sim.step()
         after = (stats.all_reduces, stats.all_reduce_bytes, stats.sends, stats.send_bytes)

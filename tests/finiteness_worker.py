@@ -25,12 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import topology  # noqa: E402
+from launch.engine.guard import finiteness  # noqa: E402
 from launch.engine.guard.health import NonFiniteError  # noqa: E402
 from launch.engine.simulation import Simulation  # noqa: E402
 from tests import problems  # noqa: E402
 from tests.dist_worker import make_comm  # noqa: E402
 from topology import decentralized  # noqa: E402
 
+_MARKER_CHECK = finiteness.MarkerCheck
 COUNTS = ("all_reduces", "sends", "reduces", "block_broadcasts", "flag_reduces")
 
 
@@ -39,6 +41,21 @@ def make_schedule(spec):
     if name == "multilayer":
         return topology.multilayer(*args)
     return decentralized.SCHEDULES[name](*args)
+
+
+def force_state(state: str | None) -> None:
+    """Where MarkerCheck keeps its knowledge: "host" or "device" forced (CUDA's way runs on CPU
+    too), or None: by the device (the engine's own choice)."""
+    forced = None if not state else state == "host"
+    finiteness.MarkerCheck = _MARKER_CHECK if forced is None else _forced_marker_check(forced)
+
+
+def _forced_marker_check(host: bool):
+    class Forced(_MARKER_CHECK):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, host=host, **kwargs)
+
+    return Forced
 
 
 def run_case(case: dict, comm) -> dict:
@@ -59,7 +76,7 @@ def run_case(case: dict, comm) -> dict:
         with torch.no_grad():
             agent.params[3] = float("nan") if plant["kind"] == "param" else -float("inf")
 
-    os.environ["FINITENESS_STATE"] = case.get("state", "")
+    force_state(case.get("state"))
     sim = Simulation(problems.make_model(0), loss_fn, lambda i: problems.batches(1 + i), schedule,
                      problems.OPTIMIZERS["sgd"], comm=comm, agents_per_rank=case.get("agents_per_rank"),
                      overlap=case.get("overlap", False), check_finite=case.get("check_finite", True))

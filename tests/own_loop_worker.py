@@ -59,6 +59,58 @@ def refuse_ddp_simulation(comm):
                problems.OPTIMIZERS["sgd"], comm=comm)
 
 
+def refuse_fsdp(comm, inner=False):
+    """FSDP1 on CPU (gloo): the wrapper, or the module inside it (which holds the flat parameter)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    net = FullyShardedDataParallel(problems.make_model(0), device_id=torch.device("cpu"))
+    lookahead(net.module if inner else net, comm)
+
+
+def cpu_mesh(comm):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (comm.world_size,))
+
+
+def refuse_fully_shard(comm):
+    from torch.distributed.fsdp import fully_shard
+
+    net = problems.make_model(0)
+    fully_shard(net, mesh=cpu_mesh(comm))
+    lookahead(net, comm)
+
+
+def refuse_tensor_parallel(comm):
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    net = parallelize_module(problems.make_model(0), cpu_mesh(comm), {"0": ColwiseParallel()})
+    lookahead(net, comm)
+
+
+def refuse_ddp_forward(comm):
+    """model=ddp.module while the loop calls the wrapper: the watch sees it at the first step (a
+    plain forward of the module is not reported); every rank raises the exchanged verdicts."""
+    from launch.engine.core import agree
+    from launch.engine.own_loop.adoption import DDPForwardWatch
+
+    net = problems.make_model(0)
+    ddp = nn.parallel.DistributedDataParallel(net)
+    watch = DDPForwardWatch(net)
+    batch = next(problems.batches(1 + comm.rank))
+    problems.loss_fn(net, batch).backward()
+    if watch.problem() is not None or watch.problem((0, 1)) is not None:
+        raise AssertionError("a plain forward of the module was reported as a DDP forward")
+    problems.loss_fn(ddp, batch).backward()
+    if watch.problem((0, 1)) is not None:
+        raise AssertionError("a DDP spanning exactly the agent's ranks must be allowed")
+    try:
+        problem = watch.problem()
+        agree(comm, problem, None if problem is not None else {})
+    finally:
+        watch.remove()
+
+
 def refuse_zero(comm):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -126,10 +178,46 @@ def refuse_two_workers(comm):
                    model=net, comm=comm)
 
 
+def refuse_other_alphas(comm):
+    """Rank 1 builds its schedule with another alpha: refused at construction, naming both."""
+    net = problems.make_model(0)
+    AgentOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), topology.lookahead(2, 0.5 if comm.rank == 0 else 0.6),
+                   model=net, comm=comm)
+
+
+def refuse_other_overlap(comm):
+    net = problems.make_model(0)
+    AgentOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), topology.lookahead(2, 0.5), model=net, comm=comm,
+                   overlap=comm.rank == 0)
+
+
+def refuse_bad_option_on_one_rank(comm):
+    """An invalid option on rank 1 alone: every rank raises it (no rank waits in a collective)."""
+    net = problems.make_model(0)
+    AgentOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), topology.lookahead(2, 0.5), model=net, comm=comm,
+                   overlap="auto" if comm.rank == 0 else "sometimes")
+
+
+def refuse_simulation_other_k(comm):
+    from launch import Simulation
+
+    Simulation(problems.make_model(0), problems.loss_fn, problems.batches(1), topology.lookahead(2 + comm.rank, 0.5),
+               problems.OPTIMIZERS["sgd"], comm=comm)
+
+
 REFUSALS = {
+    "other_alphas": refuse_other_alphas,
+    "other_overlap": refuse_other_overlap,
+    "bad_option_on_one_rank": refuse_bad_option_on_one_rank,
+    "simulation_other_k": refuse_simulation_other_k,
     "ddp": refuse_ddp,
     "ddp_hook": lambda comm: refuse_ddp(comm, hook=True),
     "ddp_simulation": refuse_ddp_simulation,
+    "fsdp": refuse_fsdp,
+    "fsdp_module": lambda comm: refuse_fsdp(comm, inner=True),
+    "fully_shard": refuse_fully_shard,
+    "tensor_parallel": refuse_tensor_parallel,
+    "ddp_forward": refuse_ddp_forward,
     "zero": refuse_zero,
     "mixed_dtypes": refuse_mixed_dtypes,
     "add_param_group": refuse_add_param_group,

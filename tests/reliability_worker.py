@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import topology  # noqa: E402
-from launch.engine.store.checkpoint import Checkpointer, run_with_checkpoints  # noqa: E402
+from launch.engine.simulation import run_with_checkpoints  # noqa: E402
+from launch.engine.store.checkpoint import Checkpointer  # noqa: E402
 from launch.comm import LocalCommunicator  # noqa: E402
 from launch.engine.guard.health import NonFiniteError, RankFailureError  # noqa: E402
 from launch.engine.simulation import Simulation  # noqa: E402

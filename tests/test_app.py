@@ -7,6 +7,7 @@ checks that need no process of their own call :func:`launch.cli.app.run` on a co
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -17,14 +18,15 @@ from hydra import compose, initialize_config_module
 
 import topology
 from launch.cli import app, equivalence
-from launch.cli.metrics import COLUMNS, read_metrics
+from launch.engine.record.metrics import COLUMNS, read_metrics
+from tests import plant
 from tests.spawn import ROOT, run_command, run_mpiexec, run_torchrun
 
 TOL = 1e-12
 # LA-2 with Adam and pullback, 33 steps: the last step is not a sync, so the agents differ there.
 LA2 = ["topology=multilayer", "topology.ks=[3,2]", "topology.alphas=[0.5,0.6]", "agents=adam",
-       "agents.optimizer.lr=0.01", "agents.state_policy=pullback", "launch.steps=33", "launch.log_every=1"]
-STEPS, AGENTS = 33, 3
+       "agents.optimizer.lr=0.01", "agents.state_policy=pullback", "launch.steps=34", "launch.log_every=1"]
+STEPS, AGENTS = 34, 3
 
 
 def config(*overrides):
@@ -51,11 +53,11 @@ def assert_agents_equal(path, reference_path):
 
 
 def assert_metrics_equal(path, reference_path):
-    """Same rows; loss, grad_norm and consensus_distance equal to TOL (relative to max(1, |v|))."""
+    """Same rows; loss, grad_norm and distance_to_virtual equal to TOL (relative to max(1, |v|))."""
     got, want = read_metrics(path), read_metrics(reference_path)
     assert [(r["step"], r["agent"]) for r in got] == [(r["step"], r["agent"]) for r in want]
     for a, b in zip(got, want):
-        for key in ("loss", "grad_norm", "consensus_distance"):
+        for key in ("loss", "grad_norm", "distance_to_virtual"):
             if math.isnan(b[key]):
                 assert math.isnan(a[key]), (a, b)
             else:
@@ -80,7 +82,7 @@ def test_colocated_run_writes_outputs_and_passes_its_reference_check(colocated):
     assert "max rel. deviation" in output
 
 
-def test_metrics_csv_columns_rows_and_consensus_distance(colocated):
+def test_metrics_csv_columns_rows_and_distance_to_virtual(colocated):
     out, _ = colocated
     with open(out / "metrics.csv") as f:
         assert tuple(f.readline().strip().split(",")) == COLUMNS
@@ -93,18 +95,19 @@ def test_metrics_csv_columns_rows_and_consensus_distance(colocated):
             assert math.isnan(r["loss"]) and math.isnan(r["grad_norm"])
     walls = [r["wall_time"] for r in rows]
     assert walls == sorted(walls) and walls[0] >= 0
-    # At a sync of every level (step 6) all agents are equal; at the last step (33, no sync) the
-    # distance to theta = X a is ||x_i - X a||, recomputed here from agents.pt.
+    # Measured before the sync: at a sync of every level (step 6) the agents still differ (the
+    # sync then makes them equal); at the last step (34, no sync) the distance to theta = X a is
+    # ||x_i - X a||, recomputed here from agents.pt.
     a = topology.multilayer((3, 2), (0.5, 0.6)).consensus()
     columns = torch.stack([flat(state) for state in torch.load(out / "agents.pt")])
     scale = float(columns.abs().max())
-    assert all(r["consensus_distance"] <= 1e-12 * scale for r in rows if r["step"] == 6)
+    assert all(r["distance_to_virtual"] > 1e-4 * scale for r in rows if r["step"] == 6)
     theta = (a.unsqueeze(1) * columns).sum(0)
     last = [r for r in rows if r["step"] == STEPS]
     for i, r in enumerate(last):
         expected = float((columns[i] - theta).norm())
         assert expected > 1e-4
-        assert abs(r["consensus_distance"] - expected) <= 1e-12 * scale, (i, r, expected)
+        assert abs(r["distance_to_virtual"] - expected) <= 1e-12 * scale, (i, r, expected)
 
 
 def test_serial_launch_equals_colocated(colocated, tmp_path):
@@ -159,9 +162,9 @@ def test_default_command_checks_the_serial_reference(tmp_path):
     assert "status=ok" in output and "600/600" in output  # the progress bar reached the end
 
 
-def test_planted_deviation_fails_the_reference_check(tmp_path):
-    cfg = config(*LA2, "launch.steps=8", "plant={run: colocated, agent: 1, step: 2, size: 1e-9}")
-    assert app.run(cfg, tmp_path) == 1
+def test_planted_deviation_fails_the_reference_check(tmp_path, monkeypatch):
+    plant.install(dict(run="colocated", agent=1, step=2, size=1e-9), monkeypatch.setattr)
+    assert app.run(config(*LA2, "launch.steps=8"), tmp_path) == 1
     assert "FAILED" in (tmp_path / "summary.txt").read_text()
 
 
@@ -180,14 +183,14 @@ def test_multirun_sweep_makes_one_directory_per_value(tmp_path):
 # -- the equivalence command -------------------------------------------------------------------
 
 
-def test_equivalence_passes_in_process_and_fails_when_planted(tmp_path, capsys):
+def test_equivalence_passes_in_process_and_fails_when_planted(tmp_path, capsys, monkeypatch):
     assert equivalence.run(config(*LA2, "launch.steps=12"), tmp_path) == 0
     assert "PASS" in capsys.readouterr().out
     # The tolerance is the user's: below the float64 rounding the same runs fail.
     assert equivalence.run(config(*LA2, "launch.steps=12", "tolerance=1e-30"), tmp_path) == 1
     assert "FAIL" in capsys.readouterr().out
-    planted = config(*LA2, "launch.steps=12", "plant={run: colocated, agent: 2, step: 4, size: 1e-10}")
-    assert equivalence.run(planted, tmp_path) == 1
+    plant.install(dict(run="colocated", agent=2, step=4, size=1e-10), monkeypatch.setattr)
+    assert equivalence.run(config(*LA2, "launch.steps=12"), tmp_path) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "colocated vs serial" in out
     assert "FAIL" in (tmp_path / "equivalence.txt").read_text()
@@ -198,8 +201,9 @@ def test_equivalence_command_under_torchrun_fails_on_a_planted_deviation(tmp_pat
     perturbed after step 4, so only the comparisons with the torch run fail, on every rank."""
     # The plant writes a slow agent between two syncs: overlapped syncs would not see it (their
     # timing contract, launch.engine.sync.overlap), so this run is not overlapped.
-    code, output = run_torchrun(3, ["-m", "launch.equivalence", *LA2, "launch.steps=12", "launch=torch", "launch.dtype=float64",
-                                    "launch.overlap=false", "plant={run: torch, agent: 1, step: 4, size: 1e-10}",
+    spec = json.dumps(dict(run="torch", agent=1, step=4, size=1e-10))
+    code, output = run_torchrun(3, [str(ROOT / "tests" / "plant.py"), spec, "launch.equivalence", *LA2, "launch.steps=12",
+                                    "launch=torch", "launch.dtype=float64", "launch.overlap=false",
                                     f"hydra.run.dir={tmp_path}"], cwd=ROOT)
     assert code != 0, output
     assert "exitcode: 1" in output  # every rank: status 1, not a crash
@@ -236,7 +240,7 @@ def test_equivalence_without_a_reference_and_without_processes_is_a_clear_error(
         (["launch.steps=0"], "launch.steps must be an integer >= 1"),
         (["launch.device=tpu"], "launch.device must be cpu, cuda, cuda:N or auto"),
         (["agents.state_policy=keep"], "state_policy"),
-        (["tolerance=-1"], "tolerance must be a number >= 0 or null"),
+        (["tolerance=-1"], "tolerance must be null (by dtype) or a number >= 0"),
         (["launch=torch"], "launch=torch must be started by torchrun"),
         (["launch.overlap=sometimes"], "launch.overlap must be true or false; got 'sometimes'"),
         (["launch.overlap=true", "topology=lookahead", "agents.outer={name:sgd,lr:0.5}"], "cannot be combined with agents.outer"),
@@ -258,9 +262,9 @@ def test_topology_without_serial_reference_runs_colocated(tmp_path, capsys):
     rows = read_metrics(tmp_path / "metrics.csv")
     assert [r["agent"] for r in rows if r["step"] == 5] == [0, 1]
     assert all(r["loss"] > 0 for r in rows)              # both agents are workers
-    odd = [r["consensus_distance"] for r in rows if r["step"] == 5]
-    assert odd[0] == pytest.approx(odd[1]) and odd[0] > 0   # after a step without averaging
-    assert all(r["consensus_distance"] <= 1e-12 for r in rows if r["step"] == 4)  # averaged
+    for step in (4, 5):   # before an averaging sync (4) and after a step without one (5)
+        pair = [r["distance_to_virtual"] for r in rows if r["step"] == step]
+        assert pair[0] == pytest.approx(pair[1]) and pair[0] > 0
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "launch" / "cli" / "conf" / "problem").glob("*.yaml")), ids=lambda p: p.stem)

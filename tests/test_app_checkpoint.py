@@ -3,7 +3,7 @@
 import torch
 
 from launch.cli import app
-from launch.cli.metrics import read_metrics
+from launch.engine.record.metrics import read_metrics
 from tests.test_app import config, flat
 
 BASE = ("topology=multilayer", "agents=adam", "agents.state_policy=pullback", "launch.log_every=5",

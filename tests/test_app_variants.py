@@ -18,8 +18,9 @@ from hydra import compose, initialize_config_module
 
 from launch.cli import app
 from launch.cli.build import build_job
-from launch.cli.metrics import MetricsProbe, read_metrics
+from launch.engine.record.metrics import MetricsProbe, read_metrics
 from launch.cli.runs import open_simulation_run
+from tests import plant
 from tests.spawn import ROOT, run_torchrun
 
 TOL = 1e-12
@@ -96,13 +97,14 @@ def test_serial_launch_equals_colocated(variant, tmp_path):
     assert not torch.equal(_flat(states[0]), _flat(states[-1])) or variant == "slrla"
 
 
-def test_colocated_check_against_the_serial_reference_covers_variants(tmp_path, capsys):
+def test_colocated_check_against_the_serial_reference_covers_variants(tmp_path, capsys, monkeypatch):
     """launch.check_reference (co-located vs serial at every step) passes for SLRLA and fails
     when a deviation is planted."""
     overrides = [*VARIANTS["slrla"], "launch.steps=14", *FAST]
     assert app.run(config(*overrides), tmp_path / "ok") == 0
     assert "max_deviation=" in (tmp_path / "ok" / "summary.txt").read_text()
-    assert app.run(config(*overrides, "plant={run:colocated,agent:1,step:7,size:1e-6}"), tmp_path / "bad") == 1
+    plant.install(dict(run="colocated", agent=1, step=7, size=1e-6), monkeypatch.setattr)
+    assert app.run(config(*overrides), tmp_path / "bad") == 1
 
 
 def test_torchrun_three_processes_slowmo_equals_colocated(tmp_path):
@@ -117,28 +119,31 @@ def test_torchrun_three_processes_slowmo_equals_colocated(tmp_path):
     assert_agents_equal(tmp_path / "torch" / "agents.pt", tmp_path / "colocated" / "agents.pt")
 
 
-def test_push_sum_consensus_distance_uses_debiased_models(tmp_path):
-    """metrics.csv's consensus distance of push-sum agents is ||x_i / w_i - mean_j x_j||, measured
+def test_push_sum_distance_to_virtual_uses_debiased_models(tmp_path):
+    """metrics.csv's distance to the virtual iterate of push-sum agents is ||x_i / w_i - mean_j x_j||, measured
     here from the simulation's agents; the raw ||x_i - mean_j x_j|| differs (w_i != 1)."""
     overrides = ["topology=push_sum_random", "launch.steps=7", *FAST]
     assert app.run(config(*overrides), tmp_path) == 0
-    logged = [r["consensus_distance"] for r in read_metrics(tmp_path / "metrics.csv") if r["step"] == 7]
+    logged = [r["distance_to_virtual"] for r in read_metrics(tmp_path / "metrics.csv") if r["step"] == 7]
 
     job = build_job(config(*overrides))
     run = open_simulation_run(job, None, job.model(), "colocated")
-    for _ in range(7):
-        losses = run.step()
     agents = run.simulation.agents
-    weights = [float(agents[i].push_weight) for i in sorted(agents)]
-    assert max(abs(w - 1.0) for w in weights) > 1e-3          # the weights are not trivial
-    theta = torch.stack([agents[i].params for i in sorted(agents)]).mean(0)
-    debiased = [float((agents[i].params / agents[i].push_weight - theta).norm()) for i in sorted(agents)]
-    raw = [float((agents[i].params - theta).norm()) for i in sorted(agents)]
-    assert logged == pytest.approx(debiased, rel=1e-9, abs=1e-15)
-    assert logged != pytest.approx(raw, rel=1e-3)
-    # the probe measures the same from the run
-    rows = MetricsProbe(run, None, job.schedule.num_agents, job.schedule.consensus()).measure(losses)
-    assert [r["consensus_distance"] for r in rows] == pytest.approx(debiased, rel=1e-9, abs=1e-15)
+
+    def distances(losses):   # the logged step's row is taken before its sync (launch.engine.record.metrics)
+        weights = [float(agents[i].push_weight) for i in sorted(agents)]
+        assert max(abs(w - 1.0) for w in weights) > 1e-3          # the weights are not trivial
+        theta = torch.stack([agents[i].params for i in sorted(agents)]).mean(0)
+        found["debiased"] = [float((agents[i].params / agents[i].push_weight - theta).norm()) for i in sorted(agents)]
+        found["raw"] = [float((agents[i].params - theta).norm()) for i in sorted(agents)]
+        found["rows"] = MetricsProbe(run, None, job.schedule).measure(losses)   # the probe, from the run
+
+    found = {}
+    for t in range(7):
+        run.step(distances if t == 6 else None)
+    assert logged == pytest.approx(found["debiased"], rel=1e-9, abs=1e-15)
+    assert logged != pytest.approx(found["raw"], rel=1e-3)
+    assert [r["distance_to_virtual"] for r in found["rows"]] == pytest.approx(found["debiased"], rel=1e-9, abs=1e-15)
 
 
 @pytest.mark.parametrize("overrides, words", [

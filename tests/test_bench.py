@@ -107,12 +107,12 @@ def test_every_rank_counts_one_all_reduce_of_d_itemsize_bytes_per_sync_it_is_in(
                          overlap=False)
         for t in range(schedule.period):
             before = (comm.stats.all_reduces, comm.stats.all_reduce_bytes)
-            sim.sync(t)
+            sim.engine.sync(t)
             level = schedule.level(t)
             expected = 1 if level > 0 and rank <= level else 0
             assert comm.stats.all_reduces - before[0] == expected, (rank, t)
             assert comm.stats.all_reduce_bytes - before[1] == expected * d * 4, (rank, t)
-        assert sim.programs[schedule.matrix_index(schedule.period - 1)].plan.num_all_reduces == 1
+        assert sim.engine.programs[schedule.matrix_index(schedule.period - 1)].plan.num_all_reduces == 1
         assert comm.stats.sends == 0
 
 

@@ -10,7 +10,8 @@ import torch
 
 import topology
 from launch.engine.store import checkpoint as ckpt_module
-from launch.engine.store.checkpoint import CheckpointError, Checkpointer, run_with_checkpoints
+from launch.engine.simulation import run_with_checkpoints
+from launch.engine.store.checkpoint import CheckpointError, Checkpointer
 from launch.engine.simulation import Simulation
 from tests import problems
 from tests.test_checkpoint import CUT, STEPS, buffers, make_sim, record

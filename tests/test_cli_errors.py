@@ -43,7 +43,6 @@ CASES = [
     (["problem.hidden=0"], "problem.hidden must be a positive integer; got 0", ()),
     (["problem.batch_size=0"], "problem.batch_size must be a positive integer; got 0", ()),
     (["problem.noise=abc"], "problem.noise must be a finite number >= 0; got 'abc'", ()),
-    (["plant=foo"], "plant must be null or a mapping {run, agent, step, size}; got 'foo'", ()),
     (["topology=ring", "topology.n=100000"], "topology.n=100000 asks for more agents than the command line runs", ()),
     (["topology=lookahead", "topology.alpha=2"], "topology.alpha must be a real number in (0, 1]; got 2", ("alphas",)),
     (["topology=lookahead", "topology.k=0"], "topology.k must be an integer >= 1", ("ks[0]",)),
@@ -108,10 +107,10 @@ def test_a_lost_rank_is_one_line_and_status_4(tmp_path, monkeypatch, capsys):
     """A RankFailureError (raised by the engine when a peer dies) ends the run with status 4."""
     from launch.engine.guard.health import RankFailureError
 
-    def lost(schedule):
+    def lost(*args):
         raise RankFailureError("rank 0: the sync of iteration t=3 failed; rank 1 seems lost")
 
-    monkeypatch.setattr(app, "spectral_gap", lost)
+    monkeypatch.setattr(app, "open_run", lost)
     monkeypatch.setattr(sys, "argv", ["launch", f"hydra.run.dir={tmp_path}", "launch.steps=3"])
     assert app.main() == 4
     err = capsys.readouterr().err

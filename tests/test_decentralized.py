@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import topology
-from launch.engine.diagnostics import MetricsHook, agent_losses, consensus_distance
+from launch.engine.readout import MetricsHook, agent_losses, consensus_distance
 from launch.engine.placement import Placement
 from launch.engine.simulation import Simulation
 from tests import problems
@@ -137,7 +137,7 @@ def sync_only(schedule, values):
         with torch.no_grad():
             for i, agent in sim.agents.items():
                 agent.params.fill_(values[i])
-        sim.sync(t)
+        sim.engine.sync(t)
         out.append([sim.agents[i].params.clone() for i in range(schedule.num_agents)])
     return out
 
@@ -205,7 +205,7 @@ def test_push_sum_debiased_iterates_reach_the_true_average_on_a_directed_graph()
             for i, agent in sim.agents.items():
                 agent.params.copy_(start[i])
         for t in range(rounds):
-            sim.sync(t)
+            sim.engine.sync(t)
             if schedule.push_sum:  # the mass is conserved at every round: sum x = sum x_0, sum w = n
                 assert (sum(a.params for a in sim.agents.values()) - start.sum(0)).abs().max() <= 1e-13
                 assert abs(sum(float(a.push_weight) for a in sim.agents.values()) - 8) <= 1e-13

@@ -156,6 +156,7 @@ def test_mpi_gossip_and_two_agents_per_rank(tmp_path):
 # ----------------------------------------------------------------- which check, which windows
 def checker(schedule, world_size, rank=0, **options):
     placement = Placement.make(schedule.num_agents, world_size, options.pop("agents_per_rank", None))
+    options.setdefault("overlap", False)
     return compile_sync(schedule, placement, rank, numel=10, state_numel=0, policy=SyncPolicy("maintain", schedule),
                         **options)
 
@@ -181,7 +182,7 @@ def test_the_check_a_simulation_gets():
     schedule = topology.multilayer((3, 2), (0.5, 0.6))
     sim = Simulation(problems.make_model(0), problems.loss_fn, problems.batches(1), schedule,
                      problems.OPTIMIZERS["sgd"])
-    assert type(sim.finiteness) is BeforeSyncCheck and not sim.overlap.active    # one rank
+    assert type(sim.engine.finiteness) is BeforeSyncCheck and not sim.engine.overlap.active    # one rank
 
 
 def test_flooding_model_by_hand():

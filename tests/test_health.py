@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import topology
-from launch.engine.store.checkpoint import Checkpointer, run_with_checkpoints
+from launch.engine.simulation import run_with_checkpoints
+from launch.engine.store.checkpoint import Checkpointer
 from launch.engine.guard.health import NonFiniteError
 from launch.engine.simulation import Simulation
 from tests import problems
@@ -104,7 +105,7 @@ def test_pending_losses_are_folded_without_losing_a_nan(monkeypatch):
     sim = make_sim(problems.batches(1), k=20, loss_fn=loss_fn)
     for _ in range(12):
         sim.step()
-        assert len(sim.finiteness.pending[0]) <= 5
+        assert len(sim.engine.finiteness.pending[0]) <= 5
     with pytest.raises(NonFiniteError) as info:
         sim.run(10)
     assert info.value.step == 19 and 0 in info.value.losses

@@ -34,8 +34,8 @@ LAYERS = {
     "launch.engine.sync": 3.2,        # compiling and running a sync
     "launch.engine.core": 3.3,        # the per-rank engine
     "launch.engine.readout": 3.4,     # X c, every agent's and level's weights, distances
-    "launch.engine.diagnostics": 3.4,
     "launch.engine.store": 3.4,       # checkpoints
+    "launch.engine.record": 3.45,     # metrics.csv, eval.csv, the simulated clock
     "launch.engine.simulation": 3.5,  # the built-in loop's door
     "launch.engine.own_loop": 3.5,    # the user's loop's door
     "launch.engine": 3.6,
@@ -171,3 +171,17 @@ def test_the_checker_sees_a_backward_import_and_a_cycle(tmp_path, monkeypatch):
     found = imports("topology.bad", fake / "bad.py", known)
     assert found == [("launch.engine.simulation", 4)]
     assert layer("launch.engine.simulation") > layer("topology.bad")
+
+
+def test_the_checker_sees_a_backward_import_inside_the_engine(tmp_path):
+    """The engine's own layers are enforced: the sync compiler may not import the core (a
+    planted backward import is reported), the core may import the sync compiler."""
+    fake = tmp_path / "launch" / "engine" / "sync"
+    fake.mkdir(parents=True)
+    (fake / "bad.py").write_text("from launch.engine.core import SyncEngine\n")
+    known = {"launch.engine.sync.bad": fake / "bad.py", "launch.engine.core": Path("x")}
+    found = imports("launch.engine.sync.bad", fake / "bad.py", known)
+    assert found == [("launch.engine.core", 1)]
+    assert layer("launch.engine.core") > layer("launch.engine.sync.bad")
+    assert layer("launch.engine.sync.compile") > layer("launch.engine.guard.health") > layer("launch.engine.placement")
+    assert layer("launch.engine.own_loop.agent_optimizer") > layer("launch.engine.store.checkpoint") > layer("launch.engine.core")

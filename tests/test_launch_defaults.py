@@ -19,16 +19,16 @@ def test_torch_launch_defaults_are_for_training(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     cfg = config("launch=torch")
     job = build_job(cfg)
-    assert job.dtype == torch.float32 and job.overlap == "auto" and cfg.launch.num_threads is None
+    assert job.launch.dtype == torch.float32 and job.launch.overlap == "auto" and cfg.launch.num_threads is None
     assert cfg.launch.device == "auto"
-    assert job.device == ("cuda:1" if torch.cuda.is_available() else "cpu")   # one GPU per local rank
+    assert job.launch.device == ("cuda:1" if torch.cuda.is_available() else "cpu")   # one GPU per local rank
     assert job.log_every == job.schedule.period == 10                           # LA-2, ks (5, 2)
 
 
 def test_colocated_default_job_is_the_equivalence_setting():
     cfg = config()
     job = build_job(cfg)
-    assert job.mode == "colocated" and job.dtype == torch.float64 and job.device == "cpu"
+    assert job.launch.mode == "colocated" and job.launch.dtype == torch.float64 and job.launch.device == "cpu"
     assert cfg.launch.check_reference is True and cfg.launch.num_threads == 1
     assert job.log_every == 10
 

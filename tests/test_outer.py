@@ -101,7 +101,7 @@ def test_adaptive_alpha_by_hand():
         loss(model, None).backward()
         opt.step()
         sim.step()
-    assert opt.alphas_used == [alpha] and sim.slow_sync.rule.history == [alpha]
+    assert opt.alphas_used == [alpha] and sim.engine.slow_rule.history == [alpha]
     assert model.w.tolist() == expected
     for i in range(2):
         assert sim.agents[i].params.tolist() == expected

@@ -186,7 +186,7 @@ def test_overlap_is_a_no_op_co_located():
                          topology.multilayer((3, 2), (0.5, 0.6)), problems.OPTIMIZERS["adam"], overlap=overlap)
         sim.run(30)
         runs.append(torch.stack([a.params.clone() for a in sim.agents.values()]))
-        assert not sim.overlap.active
+        assert not sim.engine.overlap.active
     assert torch.equal(*runs)
 
 
@@ -204,14 +204,14 @@ def test_overlap_auto_is_on_where_it_applies_and_the_scratch_is_small(monkeypatc
                                      policy=SyncPolicy("maintain", schedule), overlap="auto", **options)
 
     la2 = topology.multilayer((3, 2), (0.5, 0.6))
-    assert all(compiled(la2, 3, rank).overlap for rank in range(3))
-    assert not compiled(la2, 1).overlap
-    assert not compiled(decentralized.local_sgd(4, 3), 4).overlap
-    assert not compiled(decentralized.ring(4), 4).overlap
+    assert all(compiled(la2, 3, rank).hubs for rank in range(3))
+    assert not compiled(la2, 1).hubs
+    assert not compiled(decentralized.local_sgd(4, 3), 4).hubs
+    assert not compiled(decentralized.ring(4), 4).hubs
     outer = OuterOptimizer(lambda params: torch.optim.SGD(params, lr=1.0))
-    assert not compiled(topology.lookahead(3, 0.5), 2, outer=outer).overlap
+    assert not compiled(topology.lookahead(3, 0.5), 2, outer=outer).hubs
     monkeypatch.setattr(compiler, "AUTO_MAX_BYTES", 4000)
-    assert compiled(la2, 3, numel=1000, itemsize=4).overlap            # 4000 bytes: allowed
-    assert not compiled(la2, 3, numel=1000, itemsize=8).overlap        # 8000 bytes: not
+    assert compiled(la2, 3, numel=1000, itemsize=4).hubs            # 4000 bytes: allowed
+    assert not compiled(la2, 3, numel=1000, itemsize=8).hubs        # 8000 bytes: not
     sim = Simulation(problems.make_model(0), problems.loss_fn, problems.batches(1), la2, problems.OPTIMIZERS["sgd"])
-    assert not sim.overlap.active                                     # co-located: nothing crosses ranks
+    assert not sim.engine.overlap.active                                     # co-located: nothing crosses ranks

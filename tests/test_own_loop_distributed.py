@@ -201,9 +201,25 @@ def test_mpi_three_processes(tmp_path):
 
 
 REFUSALS = {
+    # The start-up agreement (launch.engine.core.agree): what ranks disagree on, with each value.
+    "other_alphas": (ValueError, "schedule must be the same on every rank .* rank 0: 'MultilayerSchedule\\(ks=\\(2,\\), "
+                                 "alphas=\\(0.5,\\)\\).*rank 1: 'MultilayerSchedule\\(ks=\\(2,\\), alphas=\\(0.6,\\)\\)"),
+    "other_overlap": (ValueError, "overlap must be the same on every rank .* rank 0: True; rank 1: False"),
+    "bad_option_on_one_rank": (ValueError, "^rank 1: overlap must be True or False, or 'auto'"),
+    "simulation_other_k": (ValueError, "schedule must be the same on every rank .*ks=\\(2,\\).*ks=\\(3,\\)"),
     "ddp": (ValueError, "model is a DistributedDataParallel\\): each backward .* \\(on every rank\\)"),
     "ddp_hook": (ValueError, "DistributedDataParallel, with DDP comm hooks"),
     "ddp_simulation": (ValueError, "model is a DistributedDataParallel"),
+    "fsdp": (ValueError, "must not be wrapped in FullyShardedDataParallel \\(model is .* pass the plain, unsharded "
+                         "module .* \\(on every rank\\)"),
+    "fsdp_module": (ValueError, "must not be FSDP flat parameters \\(_flat_param is a "
+                                "FlatParameter.* \\(on every rank\\)"),
+    "fully_shard": (ValueError, "must not be sharded with fully_shard \\(FSDP2; model is an FSDPModule.* "
+                                "\\(on every rank\\)"),
+    "tensor_parallel": (ValueError, "must be plain tensors, not DTensors \\(0.weight is a DTensor.* \\(on every "
+                                    "rank\\)"),
+    "ddp_forward": (ValueError, "run through a DistributedDataParallel wrapper over ranks \\[0, 1\\] before the "
+                                "first step\\(\\), but this rank's agent is this rank alone.* \\(on every rank\\)"),
     "zero": (ValueError, "must not be a ZeroRedundancyOptimizer.* \\(on every rank\\)"),
     "mixed_dtypes": (ValueError, "rank 1: the parameters must share one dtype"),
     "add_param_group": (ValueError, "worker rank 0 refused a call at t=1: add_param_group"),

@@ -45,7 +45,7 @@ def test_each_phase_applies_its_own_schedule_from_its_own_counter():
 
 def test_plans_are_compiled_once_per_distinct_matrix_of_the_union():
     sim = make(phased())
-    assert len(sim.programs) == len(sim.schedule.distinct_matrices)
+    assert len(sim.engine.programs) == len(sim.schedule.distinct_matrices)
 
 
 def test_a_checkpoint_in_the_middle_of_a_phase_resumes_bit_for_bit(tmp_path):

@@ -8,7 +8,8 @@ import torch
 
 import topology
 from experiments import cifar, digits, nqm
-from experiments.base import as_dtype, epoch_batches
+from experiments.base import epoch_batches
+from topology.checks import dtype_from_name
 from experiments.models import ResNet18
 from experiments.problems import PROBLEMS, make_problem
 from experiments.report import agent_module, sgd_schedule, simulation
@@ -54,7 +55,7 @@ def test_registry_and_options():
     with pytest.raises(ValueError, match="dtype"):
         make_problem("digits_mlp", dtype="int8")
     assert next(make_problem("digits_logistic", dtype="float64").model().parameters()).dtype == torch.float64
-    assert as_dtype("torch.float32") is torch.float32
+    assert dtype_from_name("torch.float32", "dtype") is torch.float32
     with pytest.raises(ValueError, match="batch_size"):
         make_problem("digits_cnn", batch_size=0)
     with pytest.raises(ValueError, match="curvatures must be 3"):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from launch.cli import app
-from launch.cli.metrics import read_metrics
+from launch.engine.record.metrics import read_metrics
 from launch.engine.store import checkpoint as ckpt_module
 from launch.engine.store.checkpoint import Checkpointer
 from tests.spawn import ROOT, _env
@@ -143,7 +143,7 @@ def read_only(monkeypatch, inside: Path, only: str | None = None):
 
 
 def losses(path):
-    return [(r["step"], r["agent"], r["loss"], r["grad_norm"], r["consensus_distance"])
+    return [(r["step"], r["agent"], r["loss"], r["grad_norm"], r["distance_to_virtual"])
             for r in read_metrics(path / "metrics.csv")]
 
 
@@ -151,8 +151,10 @@ def test_results_are_written_when_the_final_checkpoint_fails_and_metrics_keep_th
         tmp_path, monkeypatch, capsys):
     """Run 1 (7 steps, checkpoints every 3) cannot write its final checkpoint (t=7): agents.pt,
     summary.txt and metrics.csv are written all the same, exit 4, the error says both.  Run 2
-    resumes from t=6 into the same run directory with the checkpoint folder read-only and no
-    checkpoint_every: iterations 7..10 computed, the final save fails, the results are written.
+    resumes from t=6 into the same run directory with no checkpoint_every, and the final
+    checkpoint's folder cannot be written (a folder read-only from the start is refused before any
+    work: test_reliability_surfaces.py): iterations 7..10 computed, the
+    final save fails, the results are written.
     metrics.csv then holds steps 1..10 once each (row 7 of run 1 dropped, recomputed), equal to
     the uninterrupted run's, and agents.pt is the uninterrupted run's, bit for bit."""
     assert app.run(config(*BASE, "launch.steps=10"), tmp_path / "whole") == 0
@@ -170,7 +172,7 @@ def test_results_are_written_when_the_final_checkpoint_fails_and_metrics_keep_th
     monkeypatch.undo()
 
     (run / "agents.pt").unlink(), (run / "summary.txt").unlink()
-    read_only(monkeypatch, ckpt)
+    read_only(monkeypatch, ckpt, only="step-00000010")
     assert resume(ckpt, run, steps=10) == 5
     assert "checkpoint of iteration t=10 not written (the last one is kept: t=6" in capsys.readouterr().err
     assert (run / "summary.txt").exists()

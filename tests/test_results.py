@@ -23,10 +23,11 @@ from experiments.problems import PROBLEMS
 from launch import Checkpointer, simulate
 from launch.cli import app, plot
 from launch.cli.build import build_job
-from launch.cli.evaluation import VIRTUAL, read_eval
-from launch.cli.metrics import read_metrics
+from launch.engine.record.evaluation import VIRTUAL, read_eval
+from launch.engine.record.metrics import read_metrics
 from launch.cli.summary import flat_summary, parse_summary_line
 from launch.engine.simulation import ConvertedStream
+from tests import plant
 from tests.bn_app import teacher_student_bn
 from tests.spawn import ROOT, run_command, run_mpiexec, run_torchrun
 from tests.test_app import LA2, config, flat
@@ -237,9 +238,9 @@ def test_summary_json_round_trips_every_summary_figure(evaluated):
     assert json.loads(json.dumps(record)) == record
 
 
-def test_failed_check_is_status_failed_in_both_files(tmp_path):
-    cfg = config(*LA2, "launch.steps=8", "plant={run: colocated, agent: 1, step: 2, size: 1e-9}")
-    assert app.run(cfg, tmp_path) == 1
+def test_failed_check_is_status_failed_in_both_files(tmp_path, monkeypatch):
+    plant.install(dict(run="colocated", agent=1, step=2, size=1e-9), monkeypatch.setattr)
+    assert app.run(config(*LA2, "launch.steps=8"), tmp_path) == 1
     assert "status=FAILED" in (tmp_path / "summary.txt").read_text()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "FAILED"
 
@@ -268,7 +269,7 @@ def test_plot_of_a_multirun_writes_curves_and_the_sweep_table(tmp_path):
     assert is_png(sweep / "sweep.png")
     lines = (sweep / "sweep.csv").read_text().splitlines()
     header = lines[0].split(",")
-    assert header[:4] == ["run", "agents.optimizer.lr", "final_loss", "final_consensus_distance"]
+    assert header[:4] == ["run", "agents.optimizer.lr", "final_loss", "final_distance_to_virtual"]
     for column in ("heldout_loss_0", "heldout_loss_2", "virtual_heldout_loss", "spectral_gap", "steps", "status"):
         assert column in header
     assert len(lines) == 3  # one row per run
@@ -328,7 +329,7 @@ def test_tensorboard_logs_the_csv_rows(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
     assert app.run(config(*LA2, "launch.steps=6", "launch.eval_every=3", "launch.tensorboard=true"), tmp_path) == 0
     tags = {(tag, step) for tag, _, step in scalars}
-    assert ("train/loss/agent_0", 6) in tags and ("consensus_distance/agent_2", 6) in tags
+    assert ("train/loss/agent_0", 6) in tags and ("distance_to_virtual/agent_2", 6) in tags
     assert ("heldout_loss/agent_1", 3) in tags and ("heldout_loss/virtual", 6) in tags
     assert ("lr/agent_0", 1) in tags and ("train/loss/agent_1", 1) not in tags  # passive: no loss
     assert scalars[-1] == ("closed", str(tmp_path / "tensorboard"), None)

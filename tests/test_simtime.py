@@ -11,8 +11,8 @@ import pytest
 
 from launch.cli import app
 from launch.cli.build import build_job
-from launch.cli.metrics import MetricsWriter, read_metrics
-from launch.cli.simtime import MEASURED_STEPS
+from launch.engine.record.metrics import MetricsWriter, read_metrics
+from launch.engine.record.clock import MEASURED_STEPS
 from tests.spawn import ROOT, run_torchrun
 from tests.test_app import config
 
@@ -22,7 +22,7 @@ NVLINK = dict(alpha=3e-6, beta=450e9)   # preset nvlink_8: one node, NVLink 4 (t
 def nbytes(*overrides) -> int:
     """Bytes of one agent's synchronized buffer of the configuration (float64 parameters)."""
     job = build_job(config(*overrides))
-    return sum(p.numel() for p in job.model().parameters()) * job.dtype.itemsize
+    return sum(p.numel() for p in job.model().parameters()) * job.launch.dtype.itemsize
 
 
 def sim_times(out) -> dict[int, float]:
@@ -138,11 +138,11 @@ def test_resumed_history_keeps_rows_written_before_the_column_and_drops_a_cut_li
     # A metrics.csv of a run before the sim_time column (6 fields a row), its last line cut short by
     # a crash (no newline; 6 fields too, so only the missing newline tells it apart).
     path = tmp_path / "metrics.csv"
-    path.write_text("step,agent,loss,grad_norm,consensus_distance,wall_time\r\n"
+    path.write_text("step,agent,loss,grad_norm,distance_to_virtual,wall_time\r\n"
                     "5,0,0.5,0.25,0.0,1.000000\r\n5,1,,,0.0,1.000000\r\n"
                     "10,0,0.4,0.2,0.0,2.000000\r\n10,1,,,0.0,2.0")
     writer = MetricsWriter(path, workers=[0], resume_at=10)
-    writer.write(15, [{"agent": 0, "loss": 0.3, "grad_norm": 0.1, "consensus_distance": 0.0}], wall=0.5, sim_time=7.0)
+    writer.write(15, [{"agent": 0, "loss": 0.3, "grad_norm": 0.1, "distance_to_virtual": 0.0}], wall=0.5, sim_time=7.0)
     writer.close()
     rows = read_metrics(path)
     assert [(r["step"], r["agent"]) for r in rows] == [(5, 0), (5, 1), (10, 0), (15, 0)]

@@ -9,6 +9,7 @@ Example:
 """
 
 from topology.nested import nested
+from topology.data_parallel import data_parallel
 from topology.phases import PhasedSchedule, phases
 from topology.slow import with_slow_agent
 from topology.stagewise import stagewise_lookahead
@@ -26,6 +27,7 @@ __all__ = [
     "MultilayerSchedule",
     "PhasedSchedule",
     "phases",
+    "data_parallel",
     "lookahead",
     "multilayer",
     "nested",

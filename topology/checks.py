@@ -47,9 +47,23 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-def check_integer(value, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
-    """An integer (bool refused) in [minimum, maximum] (either end optional); returns an ``int``."""
-    if minimum is not None and maximum is not None:
+def is_finite_real(value) -> bool:
+    """Whether ``value`` is a finite real number (``numbers.Real``, not bool)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(float(value)))
+
+
+def check_integer(value, name: str, *, minimum: int | None = None, maximum: int | None = None,
+                  kind: str | None = None, optional: str | None = None) -> int | None:
+    """An integer (bool refused) in [minimum, maximum] (either end optional); returns an ``int``.
+    ``kind``: the noun of the message instead of the interval ("a positive integer");
+    ``optional``: None is accepted too, and returned (the message says what it means: "null
+    (<optional>) or ...")."""
+    if optional is not None and value is None:
+        return None
+    if kind is not None:
+        allowed = kind
+    elif minimum is not None and maximum is not None:
         allowed = f"an integer in [{minimum}, {maximum}]"
     elif minimum is not None:
         allowed = f"an integer >= {minimum}"
@@ -57,12 +71,25 @@ def check_integer(value, name: str, *, minimum: int | None = None, maximum: int 
         allowed = f"an integer <= {maximum}"
     else:
         allowed = "an integer"
+    if optional is not None:
+        allowed = f"null{f' ({optional})' if optional else ''} or {allowed}"
     if not is_integer(value):
         raise ValueError(f"{name} must be {allowed}; got {value!r} of type {type(value).__name__}")
     value = int(value)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {allowed}; got {value!r}")
     return value
+
+
+def check_positive_int(value, name: str) -> int:
+    """An integer >= 1 (bool refused): "<name> must be a positive integer"."""
+    return check_integer(value, name, minimum=1, kind="a positive integer")
+
+
+def check_number(value, name: str, minimum: float | None = None) -> float:
+    """A finite real number >= ``minimum`` (bool refused), as a float: "<name> must be a finite
+    number [>= minimum]"."""
+    return check_real(value, name, minimum=minimum, kind="a finite number")
 
 
 def _interval(minimum, maximum, min_open: bool, max_open: bool) -> str:
@@ -84,11 +111,21 @@ def check_real(
     min_open: bool = False,
     max_open: bool = False,
     kind: str = "a finite real",
-) -> float:
+    unit: str | None = None,
+    optional: str | None = None,
+) -> float | None:
     """A finite real number (bool refused) between ``minimum`` and ``maximum`` (either optional;
     an end is excluded when ``min_open`` / ``max_open``); returns a ``float``.  ``kind`` is the
-    noun of the message ("<name> must be <kind> <interval>; got <value>")."""
+    noun of the message, ``unit`` what the number counts ("<name> must be <kind> <interval>
+    (<unit>); got <value>"); ``optional``: None is accepted too, and returned (the message says
+    what it means: "null (<optional>) or ...")."""
+    if optional is not None and value is None:
+        return None
     allowed = " ".join(part for part in (kind, _interval(minimum, maximum, min_open, max_open)) if part)
+    if unit is not None:
+        allowed += f" ({unit})"
+    if optional is not None:
+        allowed = f"null{f' ({optional})' if optional else ''} or {allowed}"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be {allowed}; got {value!r}")
     try:
@@ -170,9 +207,12 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_integer",
+    "check_number",
+    "check_positive_int",
     "check_list",
     "check_real",
     "check_step_size",
     "dtype_from_name",
+    "is_finite_real",
     "is_integer",
 ]

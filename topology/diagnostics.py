@@ -19,6 +19,11 @@ A phased schedule (:func:`topology.phases`) is periodic only after its prefix: "
 then one period of the repeating part, from t = prefix_length on (the last, open-ended phase);
 the finite prefix changes the values reached, not the asymptotic rate or the long-run cost.
 
+Gradient mixing (the Q_t of :mod:`topology.schedule`) does not enter the spectral gap: Q mixes
+what the workers step on, not their parameters, so it cannot shrink a disagreement between them
+(:func:`topology.data_parallel` has P = I and gap 0: its workers stay equal because they start
+equal and step alike).  It does enter the communication cost (:func:`vectors_sent_per_agent`).
+
 Cost: every function here works on the schedule's words (:mod:`topology.word`): O(nodes * log
 period) m x m products, never one per iteration, so ``spectral_gap(lookahead(10**21, 0.5))``
 takes as long as ``spectral_gap(lookahead(5, 0.5))``.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from topology.data_parallel import gradient_plan
 from topology.schedule import Schedule
 from topology.word import counts, product
 
@@ -68,12 +74,6 @@ def spectral_gap(schedule: Schedule, *, per_step: bool = False) -> float:
     return max(0.0, 1.0 - rate)
 
 
-def is_doubly_stochastic(matrix: torch.Tensor, tol: float = 1e-12) -> bool:
-    """Rows and columns each sum to 1 within ``tol`` (entries assumed non-negative)."""
-    ones = torch.ones(matrix.shape[0], dtype=matrix.dtype)
-    return bool(((matrix.sum(0) - ones).abs().max() <= tol) and ((matrix.sum(1) - ones).abs().max() <= tol))
-
-
 def vectors_sent_per_agent(schedule: Schedule) -> float:
     """Communication per agent per step, in parameter vectors, averaged over one period (of the
     repeating part, for a phased schedule), when every agent has its own rank (the cost model
@@ -81,15 +81,22 @@ def vectors_sent_per_agent(schedule: Schedule) -> float:
 
     A mix (gossip column j) costs one vector per source i != j (a point-to-point message); a
     block of g members costs 2 (g - 1) / g vectors per member, what a ring all-reduce sends.
-    Identity steps cost nothing.  Computed as sum over distinct matrices d of cost(d) * (number
-    of iterations of the period using d) / period.
+    Identity steps cost nothing.  The gradient matrices Q_t count the same way (a gradient has
+    the parameters' size): :func:`topology.data_parallel` costs 2 (W - 1) / W vectors per worker
+    per step.  Computed as sum over distinct matrices d of cost(d) * (number of iterations of the
+    period using d) / period, for the P's and for the Q's.
     """
     from topology.plan import compile_plan  # local: plan imports nothing from here, keep it so
 
     total = 0.0
     for index, count in sorted(counts(schedule.cycle).items()):
-        plan = compile_plan(schedule.distinct_matrices[index])
-        vectors = sum(len([i for i in mix.sources if i != mix.receiver]) for mix in plan.mixes)
-        vectors += sum(2.0 * (len(b.members) - 1) for b in plan.blocks)
-        total += vectors / schedule.num_agents * count
-    return total / schedule.period
+        total += _plan_vectors(compile_plan(schedule.distinct_matrices[index])) * count
+    for index, count in sorted(counts(schedule.gradient_cycle).items()):
+        total += _plan_vectors(gradient_plan(schedule, index)) * count
+    return total / schedule.num_agents / schedule.period
+
+
+def _plan_vectors(plan) -> float:
+    """Vectors sent by every agent together for one application of ``plan`` (one agent per rank)."""
+    vectors = sum(len([i for i in mix.sources if i != mix.receiver]) for mix in plan.mixes)
+    return vectors + sum(2.0 * (len(b.members) - 1) for b in plan.blocks)

@@ -2,10 +2,12 @@
 
 Every iteration t gets a simulated duration (:class:`SimClock`)
 
-    step_time(t) = compute_s + comm(t),
+    step_time(t) = compute_s + gradient_comm(t) + comm(t),
 
 compute_s being the time of one inner step (every worker takes its step at once, one agent per
-GPU; passive agents take none) and comm(t) the time of the collectives of P_t's plan
+GPU; passive agents take none), gradient_comm(t) the time of the gradient all-reduces of Q_t's
+plan (:func:`topology.data_parallel.gradient_plan`; 0 when Q_t is the identity), which the
+workers wait for before their inner step, and comm(t) the time of the collectives of P_t's plan
 (:func:`plan_time`), as the engine runs them with one agent per rank: a block whose members span
 g > 1 GPUs is one all-reduce over those g GPUs; a mix sends one point-to-point message per
 (source agent, receiver's GPU) pair on different GPUs.  n is the size in bytes of one agent's
@@ -77,11 +79,11 @@ Example (one LA-1 sync of 4-byte vectors on 2 GPUs; 1 s latency, 1 byte/s):
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple, Sequence
 
+from topology.checks import check_integer, check_real
+from topology.data_parallel import gradient_plan
 from topology.plan import Block, Plan, compile_plan
 from topology.schedule import Schedule
 from topology.validation import check_period
@@ -92,17 +94,6 @@ class Link(NamedTuple):
 
     latency_s: float
     bytes_per_s: float
-
-
-def _check_real(value, *, name: str, positive: bool, unit: str) -> float:
-    """A finite real number, > 0 (``positive``) or >= 0; a ``ValueError`` naming ``name`` else."""
-    allowed = f"a finite real number {'> 0' if positive else '>= 0'} ({unit})"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -132,7 +123,7 @@ class Cluster:
                 value = check_period(value, name=f.name)
             else:
                 positive = f.name.endswith("bytes_per_s")
-                value = _check_real(value, name=f.name, positive=positive,
+                value = check_real(value, f.name, minimum=0.0, min_open=positive, kind="a finite real number",
                                     unit="bytes per second" if positive else "seconds")
             object.__setattr__(self, f.name, value)
 
@@ -291,10 +282,8 @@ def place_agents(cluster: Cluster, num_agents: int, agent_gpus: Sequence[int] | 
             )
         return tuple(range(num_agents))
     mapping = _mapping(num_agents, agent_gpus)
-    for i, q in enumerate(mapping):
-        if isinstance(q, bool) or not isinstance(q, numbers.Integral) or not 0 <= q < cluster.num_gpus:
-            raise ValueError(f"agent_gpus[{i}] must be a GPU index in [0, {cluster.num_gpus}); got {q!r}")
-    return tuple(int(q) for q in mapping)
+    return tuple(check_integer(q, f"agent_gpus[{i}]", minimum=0, maximum=cluster.num_gpus - 1,
+                               kind=f"a GPU index in [0, {cluster.num_gpus})") for i, q in enumerate(mapping))
 
 
 def _mapping(num_agents: int, agent_gpus: Sequence[int] | None) -> tuple:
@@ -370,9 +359,7 @@ def plan_time(
 
 
 def _check_nbytes(nbytes) -> int:
-    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral) or nbytes < 0:
-        raise ValueError(f"nbytes must be an integer >= 0 (bytes of one agent's vector); got {nbytes!r}")
-    return int(nbytes)
+    return check_integer(nbytes, "nbytes", minimum=0, kind="an integer >= 0 (bytes of one agent's vector)")
 
 
 # -- counts, as the communicator makes them ------------------------------------------------------
@@ -450,8 +437,7 @@ def schedule_counts(
         >>> schedule_counts(topology.lookahead(3, 0.5), 8, 7)[1].all_reduce_bytes
         16
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
-        raise ValueError(f"iterations must be an integer >= 0; got {iterations!r}")
+    iterations = check_integer(iterations, "iterations", minimum=0)
     occurrences: dict[int, int] = {}
     for t in range(min(iterations, schedule.period)):
         # t, t + period, ... < iterations
@@ -469,10 +455,10 @@ def schedule_counts(
 class SimClock:
     """Simulated time of a run of ``schedule`` on ``cluster``: ``time`` after ``t`` iterations.
 
-    ``step_time(t) = compute_s + plan_time(plan of P_t, head_start_s = compute_s x (t - t_prev))``
-    with t_prev the previous non-identity iteration before t (-1 when there is none); see the
-    module docstring.  Plans are compiled and costed once per distinct matrix (and head start),
-    so a step costs O(1).
+    ``step_time(t) = compute_s + plan_time(plan of Q_t) + plan_time(plan of P_t, head_start_s =
+    compute_s x (t - t_prev))`` with t_prev the previous non-identity iteration before t (-1 when
+    there is none); see the module docstring.  Plans are compiled and costed once per distinct
+    matrix (and head start), so a step costs O(1).
 
     Args:
         schedule: the schedule t -> P_t.
@@ -502,6 +488,9 @@ class SimClock:
         self.t = 0
         self.time = 0.0
         self._plans = [compile_plan(p) for p in schedule.distinct_matrices]
+        #: Per distinct Q: the time of its gradient all-reduces (no hub: nothing to overlap with).
+        self._gradient_cost = [plan_time(gradient_plan(schedule, i), cluster, self.nbytes, agent_gpus=self.agent_gpus)
+                               for i in range(len(schedule.distinct_gradient_matrices))]
         #: Per distinct matrix: whether its plan has a hub block (its cost depends on the head start).
         self._has_hub = [hub_of is not None and any(hub_of(b, p) is not None for b in p.blocks) for p in self._plans]
         self._cost: dict[tuple[int, float], float] = {}
@@ -512,7 +501,8 @@ class SimClock:
 
     @compute_s.setter
     def compute_s(self, value: float) -> None:
-        self._compute_s = _check_real(value, name="compute_s", positive=False, unit="seconds per inner step")
+        self._compute_s = check_real(value, "compute_s", minimum=0.0, kind="a finite real number",
+                                     unit="seconds per inner step")
 
     def previous_sync(self, t: int) -> int:
         """The last iteration before ``t`` with a non-identity P (-1 when there is none).
@@ -543,9 +533,13 @@ class SimClock:
                                         hub_of=self.hub_of, head_start_s=head_start)
         return self._cost[key]
 
+    def gradient_time(self, t: int) -> float:
+        """gradient_comm(t): the simulated time of iteration ``t``'s gradient all-reduces (Q_t)."""
+        return self._gradient_cost[self.schedule.gradient_index(t)]
+
     def step_time(self, t: int) -> float:
-        """The simulated duration of iteration ``t``: compute_s + comm(t)."""
-        return self._compute_s + self.comm_time(t)
+        """The simulated duration of iteration ``t``: compute_s + gradient_comm(t) + comm(t)."""
+        return self._compute_s + self.gradient_time(t) + self.comm_time(t)
 
     def advance(self) -> float:
         """Simulate iteration ``self.t``: add its duration to ``time`` and return the duration."""

@@ -23,13 +23,18 @@ by a periodic part; here the prefix is every phase but the last, plus the last o
 Phases nest: a phase's schedule may itself be phased (its own prefix is cut like any word).
 Every phase must have the same agents: ``num_agents``, ``workers`` and ``push_sum`` agree.
 
-Post-local SGD (Lin et al.; PyTorch's recipe: average every step for a warm-up, then local SGD
-every tau) is one schedule::
+Post-local SGD (Lin et al.; PyTorch's recipe: a warm-up of synchronous data-parallel SGD, then
+local SGD every tau) is one schedule::
 
-    phases([(warmup, decentralized.local_sgd(W, 1)), (None, decentralized.local_sgd(W, tau))])
+    phases([(warmup, data_parallel(W)), (None, decentralized.local_sgd(W, tau))])
 
-It averages after the inner step of every t < warmup, then at t = warmup + tau - 1 + j tau
-(``local_sgd`` averages when its own counter u satisfies (u + 1) % tau == 0).
+Its warm-up mixes the gradients (Q_t = the mean, P_t = I: :func:`topology.data_parallel`), as
+DDP's ``post_localSGD_hook`` does, so the workers' optimizer states stay equal; after it, it
+averages the parameters at t = warmup + tau - 1 + j tau (``local_sgd`` averages when its own
+counter u satisfies (u + 1) % tau == 0).  ``phases([(warmup, local_sgd(W, 1)), ...])`` instead
+averages the *parameters* every step of the warm-up: the same for plain SGD from equal models,
+not for an optimizer with state (momentum, Adam).  Phases chain the gradient matrices Q_t exactly
+as they chain the P_t (each phase's own counter, cut to its steps).
 
 Correspondence with ``torch.distributed.algorithms.model_averaging`` (a training loop calling
 ``averager.average_parameters`` once per iteration, after ``optimizer.step()``; the averager's
@@ -41,13 +46,15 @@ s = t unless set otherwise):
   ``PeriodicModelAverager(tau, warmup_steps=tau - 1)``; with the default ``warmup_steps=0`` it
   averages at s = 0, tau, 2 tau, ..., i.e. its counter is one behind ours (setting
   ``averager.step = 1`` before the loop also gives s = t + 1 and the same steps).
-* The phased schedule above is: average at every s < warmup, and
-  ``PeriodicModelAverager(tau, warmup_steps=warmup + tau - 1)``.  PyTorch's documented recipe,
+* ``phases([(w, local_sgd(W, 1)), (None, local_sgd(W, tau))])`` is: average the parameters at
+  every s < w, and ``PeriodicModelAverager(tau, warmup_steps=w + tau - 1)``.  PyTorch's documented recipe,
   ``PostLocalSGDState(start_localSGD_iter=w)`` (gradients all-reduced while s < w) with
   ``PeriodicModelAverager(tau, warmup_steps=w)`` (models averaged at s = w, w + tau, ...), is
-  ``phases([(w + 1, local_sgd(W, 1)), (None, local_sgd(W, tau))])``: averaging at t = 0..w, then
-  at w + tau, w + 2 tau, ...  (During the warm-up PyTorch averages gradients, which equals
-  averaging models every step for plain SGD from equal models, not for optimizers with state.)
+  ``phases([(w, data_parallel(W)), (1, local_sgd(W, 1)), (None, local_sgd(W, tau))])``: the
+  gradients averaged at t < w, the parameters at w, w + tau, w + 2 tau, ...; with
+  ``warmup_steps=w + tau - 1`` it is ``phases([(w, data_parallel(W)), (None, local_sgd(W, tau))])``
+  (``tests/test_post_local.py`` checks both against DDP + the hook + the averager, bit for bit
+  on 2 ranks).
 * ``HierarchicalModelAverager(period_group_size_dict)`` averages, when s >= warmup_steps, with
   the group of the largest period dividing s; at s = 0 every period divides, so it averages
   globally after the very first step.  ``decentralized.hierarchical(W, d)`` (largest period
@@ -87,18 +94,27 @@ class PhasedSchedule(Schedule):
         for steps, _ in self.phases:
             self.starts.append(start)
             start += steps or 0
+        distinct, cycle, prefix = self._chained(lambda s: (s.distinct_matrices, s.prefix, s.cycle), Schedule.head)
+        gradients = self._chained(lambda s: (s.distinct_gradient_matrices, s.gradient_prefix, s.gradient_cycle),
+                                  Schedule.gradient_head)
+        last = self.phases[-1][1]
+        super().__init__(distinct, cycle, last.workers, last.push_sum, prefix, gradients)
+        self.name = "phases([" + ", ".join(f"({steps}, {schedule!r})" for steps, schedule in self.phases) + "])"
+
+    def _chained(self, parts, head) -> tuple:
+        """(distinct, cycle, prefix) of one kind of matrix (``parts(schedule)`` = its distinct
+        matrices, prefix and cycle words; ``head(schedule, steps)`` its first indices) over the
+        phases: every phase's matrices numbered after the previous phases', each finite phase cut
+        to its steps, the last phase's prefix appended and its cycle the cycle."""
         matrices, words, offset = [], [], 0
-        for (steps, schedule), start in zip(self.phases, self.starts):
-            numbers = range(offset, offset + len(schedule.distinct_matrices))
-            matrices += schedule.distinct_matrices
+        for steps, schedule in self.phases:
+            distinct, prefix, cycle = parts(schedule)
+            numbers = range(offset, offset + len(distinct))
+            matrices += distinct
             offset = numbers.stop
             if steps is not None:
-                words.append(renumber(schedule.head(steps), numbers))
-        last = self.phases[-1][1]
-        prefix = concat(*words, renumber(last.prefix, numbers))
-        distinct, cycle, prefix = canonical(matrices, renumber(last.cycle, numbers), prefix)
-        super().__init__(distinct, cycle, last.workers, last.push_sum, prefix)
-        self.name = "phases([" + ", ".join(f"({steps}, {schedule!r})" for steps, schedule in self.phases) + "])"
+                words.append(renumber(head(schedule, steps), numbers))
+        return canonical(matrices, renumber(cycle, numbers), concat(*words, renumber(prefix, numbers)))
 
     def phase(self, t: int) -> tuple[int, int]:
         """(i, u): iteration t is iteration u of phase i (u = t - S_i)."""

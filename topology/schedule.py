@@ -9,6 +9,20 @@ matrix: P[i, j] is the weight of agent i's value in agent j's new value, applied
 inner step of iteration t.  Iterations count from 0, so Lookahead's first sync, after exactly k
 inner steps, is the one at t = k - 1.
 
+Gradient mixing (Q_t).  The full model is
+
+    X_{t+1} = (X_t - lr * A(G_t Q_t)) P_t,
+
+G_t = [g_0 ... g_{m-1}] the agents' gradients (zero for a passive agent) and Q_t an m x m matrix
+that mixes them *before* the inner optimizers A see them: worker j steps on sum_i Q[i, j] g_i.
+Q_t is column-stochastic over the workers and zero in the rows and columns of the passive
+agents (:func:`topology.validation.check_gradient_matrix`); Q_t = I_W (the identity on the
+workers, :func:`topology.validation.worker_identity`) is the default, and every schedule but
+:func:`topology.data_parallel`, :func:`from_matrices` with ``gradient_matrices`` and the
+:func:`topology.phases` built from them has it at every t.  A schedule indexes its distinct
+Q's exactly as its P's (:meth:`Schedule.gradient_index`, words of the same lengths), so that
+the identity costs one word node and nothing per iteration.
+
 A schedule is periodic, ``matrix(t) == matrix(t % period)``, or (:func:`topology.phases`)
 periodic after a finite prefix.  It stores each distinct matrix once and maps every t to the
 index of its matrix (:meth:`Schedule.matrix_index`), so that plans can be compiled once per
@@ -23,14 +37,21 @@ function of t, which must call it at every t of a period: its period is limited 
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 from typing import Callable, Sequence
 
 import torch
 
 from topology.checks import as_list
-from topology.validation import as_matrix, check_levels, check_mixing_matrix, check_period, check_workers
-from topology.word import EMPTY, Word, chain, concat, from_indices, order_of_appearance, renumber, repeat
+from topology.validation import (
+    as_matrix, check_gradient_matrix, check_levels, check_mixing_matrix, check_period, check_workers, worker_identity,
+)
+from topology.word import EMPTY, Word, chain, concat, from_indices, order_of_appearance, renumber, repeat, run
+
+#: ``(distinct Q's, cycle, prefix)``: a schedule's gradient matrices and the words that index them.
+Gradients = tuple
 
 #: Two eigen-solutions closer than this are taken as the same consensus vector.
 CONSENSUS_TOL = 1e-10
@@ -61,6 +82,9 @@ class Schedule:
         push_sum: the matrices are row-stochastic (mass-preserving) and every agent also carries
             a push-sum weight mixed by the same P_t (see :mod:`topology.decentralized`).
         prefix: the indices of the first ``prefix.length`` iterations (default: none).
+        gradients: ``(distinct, cycle, prefix)`` of the gradient matrices Q_t, each validated
+            (:func:`topology.validation.check_gradient_matrix`), their words of the same lengths
+            as ``cycle`` and ``prefix``; default None: Q_t = I_W at every t.
     """
 
     def __init__(
@@ -70,6 +94,7 @@ class Schedule:
         workers: Sequence[int],
         push_sum: bool = False,
         prefix: Word = EMPTY,
+        gradients: Gradients | None = None,
     ):
         self.push_sum = bool(push_sum)
         self._distinct = tuple(distinct)
@@ -81,15 +106,30 @@ class Schedule:
         eye = torch.eye(self.num_agents, dtype=torch.float64)
         #: Indices of the non-identity distinct matrices (the syncs).
         self.sync_indices = frozenset(i for i, p in enumerate(self._distinct) if not torch.equal(p, eye))
+        self._set_gradients(gradients)
+
+    def _set_gradients(self, gradients: Gradients | None) -> None:
+        """The Q words (module docstring): I_W everywhere when ``gradients`` is None."""
+        identity = worker_identity(self.num_agents, self.workers)
+        if gradients is None:
+            gradients = ((identity,), run(0, self.period), run(0, self.prefix_length) if self.prefix_length else EMPTY)
+        distinct, cycle, prefix = gradients
+        if (cycle.length, prefix.length) != (self.period, self.prefix_length):
+            raise ValueError(f"the gradient matrices' words must have the schedule's period {self.period} and prefix "
+                             f"length {self.prefix_length}; got {cycle.length} and {prefix.length}")
+        self._gradient_distinct = tuple(distinct)
+        self.gradient_cycle, self.gradient_prefix = cycle, prefix
+        #: Indices of the distinct Q's that are not I_W (the gradient all-reduces).
+        self.gradient_sync_indices = frozenset(
+            i for i, q in enumerate(self._gradient_distinct) if not torch.equal(q, identity))
+        if self.push_sum and self.gradient_sync_indices:
+            raise ValueError("gradient mixing (a Q_t other than the identity) is not defined for push-sum "
+                             "schedules: mix the parameters only (push_sum=True), or drop push_sum")
 
     # -- the map t -> P_t ---------------------------------------------------------------------
     def matrix_index(self, t: int) -> int:
         """Index of P_t among :attr:`distinct_matrices`."""
-        if t < 0:
-            raise ValueError(f"t must be a non-negative iteration number; got {t}")
-        if t < self.prefix_length:
-            return self.prefix.at(t)
-        return self.cycle.at((t - self.prefix_length) % self.period)
+        return _index_at(self.prefix, self.cycle, t)
 
     def matrix(self, t: int) -> torch.Tensor:
         """P_t as an m x m float64 tensor (a copy: changing it changes nothing here)."""
@@ -116,10 +156,30 @@ class Schedule:
 
     def head(self, steps: int) -> Word:
         """The indices of P_0 ... P_{steps-1} as a word (how :func:`topology.phases` cuts a phase)."""
-        if steps <= self.prefix_length:
-            return self.prefix.take(steps)
-        cycles, rest = divmod(steps - self.prefix_length, self.period)
-        return concat(self.prefix, repeat(self.cycle, cycles), self.cycle.take(rest))
+        return _head(self.prefix, self.cycle, steps)
+
+    # -- the map t -> Q_t -----------------------------------------------------------------------
+    def gradient_index(self, t: int) -> int:
+        """Index of Q_t among :attr:`distinct_gradient_matrices`."""
+        return _index_at(self.gradient_prefix, self.gradient_cycle, t)
+
+    def gradient_matrix(self, t: int) -> torch.Tensor:
+        """Q_t as an m x m float64 tensor (a copy), I_W when the schedule mixes no gradients."""
+        return self._gradient_distinct[self.gradient_index(t)].clone()
+
+    def gradient_head(self, steps: int) -> Word:
+        """The indices of Q_0 ... Q_{steps-1} as a word."""
+        return _head(self.gradient_prefix, self.gradient_cycle, steps)
+
+    @property
+    def distinct_gradient_matrices(self) -> tuple[torch.Tensor, ...]:
+        """Every distinct Q_t, in order of first appearance (just I_W for most schedules)."""
+        return self._gradient_distinct
+
+    @property
+    def mixes_gradients(self) -> bool:
+        """Whether some Q_t is not the identity I_W."""
+        return bool(self.gradient_sync_indices)
 
     @property
     def distinct_matrices(self) -> tuple[torch.Tensor, ...]:
@@ -156,6 +216,19 @@ class Schedule:
             return None
         return a.clamp_min(0.0)
 
+    def fingerprint(self) -> str:
+        """A sha256 hex digest of everything that defines t -> (P_t, Q_t): the distinct matrices
+        (shape and bytes), the prefix and cycle words, the workers and push-sum.  Two schedules with the
+        same map t -> P_t built the same way have the same fingerprint; a difference anywhere
+        changes it (up to a hash collision).  What the ranks of a job compare at start-up."""
+        digest = hashlib.sha256(type(self).__name__.encode())
+        for matrix in self._distinct + self._gradient_distinct:
+            shape, data = _key(matrix)
+            digest.update(repr(shape).encode() + data)
+        digest.update(repr((self.prefix, self.cycle, self.gradient_prefix, self.gradient_cycle, self.workers,
+                            self.push_sum)).encode())
+        return digest.hexdigest()
+
     #: A short description set by the generators of :mod:`topology.decentralized` (shown by repr).
     name: str | None = None
 
@@ -163,10 +236,28 @@ class Schedule:
         if self.name:
             return self.name
         prefix = f"prefix_length={self.prefix_length}, " if self.prefix_length else ""
+        gradients = f", distinct_gradients={len(self._gradient_distinct)}" if self.mixes_gradients else ""
         return (
             f"{type(self).__name__}(num_agents={self.num_agents}, {prefix}period={self.period}, "
-            f"workers={self.workers}, distinct={len(self._distinct)})"
+            f"workers={self.workers}, distinct={len(self._distinct)}{gradients})"
         )
+
+
+def _index_at(prefix: Word, cycle: Word, t: int) -> int:
+    """The index at iteration t of ``prefix`` followed by ``cycle`` repeated forever."""
+    if t < 0:
+        raise ValueError(f"t must be a non-negative iteration number; got {t}")
+    if t < prefix.length:
+        return prefix.at(t)
+    return cycle.at((t - prefix.length) % cycle.length)
+
+
+def _head(prefix: Word, cycle: Word, steps: int) -> Word:
+    """The first ``steps`` indices of ``prefix`` followed by ``cycle`` repeated, as a word."""
+    if steps <= prefix.length:
+        return prefix.take(steps)
+    cycles, rest = divmod(steps - prefix.length, cycle.length)
+    return concat(prefix, repeat(cycle, cycles), cycle.take(rest))
 
 
 def _key(matrix: torch.Tensor) -> tuple:
@@ -182,12 +273,16 @@ def compose(
     workers: Sequence[int],
     push_sum: bool = False,
     prefix: Word = EMPTY,
+    gradients: Gradients | None = None,
 ) -> Schedule:
     """A :class:`Schedule` from validated ``matrices`` and the words that index them: bitwise
     equal matrices are merged, matrices that never occur dropped, and the rest numbered in order
-    of first appearance (prefix first), as :attr:`Schedule.distinct_matrices` promises."""
+    of first appearance (prefix first), as :attr:`Schedule.distinct_matrices` promises; the same
+    for ``gradients`` (``(matrices, cycle, prefix)`` of the Q's; default: Q_t = I_W)."""
     distinct, cycle, prefix = canonical(matrices, cycle, prefix)
-    return Schedule(distinct, cycle, workers, push_sum, prefix)
+    if gradients is not None:
+        gradients = canonical(*gradients)
+    return Schedule(distinct, cycle, workers, push_sum, prefix, gradients)
 
 
 def canonical(matrices: Sequence[torch.Tensor], cycle: Word, prefix: Word = EMPTY):
@@ -301,6 +396,7 @@ def from_matrices(
     period: int | None = None,
     workers: Sequence[int] | None = None,
     push_sum: bool = False,
+    gradient_matrices: Sequence | Callable[[int], object] | None = None,
 ) -> Schedule:
     """A schedule from explicit matrices.
 
@@ -313,40 +409,64 @@ def from_matrices(
         workers: agents running the inner optimizer; default: every agent.
         push_sum: the matrices are row-stochastic and run with push-sum weights (validated as
             such instead of column-stochastic; see :mod:`topology.decentralized`).
+        gradient_matrices: the gradient-mixing matrices Q_t (module docstring), given as
+            ``matrices`` is (a sequence of the same length, Q_t = gradient_matrices[t % len], or a
+            function of t over the same period); default: Q_t = I_W at every t.
 
     Example:
         >>> s = from_matrices([[[1.0, 0.0], [0.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])
         >>> s.period, [round(v, 12) for v in s.consensus().tolist()]
         (2, [0.5, 0.5])
+        >>> s = from_matrices([torch.eye(2)], gradient_matrices=[torch.full((2, 2), 0.5)])
+        >>> s.mixes_gradients, s.gradient_matrix(7).tolist()
+        (True, [[0.5, 0.5], [0.5, 0.5]])
     """
+    raw, names = _enumerated(matrices, period, "matrices")
+    distinct, indices = _validated(raw, names, lambda value, size, name: check_mixing_matrix(
+        value, size, name=name, push_sum=push_sum))
+    m = distinct[0].shape[0]
+    workers = check_workers(tuple(range(m)) if workers is None else workers, m)
+    gradients = None
+    if gradient_matrices is not None:
+        if callable(gradient_matrices) != callable(matrices):
+            raise ValueError("gradient_matrices must be given as matrices is: both sequences, or both functions of t")
+        raw, names = _enumerated(gradient_matrices, len(indices), "gradient_matrices")
+        if len(raw) != len(indices):
+            raise ValueError(f"gradient_matrices must hold one matrix per matrix of matrices ({len(indices)}); "
+                             f"got {len(raw)}")
+        q_distinct, q_indices = _validated(raw, names, lambda value, size, name: check_gradient_matrix(
+            value, m, workers, name=name))
+        gradients = (q_distinct, from_indices(q_indices), EMPTY)
+    return compose(distinct, from_indices(indices), workers=workers, push_sum=push_sum, gradients=gradients)
+
+
+def _enumerated(matrices, period: int | None, what: str) -> tuple[list, list[str]]:
+    """The values of one period of ``matrices`` (a sequence, or a function of t called at every t
+    of ``period``) and their names in messages (``what[t]`` or ``what(t)``)."""
     if callable(matrices):
         if period is None:
-            raise ValueError("period is required when matrices is a function of t")
+            raise ValueError(f"period is required when {what} is a function of t")
         period = check_period(period, name="period")
         if period > MAX_ENUMERATED_PERIOD:
-            raise ValueError(f"period must be at most {MAX_ENUMERATED_PERIOD} when matrices is a function "
+            raise ValueError(f"period must be at most {MAX_ENUMERATED_PERIOD} when {what} is a function "
                              f"of t (it is called at every t of the period); got {period}")
-        raw = [matrices(t) for t in range(period)]
-        names = [f"matrices({t})" for t in range(period)]
-    else:
-        if isinstance(matrices, torch.Tensor) and matrices.dim() == 2:
-            raise ValueError("matrices must be a sequence of matrices (wrap a single matrix in a list)")
-        raw = as_list(matrices, "matrices", "matrices or a function of t")
-        if not raw:
-            raise ValueError("matrices must hold at least one matrix")
-        if period is not None and check_period(period, name="period") != len(raw):
-            raise ValueError(f"period must equal len(matrices) = {len(raw)} for a sequence; got {period}")
-        names = [f"matrices[{t}]" for t in range(len(raw))]
-    distinct, indices = _validated(raw, names, push_sum)
-    workers = tuple(range(distinct[0].shape[0])) if workers is None else workers
-    return compose(distinct, from_indices(indices), workers=workers, push_sum=push_sum)
+        return [matrices(t) for t in range(period)], [f"{what}({t})" for t in range(period)]
+    if isinstance(matrices, torch.Tensor) and matrices.dim() == 2:
+        raise ValueError(f"{what} must be a sequence of matrices (wrap a single matrix in a list)")
+    raw = as_list(matrices, what, "matrices or a function of t")
+    if not raw:
+        raise ValueError(f"{what} must hold at least one matrix")
+    if period is not None and what == "matrices" and check_period(period, name="period") != len(raw):
+        raise ValueError(f"period must equal len(matrices) = {len(raw)} for a sequence; got {period}")
+    return raw, [f"{what}[{t}]" for t in range(len(raw))]
 
 
-def _validated(raw: Sequence, names: Sequence[str], push_sum: bool) -> tuple[list[torch.Tensor], list[int]]:
-    """Validate every matrix (named ``names[t]``), each distinct one once: the distinct matrices
-    and the index of each raw one among them.  A value that is the very object of an earlier one
-    (a function returning cached tensors) is not converted again (``raw`` keeps every value
-    alive, so no id is reused meanwhile)."""
+def _validated(raw: Sequence, names: Sequence[str], check: Callable) -> tuple[list[torch.Tensor], list[int]]:
+    """Validate every matrix (named ``names[t]``) with ``check(value, size, name)`` (size: that of
+    the first distinct one, None for it), each distinct one once: the distinct matrices and the
+    index of each raw one among them.  A value that is the very object of an earlier one (a
+    function returning cached tensors) is not converted again (``raw`` keeps every value alive,
+    so no id is reused meanwhile)."""
     distinct: list[torch.Tensor] = []
     seen: dict[tuple, int] = {}
     by_id: dict[int, int] = {}
@@ -357,7 +477,7 @@ def _validated(raw: Sequence, names: Sequence[str], push_sum: bool) -> tuple[lis
             if key not in seen:
                 size = distinct[0].shape[0] if distinct else None
                 seen[key] = len(distinct)
-                distinct.append(check_mixing_matrix(value, size, name=name, push_sum=push_sum))
+                distinct.append(check(value, size, name))
             by_id[id(value)] = seen[key]
         indices.append(by_id[id(value)])
     return distinct, indices

@@ -30,6 +30,9 @@ def check_alpha(alpha, *, name: str = "alpha") -> float:
 
 def check_levels(ks: Sequence, alphas: Sequence) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Periods and step sizes of a multilayer Lookahead: equal, non-zero lengths."""
+    for name, value in (("ks", ks), ("alphas", alphas)):
+        if isinstance(value, (str, bytes)):   # a string is a sequence of characters, not of numbers
+            raise ValueError(f"{name} must be a sequence of numbers, one per level; got the string {value!r}")
     try:
         ks, alphas = tuple(ks), tuple(alphas)
     except TypeError as err:
@@ -104,6 +107,51 @@ def check_mixing_matrix(
             f"{name} must be {kind} (every {line} sums to 1 within {COLUMN_SUM_TOL:g}); "
             f"{line} {j} sums to {sums[j].item()!r}"
         )
+    return matrix
+
+
+def passive_identity(num_agents: int, workers: Sequence[int]) -> torch.Tensor:
+    """1 on the diagonal entries of the passive agents (those not in ``workers``), 0 elsewhere:
+    added to a gradient matrix Q it gives the column-stochastic m x m matrix that mixes the
+    gradients as Q does and leaves the passive agents alone (what :func:`topology.compile_plan`
+    compiles)."""
+    diagonal = torch.ones(num_agents, dtype=torch.float64)
+    diagonal[list(workers)] = 0.0
+    return torch.diag(diagonal)
+
+
+def worker_identity(num_agents: int, workers: Sequence[int]) -> torch.Tensor:
+    """The gradient-mixing identity I_W: 1 on the workers' diagonal entries, 0 elsewhere (a
+    passive agent's gradient is zero, so ``G I_W = G``: what Q_t = I means)."""
+    return torch.eye(num_agents, dtype=torch.float64) - passive_identity(num_agents, workers)
+
+
+def check_gradient_matrix(value, num_agents: int, workers: Sequence[int], *,
+                          name: str = "gradient matrix") -> torch.Tensor:
+    """Validate one gradient-mixing matrix Q and return it as a float64 CPU tensor.
+
+    Allowed: an ``m x m`` matrix (``m = num_agents``) of finite, non-negative reals, zero in every
+    row and column of a passive agent (one not in ``workers``: it has no gradient to give and
+    takes no inner step), whose every worker column sums to 1 within :data:`COLUMN_SUM_TOL`
+    (worker j's inner optimizer sees the convex combination sum_i Q[i, j] g_i of the workers'
+    gradients).  Its identity is :func:`worker_identity` (``torch.eye`` when every agent is a
+    worker).
+    """
+    matrix = as_matrix(value, name=name)
+    if matrix.dim() != 2 or tuple(matrix.shape) != (num_agents, num_agents):
+        raise ValueError(f"{name} must be {num_agents} x {num_agents} (one row and column per agent); "
+                         f"got shape {tuple(matrix.shape)}")
+    completion = passive_identity(num_agents, workers)
+    passive = [i for i in range(num_agents) if completion[i, i]]
+    outside = torch.zeros(num_agents, num_agents, dtype=torch.bool)
+    outside[passive, :] = True
+    outside[:, passive] = True
+    offending = (outside & (matrix != 0)).nonzero()
+    if len(offending):
+        i, j = offending[0].tolist()
+        raise ValueError(f"{name} must be zero in the rows and columns of the passive agents {passive} (they "
+                         f"have no gradient and take no inner step); entry [{i}, {j}] is {matrix[i, j].item()!r}")
+    check_mixing_matrix(matrix + completion, num_agents, name=name)
     return matrix
 
 

@@ -66,7 +66,6 @@ def syncs_per_round(units: int, d: int) -> int:
 def sync_cost(comm, sizes, units: int, repeats: int) -> list[dict]:
     """B2 on this rank (see the module docstring), one row per size in ``sizes``; ``units``:
     syncs per round at 10M parameters and more (:func:`syncs_per_round`)."""
-    import torch
     import torch.distributed as dist
 
     import topology
@@ -87,17 +86,17 @@ def sync_cost(comm, sizes, units: int, repeats: int) -> list[dict]:
         for buffer in buffers.values():
             buffer.zero_()
         before = (comm.stats.all_reduces, comm.stats.all_reduce_bytes, comm.stats.flag_reduces)
-        sims[True].sync(outermost)
+        sims[True].engine.sync(outermost)
         collectives = comm.stats.all_reduces - before[0]
         nbytes = comm.stats.all_reduce_bytes - before[1]
         flag_reduces = comm.stats.flag_reduces - before[2]
-        plan = sims[True].programs[schedule.matrix_index(outermost)].plan
+        plan = sims[True].engine.programs[schedule.matrix_index(outermost)].plan
         weight = plan.blocks[0].weights[plan.blocks[0].members.index(comm.rank)]
         buffer = buffers[False]
         times = interleave({
             "raw all_reduce": _contender(lambda: dist.all_reduce(buffer), comm.device),
-            "LA sync": _contender(lambda: sims[True].sync(outermost), comm.device),
-            "LA sync, check off": _contender(lambda: sims[False].sync(outermost), comm.device),
+            "LA sync": _contender(lambda: sims[True].engine.sync(outermost), comm.device),
+            "LA sync, check off": _contender(lambda: sims[False].engine.sync(outermost), comm.device),
             # The weighting pass alone (x.mul_(a_i)), to explain the difference.
             "scale": _contender(lambda: buffer.mul_(weight), comm.device),
         }, units=syncs_per_round(units, d), repeats=repeats)
@@ -148,7 +147,7 @@ def end_to_end(comm, width: int, batch_size: int, ks, units: int, repeats: int) 
     contenders.update({name: _contender(sim.step, comm.device) for name, sim in sims.items()})
     times = interleave(contenders, units=units, repeats=repeats)
     dist.barrier()
-    return {"parameters": workloads.num_parameters(model), "default_overlapped": sims["default"].overlap.active,
+    return {"parameters": workloads.num_parameters(model), "default_overlapped": sims["default"].engine.overlap.active,
             "serial_seconds": median(times["serial reference"]),
             "variants": {name: {"ratio": ratio(times, name, "serial reference"), "seconds": median(times[name])}
                          for name in variants}}

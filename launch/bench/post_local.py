@@ -24,7 +24,7 @@ the same bits (checked at the end of every run: ``bit_identical``).
 
 Timed in interleaved rounds (:mod:`launch.bench.timing`), the slowest rank's time: an iteration
 (inner step and, every ``period``, the average) end to end, and the averaging step alone
-(``sim.sync(t)`` at an averaging t; PyTorch's ``average_parameters_or_parameter_groups`` on the
+(``sim.engine.sync(t)`` at an averaging t; PyTorch's ``average_parameters_or_parameter_groups`` on the
 optimizer's parameter groups, what its averager calls).
 """
 
@@ -72,7 +72,7 @@ def post_local_sgd(comm, width: int, batch_size: int, periods, units: int, repea
         same = torch.tensor([1.0 if same else 0.0])
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         averaging = interleave({
-            "local SGD": _contender(lambda: sim.sync(average_t), comm.device),
+            "local SGD": _contender(lambda: sim.engine.sync(average_t), comm.device),
             "PyTorch": _contender(lambda: utils.average_parameters_or_parameter_groups(
                 optimizer.param_groups, dist.group.WORLD), comm.device),
         }, units=steps, repeats=repeats)

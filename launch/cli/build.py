@@ -17,7 +17,7 @@
   ``steps``, ``log_every`` (null: the schedule's period, so that logged steps fall on syncs),
   ``num_threads``, ``eval_every``, ``tensorboard``; ``check_reference`` (colocated);
   ``checkpoint_every``, ``checkpoint_dir``, ``resume``, ``resume_allow``, ``overlap`` (true | false |
-  auto), ``cluster``, ``compute_s`` (simulated time on a preset cluster, :mod:`launch.cli.simtime`)
+  auto), ``cluster``, ``compute_s`` (simulated time on a preset cluster, :mod:`launch.engine.record.clock`)
   (the simulator's launches); ``agents_per_rank``, ``timeout_s`` (torch, mpi: every collective
   completes or fails within it, naming the rank that seems lost: :mod:`launch.engine.guard.health`).  A
   key a launch does not take is an error.  The yaml files hold the defaults of each launch:
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -48,22 +47,26 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from agents.level_policy import resolve_policy
+from launch.cli.resume import CheckpointOptions, build_checkpoints
+from launch.cli.deviation import tolerance_for
 from launch.cli.errors import in_group_terms, launcher_world
 from launch.cli.registry import OUTER_RULES, SCHEDULES, make_schedule, optimizers, problems
-from launch.cli.simtime import check_cluster_options
-from launch.cli.tensorboard import summary_writer_class
+from launch.engine.record.clock import MAX_COMPUTE_S
+from launch.engine.record.tensorboard import MISSING, summary_writer_class
 from launch.comm import LAUNCHES
 from launch.comm.base import check_timeout
 from launch.engine.simulation import convert_batch
+from topology.checks import (check_bool, check_choice, check_integer, check_number, check_real, dtype_from_name,
+                             is_finite_real)
+from topology.network import PRESETS
 from topology.schedule import MultilayerSchedule, Schedule
 
 #: Where a run can take place: the serial reference, or the simulator's communicators.
 MODES = ("serial",) + LAUNCHES
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 #: The top-level keys of the configuration.
-TOP_LEVEL = ("agents", "topology", "problem", "launch", "tolerance", "plant")
+TOP_LEVEL = ("agents", "topology", "problem", "launch", "tolerance")
 
 #: The ``launch`` keys every launch takes, and those of some launches only.
 LAUNCH_KEYS = ("name", "device", "dtype", "seed", "steps", "log_every", "num_threads", "eval_every", "tensorboard")
@@ -83,48 +86,60 @@ MAX_AGENTS = 1024
 AGENT_COUNTS = ("n", "num_workers", "rows", "cols")
 
 
+@dataclass(frozen=True)
+class LaunchOptions:
+    """The ``launch`` group, validated (see the module docstring for each key)."""
+
+    mode: str
+    dtype: torch.dtype
+    device: str
+    seed: int
+    steps: int
+    log_every: int | None                   # None: the schedule's period
+    overlap: bool | str
+    num_threads: int | None = None          # None: torch's default
+    eval_every: int | None = None           # None: held-out metrics at the end only
+    tensorboard: bool = False
+    agents_per_rank: int | None = None      # torch, mpi
+    timeout_s: float = 300.0                # the communicator's collective timeout
+    cluster: str | None = None              # a preset of topology.network.PRESETS, or None
+    compute_s: float | None = None          # simulated seconds per inner step (None: measured)
+    check_reference: bool = False           # colocated: the serial reference stepped beside it
+
+
 @dataclass
 class Job:
-    """A run, fully built: what to simulate, where, and for how long."""
+    """A run, fully built: what to simulate (the problem, schedule, agents), and where and how
+    long (``launch``, the validated ``launch`` group)."""
 
     problem: object                         # experiments.problems.Problem
     problem_name: str
     schedule: Schedule
     optimizer: Callable[[list], torch.optim.Optimizer]
     state_policy: object                    # a str, or per-level (list / {level: policy})
-    mode: str
-    device: str
-    dtype: torch.dtype
-    seed: int
-    steps: int
+    launch: LaunchOptions
     log_every: int                          # launch.log_every, resolved (null: the schedule's period)
-    evaluate_on_device: bool                # the problem was built for ``device``
+    tolerance: float                        # tolerance, resolved (null: by launch.dtype)
+    evaluate_on_device: bool                # the problem was built for ``launch.device``
     outer: dict | None = None               # agents.outer, validated (see OUTER_RULES)
     stages: tuple | None = None             # SLRLA's agents.slrla.Stage list (topology=stagewise)
-    overlap: bool | str = "auto"            # launch.overlap: Simulation(overlap=...)
     topology_name: str = ""                 # topology.name, and its options as configured
     topology_options: dict | None = None
-    num_threads: int | None = None          # launch.num_threads (None: torch's default)
-    eval_every: int | None = None           # launch.eval_every (None: at the end only)
-    tensorboard: bool = False               # launch.tensorboard
-    agents_per_rank: int | None = None      # launch.agents_per_rank (torch, mpi)
-    timeout_s: float = 300.0                # launch.timeout_s: the communicator's collective timeout
-    cluster: str | None = None              # launch.cluster: a preset of topology.network.PRESETS, or None
-    compute_s: float | None = None          # launch.compute_s: simulated seconds per inner step (None: measured)
+    checkpoints: CheckpointOptions | None = None  # launch.checkpoint_every, resume ... (None: no checkpoints)
 
     def make_outer(self):
         """A fresh slow rule for the simulator (``Simulation(outer=...)``), or None."""
         return None if self.outer is None else OUTER_RULES[self.outer["name"]].make(self.outer)
 
     def model(self) -> nn.Module:
-        """A fresh model in the run's dtype (global RNG seeded with ``seed`` first)."""
-        torch.manual_seed(self.seed)
-        return self.problem.model().to(dtype=self.dtype)
+        """A fresh model in the run's dtype (global RNG seeded with ``launch.seed`` first)."""
+        torch.manual_seed(self.launch.seed)
+        return self.problem.model().to(dtype=self.launch.dtype)
 
     def batches(self, agent: int) -> Iterator:
         """Worker ``agent``'s stream, its floating tensors in the run's dtype, on the run's device."""
         for batch in self.problem.batches(agent):
-            yield convert_batch(batch, self.dtype, self.device)
+            yield convert_batch(batch, self.launch.dtype, self.launch.device)
 
     def evaluate(self, module: nn.Module) -> dict:
         """The problem's held-out metrics of ``module`` (a CPU copy unless the problem was built
@@ -134,32 +149,11 @@ class Job:
         return {key: float(value) for key, value in self.problem.evaluate(module).items()}
 
 
-@dataclass(frozen=True)
-class LaunchOptions:
-    """The ``launch`` group, validated."""
-
-    mode: str
-    dtype: torch.dtype
-    device: str
-    seed: int
-    steps: int
-    log_every: int | None                   # None: the schedule's period
-    overlap: bool | str
-    num_threads: int | None = None
-    eval_every: int | None = None
-    tensorboard: bool = False
-    agents_per_rank: int | None = None
-    timeout_s: float = 300.0
-    cluster: str | None = None
-    compute_s: float | None = None
-
-
 def build_job(cfg: DictConfig) -> Job:
     """Validate ``cfg`` and build the problem, schedule and inner optimizer of the run."""
     unknown = sorted(set(cfg) - set(TOP_LEVEL))
     if unknown:
         raise ValueError(f"unknown top-level key(s) {unknown}; the configuration has {', '.join(TOP_LEVEL)}")
-    check_plant(cfg.get("plant"))
     launch = build_launch(cfg.launch)
     schedule, stages = build_topology(cfg.topology, launch.steps)
     state_policy, optimizer, outer = build_agents(cfg.agents, schedule, stages)
@@ -175,18 +169,17 @@ def build_job(cfg: DictConfig) -> Job:
         raise ValueError(f"launch.cluster={launch.cluster} does not model a slow rule's sync (agents.outer="
                          f"{{name: {outer['name']}}}): its collectives are not those of the schedule's plan; "
                          f"set launch.cluster=null or agents.outer=null")
-    return Job(problem, problem_name, schedule, optimizer, state_policy, launch.mode, launch.device, launch.dtype,
-               launch.seed, launch.steps, log_every, evaluate_on_device=on_device, outer=outer,
-               stages=stages, overlap=launch.overlap, topology_name=str(cfg.topology.name),
-               topology_options=topology_options, num_threads=launch.num_threads, eval_every=launch.eval_every,
-               tensorboard=launch.tensorboard, agents_per_rank=launch.agents_per_rank,
-               timeout_s=launch.timeout_s, cluster=launch.cluster, compute_s=launch.compute_s)
+    job = Job(problem, problem_name, schedule, optimizer, state_policy, launch, log_every,
+              tolerance_for(cfg.get("tolerance"), launch.dtype), evaluate_on_device=on_device, outer=outer,
+              stages=stages, topology_name=str(cfg.topology.name), topology_options=topology_options)
+    job.checkpoints = build_checkpoints(cfg, job)
+    return job
 
 
 def build_launch(node) -> LaunchOptions:
     """The ``launch`` group (see the module docstring); a launch that would run the whole job in
     each of several processes (``serial`` / ``colocated`` under torchrun or mpiexec) is an error."""
-    mode = _choice(node.get("name"), MODES, "launch.name")
+    mode = check_choice(node.get("name"), MODES, "launch.name")
     allowed = LAUNCH_KEYS + MODE_KEYS[mode]
     unknown = sorted(set(node) - set(allowed))
     if unknown:
@@ -195,29 +188,36 @@ def build_launch(node) -> LaunchOptions:
         raise ValueError(f"launch has key(s) {unknown} that launch={mode} does not take{hint}; "
                          f"allowed: {', '.join(allowed)}")
     _check_world(mode)
-    tensorboard = _boolean(node.get("tensorboard", False), "launch.tensorboard")
+    tensorboard = check_bool(node.get("tensorboard", False), "launch.tensorboard")
     if tensorboard:
-        summary_writer_class()  # the package is there, or the same error on every rank
+        try:
+            summary_writer_class()  # the package is there, or the same error on every rank
+        except ValueError:
+            raise ValueError(f"launch.tensorboard=true {MISSING} (or leave launch.tensorboard=false)") from None
     return LaunchOptions(
-        mode=mode, dtype=DTYPES[_choice(node.dtype, tuple(DTYPES), "launch.dtype")],
-        device=_device(str(node.device), mode), seed=_integer(node.seed, "launch.seed", minimum=0, maximum=MAX_SEED),
-        steps=_integer(node.steps, "launch.steps", minimum=1),
-        log_every=_optional_integer(node.get("log_every"), "launch.log_every", "the schedule's period"),
+        mode=mode, dtype=dtype_from_name(node.dtype, "launch.dtype"), device=_device(str(node.device), mode),
+        seed=check_integer(node.seed, "launch.seed", minimum=0, maximum=MAX_SEED),
+        steps=check_integer(node.steps, "launch.steps", minimum=1),
+        log_every=check_integer(node.get("log_every"), "launch.log_every", minimum=1, optional="the schedule's period"),
         overlap=_overlap(node.get("overlap", "auto")),
-        num_threads=_optional_integer(node.get("num_threads"), "launch.num_threads", "torch's default"),
-        eval_every=_optional_integer(node.get("eval_every"), "launch.eval_every", "only at the end"),
-        tensorboard=tensorboard, agents_per_rank=_optional_integer(node.get("agents_per_rank"), "launch.agents_per_rank",
-                                          "number of agents / number of processes"),
+        num_threads=check_integer(node.get("num_threads"), "launch.num_threads", minimum=1, optional="torch's default"),
+        eval_every=check_integer(node.get("eval_every"), "launch.eval_every", minimum=1, optional="only at the end"),
+        tensorboard=tensorboard,
+        agents_per_rank=check_integer(node.get("agents_per_rank"), "launch.agents_per_rank", minimum=1,
+                                      optional="number of agents / number of processes"),
         timeout_s=check_timeout(node.get("timeout_s", 300.0), name="launch.timeout_s"),
+        check_reference=check_bool(node.get("check_reference", False), "launch.check_reference"),
         **dict(zip(("cluster", "compute_s"), check_cluster_options(node.get("cluster"), node.get("compute_s")))))
 
 
 def _overlap(value) -> bool | str:
     """``launch.overlap``: true, false, or auto (the default: overlapped wherever it applies)."""
-    if not isinstance(value, bool) and value != "auto":
-        raise ValueError(f"launch.overlap must be true or false; got {value!r} (or auto, the default: "
-                         f"overlapped wherever it applies)")
-    return value
+    if isinstance(value, str) and value == "auto":
+        return value
+    try:
+        return check_bool(value, "launch.overlap")
+    except ValueError as err:
+        raise ValueError(f"{err} (or auto, the default: overlapped wherever it applies)") from None
 
 
 def _check_world(mode: str) -> None:
@@ -292,6 +292,11 @@ def build_problem(node, launch: LaunchOptions, schedule: Schedule):
     given = dict(options)
     accepted = _parameters(factory)
     workers = schedule.workers
+    if "num_workers" in options and options["num_workers"] != len(workers):
+        raise ValueError(f"problem.num_workers={options['num_workers']!r} does not match the topology's {len(workers)} "
+                         f"workers: the data is split into one shard per worker, and a shard no worker reads "
+                         f"would silently drop out of training; leave problem.num_workers unset (the topology's "
+                         f"number is used) or set it to {len(workers)}")
     run_values = {"seed": launch.seed, "dtype": launch.dtype, "device": launch.device, "num_workers": len(workers)}
     for key, value in run_values.items():
         if accepted is not None and key in accepted and key not in options:
@@ -345,12 +350,6 @@ def _state_policy(policy, schedule: Schedule):
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _choice(value, allowed, key: str):
-    if value not in allowed:
-        raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
-
-
 def _device(device: str, mode: str) -> str:
     """``launch.device`` resolved: ``auto`` is CUDA when available; under torchrun a bare ``cuda``
     is this process's GPU, ``cuda:LOCAL_RANK`` (NCCL needs one GPU per rank)."""
@@ -367,32 +366,6 @@ def _device(device: str, mode: str) -> str:
     return device
 
 
-def _integer(value, key: str, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
-        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{key} must be an integer {allowed}; got {value!r}")
-    return value
-
-
-def _optional_integer(value, key: str, null_means: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be null ({null_means}) or an integer >= 1; got {value!r}")
-    return value
-
-
-def _boolean(value, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key} must be true or false; got {value!r}")
-    return value
-
-
-def _finite_number(value) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, numbers.Real)
-            and math.isfinite(float(value)))
-
-
 def _check_agent_count(options: dict) -> None:
     """At most :data:`MAX_AGENTS` agents, checked on the options that count them before the
     factory builds m x m matrices (``topology.n=100000`` would ask for 80 GB)."""
@@ -407,22 +380,18 @@ def _check_agent_count(options: dict) -> None:
                          f"line runs at most {MAX_AGENTS} (every P_t is a dense m x m matrix)")
 
 
-def check_plant(plant) -> None:
-    """``plant`` (test only): null, or a mapping with keys among run, agent, step, size."""
-    if plant is None:
-        return
-    keys = ("run", "agent", "step", "size")
-    if not isinstance(plant, DictConfig | dict):
-        raise ValueError(f"plant must be null or a mapping {{run, agent, step, size}}; got {plant!r}")
-    unknown = sorted(set(plant) - set(keys))
-    if unknown:
-        raise ValueError(f"plant has key(s) {unknown}; allowed: {', '.join(keys)}")
-    if plant.get("run", "colocated") not in MODES:
-        raise ValueError(f"plant.run must be one of {', '.join(MODES)}; got {plant.get('run')!r}")
-    for key in ("agent", "step"):
-        _integer(plant.get(key, 0), f"plant.{key}", minimum=0)
-    if not _finite_number(plant.get("size", 1e-6)):
-        raise ValueError(f"plant.size must be a finite number; got {plant.get('size')!r}")
+def check_cluster_options(cluster, compute_s) -> tuple[str | None, float | None]:
+    """``launch.cluster`` (None or a preset name) and ``launch.compute_s`` (None or seconds >= 0),
+    validated; ``compute_s`` without ``cluster`` is refused (it would be silently unused)."""
+    if cluster is not None:
+        cluster = check_choice(cluster, tuple(PRESETS), "launch.cluster")
+    if compute_s is not None:
+        if cluster is None:
+            raise ValueError("launch.compute_s needs launch.cluster (a preset of the simulated network: "
+                             f"{', '.join(PRESETS)})")
+        compute_s = check_real(compute_s, "launch.compute_s", minimum=0.0, maximum=MAX_COMPUTE_S,
+                               unit="seconds per inner step")
+    return cluster, compute_s
 
 
 def _options(node, key: str) -> dict:
@@ -483,14 +452,13 @@ def _optimizer_factory(options: dict) -> Callable[[list], torch.optim.Optimizer]
 def _optimizer_option(key: str, value, default, numeric: bool):
     """One optimizer option checked against the type of its default (see :func:`_optimizer_factory`)."""
     if isinstance(default, bool):
-        return _boolean(value, key)
+        return check_bool(value, key)
     if numeric or (isinstance(default, numbers.Real) and not isinstance(default, bool)):
-        if not _finite_number(value):
-            raise ValueError(f"{key} must be a finite number; got {value!r}")
+        check_number(value, key)
         return value
-    if isinstance(default, tuple) and default and all(_finite_number(v) for v in default):
+    if isinstance(default, tuple) and default and all(is_finite_real(v) for v in default):
         if (not isinstance(value, (list, tuple)) or len(value) != len(default)
-                or not all(_finite_number(v) for v in value)):
+                or not all(is_finite_real(v) for v in value)):
             raise ValueError(f"{key} must be a list of {len(default)} finite numbers, like "
                              f"[{','.join(map(str, default))}]; got {value!r}")
         return tuple(value)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from topology.checks import check_real
+
 #: The tolerance of ``tolerance: null``, by dtype.  Serial and simulated runs compute a sync in
 #: different forms (``z + alpha * (x - z)`` vs ``alpha * x + (1 - alpha) * z``), which differ in
 #: the last bit; float64 keeps the trajectories 1e-12 apart over thousands of steps, the shorter
@@ -13,11 +15,8 @@ TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, to
 
 def tolerance_for(value, dtype: torch.dtype) -> float:
     """The configured ``tolerance``, or the dtype's default (:data:`TOLERANCES`) when None."""
-    if value is None:
-        return TOLERANCES[dtype]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"tolerance must be a number >= 0 or null (by dtype); got {value!r}")
-    return float(value)
+    value = check_real(value, "tolerance", minimum=0.0, kind="a number", optional="by dtype")
+    return TOLERANCES[dtype] if value is None else value
 
 
 class DeviationTracker:

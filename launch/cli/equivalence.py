@@ -18,8 +18,8 @@ Nothing is stored: the runs advance together and the largest deviation
 ``max|x_i - y_i| / max|y_i|`` (the scale of the reference y) is kept per agent and per pair of
 runs.  Rank 0 prints the table (and writes it to ``equivalence.txt`` in hydra's run directory).
 Every rank exits with the same status: 0 when every deviation is at most ``tolerance`` (default
-by dtype, :data:`launch.cli.deviation.TOLERANCES`: 1e-12 in float64), 1 above it, 2 for an invalid configuration.  ``plant`` (test only,
-see ``launch/cli/conf/config.yaml``) perturbs one agent of one run to show that the check can fail.
+by dtype, :data:`launch.cli.deviation.TOLERANCES`: 1e-12 in float64), 1 above it, 2 for an
+invalid configuration.
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ from omegaconf import DictConfig
 
 from launch.cli.app import open_run, run_job
 from launch.cli.build import Job
-from launch.cli.deviation import DeviationTracker, format_table, tolerance_for
+from launch.cli.deviation import DeviationTracker, format_table
 from launch.cli.errors import linger, run_hydra_app
 from launch.cli.registry import serial_reference_missing
-from launch.cli.runs import plant_deviation_, role
+from launch.cli.runs import role
 from launch.engine.guard.health import gather_objects
 
 _STATUS = [0]
 
 
-def compare(job: Job, comm, plant=None) -> dict[tuple[str, str], DeviationTracker]:
+def compare(job: Job, comm) -> dict[tuple[str, str], DeviationTracker]:
     """Run ``job`` in every place available (see the module docstring) for ``job.steps``
     iterations; the largest deviation per agent for every pair (run under test, reference run),
     merged over the ranks of ``comm`` (identical on every rank)."""
@@ -52,7 +52,7 @@ def compare(job: Job, comm, plant=None) -> dict[tuple[str, str], DeviationTracke
         runs["serial"] = open_run(job, None, model, "serial")
     runs["colocated"] = open_run(job, None, model, "colocated")
     if comm is not None:
-        runs[job.mode] = open_run(job, comm, model)
+        runs[job.launch.mode] = open_run(job, comm, model)
     names = list(runs)
     if len(names) < 2:
         raise ValueError(
@@ -62,15 +62,14 @@ def compare(job: Job, comm, plant=None) -> dict[tuple[str, str], DeviationTracke
         )
     pairs = [(a, b) for j, a in enumerate(names) for b in names[:j]]
     trackers = {pair: DeviationTracker() for pair in pairs}
-    for t in range(job.steps):
+    for _ in range(job.launch.steps):
         for run in runs.values():
             run.step()
-            plant_deviation_(run, plant, t)
         columns = {name: run.columns() for name, run in runs.items()}
         for (a, b), tracker in trackers.items():
             tracker.update(columns[a], columns[b])
     if comm is not None:
-        gathered = gather_objects(comm, {pair: tracker.worst for pair, tracker in trackers.items()}, job.steps,
+        gathered = gather_objects(comm, {pair: tracker.worst for pair, tracker in trackers.items()}, job.launch.steps,
                                   "gather of the deviations")
         for pair, tracker in trackers.items():
             tracker.merge(part[pair] for part in gathered)
@@ -91,8 +90,8 @@ def report(job: Job, trackers, tolerance: float, processes: int) -> tuple[str, i
     status = 0 if worst <= tolerance else 1
     where = f", {processes} processes" if processes > 1 else ""
     text = (
-        f"equivalence of {job.problem_name} on {job.schedule!r}, {job.steps} steps, "
-        f"{str(job.dtype).replace('torch.', '')}{where}\n"
+        f"equivalence of {job.problem_name} on {job.schedule!r}, {job.launch.steps} steps, "
+        f"{str(job.launch.dtype).replace('torch.', '')}{where}\n"
         f"largest relative deviation max|x_i - y_i| / max|y_i| over every step (x vs y):\n"
         f"{format_table(rows, columns)}\n"
         + (f"PASS: every deviation <= {tolerance:g} (largest {worst:.3e})" if status == 0 else
@@ -105,9 +104,8 @@ def run(cfg: DictConfig, out_dir: Path | str) -> int:
     """The equivalence check of ``cfg``; returns the exit status (the same on every rank)."""
 
     def body(job: Job, comm) -> int:
-        tolerance = tolerance_for(cfg.tolerance, job.dtype)
-        trackers = compare(job, comm, cfg.get("plant"))
-        text, status = report(job, trackers, tolerance, 1 if comm is None else comm.world_size)
+        trackers = compare(job, comm)
+        text, status = report(job, trackers, job.tolerance, 1 if comm is None else comm.world_size)
         if comm is None or comm.rank == 0:
             print(text, flush=True)
             Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -195,6 +195,13 @@ def run_hydra_app(hydra_main) -> int | None:
             raise
         report_error(hydra_error_line(err))
         return EXIT_CONFIG
+    except OSError as err:   # hydra makes the run directory and its log there before the app runs
+        if full:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        report_error(f"cannot write the run's files{where} ({err.strerror or err}): choose a folder that can be "
+                     f"written with hydra.run.dir=... (hydra.sweep.dir=... for a sweep)")
+        return EXIT_CONFIG
     finally:
         if not full:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -2,9 +2,11 @@
 
 After the last iteration every rank calls :func:`finish_run`, which does, in this order:
 
-1. the end-of-run finiteness check, collective like a sync's (``sim.finiteness.check``,
-   :mod:`launch.engine.guard.finiteness`; a serial run checks its columns): a run that diverged after
-   its last sync is caught here;
+1. the end-of-run finiteness check, collective like a sync's (the run's ``check_finite``,
+   :meth:`launch.engine.core.SyncEngine.check_finite`; a serial run checks its columns): a run
+   that diverged after its last sync is caught here; and the held-out metrics of the last
+   evaluation: an agent whose parameters are finite but whose held-out loss is not (parameters
+   of 1e155) has diverged too -- the same verdict on every rank, from the evaluation's gather;
 2. the final checkpoint (when the run checkpoints and iterated), unless the check failed (the last
    good checkpoint is then kept); a :class:`launch.engine.store.checkpoint.CheckpointError` (a full
    disk, a read-only folder) is kept in the :class:`Ending`, not raised, so that the caller still
@@ -22,11 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from launch.cli.errors import EXIT_CHECKPOINT, EXIT_DEVIATION, EXIT_NONFINITE, EXIT_OK, report_error
 from launch.engine.store.checkpoint import CheckpointError
 from launch.engine.guard.health import END_OF_RUN, NonFiniteError
+
+#: Where a non-finite held-out metric of the last evaluation is found.
+HELDOUT = "held-out evaluation at the end of the run"
 
 
 @dataclass
@@ -43,8 +46,9 @@ class Ending:
         that failed is reported apart: :meth:`report`)."""
         if self.nonfinite is not None:
             err = self.nonfinite
+            loss = "held-out metrics" if err.stopped[1] == HELDOUT else "loss"
             parts = ([f"parameters of agent(s) {err.parameters}"] if err.parameters else []) + (
-                [f"loss of agent(s) {err.losses}"] if err.losses else [])
+                [f"{loss} of agent(s) {err.losses}"] if err.losses else [])
             return "non_finite", (f"non-finite {' and '.join(parts)} at the end of the run, t={err.step}; "
                                   f"no final checkpoint")
         if status == EXIT_DEVIATION:
@@ -70,27 +74,20 @@ class Ending:
                          f"summary.txt and metrics.csv{where}")
 
 
-def finish_run(run_, checkpointer, first: int, steps: int) -> Ending:
-    """Steps 1 and 2 of the module docstring (collective: every rank calls it)."""
+def finish_run(run_, checkpointer, first: int, steps: int, heldout_nonfinite: list[int] = ()) -> Ending:
+    """Steps 1 and 2 of the module docstring (collective: every rank calls it);
+    ``heldout_nonfinite``: the agents whose held-out metrics at the end are not finite."""
     ending = Ending()
     try:
-        _check_finite(run_, steps)
+        run_.check_finite(END_OF_RUN)
+        if heldout_nonfinite:
+            raise NonFiniteError(steps, [], list(heldout_nonfinite), HELDOUT)
     except NonFiniteError as err:
         ending.nonfinite = err
         return ending
     if checkpointer is not None and first < steps:
         try:
-            checkpointer.save(run_.simulation)
+            checkpointer.save(run_.engine)
         except CheckpointError as err:
             ending.checkpoint = err
     return ending
-
-
-def _check_finite(run_, t: int) -> None:
-    simulation = getattr(run_, "simulation", None)
-    if simulation is not None:
-        simulation.finiteness.check(t, END_OF_RUN)
-        return
-    bad = [i for i, column in run_.columns().items() if not torch.isfinite(column).all()]
-    if bad:
-        raise NonFiniteError(t, bad, [], END_OF_RUN)

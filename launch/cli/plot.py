@@ -26,8 +26,8 @@ import math
 from pathlib import Path
 
 from launch.cli.errors import EXIT_CONFIG, EXIT_OK, report_error
-from launch.cli.evaluation import VIRTUAL, read_eval
-from launch.cli.metrics import read_metrics
+from launch.engine.record.evaluation import VIRTUAL, read_eval
+from launch.engine.record.metrics import read_metrics
 from launch.cli.summary import flat_summary, read_summary
 
 #: At most this many curves get a legend entry (a ring of 64 agents draws without one).
@@ -122,11 +122,11 @@ def plot_run(run: Path, out: Path) -> Path:
     agents = sorted({r["agent"] for r in metrics})
     lrs = {r["lr"] for r in evals if not math.isnan(r["lr"])}
     panels = ["loss"] + _heldout_keys(evals)
-    panels += ["consensus_distance"] if _has(metrics, "consensus_distance") else []
+    panels += ["distance_to_virtual"] if _has(metrics, "distance_to_virtual") else []
     panels += ["lr"] if len(lrs) > 1 else []
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        rows = metrics if panel in ("loss", "consensus_distance") else evals
+        rows = metrics if panel in ("loss", "distance_to_virtual") else evals
         curves = 0
         for agent in agents + ([VIRTUAL] if panel.startswith("heldout_") else []):
             steps, values = _series(rows, panel, agent)
@@ -134,7 +134,7 @@ def plot_run(run: Path, out: Path) -> Path:
                 name = "X a (virtual)" if agent == VIRTUAL else f"agent {agent}"
                 ax.plot(steps, values, "--" if agent == VIRTUAL else "-", label=name, marker="." if len(steps) < 30 else None)
                 curves += 1
-        title = {"loss": "training loss (workers)", "consensus_distance": "consensus distance ||z_i - X a||",
+        title = {"loss": "training loss (workers)", "distance_to_virtual": "distance to the virtual iterate ||z_i - X a||",
                  "lr": "inner learning rate"}.get(panel, panel.replace("heldout_", "held-out "))
         _finish(ax, title, curves)
     fig.suptitle(str(run), fontsize=8)
@@ -152,7 +152,7 @@ def plot_sweep(runs: list[Path], out: Path) -> Path:
     data = {run: (read_metrics(run / "metrics.csv"),
                   read_eval(run / "eval.csv") if (run / "eval.csv").is_file() else []) for run in runs}
     heldout = sorted({k for _, evals in data.values() for k in _heldout_keys(evals)})
-    panels = ["loss"] + heldout + ["consensus_distance"]
+    panels = ["loss"] + heldout + ["distance_to_virtual"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for run in runs:
@@ -165,7 +165,7 @@ def plot_sweep(runs: list[Path], out: Path) -> Path:
             if steps:
                 ax.plot(steps, values, label=labels[run], marker="." if len(steps) < 30 else None)
         title = {"loss": "training loss (mean over workers)",
-                 "consensus_distance": "consensus distance (mean over agents)"}.get(
+                 "distance_to_virtual": "distance to X a (mean over agents)"}.get(
             panel, f"{panel.replace('heldout_', 'held-out ')} of X a")
         _finish(ax, title, len(runs))
     fig.tight_layout()
@@ -177,7 +177,7 @@ def plot_sweep(runs: list[Path], out: Path) -> Path:
 
 # -- the sweep's table -------------------------------------------------------------------------------
 def sweep_rows(runs: list[Path]) -> list[dict]:
-    """One row per run: ``run``, the swept keys, ``final_loss`` and ``final_consensus_distance``
+    """One row per run: ``run``, the swept keys, ``final_loss`` and ``final_distance_to_virtual``
     (means over the agents at the last logged step; NaN when absent), then the run's summary
     figures (lists one column per agent)."""
     keys = swept_keys(runs)
@@ -187,7 +187,7 @@ def sweep_rows(runs: list[Path]) -> list[dict]:
         last = max((r["step"] for r in metrics), default=0)
         final = [r for r in metrics if r["step"] == last]
         row = {"run": run.name, **keys[run]}
-        for key in ("loss", "consensus_distance"):
+        for key in ("loss", "distance_to_virtual"):
             values = [r[key] for r in final if not math.isnan(r[key])]
             row[f"final_{key}"] = sum(values) / len(values) if values else math.nan
         if (run / "summary.json").is_file():

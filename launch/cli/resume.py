@@ -1,10 +1,32 @@
-"""A resume on the command line proves it continues the same run.
+"""Checkpoints on the command line, and the proof that a resume continues the same run.
 
-Every checkpoint of a command-line run holds :func:`config_record`, the resolved configuration
-that defines the trajectory, beside the engine's own record (:mod:`launch.engine.store.run_record`);
-``launch.resume=true`` compares both with the new command's (:meth:`Checkpointer.load
-<launch.engine.store.checkpoint.Checkpointer.load>`) and stops, on every rank with exit status 2, at the
-first difference, naming each differing key with both values.
+``launch.checkpoint_every``, ``launch.checkpoint_dir``, ``launch.resume``, ``launch.resume_allow``
+(see :mod:`launch.engine.store.checkpoint` for what a checkpoint holds), validated when the job is
+built (:func:`build_checkpoints`):
+
+- ``checkpoint_every: N`` writes a checkpoint every N iterations and at the end, under
+  ``checkpoint_dir`` (relative paths are taken from the run directory; give an absolute path, or
+  the same ``hydra.run.dir``, to resume a run in a new process);
+- ``resume: true`` starts from the latest complete checkpoint in ``checkpoint_dir`` (a clear error
+  when there is none) and runs on until t reaches ``launch.steps``, a total: a checkpoint past it
+  is an error naming both (:func:`launch.engine.store.checkpoint.check_resume_step`, in the app).  The
+  trajectory is the uninterrupted run's, bit for bit (same layout) or within 1e-12 (another
+  layout).  The resume first proves it continues the same run: the checkpoint's resolved
+  configuration (:func:`config_record`) must equal the new command's, except the keys listed in
+  ``resume_allow`` (below), whose new values then apply;
+- every checkpoint's files are checksummed (:mod:`launch.engine.store.manifest`): a corrupted, swapped
+  or edited checkpoint is refused, naming the file.
+
+Only simulator runs (colocated, torch, mpi) checkpoint; the co-located reference check is skipped
+on resume (the serial reference cannot resume), and SLRLA's stage controller is not checkpointed,
+so ``topology=stagewise`` refuses ``resume``.
+
+**The same run.**  Every checkpoint of a command-line run holds :func:`config_record`, the
+resolved configuration that defines the trajectory, beside the engine's own record
+(:mod:`launch.engine.store.run_record`); ``launch.resume=true`` compares both with the new
+command's (:meth:`Checkpointer.load <launch.engine.store.checkpoint.Checkpointer.load>`) and
+stops, on every rank with exit status 2, at the first difference, naming each differing key with
+both values.
 
 Recorded (defaults filled in, so that ``agents=sgd`` and ``agents.optimizer.momentum=0`` compare
 equal when they build the same optimizer):
@@ -34,14 +56,19 @@ class, the number of agents, the parameters' count and dtype): an error says so.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from agents.level_policy import resolve_policy
+from agents.settings import normalize
 from launch.cli.registry import SCHEDULES, optimizers, problems
-from launch.engine.store.run_record import allowed, flatten, normalize
+from launch.engine.store.checkpoint import Checkpointer
+from launch.engine.store.run_record import allowed, flatten
+from topology.checks import check_bool, check_integer
 from topology.schedule import MultilayerSchedule
 
 #: Keys a resume may always change (not recorded); listing them in launch.resume_allow is a no-op.
@@ -51,6 +78,53 @@ FREE = ("launch.steps", "launch.name", "launch.device", "launch.overlap", "launc
 
 #: The configuration's recorded keys -> the engine record's keys they determine.
 ENGINE_KEYS = {"topology": ("schedule",), "agents.state_policy": ("state_policy",), "launch.dtype": ("dtype",)}
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """The checkpoint keys of the ``launch`` group, validated, and the run's configuration record
+    (what a resume compares)."""
+
+    every: int | None           # launch.checkpoint_every
+    directory: str              # launch.checkpoint_dir (relative: from the run directory)
+    resume: bool                # launch.resume
+    allow: tuple[str, ...]      # launch.resume_allow, the recorded keys (free keys dropped)
+    record: dict                # :func:`launch.cli.resume.config_record`
+
+
+def build_checkpoints(cfg: DictConfig, job) -> CheckpointOptions | None:
+    """The run's checkpoint options (None when neither ``checkpoint_every`` nor ``resume`` is
+    set); validated locally and identically on every rank: a bad value is a ``ValueError``
+    naming the key."""
+    every = check_integer(cfg.launch.get("checkpoint_every"), "launch.checkpoint_every", minimum=1,
+                          optional="")
+    resume = check_bool(cfg.launch.get("resume", False), "launch.resume")
+    if every is None and not resume:
+        if cfg.launch.get("resume_allow"):   # checked all the same: a typo must not wait for the resume
+            resume_allow(cfg, config_record(cfg, job))
+        return None
+    if job.launch.mode == "serial":
+        raise ValueError("launch.checkpoint_every / launch.resume need a simulator run (launch=colocated, torch or mpi); "
+                         "launch=serial does not checkpoint")
+    if resume and job.stages is not None:
+        raise ValueError("launch.resume is not supported with topology=stagewise (SLRLA's stage controller "
+                         "is not checkpointed)")
+    record = config_record(cfg, job)
+    return CheckpointOptions(every, str(cfg.launch.get("checkpoint_dir") or "checkpoints"), resume,
+                             resume_allow(cfg, record), record)
+
+
+def checkpointer_for(options: CheckpointOptions | None, out_dir: Path) -> Checkpointer | None:
+    """The run's :class:`Checkpointer` (None without checkpoint options), its folder taken from
+    the run directory ``out_dir`` when relative."""
+    if options is None:
+        return None
+    directory = Path(options.directory)
+    if not directory.is_absolute():
+        directory = out_dir / directory
+    return Checkpointer(directory, every=options.every, config=options.record,
+                        allow=options.allow + engine_keys(options.allow), allow_option="launch.resume_allow",
+                        key_name=config_key)
 
 
 def config_record(cfg: DictConfig, job) -> dict:
@@ -68,7 +142,7 @@ def config_record(cfg: DictConfig, job) -> dict:
         "agents": {"optimizer": {"name": name, **built.defaults},
                    "state_policy": list(resolve_policy(job.state_policy, depth, name="agents.state_policy")),
                    "outer": job.outer},
-        "launch": {"seed": job.seed, "dtype": str(cfg.launch.dtype)},
+        "launch": {"seed": job.launch.seed, "dtype": str(cfg.launch.dtype)},
     }
     return normalize(flatten(record))
 
@@ -112,6 +186,24 @@ def engine_keys(allow) -> tuple[str, ...]:
             rest = key[len("agents.outer."):] if key.startswith("agents.outer.") else ""
             keys += ["outer"] if rest in ("", "name") else [f"outer.{rest}", f"outer.optimizer.{rest}"]
     return tuple(dict.fromkeys(keys))
+
+
+def config_key(key: str) -> str:
+    """The configuration key of an engine record's ``key`` (the inverse of :func:`engine_keys`,
+    for a checkpoint written through the Python API, which holds no configuration record).
+
+    Example:
+        >>> config_key("optimizer.lr"), config_key("outer.optimizer.momentum"), config_key("schedule")
+        ('agents.optimizer.lr', 'agents.outer.momentum', 'topology')
+    """
+    for config, engine in ENGINE_KEYS.items():
+        if key in engine:
+            return config
+    if key.startswith("outer.optimizer."):
+        return "agents.outer." + key[len("outer.optimizer."):]
+    if key == "optimizer" or key.startswith("optimizer.") or key == "outer" or key.startswith("outer."):
+        return "agents." + key
+    return key
 
 
 def _container(node) -> dict:

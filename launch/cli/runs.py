@@ -7,10 +7,14 @@ columns: the fast weights, then slow levels 1..n); :class:`SimulationRun` is a
 
 - ``step()``: iteration t (inner step, then the sync of P_t); returns the losses of the local
   workers, evaluated at their parameters before the update, by agent;
-- ``columns()``: ``{agent: flat parameter vector}`` of the local agents (live views; treat as
-  read-only, except :func:`plant_deviation_`);
+- ``columns()``: ``{agent: flat parameter vector}`` of the local agents (live views; read-only);
 - ``grad_norms()``: ``{worker: ||g||_2}`` of the gradient of the last inner step (local workers);
 - ``state_dicts(template)``: every agent's final ``state_dict`` (a collective on every rank).
+
+Both are a :class:`launch.engine.record.run.Run` (``models()``, ``learning_rates()``,
+``worker_buffers()``, ``wait_in_flight()``, ``check_finite(where)``, ``engine``: the simulation's
+:class:`launch.engine.core.SyncEngine`, None for the serial reference), which is all the command
+line reads of a run.
 """
 
 from __future__ import annotations
@@ -23,20 +27,15 @@ from torch import nn
 from agents.flat import load_flat_
 from agents.slrla import SLRLAController, proximal, stage_lookahead
 from launch.cli.registry import has_serial_reference, serial_optimizer, serial_reference_missing
-from launch.comm import Communicator, LocalCommunicator
-from launch.engine.diagnostics import local_models
-from launch.engine.guard.health import gather_objects
+from launch.comm import LocalCommunicator
+from launch.engine.guard.health import NonFiniteError
+from launch.engine.record.run import EngineRun, Run, grad_norm
 from launch.engine.simulation import Simulation
 from topology.schedule import Schedule
 
 
 def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-def _grad_norm(params) -> float:
-    grads = [p.grad.reshape(-1) for p in params if p.grad is not None]
-    return float(torch.cat(grads).norm()) if grads else float("nan")
 
 
 def role(schedule: Schedule, agent: int) -> str:
@@ -47,7 +46,7 @@ def role(schedule: Schedule, agent: int) -> str:
     return "worker" if agent in schedule.workers else "passive"
 
 
-class SerialRun:
+class SerialRun(Run):
     """The serial reference of a (multilayer / nested) Lookahead schedule: one module, its inner
     optimizer wrapped in :class:`~agents.reference.MultilayerLookahead` (or, with ``outer``, the
     options of ``agents.outer``, in :class:`~agents.outer.OuterLookahead` /
@@ -84,11 +83,19 @@ class SerialRun:
         self.agents = tuple(range(schedule.num_agents))
         self.rank, self.world_size = 0, 1
 
-    def step(self) -> dict[int, torch.Tensor]:
+    def step(self, before_sync=None) -> dict[int, torch.Tensor]:
+        """One iteration; ``before_sync(losses)`` after the inner step, before the reference's
+        sync (a post-hook of the inner optimizer, which the reference steps first)."""
         self.optimizer.zero_grad()
         loss = self.loss_fn(self.module, next(self.data))
         loss.backward()
-        self.optimizer.step()
+        hook = (None if before_sync is None else
+                self.optimizer.optimizer.register_step_post_hook(lambda *_: before_sync({0: loss.detach()})))
+        try:
+            self.optimizer.step()
+        finally:
+            if hook is not None:
+                hook.remove()
         self.t += 1
         if self.stages is not None and self.t in self.ends[1:-1]:
             self.optimizer = stage_lookahead(self.params, self.inner, self.stages[self.ends.index(self.t)],
@@ -102,10 +109,18 @@ class SerialRun:
         return columns
 
     def grad_norms(self) -> dict[int, float]:
-        return {0: _grad_norm(self.params)}
+        return {0: grad_norm(self.params)}
 
-    def models(self) -> dict[int, torch.Tensor]:
-        return self.columns()
+    def learning_rates(self) -> dict[int, float]:
+        return {0: float(self.optimizer.param_groups[0]["lr"])}   # agent 0 is the worker
+
+    def worker_buffers(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {0: dict(self.module.named_buffers())}
+
+    def check_finite(self, where: str) -> None:
+        bad = [i for i, column in self.columns().items() if not torch.isfinite(column).all()]
+        if bad:
+            raise NonFiniteError(self.t, bad, [], where)
 
     def state_dicts(self, template: nn.Module) -> list[dict]:
         """Every column loaded into ``template``; buffers (if any) are the module's."""
@@ -113,38 +128,23 @@ class SerialRun:
         return [_state_dict(template, column, buffers) for column in self.columns().values()]
 
 
-class SimulationRun:
+class SimulationRun(EngineRun):
     """A :class:`launch.Simulation` seen as a run (its agents are those of this rank).
     ``controller``: called as ``controller(simulation)`` after every step (SLRLA's
     :class:`agents.slrla.SLRLAController`, already started)."""
 
     def __init__(self, simulation: Simulation, name: str, controller=None):
+        super().__init__(simulation.engine)
         self.simulation = simulation
         self.name = name
         self.controller = controller
-        self.agents = tuple(sorted(simulation.agents))
-        self.rank = simulation.comm.rank
-        self.world_size = simulation.comm.world_size
 
-    @property
-    def comm(self) -> Communicator:
-        return self.simulation.comm
-
-    def step(self) -> dict[int, torch.Tensor]:
-        losses = self.simulation.step()
+    def step(self, before_sync=None) -> dict[int, torch.Tensor]:
+        """One iteration (:meth:`launch.Simulation.step`, ``before_sync`` as there)."""
+        losses = self.simulation.step(before_sync)
         if self.controller is not None:
             self.controller(self.simulation)
         return losses
-
-    def columns(self) -> dict[int, torch.Tensor]:
-        return self.simulation.local_parameters()
-
-    def models(self) -> dict[int, torch.Tensor]:
-        """The local agents' models: ``columns()`` de-biased under push-sum (x_i / w_i)."""
-        return local_models(self.simulation)
-
-    def grad_norms(self) -> dict[int, float]:
-        return {i: _grad_norm(a.parameters) for i, a in self.simulation.agents.items() if a.is_worker}
 
     def state_dicts(self, template: nn.Module) -> list[dict]:
         """Every agent's full state_dict, gathered from every rank
@@ -163,34 +163,16 @@ def _state_dict(template: nn.Module, column: torch.Tensor, buffers: dict) -> dic
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-@torch.no_grad()
-def plant_deviation_(run, plant, t: int) -> None:
-    """TEST ONLY: add ``plant.size`` to every parameter of agent ``plant.agent`` after iteration
-    ``plant.step`` of the run named ``plant.run`` (serial | colocated | torch | mpi), if that
-    agent lives here.  ``plant`` is the configuration's ``plant`` (None: nothing)."""
-    if plant is None or plant.get("run", "colocated") != run.name or t != plant.get("step", 0):
-        return
-    columns = run.columns()
-    agent = plant.get("agent", 0)
-    if agent in columns:
-        if isinstance(run, SerialRun):
-            # The serial columns are copies: perturb the tensors they are made of.
-            target = run.params if agent == 0 else run.optimizer.slow_params(agent)
-            for p in target:
-                p.add_(plant.get("size", 1e-6))
-        else:
-            columns[agent].add_(plant.get("size", 1e-6))
-
-
 def open_simulation_run(job, comm, model, mode: str) -> SimulationRun:
     """The :class:`SimulationRun` of ``job`` on ``comm`` (a ``LocalCommunicator`` co-located):
     its outer rule (``agents.outer``) and, for SLRLA, the optimizer factory wrapped in
     :func:`agents.slrla.proximal` and a started :class:`agents.slrla.SLRLAController`."""
     optimizer = proximal(job.optimizer) if job.stages is not None else job.optimizer
+    launch = job.launch
     sim = Simulation(model, job.problem.loss_fn, job.batches, job.schedule, optimizer,
-                     state_policy=job.state_policy, comm=comm if comm is not None else LocalCommunicator(),
-                     device=job.device, outer=job.make_outer(), overlap=job.overlap,
-                     agents_per_rank=job.agents_per_rank if comm is not None else None)
+                     comm=comm if comm is not None else LocalCommunicator(), device=launch.device,
+                     state_policy=job.state_policy, outer=job.make_outer(), overlap=launch.overlap,
+                     agents_per_rank=launch.agents_per_rank if comm is not None else None)
     controller = None
     if job.stages is not None:
         controller = SLRLAController(job.stages)

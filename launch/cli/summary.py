@@ -21,7 +21,7 @@ unless checked against the serial reference), ``time_s``, ``steps_per_s``, ``sta
 ``FAILED``: the run's results are not to be trusted), ``failure`` (why: ``deviation`` above
 tolerance, ``non_finite`` at the end of the run; null when ok) and ``failure_detail`` (the sentence;
 summary.json only); with ``launch.cluster``, ``cluster``, ``compute_s``, ``compute_measured``,
-``sim_time_s`` and ``sim_time_per_step_s`` (:mod:`launch.cli.simtime`; null without).  A final checkpoint that could not be written leaves ``status=ok`` (the
+``sim_time_s`` and ``sim_time_per_step_s`` (:mod:`launch.engine.record.clock`; null without).  A final checkpoint that could not be written leaves ``status=ok`` (the
 results are good and written; the run exits 5 and says so on stderr).
 """
 
@@ -31,7 +31,7 @@ import json
 import math
 from pathlib import Path
 
-#: The simulated-time keys (null without ``launch.cluster``: :mod:`launch.cli.simtime`).
+#: The simulated-time keys (null without ``launch.cluster``: :mod:`launch.engine.record.clock`).
 SIMULATED = ("cluster", "compute_s", "compute_measured", "sim_time_s", "sim_time_per_step_s")
 
 #: Printed precision of each figure in summary.txt (others: 6 significant digits).
@@ -51,25 +51,25 @@ def summary_record(job, *, processes: int, agent_rows: list[dict], virtual_row: 
     ``agent_rows``: the final evaluation's rows of the agents (``heldout_<metric>`` keys, by
     agent); ``virtual_row``: theta's, or None; ``tolerance`` / ``worst``: None when unchecked;
     ``first``: the iteration the run started at (a resumed run's checkpoint t, else 0);
-    ``simulated``: :meth:`launch.cli.simtime.SimulatedTime.summary`, or None (no cluster)."""
+    ``simulated``: :meth:`launch.engine.record.clock.SimulatedTime.summary`, or None (no cluster)."""
     metrics = [k.removeprefix("heldout_") for k in agent_rows[0] if k.startswith("heldout_")]
     return {
         "problem": job.problem_name,
         "topology": {"name": job.topology_name, "options": _jsonable(job.topology_options or {}),
                      "repr": compact(repr(job.schedule))},
-        "launch": job.mode,
+        "launch": job.launch.mode,
         "processes": processes,
-        "steps": job.steps,
+        "steps": job.launch.steps,
         "resumed_from": first if first else None,
-        "dtype": str(job.dtype).replace("torch.", ""),
-        "seed": job.seed,
+        "dtype": str(job.launch.dtype).replace("torch.", ""),
+        "seed": job.launch.seed,
         "heldout": {k: [_number(r[f"heldout_{k}"]) for r in agent_rows] for k in metrics},
         "virtual_heldout": None if virtual_row is None else {k: _number(virtual_row[f"heldout_{k}"]) for k in metrics},
         "spectral_gap": _number(gap),
         "max_deviation": _number(worst),
         "tolerance": _number(tolerance),
         "time_s": _number(elapsed),
-        "steps_per_s": _number((job.steps - first) / max(elapsed, 1e-9)),
+        "steps_per_s": _number((job.launch.steps - first) / max(elapsed, 1e-9)),
         "status": status,
         "failure": failure,
         "failure_detail": failure_detail,

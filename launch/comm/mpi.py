@@ -202,7 +202,7 @@ class MPICommunicator(Communicator):
     def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
         self._count_all_reduce(tensor)
         buf = _buffer(tensor)
-        self._wait([self._groups[ranks].Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)],
+        self._wait([self._group(ranks).Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)],
                    f"all-reduce over ranks {list(ranks)}", buf)
 
     def exchange(self, sends, recvs) -> None:

@@ -81,7 +81,7 @@ class TorchCommunicator(Communicator):
 
     def all_reduce_(self, tensor: torch.Tensor, ranks: tuple[int, ...]) -> None:
         self._count_all_reduce(tensor)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._groups[ranks])
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._group(ranks))
 
     def reduce_async_(self, tensor: torch.Tensor, dst: int, ranks: tuple[int, ...], *,
                       flags: bool = False) -> Pending:

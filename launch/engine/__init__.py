@@ -17,10 +17,10 @@ Imports: :mod:`launch.comm`, :mod:`agents`, :mod:`topology`; never the command l
 (:mod:`launch.cli`), the benchmarks or :mod:`experiments`.  It knows no configuration names.
 """
 
-from launch.engine.store.checkpoint import CheckpointError, Checkpointer, run_with_checkpoints
+from launch.engine.store.checkpoint import CheckpointError, Checkpointer
 from launch.engine.guard.health import NonFiniteError, RankFailureError
 from launch.engine.placement import Placement
-from launch.engine.simulation import Simulation, SimulationResult, simulate
+from launch.engine.simulation import Simulation, SimulationResult, run_with_checkpoints, simulate
 
 __all__ = [
     "CheckpointError",

@@ -7,9 +7,9 @@ One iteration t of the model X_{t+1} = (X_t - lr G_t) P_t:
     3. t <- t + 1.
 
 The agents, their syncs, checkpoints' state and the start-up are the engine's core
-(:class:`launch.engine.core.SyncEngine`, which :class:`Simulation` extends); a Simulation adds its
-own loop: deep copies of the user's module for the workers, their data streams, and
-``loss_fn(module, batch)``.
+(:class:`launch.engine.core.SyncEngine`, which a Simulation holds as ``.engine``, as
+:class:`launch.AgentOptimizer` does); a Simulation adds its own loop: deep copies of the user's
+module for the workers, their data streams, and ``loss_fn(module, batch)``.
 
 Example (co-located, LA-1 on a least-squares problem):
 
@@ -43,16 +43,16 @@ from torch import nn
 from agents.agent import Agent, LossFn, OptimizerFactory, StateLayout
 from agents.flat import check_dtype_device
 from launch.comm.base import Communicator
+from launch.engine.core import EngineOptions, SyncEngine
 from launch.engine.own_loop.adoption import ddp_problem
-from launch.engine.store.checkpoint import run_with_checkpoints
-from launch.engine.core import SyncEngine
-from launch.engine.guard.health import gather_objects
+from launch.engine.readout import StateKeys, gather_parameters, gather_state_dicts
+from launch.engine.store.checkpoint import Checkpointer, check_resume_step
 from topology.schedule import Schedule
 
 Data = Iterable | Callable[[int], Iterable]
 
 
-class Simulation(SyncEngine):
+class Simulation:
     """The agents of ``schedule`` that live on this rank, and the loop that drives them.
 
     Args:
@@ -110,7 +110,7 @@ class Simulation(SyncEngine):
         if convert:
             model = copy.deepcopy(model).to(device=device, dtype=dtype)
         self.loss_fn = loss_fn
-        self._state_layout = _state_layout(model)
+        self._keys = StateKeys.of(model)
 
         def make_agent(i: int, layout: StateLayout, policy: str) -> Agent:
             worker = i in schedule.workers
@@ -120,20 +120,56 @@ class Simulation(SyncEngine):
             return Agent(i, model, worker=worker, optimizer=optimizer, data=stream, state_policy=policy,
                          layout=layout, push_sum=schedule.push_sum)
 
-        super().__init__(model, schedule, optimizer, make_agent, state_policy=state_policy, comm=comm,
-                         agents_per_rank=agents_per_rank, outer=outer, check_finite=check_finite, overlap=overlap)
+        options = EngineOptions(state_policy=state_policy, agents_per_rank=agents_per_rank, outer=outer,
+                                check_finite=check_finite, overlap=overlap)
+        #: The per-rank engine (:class:`launch.engine.core.SyncEngine`): the agents and their syncs.
+        self.engine = SyncEngine(model, schedule, optimizer, make_agent, comm=comm, options=options)
 
-    def step(self) -> dict[int, torch.Tensor]:
-        """Iteration t: inner steps of the local workers, then the sync of P_t.
+    # -- what the engine holds, read-only ----------------------------------------------------------
+    t = property(lambda self: self.engine.t, doc="Iterations done.")
+    agents = property(lambda self: self.engine.agents, doc="This rank's agents, by index.")
+    schedule = property(lambda self: self.engine.schedule, doc="The schedule t -> P_t.")
+    comm = property(lambda self: self.engine.comm, doc="Where the agents run.")
+    rank = property(lambda self: self.engine.rank, doc="This process's rank.")
+    placement = property(lambda self: self.engine.placement, doc="Which rank holds which agent.")
+    parameter_names = property(lambda self: self.engine.parameter_names, doc="The parameters' names, in order.")
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def step(self, before_sync: Callable[[dict], None] | None = None) -> dict[int, torch.Tensor]:
+        """Iteration t: inner steps of the local workers, then the sync of P_t;
+        ``before_sync(losses)`` between them (a reader of the agents before they are mixed).
 
         Returns the losses of the local workers (evaluated before their update), by agent.
         """
-        self.begin_step()
-        losses = {
-            i: agent.inner_step(self.loss_fn) for i, agent in self.agents.items() if agent.is_worker
-        }
-        self.end_step(losses)
+        engine = self.engine
+        engine.begin_step()
+        losses = {i: agent.inner_step(self.loss_fn) for i, agent in engine.agents.items() if agent.is_worker}
+        engine.end_step(losses, None if before_sync is None else (lambda: before_sync(losses)))
         return losses
+
+    def run(self, steps: int, callback: Callable[["Simulation", dict], None] | None = None) -> None:
+        """``steps`` iterations; ``callback(sim, losses)`` after each."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer; got {steps!r}")
+        for _ in range(steps):
+            losses = self.step()
+            if callback is not None:
+                callback(self, losses)
+
+    def wait_in_flight(self) -> None:
+        """:meth:`launch.engine.core.SyncEngine.wait_in_flight`: before code outside the loop
+        writes an agent's buffer."""
+        self.engine.wait_in_flight()
+
+    # -- reading and saving the agents ---------------------------------------------------------------
+    def local_parameters(self) -> dict[int, torch.Tensor]:
+        """Flat parameter vectors of this rank's agents (live views)."""
+        return self.engine.local_parameters()
+
+    def gather_parameters(self) -> list[dict[str, torch.Tensor]]:
+        """Every agent's parameters as ``{name: tensor}`` (CPU copies), on every rank (under
+        push-sum the de-biased z_i = x_i / w_i): :func:`launch.engine.readout.gather_parameters`."""
+        return gather_parameters(self.engine)
 
     def gather_state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Every agent's full ``state_dict``, indexed by agent, on every rank (collective).
@@ -146,31 +182,16 @@ class Simulation(SyncEngine):
         (so Lookahead's slow weights are evaluated with the fast worker's statistics, as the serial
         optimizer does: it has one module).
         """
-        parameters = self.gather_parameters()
-        keys, aliases, has_buffers = self._state_layout
-        buffers: dict[int, dict[str, torch.Tensor]] = {}
-        if has_buffers:
-            local = {i: {n: b.detach().cpu().clone() for n, b in a.module.named_buffers()}
-                     for i, a in self.agents.items() if a.is_worker}
-            parts = gather_objects(self.comm, local, self.t, "gather of the buffers")
-            for part in parts:
-                buffers.update(part)
-        first = min(self.schedule.workers)
-        out = []
-        for i, params in enumerate(parameters):
-            own = buffers.get(i, buffers.get(first, {}))
-            out.append({key: (params[aliases.get(key, key)] if aliases.get(key, key) in params else own[key])
-                        for key in keys})
-        return out
+        return gather_state_dicts(self.engine, self._keys)
 
-    def run(self, steps: int, callback: Callable[["Simulation", dict], None] | None = None) -> None:
-        """``steps`` iterations; ``callback(sim, losses)`` after each."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be a non-negative integer; got {steps!r}")
-        for _ in range(steps):
-            losses = self.step()
-            if callback is not None:
-                callback(self, losses)
+    def state_dict(self) -> dict:
+        """This rank's part of the state (:meth:`launch.engine.core.SyncEngine.state_dict`)."""
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` into this fresh simulation
+        (:meth:`launch.engine.core.SyncEngine.load_state_dict`)."""
+        self.engine.load_state_dict(state)
 
 
 @dataclass
@@ -230,20 +251,20 @@ def simulate(
     return SimulationResult(parameters, {i: float(v) for i, v in last.items()}, sim, state_dicts)
 
 
-def check_resume_step(t: int | None, steps, directory, steps_name: str = "steps") -> None:
-    """``ValueError`` when a checkpoint at iteration ``t`` is past the run's total ``steps``: the
-    run cannot go back (``steps_name``: how the caller spells the argument).
-
-    Example:
-        >>> check_resume_step(300, 200, "ckpt")
-        Traceback (most recent call last):
-        ...
-        ValueError: steps=200 is before the checkpoint in ckpt, which is at t=300: a resumed run goes on to steps (a total, not a count of new steps); pass steps >= 300
-    """
-    if t is not None and not isinstance(steps, bool) and isinstance(steps, int) and t > steps:
-        raise ValueError(f"{steps_name}={steps} is before the checkpoint in {directory}, which is at t={t}: a "
-                         f"resumed run goes on to {steps_name} (a total, not a count of new steps); pass "
-                         f"{steps_name} >= {t}")
+def run_with_checkpoints(sim, steps: int, checkpointer: Checkpointer,
+                         callback: Callable | None = None) -> None:
+    """Step ``sim`` until t == ``steps`` (a total, so a resumed run does the rest), saving with
+    ``checkpointer.maybe_save`` after each iteration and once more at the end (unless just saved)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer; got {steps!r}")
+    saved = False
+    while sim.t < steps:
+        losses = sim.step()
+        if callback is not None:
+            callback(sim, losses)
+        saved = checkpointer.maybe_save(sim)
+    if not saved:  # decided from t and every alone: the same on every rank (save is collective)
+        checkpointer.save(sim)
 
 
 def convert_batch(batch, dtype: torch.dtype | None, device):
@@ -281,18 +302,6 @@ class ConvertedStream:
 
     def __next__(self):
         return convert_batch(next(self.stream), self.dtype, self.device)
-
-
-def _state_layout(model: nn.Module) -> tuple[list[str], dict[str, str], bool]:
-    """The model's ``state_dict`` keys (in order), each tied parameter's alias -> the name
-    ``named_parameters`` keeps, and whether the model has buffers."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        canonical = first.setdefault(id(p), name)
-        if canonical != name:
-            aliases[name] = canonical
-    return list(model.state_dict()), aliases, any(True for _ in model.buffers())
 
 
 def _check_arguments(model, loss_fn, data, schedule, optimizer) -> None:

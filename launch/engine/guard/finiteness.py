@@ -48,7 +48,6 @@ except in :class:`MarkerCheck`.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -397,12 +396,10 @@ class MarkerCheck(FinitenessCheck):
 def make_finiteness_check(enabled: bool, windows, agents: dict, num_agents: int,
                           comm: Communicator) -> FinitenessCheck:
     """The check of a simulation: off at syncs (``enabled`` False); before the sync on one rank or
-    when ``windows`` is None; else carried by the sync's collectives.  ``FINITENESS_STATE=device``
-    in the environment keeps :class:`MarkerCheck`'s knowledge in tensors on any device (how the
-    tests run CUDA's way on CPU)."""
+    when ``windows`` is None; else carried by the sync's collectives (:class:`MarkerCheck`, its
+    knowledge kept by the agents' device)."""
     if not enabled:
         return UncheckedSyncs(agents, num_agents, comm)
     if comm.world_size == 1 or windows is None:
         return BeforeSyncCheck(agents, num_agents, comm)
-    forced = os.environ.get("FINITENESS_STATE") or None
-    return MarkerCheck(agents, num_agents, comm, windows, host=None if forced is None else forced == "host")
+    return MarkerCheck(agents, num_agents, comm, windows)

@@ -8,7 +8,7 @@ of a run.
 **Lost ranks.**  Every collective of a run goes through :func:`collective`, the one lost-rank
 handler: the syncs and the finiteness checks (:mod:`launch.engine.core`,
 :mod:`launch.engine.guard.finiteness`), the start-up exchanges, checkpoints
-(:mod:`launch.engine.store.checkpoint`), the diagnostics (:mod:`launch.engine.diagnostics`) and, on
+(:mod:`launch.engine.store.checkpoint`), the diagnostics (:mod:`launch.engine.readout`) and, on
 the command line, the metrics and the final gather.  Each is bounded by the communicator's
 ``timeout_s`` (:mod:`launch.comm.base`): when a peer dies, gloo raises at once (``Connection reset
 by peer``); when a peer is alive but stuck (SIGSTOP, a deadlock), gloo and NCCL raise after

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -78,15 +79,19 @@ from agents.reference import init_optimizer_hooks
 from launch.comm.base import Communicator
 from launch.comm.factory import make_communicator
 from launch.comm.local import LocalCommunicator
+from launch.engine.core import EngineOptions, SyncEngine
+from launch.engine.guard.health import gather_objects
 from launch.engine.own_loop.adoption import (
-    adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters, raise_verdicts,
+    ADOPTED, adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters,
 )
-from launch.engine.own_loop.control import ABORT, ABORT_REASONS, CLOSE, EVAL, STATE, SYNC, Command, ControlChannel
-from launch.engine.core import SyncEngine
+from launch.engine.own_loop.control import (ABORT, ABORT_REASONS, CLOSE, EVAL, REC, SAVE, STATE, SYNC, Command,
+                                            ControlChannel)
+from launch.engine.own_loop.record import LoopRecord
 from launch.engine.own_loop.environment import detect_launch
-from launch.engine.readout import local_part, target_code, target_weights
-from launch.engine.guard.health import collective, gather_objects
 from launch.engine.placement import Placement
+from launch.engine.readout import combine, target_code, target_weights
+from launch.engine.store.checkpoint import Checkpointer, decline_save
+from launch.engine.store.run_record import differences, engine_record
 from topology.schedule import Schedule
 
 #: ABORT reasons (:data:`launch.engine.own_loop.control.ABORT_REASONS`).
@@ -143,7 +148,7 @@ class AgentOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, *, model: nn.Module,
                  comm: Communicator | str | None = None, state_policy="maintain", agents_per_rank: int | None = None,
-                 outer=None, check_finite: bool = True, overlap: bool = False):
+                 outer=None, check_finite: bool = True, overlap: bool | str = "auto"):
         if not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a topology.Schedule; got {type(schedule).__name__}")
         self._owns_comm = comm == "auto"
@@ -152,40 +157,45 @@ class AgentOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"comm must be a launch.Communicator, None (co-located) or 'auto'; got {comm!r}")
             comm = make_communicator(detect_launch())
         comm = comm if comm is not None else LocalCommunicator()
+        options = EngineOptions(state_policy=state_policy, agents_per_rank=agents_per_rank, outer=outer,
+                                check_finite=check_finite, overlap=overlap)
         try:
-            self._start(optimizer, schedule, model, comm, state_policy=state_policy, agents_per_rank=agents_per_rank,
-                        outer=outer, check_finite=check_finite, overlap=overlap)
+            self._start(optimizer, schedule, model, comm, options)
         except BaseException:
             if self._owns_comm:      # the same error on every rank: every rank closes what it made
                 comm.close()
             raise
 
-    def _start(self, optimizer, schedule, model, comm, **options) -> None:
+    def _start(self, optimizer, schedule, model, comm, options: EngineOptions) -> None:
         """The body of ``__init__`` (see the class docstring), on a resolved communicator."""
-        placement = Placement.make(schedule.num_agents, comm.world_size, options["agents_per_rank"])
-        worker = worker_of_rank(schedule, placement, comm.rank)
-        # What only this rank can see (its model and optimizer): shared, so all raise alike.
+        # What only this rank can see (its model and optimizer) is refused before the engine's
+        # agreement, which shares every rank's verdict so that all raise alike.
         problem = adoption_problem(model, optimizer)
-        raise_verdicts(gather_objects(comm, problem, 0, "check of the model and optimizer"))
-        container, names = adopted_parameters(model, optimizer)
+        container, names = adopted_parameters(model, optimizer) if problem is None else (model, None)
+        held: dict[str, int | None] = {}
+
+        def admit(placement: Placement) -> None:
+            if problem is not None:
+                raise ValueError(problem)
+            held["worker"] = worker_of_rank(schedule, placement, comm.rank)
 
         def make_agent(i: int, layout: StateLayout, policy: str) -> Agent:
-            adopt = i == worker
+            adopt = i == held["worker"]
             return Agent(i, container, worker=adopt, optimizer=optimizer if adopt else None, state_policy=policy,
                          layout=layout, push_sum=schedule.push_sum, adopt=adopt)
 
         self.optimizer, self.model, self.schedule, self.comm = optimizer, model, schedule, comm
-        options["agents_per_rank"] = placement.agents_per_rank
-        self.engine = SyncEngine(container, schedule, optimizer_factory(optimizer, container), make_agent,
-                                 comm=comm, **options)
-        self.engine.parameter_names = names
+        factory = optimizer_factory(optimizer, container) if problem is None else None
+        self.engine = SyncEngine(container, schedule, factory, make_agent, comm=comm, options=options,
+                                 parameter_names=names, admit=admit)
         self.world = tuple(range(comm.world_size))
         self.control: ControlChannel | None = None
         if comm.world_size > 1:
-            comm.init_groups([self.world])      # evaluations' all-reduce (collective, every rank)
+            placement = self.engine.placement
             worker_ranks = tuple(sorted({placement.rank_of(w) for w in schedule.workers}))
             device = next(iter(self.engine.agents.values())).flat.buffer.device
             self.control = ControlChannel(comm, worker_ranks, device)
+        worker = held["worker"]
         self._worker: Agent | None = self.engine.agents.get(worker) if worker is not None else None
         self._layout = (len(optimizer.param_groups), len(optimizer_parameters(optimizer)))
         self._closed = False
@@ -195,7 +205,9 @@ class AgentOptimizer(torch.optim.Optimizer):
         self._warned_capturable_if_run_uncaptured = True
         self.defaults = dict(optimizer.defaults)
         self._begun = False
+        self._record: LoopRecord | None = None
         if self._worker is not None:
+            ADOPTED.add(optimizer)              # its parameters are this agent's now (until close)
             self._worker.show_debiased_()       # push-sum: the model holds z = x / w
             if self.control is not None:        # a run whose loop forgets close(): the end, at exit
                 atexit.register(self._close_at_exit)
@@ -260,9 +272,10 @@ class AgentOptimizer(torch.optim.Optimizer):
         """The inner optimizer's ``zero_grad``."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Callable | None = None):  # type: ignore[override]
+    def step(self, closure: Callable | None = None, *, loss: torch.Tensor | float | None = None):  # type: ignore[override]
         """The inner optimizer's step, then the sync of P_t; t <- t + 1.  Returns the inner
-        step's return value (the closure's loss, which the finiteness check also watches)."""
+        step's return value.  ``loss``: this step's training loss, for the finiteness check and
+        the record (:meth:`record`); default the closure's return value."""
         worker = self._require_worker("step")
         if self._layout != (len(self.param_groups), len(optimizer_parameters(self.optimizer))):
             self._abort(GROUP_ADDED)
@@ -271,15 +284,26 @@ class AgentOptimizer(torch.optim.Optimizer):
                              "numerator x, not z = x / w): call backward before step()")
         engine = self.engine
         worker.restore_numerator_()
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        returned = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         worker.steps += 1
-        if self.control is not None and engine.is_sync(engine.t):
-            self._announce(Command(SYNC, engine.t))
-        engine.end_step({worker.index: loss.detach()} if isinstance(loss, torch.Tensor) else {})
+        loss = returned if loss is None else loss
+        losses = {worker.index: torch.as_tensor(loss).detach()} if loss is not None else {}
+        self._advance(engine.t, losses)
+        worker.show_debiased_()
+        return returned
+
+    def _advance(self, t: int, losses: dict) -> None:
+        """The end of iteration t on a worker rank: the control message when the step syncs or is
+        logged, the record's metrics, the sync, the record's clock; the next sync's reduces start."""
+        engine, record = self.engine, self._record
+        logged = record is not None and record.logged(t + 1)
+        if self.control is not None and (logged or engine.is_sync(t)):
+            self._announce(Command(SYNC, t, int(logged)))
+        engine.end_step(losses, (lambda: record.before_sync(t + 1, losses)) if logged else None)
+        if record is not None:
+            record.after(t + 1)
         self._begun = True
         engine.begin_step()          # overlapped syncs: the next sync's reduces start now
-        worker.show_debiased_()
-        return loss
 
     def add_param_group(self, param_group: dict) -> None:
         """Refused (``ValueError`` on every rank): the agents' flat buffers are laid out for the
@@ -300,11 +324,14 @@ class AgentOptimizer(torch.optim.Optimizer):
             self._announce(Command(CLOSE, self.t))
         self._finish()
 
-    def serve(self, callback: Callable[["AgentOptimizer"], None] | None = None) -> None:
-        """On a passive-only rank: take part in every sync, evaluation and gather the workers
-        start, until every worker has called :meth:`close`.  ``callback(opt)`` runs after each
-        sync (``opt.t`` is then the iteration after it).  Raises what the workers' events raise
-        (:class:`launch.engine.guard.health.NonFiniteError`, a refused call's ``ValueError``)."""
+    def serve(self, callback: Callable[["AgentOptimizer"], None] | None = None,
+              checkpointer: Checkpointer | None = None) -> None:
+        """On a passive-only rank: take part in every sync, evaluation, gather and checkpoint the
+        workers start, until every worker has called :meth:`close`.  ``callback(opt)`` runs after
+        each sync (``opt.t`` is then the iteration after it); ``checkpointer``: the one the
+        workers :meth:`save` with (without it a worker's save fails on every rank).  Raises what
+        the workers' events raise (:class:`launch.engine.guard.health.NonFiniteError`, a refused
+        call's ``ValueError``, a :class:`launch.engine.store.checkpoint.CheckpointError`)."""
         if self._worker is not None:
             raise RuntimeError(f"this rank holds worker agent {self._worker.index}: run the training loop "
                                f"and call step(); serve() is for ranks that hold only passive agents")
@@ -315,24 +342,44 @@ class AgentOptimizer(torch.optim.Optimizer):
         while True:
             command = self.control.exchange(None)
             if command.kind == SYNC:
-                engine.t = command.t
-                engine.end_step({})
-                engine.begin_step()
+                self._follow(command)
                 if callback is not None:
                     callback(self)
+            elif command.kind == REC:
+                engine.catch_up(command.t)
+                self._record.evaluate(command.t)
             elif command.kind == EVAL:
                 self._combine(command.arg)
             elif command.kind == STATE:
                 self._gather_state()
+            elif command.kind == SAVE:
+                engine.catch_up(command.t)       # the workers' steps since the last sync
+                if checkpointer is None:
+                    decline_save(engine, "a worker saved a checkpoint, but this rank's serve() was given no "
+                                         "checkpointer: pass the workers' Checkpointer as serve(checkpointer=...)")
+                self._save(checkpointer, None)
             elif command.kind == CLOSE:
-                engine.t = max(engine.t, command.t)
+                engine.catch_up(command.t)
                 self._closed = True
                 self._finish()
                 return
 
+    def _follow(self, command: Command) -> None:
+        """A passive rank's part of a worker's step that syncs or is logged (``command.arg``)."""
+        record, done = self._record, command.t + 1
+        self.engine.follow(command.t, (lambda: record.before_sync(done, {})) if command.arg else None)
+        if record is not None:
+            record.after(done)
+        self.engine.begin_step()
+
     def _finish(self) -> None:
         """The end of the run on this rank: wait for everything in flight (the control message,
-        the reduces prefetched for a sync that will not come); close a communicator made here."""
+        the reduces prefetched for a sync that will not come); close a communicator made here;
+        release the inner optimizer (another AgentOptimizer may wrap it now); complete the record
+        (a collective)."""
+        ADOPTED.discard(self.optimizer)
+        if self._record is not None:
+            self._record.close()
         if self.control is not None:
             self.control.wait()
             self.comm.wait_in_flight()
@@ -412,14 +459,10 @@ class AgentOptimizer(torch.optim.Optimizer):
                 params.copy_(fast)
 
     def _combine(self, code: int) -> torch.Tensor:
-        """X c for target ``code`` (:mod:`launch.engine.readout`); collective when distributed."""
+        """X c for target ``code`` (:func:`launch.engine.readout.combine`); collective when
+        distributed."""
         with self._numerators():
-            value = local_part(self.engine.agents, target_weights(self.schedule, code),
-                               next(iter(self.engine.agents.values())).params, debias=code < self.schedule.num_agents)
-        if self.control is not None:
-            with collective(self.comm, self.t, "evaluation", self.world):
-                self.comm.all_reduce_(value, self.world)
-        return value
+            return combine(self.engine, target_weights(self.schedule, code), debias=code < self.schedule.num_agents)
 
     @contextlib.contextmanager
     def _numerators(self):
@@ -434,18 +477,102 @@ class AgentOptimizer(torch.optim.Optimizer):
 
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:  # type: ignore[override]
-        """This rank's state: ``{"t", "agents": {i: Agent.state_dict()}, "replicated"}`` -- the
-        counter, every local agent's flat buffer (the worker's: the model's parameters), the inner
-        optimizer's ``state_dict`` (in the worker's entry) and a slow rule's replicated state
-        (None without one).  Local; :meth:`gather_state_dict` gathers every rank's."""
+        """This rank's state: ``{"t", "agents": {i: Agent.state_dict()}, "replicated", "run"}`` --
+        the counter, every local agent's flat buffer (the worker's: the model's parameters), the
+        inner optimizer's ``state_dict`` (in the worker's entry), a slow rule's replicated state
+        (None without one) and the record of the run (:func:`launch.engine.store.run_record.engine_record`:
+        schedule, sizes, dtype, policies, optimizers), which :meth:`load_state_dict` compares.
+        Local; :meth:`gather_state_dict` gathers every rank's."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         with self._numerators():
             state = self.engine.state_dict()
         state["replicated"] = self.engine.replicated_state()
+        state["run"] = engine_record(self.engine)
         for hook in self._optimizer_state_dict_post_hooks.values():
             state = hook(self, state) or state
         return state
+
+    # -- the record of the run (launch.engine.own_loop.record) -----------------------------------------------
+    def record(self, directory, *, evaluate=None, log_every: int | None = None, eval_every: int | None = None,
+               progress: bool = False, tensorboard: bool = False, cluster: str | None = None,
+               compute_s: float | None = None) -> None:
+        """Record the run into ``directory`` as the command line does: ``metrics.csv`` (every
+        ``log_every``-th step, default the schedule's period: every agent's loss -- give it as
+        ``step(loss=loss)`` -- gradient norm and distance to X a before the sync, the simulated
+        time on ``cluster``), ``eval.csv`` (at each :meth:`record_evaluation`, and every
+        ``eval_every`` steps when given: ``evaluate(model) -> {metric: value}`` of every agent and
+        of X a) and ``summary.json`` at :meth:`close`; ``python -m launch.plot directory`` draws
+        it.  Every rank calls it, right after construction (after :meth:`resume`: a resumed run
+        keeps the files' rows up to its checkpoint); rank 0 writes.  See
+        :mod:`launch.engine.own_loop.record`."""
+        if self._record is not None:
+            raise ValueError("record() was called already: a run has one record")
+        self._record = LoopRecord(self, directory, evaluate=evaluate, log_every=log_every, eval_every=eval_every,
+                                  progress=progress, tensorboard=tensorboard, cluster=cluster, compute_s=compute_s)
+
+    def record_evaluation(self) -> None:
+        """Evaluate every agent and X a now into the record's ``eval.csv`` (:meth:`record` with
+        ``evaluate``).  A collective: every worker rank calls it at the same step."""
+        self._require_worker("record_evaluation")
+        if self._record is None or self._record.record.evaluator is None:
+            raise ValueError("record_evaluation() needs a record with an evaluate function: "
+                             "opt.record(directory, evaluate=...) first")
+        if self.control is not None:
+            self._announce(Command(REC, self.t))
+        self.engine.wait_in_flight()
+        with self._numerators():
+            self._record.evaluate(self.t)
+
+    # -- checkpoints (the engine's one store, launch.engine.store) -----------------------------------------
+    def save(self, checkpointer: Checkpointer, extra=None) -> Path:
+        """Write a checkpoint of the run at its step t with ``checkpointer`` (a
+        :class:`launch.Checkpointer`: checksummed files, an atomic manifest, a record of the run
+        that a resume compares): every agent of every rank (the worker's flat buffer is the model's
+        parameters; the inner optimizer's state), the model's buffers (BatchNorm's running
+        statistics), each process's RNG states (torch, CUDA, numpy, Python) and ``extra``, this
+        rank's own state (anything ``torch.save`` takes: the LR scheduler's and GradScaler's
+        ``state_dict()``, the epoch and the position in it).  A collective: every worker rank calls
+        it at the same step; passive ranks write their part in ``serve(checkpointer=...)``.
+        Returns the checkpoint's folder."""
+        self._require_worker("save")
+        if self.control is not None:
+            self._announce(Command(SAVE, self.t))
+        return self._save(checkpointer, extra)
+
+    def _save(self, checkpointer: Checkpointer, extra) -> Path:
+        self.engine.wait_in_flight()          # overlapped syncs: a buffer may still be written
+        buffers = ({name: b.detach().cpu().clone() for name, b in self.model.named_buffers()}
+                   if self._worker is not None else {})
+        with self._numerators():
+            return checkpointer.save(self.engine, extra={"buffers": buffers, "extra": extra})
+
+    def resume(self, checkpointer: Checkpointer, *, required: bool = False):
+        """Restore the latest checkpoint of ``checkpointer`` into this fresh AgentOptimizer, on
+        every rank, right after construction (before the loop; on passive ranks before
+        :meth:`serve`): the counter t, every local agent, the inner optimizer's state, the model's
+        buffers and the RNG states.  Returns this rank's ``extra`` as :meth:`save` was given it
+        (None when the folder holds no checkpoint: a first run; ``required=True`` makes that a
+        ``ValueError``).  The resume proves it continues the same run: another schedule, number of
+        agents, model size, dtype, policy or optimizer (class or hyperparameters) is a
+        ``ValueError`` on every rank naming each difference, unless the checkpointer allows it
+        (``Checkpointer(allow=[...])``; an allowed hyperparameter takes its new value).  Resumed
+        on the same layout, the run goes on bit for bit as if it had not stopped (provided the
+        loop restores its own position from ``extra``)."""
+        if self._begun or self._closed:
+            raise ValueError("resume() must come before the first step, evaluation, gather or serve() "
+                             "(on every rank, right after construction)")
+        with self._numerators():
+            t = checkpointer.load(self.engine, required=required)
+        if t is None:
+            return None
+        saved = checkpointer.extra or {}
+        if self._worker is not None:
+            with torch.no_grad():
+                for name, buffer in self.model.named_buffers():
+                    if name in saved.get("buffers", {}):
+                        buffer.copy_(saved["buffers"][name])
+        return saved.get("extra")
 
     def gather_state_dict(self) -> dict:
         """Every agent's state (the format of :meth:`state_dict`, every agent in ``"agents"``), on
@@ -460,17 +587,23 @@ class AgentOptimizer(torch.optim.Optimizer):
         local = self.state_dict()
         parts = gather_objects(self.comm, local, self.t, "gather of the state") if self.control is not None else [local]
         agents = {i: entry for part in parts for i, entry in part["agents"].items()}
-        return {"t": max(part["t"] for part in parts), "agents": agents, "replicated": local["replicated"]}
+        run: dict = {}
+        for part in parts:     # a passive rank's record holds no optimizer: the workers' do
+            run.update(part["run"])
+        return {"t": max(part["t"] for part in parts), "agents": agents, "replicated": local["replicated"], "run": run}
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
         """Restore :meth:`state_dict` or :meth:`gather_state_dict` into this fresh AgentOptimizer
         (no step taken): the counter, this rank's agents (entries of other agents are ignored),
         the inner optimizer's state and a slow rule's.  Local: every rank loads, before its loop
-        or :meth:`serve`."""
+        or :meth:`serve`.  ``ValueError`` when the state was saved by another run (another
+        schedule, number of agents, parameters, dtype, policy or optimizer), naming what differs
+        (:meth:`launch.Checkpointer.load` resumes with allowed changes)."""
         if self._begun or self._closed:
             raise ValueError("load_state_dict must come before the first step, evaluation, gather or serve() "
                              "(on every rank, right after construction)")
         state = dict(state_dict)
+        _check_same_run(state.get("run"), engine_record(self.engine))
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             state = hook(self, state) or state
         with self._numerators():
@@ -479,3 +612,19 @@ class AgentOptimizer(torch.optim.Optimizer):
             self.engine.load_replicated_state(state["replicated"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _check_same_run(saved: dict | None, current: dict) -> None:
+    """``ValueError`` naming every difference between the record a state was saved with and
+    this run's (a passive rank, which holds no optimizer, leaves the optimizer to the workers)."""
+    if not isinstance(saved, dict):
+        raise ValueError("load_state_dict: the state holds no record of its run (its 'run' entry): pass what "
+                         "AgentOptimizer.state_dict() or gather_state_dict() returned")
+    if "optimizer" not in current:
+        saved = {k: v for k, v in saved.items() if not (k == "optimizer" or k.startswith("optimizer."))}
+    found = differences(saved, current)
+    classes = [key for key, _, _ in found if key in ("optimizer", "outer", "outer.optimizer")]
+    found = [d for d in found if not any(d[0].startswith(c + ".") for c in classes)]   # the class explains them
+    if found:
+        raise ValueError("load_state_dict: the state was saved by another run: " + "; ".join(
+            f"{key} is {new!r} here, {old!r} in the state" for key, old, new in found))

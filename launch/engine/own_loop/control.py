@@ -7,9 +7,12 @@ passive-only ranks wait in :meth:`launch.AgentOptimizer.serve`.  Before each suc
 rank takes part in one tiny *control* collective that names it, and then in the event's own
 collectives:
 
-    SYNC  t       the sync of iteration t (a non-identity P_t): the finiteness check, the plan
+    SYNC  t, l    the sync of iteration t (a non-identity P_t, or a step the record logs: l = 1):
+                  the record's metrics (l = 1), the finiteness check, the plan
     EVAL  t, i    an evaluation of agent i's weights (i = m: the virtual iterate X a)
     STATE t       a gather of every agent's state (``AgentOptimizer.gather_state_dict``)
+    SAVE  t       a checkpoint (``AgentOptimizer.save``: every rank writes its part)
+    REC   t       an evaluation of the record (``AgentOptimizer.record_evaluation``)
     CLOSE t       the end: every worker called ``close()`` after t steps; ``serve()`` returns
     ABORT t, c    a worker refused a call (reason c): every rank raises the same ``ValueError``
 
@@ -47,9 +50,9 @@ import torch
 from launch.comm.base import Communicator
 from launch.engine.guard.health import collective
 
-SYNC, EVAL, STATE, CLOSE, ABORT = 1, 2, 3, 4, 5
+SYNC, EVAL, STATE, CLOSE, ABORT, SAVE, REC = 1, 2, 3, 4, 5, 6, 7
 KINDS = {SYNC: "the sync", EVAL: "an evaluation", STATE: "a gather of the state", CLOSE: "close()",
-         ABORT: "a refused call"}
+         ABORT: "a refused call", SAVE: "a checkpoint", REC: "an evaluation of the record"}
 
 #: Why a worker aborted the run (``Command.arg`` of an ABORT): the message every rank raises.
 ABORT_REASONS = {
@@ -64,8 +67,8 @@ ABORT_REASONS = {
 
 @dataclass(frozen=True)
 class Command:
-    """One event: ``kind`` (SYNC, EVAL, STATE, CLOSE, ABORT), the worker's counter ``t``, and
-    ``arg`` (the agent evaluated, the abort reason; else 0)."""
+    """One event: ``kind`` (SYNC, EVAL, STATE, CLOSE, ABORT, SAVE, REC), the worker's counter
+    ``t``, and ``arg`` (the agent evaluated, the abort reason, 1 for a logged step; else 0)."""
 
     kind: int
     t: int

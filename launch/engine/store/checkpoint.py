@@ -12,16 +12,22 @@ Layout on disk (one folder per checkpoint, shards keyed by agent index, a manife
                                             buffer (parameters and pullback state slots), the inner
                                             optimizer's state_dict, the batches consumed, the
                                             stream's state_dict when it has one
-            rank-0.pt ... rank-{W-1}.pt     {"t", "agents", "rng"}: the RNG states of that rank's
-                                            process (torch CPU, CUDA if initialised, numpy, random)
+            rank-0.pt ... rank-{W-1}.pt     {"t", "agents", "rng", "extra"}: the RNG states of that
+                                            rank's process (torch CPU, CUDA if initialised, numpy,
+                                            random) and the caller's own state of that rank
+                                            (``save(..., extra=...)``, e.g. the own loop's)
             outer.pt                        with a slow rule (``Simulation(outer=...)``):
                                             {"t", "state": ``Simulation.replicated_state()``}, the
                                             slow agent's anchor and the rule's own state; replicated
                                             bitwise on every rank, written by rank 0
 
+One mechanism for both doors: :meth:`Checkpointer.save` and :meth:`Checkpointer.load` take the
+engine (:class:`launch.engine.core.SyncEngine`) or a door that holds it (:class:`launch.Simulation`,
+:class:`launch.AgentOptimizer`).
+
 Saving (:meth:`Checkpointer.save`, collective, every rank at the same t):
 
-1. the finiteness check (``sim.finiteness.check``, :mod:`launch.engine.guard.finiteness`): a non-finite
+1. the finiteness check (:meth:`launch.engine.core.SyncEngine.check_finite`): a non-finite
    agent raises :class:`NonFiniteError` on every rank *before* anything is written, so a bad
    step never replaces the last good checkpoint;
 2. every rank writes its agents' shards and its rank file, each atomically (a temporary file in
@@ -93,6 +99,7 @@ from typing import Callable
 
 import torch
 
+from launch.engine.core import SyncEngine
 from launch.engine.guard.health import gather_objects
 from launch.engine.store.manifest import FORMAT, MANIFEST, read_manifest, read_verified, sha256_hex, step_folder
 from launch.engine.store.run_record import (ABSENT, FIXED, allowed, differences, engine_record, flatten, normalize,
@@ -128,11 +135,6 @@ def atomic_write(path: str | os.PathLike, write: Callable) -> None:
             os.unlink(tmp)
         raise
     _fsync_folder(path.parent)
-
-
-def atomic_save(obj, path) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # -- RNG states -------------------------------------------------------------------------------------
@@ -186,10 +188,13 @@ class Checkpointer:
             key allows the keys under it.  The new values then apply.
         allow_option: how the error message tells the user to allow a change (default
             ``Checkpointer(allow=[...])``; the command line: ``launch.resume_allow``).
+        key_name: ``engine key -> the caller's key`` (the command line: ``optimizer.lr`` ->
+            ``agents.optimizer.lr``), for the messages about a checkpoint that holds no caller's
+            record (one written through the Python API), whose engine keys are then compared.
     """
 
     def __init__(self, directory, every: int | None = None, keep: int | None = 2, *, config: dict | None = None,
-                 allow=(), allow_option: str | None = None):
+                 allow=(), allow_option: str | None = None, key_name=None):
         if not isinstance(directory, (str, os.PathLike)):
             raise ValueError(f"directory must be a path; got {directory!r}")
         self.directory = Path(directory)
@@ -202,9 +207,12 @@ class Checkpointer:
             raise ValueError(f"allow must be a list of record keys; got {allow!r}")
         self.allow = tuple(allow)
         self.allow_option = allow_option
+        self.key_name = key_name
         #: After :meth:`load`: ``(key, checkpoint's value, new value)`` of every allowed change (in
         #: the caller's keys when the checkpoint and this checkpointer both have a ``config``).
         self.changed: list[tuple[str, object, object]] = []
+        #: After :meth:`load`: the ``extra`` this rank's state was saved with (:meth:`save`).
+        self.extra = None
 
     # -- reading the folder ---------------------------------------------------------------------
     @property
@@ -221,60 +229,96 @@ class Checkpointer:
         manifest = self.manifest()
         return None if manifest is None else manifest["t"]
 
+    def check_writable(self, target) -> None:
+        """``ValueError`` on every rank alike (naming the folder and each rank's error) when some
+        rank cannot write into :attr:`directory` -- a file in its place, no permission -- so that a
+        run learns it before it computes, not at its first checkpoint.  Collective: every rank
+        calls it, with the engine or door of :meth:`save`."""
+        engine = engine_of(target)
+        error = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".writable.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            error = f"rank {engine.rank}: {_describe(err)}"
+        errors = [e for e in gather_objects(engine.comm, error, engine.t, "check of the checkpoint folder") if e]
+        if errors:
+            raise ValueError(f"the checkpoint folder {self.directory} cannot be written: {'; '.join(errors)}")
+
     # -- saving -------------------------------------------------------------------------------------
     def due(self, t: int) -> bool:
         """Is a checkpoint of iteration count ``t`` due: ``every`` divides t, and t > 0?"""
         return self.every is not None and t > 0 and t % self.every == 0
 
-    def maybe_save(self, sim) -> bool:
-        """Save when :meth:`due` at the simulation's t; returns whether it saved."""
-        if self.due(sim.t):
-            self.save(sim)
+    def maybe_save(self, target) -> bool:
+        """Save when :meth:`due` at the target's t; returns whether it saved."""
+        if self.due(engine_of(target).t):
+            self.save(target)
             return True
         return False
 
-    def save(self, sim) -> Path:
-        """Write a checkpoint of ``sim`` at its current t (collective; see the module docstring)."""
-        t = sim.t
-        sim.finiteness.check(t, "checkpoint")
-        replicated = sim.replicated_state()
+    def save(self, target, extra=None) -> Path:
+        """Write a checkpoint of ``target`` (a :class:`launch.engine.core.SyncEngine`, or a door
+        holding one: a Simulation, an AgentOptimizer) at its current t; ``extra``: this rank's
+        own state besides the agents (any picklable object, saved in its rank file; None: none).
+        Collective; see the module docstring."""
+        engine = engine_of(target)
+        t = engine.t
+        engine.check_finite("checkpoint")
         folder = self.directory / step_folder(t)
         error, written = None, {}
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, entry in sim.state_dict()["agents"].items():
-                written[f"agent-{i}.pt"] = _save({"t": t, "agent": entry}, folder / f"agent-{i}.pt")
-            written[f"rank-{sim.rank}.pt"] = _save({"t": t, "agents": sorted(sim.agents), "rng": rng_state()},
-                                                   folder / f"rank-{sim.rank}.pt")
-            if replicated is not None and sim.rank == 0:
-                written["outer.pt"] = _save({"t": t, "state": replicated}, folder / "outer.pt")
+            written = self._write_files(engine, folder, extra)
         except Exception as err:  # noqa: BLE001 - any local failure must reach every rank (no hang)
-            error = f"rank {sim.rank}: {_describe(err)}"
-        reports = gather_objects(sim.comm, (error, written, engine_record(sim)), t, "checkpoint")
+            error = f"rank {engine.rank}: {_describe(err)}"
+        reports = gather_objects(engine.comm, (error, written, engine_record(engine)), t, "checkpoint")
         errors = [e for e, _, _ in reports if e is not None]
-        if not errors and sim.rank == 0:
-            run: dict = {}
-            for _, _, record in reports:   # ranks without a worker do not know the optimizer
-                run.update(record)
-            manifest = {
-                "format": FORMAT, "t": t, "folder": folder.name,
-                "files": dict(sorted((name, digest) for _, files, _ in reports for name, digest in files.items())),
-                "num_agents": sim.schedule.num_agents, "world_size": sim.comm.world_size,
-                "agents_per_rank": sim.placement.agents_per_rank, "run": run, "config": self.config,
-            }
-            try:
-                atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-            except Exception as err:  # noqa: BLE001 - as above
-                errors.append(f"rank 0, writing {MANIFEST}: {_describe(err)}")
-        errors = gather_objects(sim.comm, errors, t, "checkpoint commit")[0]   # rank 0's: all of them
+        if not errors and engine.rank == 0:
+            errors += self._commit(engine, folder, reports)
+        errors = gather_objects(engine.comm, errors, t, "checkpoint commit")[0]   # rank 0's: all of them
         if errors:
-            if sim.rank == 0:
+            if engine.rank == 0:
                 self._remove_uncommitted(folder)
             raise CheckpointError(f"checkpoint of iteration t={t} not written (the last one is kept: "
                                   f"{self._latest_description()}): {'; '.join(errors)}")
-        if sim.rank == 0:
+        if engine.rank == 0:
             self._prune(keep_folder=folder.name)
         return folder
+
+    @staticmethod
+    def _write_files(engine, folder: Path, extra) -> dict[str, str]:
+        """This rank's files of the checkpoint in ``folder``; ``{file name: sha256}``."""
+        t, rank = engine.t, engine.rank
+        folder.mkdir(parents=True, exist_ok=True)
+        written = {}
+        for i, entry in engine.state_dict()["agents"].items():
+            written[f"agent-{i}.pt"] = _save({"t": t, "agent": entry}, folder / f"agent-{i}.pt")
+        written[f"rank-{rank}.pt"] = _save({"t": t, "agents": sorted(engine.agents), "rng": rng_state(),
+                                            "extra": extra}, folder / f"rank-{rank}.pt")
+        replicated = engine.replicated_state()
+        if replicated is not None and rank == 0:
+            written["outer.pt"] = _save({"t": t, "state": replicated}, folder / "outer.pt")
+        return written
+
+    def _commit(self, engine, folder: Path, reports: list) -> list[str]:
+        """Rank 0: the manifest of the checkpoint in ``folder``, written atomically (what commits
+        it); the errors met (none when it is written)."""
+        run: dict = {}
+        for _, _, record in reports:   # ranks without a worker do not know the optimizer
+            run.update(record)
+        manifest = {
+            "format": FORMAT, "t": engine.t, "folder": folder.name,
+            "files": dict(sorted((name, digest) for _, files, _ in reports for name, digest in files.items())),
+            "num_agents": engine.schedule.num_agents, "world_size": engine.comm.world_size,
+            "agents_per_rank": engine.placement.agents_per_rank, "run": run, "config": self.config,
+        }
+        try:
+            atomic_write(self.manifest_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        except Exception as err:  # noqa: BLE001 - as in save
+            return [f"rank 0, writing {MANIFEST}: {_describe(err)}"]
+        return []
 
     def _latest_description(self) -> str:
         try:
@@ -301,21 +345,24 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     # -- loading ------------------------------------------------------------------------------------
-    def load(self, sim, *, required: bool = False) -> int | None:
-        """Restore the latest checkpoint into the fresh ``sim``; returns its t, or None when the
-        folder holds none (``required=True``: ``ValueError`` instead).
+    def load(self, target, *, required: bool = False) -> int | None:
+        """Restore the latest checkpoint into the fresh ``target`` (an engine or a door, as
+        :meth:`save`); returns its t, or None when the folder holds none (``required=True``:
+        ``ValueError`` instead).  :attr:`extra` is then the ``extra`` this rank's state was saved
+        with (on another layout: that of the rank that held this rank's lowest agent).
 
         Each rank validates the manifest, compares the records of the run, reads and verifies its
         own files; one small all-gather of the outcomes then makes every rank raise the same
         ``ValueError`` (or none), so a file that one rank cannot read does not leave the others
         waiting in their next collective.  :attr:`changed` lists the allowed changes applied.
         """
+        engine = engine_of(target)
         error, t = None, None
         try:
-            t = self._load_local(sim, required)
+            t = self._load_local(engine, required)
         except ValueError as err:
             error = str(err)
-        outcomes = gather_objects(sim.comm, (error, t), sim.t, "checkpoint load")
+        outcomes = gather_objects(engine.comm, (error, t), engine.t, "checkpoint load")
         errors = [(rank, e) for rank, (e, _) in enumerate(outcomes) if e is not None]
         if errors:
             if len({e for _, e in errors}) == 1:   # the same on every rank that failed: say it once
@@ -326,38 +373,38 @@ class Checkpointer:
             raise ValueError(f"the ranks found different checkpoints in {self.directory}: {[s for _, s in outcomes]}")
         return t
 
-    def _load_local(self, sim, required: bool) -> int | None:
+    def _load_local(self, engine, required: bool) -> int | None:
         manifest = self.manifest()
         if manifest is None:
             if required:
                 raise ValueError(f"no checkpoint in {self.directory} (no {MANIFEST})")
             return None
         t = manifest["t"]
-        changed, engine_changes = self._compare(manifest, sim)
+        changed, engine_changes = self._compare(manifest, engine)
         folder = self.directory / manifest["folder"]
         if not folder.is_dir():
             raise ValueError(f"{self.manifest_path} names the folder {folder.name}, which does not exist")
-        agents = {i: self._read(folder / f"agent-{i}.pt", manifest)["agent"] for i in sorted(sim.agents)}
+        agents = {i: self._read(folder / f"agent-{i}.pt", manifest)["agent"] for i in sorted(engine.agents)}
         same_layout = (manifest["world_size"], manifest["agents_per_rank"]) == (
-            sim.comm.world_size, sim.placement.agents_per_rank)
-        source = sim.rank if same_layout else min(sim.agents) // manifest["agents_per_rank"]
-        rng = self._read(folder / f"rank-{source}.pt", manifest)["rng"]
-        replicated = self._read(folder / "outer.pt", manifest)["state"] if sim.slow_sync is not None else None
-        fresh = snapshot_hyperparameters(sim)
-        sim.load_state_dict({"t": t, "agents": agents})
+            engine.comm.world_size, engine.placement.agents_per_rank)
+        source = engine.rank if same_layout else min(engine.agents) // manifest["agents_per_rank"]
+        rank_state = self._read(folder / f"rank-{source}.pt", manifest)
+        replicated = self._read(folder / "outer.pt", manifest)["state"] if engine.slow_rule is not None else None
+        fresh = snapshot_hyperparameters(engine)
+        engine.load_state_dict({"t": t, "agents": agents})
         if replicated is not None:
-            sim.load_replicated_state(replicated)
-        reapply_hyperparameters(sim, fresh, [key for key, _, _ in engine_changes])
-        set_rng_state(rng)
-        self.changed = changed
+            engine.load_replicated_state(replicated)
+        reapply_hyperparameters(engine, fresh, [key for key, _, _ in engine_changes])
+        set_rng_state(rank_state["rng"])
+        self.changed, self.extra = changed, rank_state.get("extra")
         return t
 
-    def _compare(self, manifest: dict, sim) -> tuple[list, list]:
+    def _compare(self, manifest: dict, engine) -> tuple[list, list]:
         """The allowed differences between the checkpoint's records and this run's, ``(key,
         checkpoint's value, new value)``: those to report (the caller's record's when both have
         one, else the engine's) and the engine's; ``ValueError`` naming every other difference
         (module docstring)."""
-        current = engine_record(sim)
+        current = engine_record(engine)
         saved = manifest["run"]
         if "optimizer" not in current:   # no worker on this rank: another rank compares the optimizer
             saved = {k: v for k, v in saved.items() if not allowed(k, ["optimizer"])}
@@ -369,21 +416,23 @@ class Checkpointer:
         fixed = [d for d in engine if d[0] in FIXED]
         # A class that changed explains every difference of its hyperparameters, and a ``name``
         # that changed those of its siblings (another optimizer's options): not listed.
+        # A key under another refused key (schedule.fingerprint under schedule) is explained by it.
         named = [d[0][: -len("name")] for d in refused if d[0].endswith(".name")]
-        refused = [d for d in refused if not any(d[0].startswith(f[0] + ".") for f in fixed)
+        refused = [d for d in refused if not any(d[0].startswith(f[0] + ".") for f in fixed + refused)
                    and not any(d[0].startswith(prefix) and d[0] != prefix + "name" for prefix in named)]
+        compared = self.config is not None and manifest["config"] is not None
+        name = self.key_name if (self.key_name is not None and not compared) else (lambda key: key)
         if refused or fixed:
-            parts = [f"{key} is {_show(new)}, the checkpoint's {_show(old)}" for key, old, new in refused]
-            parts += [f"{key} is {_show(new)}, the checkpoint's {_show(old)} (this cannot change on resume: the "
+            parts = [f"{name(key)} is {_show(new)}, the checkpoint's {_show(old)}" for key, old, new in refused]
+            parts += [f"{name(key)} is {_show(new)}, the checkpoint's {_show(old)} (this cannot change on resume: the "
                       f"saved state would not fit)" for key, old, new in fixed]
             message = f"this run is not the run of the checkpoint (t={manifest['t']}): " + "; ".join(parts)
-            keys = [key for key, _, _ in refused]
+            keys = [name(key) for key, _, _ in refused]
             if keys and not fixed:
                 option = (f"Checkpointer(allow={keys!r})" if self.allow_option is None
                           else f"{self.allow_option}=[{','.join(keys)}]")
                 message += f". To continue with the new value(s) from t={manifest['t']} on, allow the change: {option}"
             raise ValueError(message)
-        compared = self.config is not None and manifest["config"] is not None
         return (config if compared else engine), engine
 
     @staticmethod
@@ -419,17 +468,35 @@ def _describe(err: Exception) -> str:
     return str(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
 
 
-def run_with_checkpoints(sim, steps: int, checkpointer: Checkpointer,
-                         callback: Callable | None = None) -> None:
-    """Step ``sim`` until t == ``steps`` (a total, so a resumed run does the rest), saving with
-    ``checkpointer.maybe_save`` after each iteration and once more at the end (unless just saved)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer; got {steps!r}")
-    saved = False
-    while sim.t < steps:
-        losses = sim.step()
-        if callback is not None:
-            callback(sim, losses)
-        saved = checkpointer.maybe_save(sim)
-    if not saved:  # decided from t and every alone: the same on every rank (save is collective)
-        checkpointer.save(sim)
+def check_resume_step(t: int | None, steps, directory, steps_name: str = "steps") -> None:
+    """``ValueError`` when a checkpoint at iteration ``t`` is past the run's total ``steps``: the
+    run cannot go back (``steps_name``: how the caller spells the argument).
+
+    Example:
+        >>> check_resume_step(300, 200, "ckpt")
+        Traceback (most recent call last):
+        ...
+        ValueError: steps=200 is before the checkpoint in ckpt, which is at t=300: a resumed run goes on to steps (a total, not a count of new steps); pass steps >= 300
+    """
+    if t is not None and not isinstance(steps, bool) and isinstance(steps, int) and t > steps:
+        raise ValueError(f"{steps_name}={steps} is before the checkpoint in {directory}, which is at t={t}: a "
+                         f"resumed run goes on to {steps_name} (a total, not a count of new steps); pass "
+                         f"{steps_name} >= {t}")
+
+
+def decline_save(target, reason: str) -> None:
+    """This rank's part of a checkpoint it cannot write (no :class:`Checkpointer` to write with):
+    the collectives of :meth:`Checkpointer.save`, contributing ``reason`` as this rank's error, so
+    that every rank raises the same :class:`CheckpointError` instead of waiting for this one."""
+    engine = engine_of(target)
+    t = engine.t
+    engine.check_finite("checkpoint")
+    gather_objects(engine.comm, (f"rank {engine.rank}: {reason}", {}, {}), t, "checkpoint")
+    errors = gather_objects(engine.comm, [], t, "checkpoint commit")[0]   # rank 0's: all of them
+    raise CheckpointError(f"checkpoint of iteration t={t} not written: {'; '.join(errors)}")
+
+
+def engine_of(target) -> SyncEngine:
+    """The engine of ``target``: a :class:`launch.engine.core.SyncEngine`, or a door that holds
+    one as ``.engine`` (:class:`launch.Simulation`, :class:`launch.AgentOptimizer`)."""
+    return target if isinstance(target, SyncEngine) else target.engine

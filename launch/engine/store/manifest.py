@@ -39,6 +39,8 @@ import json
 import re
 from pathlib import Path
 
+from topology.checks import is_integer
+
 MANIFEST = "latest.json"
 FORMAT = 2
 
@@ -85,14 +87,14 @@ def read_manifest(path: Path) -> dict | None:
                              f"the version that wrote it)")
         raise malformed(f"format {version!r}, this version reads format {FORMAT}")
     for key, check, expected in (
-        ("t", lambda v: _integer(v, 0), "an integer >= 0"),
+        ("t", lambda v: is_integer(v) and v >= 0, "an integer >= 0"),
         ("folder", lambda v: isinstance(v, str) and _FOLDER.fullmatch(v), "step-NNNNNNNN"),
         ("files", lambda v: isinstance(v, dict) and v and all(
             isinstance(k, str) and "/" not in k and "\\" not in k and isinstance(d, str) and _DIGEST.fullmatch(d)
             for k, d in v.items()), "{file name: sha256 hex digest}"),
-        ("num_agents", lambda v: _integer(v, 1), "an integer >= 1"),
-        ("world_size", lambda v: _integer(v, 1), "an integer >= 1"),
-        ("agents_per_rank", lambda v: _integer(v, 1), "an integer >= 1"),
+        ("num_agents", lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
+        ("world_size", lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
+        ("agents_per_rank", lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
         ("run", lambda v: isinstance(v, dict), "a mapping"),
         ("config", lambda v: v is None or isinstance(v, dict), "a mapping or null"),
     ):
@@ -121,7 +123,3 @@ def read_verified(path: Path, manifest: dict, manifest_path: Path) -> bytes:
         raise ValueError(f"checkpoint file {path} does not match its sha256 in {manifest_path}: corrupted, "
                          f"replaced by another file, or the manifest was edited; refused")
     return data
-
-
-def _integer(value, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

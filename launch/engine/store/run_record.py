@@ -6,8 +6,9 @@ that the trajectory depends on and that does not depend on the layout (ranks, pl
 
 ``num_agents``, ``numel`` (parameters per agent), ``dtype``
     the shape of X;
-``schedule``
-    ``repr(schedule)`` (t -> P_t: kind, periods, weights);
+``schedule``, ``schedule.fingerprint``
+    ``repr(schedule)`` (t -> P_t: kind, periods, weights) and its fingerprint
+    (:meth:`topology.Schedule.fingerprint`: a schedule whose repr does not show every matrix);
 ``state_policy``
     the resolved policy of each level;
 ``optimizer``, ``optimizer.<name>``
@@ -34,36 +35,16 @@ Example:
 
 from __future__ import annotations
 
-import json
 from typing import Iterable
 
-import torch
+from agents.outer import OuterOptimizer
+from agents.settings import describe_optimizer, normalize
 
 #: Keys no allowance can change on resume: the saved state would not fit the new run.
 FIXED = ("num_agents", "numel", "dtype", "optimizer", "outer", "outer.optimizer")
 
 #: Printed for a key one record has and the other has not.
 ABSENT = "(absent)"
-
-
-def jsonable(value):
-    """``value`` as JSON can hold it: tuples as lists, tensors as numbers (lists), dtypes and any
-    other object as their ``str``; mappings recursively."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def normalize(record: dict) -> dict:
-    """``record`` as it reads back from JSON (the form saved records have), so that a live record
-    and a saved one compare equal when they hold the same values."""
-    return json.loads(json.dumps(jsonable(record)))
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict:
@@ -91,58 +72,47 @@ def differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
             if saved.get(k, ABSENT) != current.get(k, ABSENT)]
 
 
-def _optimizer_record(optimizer, prefix: str) -> dict:
-    record = {prefix: type(optimizer).__name__}
-    record.update({f"{prefix}.{k}": jsonable(v) for k, v in sorted(optimizer.defaults.items())})
-    return record
-
-
-def engine_record(sim) -> dict:
-    """The engine's record of ``sim`` (module docstring), normalized."""
-    buffer = next(iter(sim.agents.values())).flat.buffer
+def engine_record(engine) -> dict:
+    """The engine's record of ``engine`` (a :class:`launch.engine.core.SyncEngine`; module
+    docstring), normalized."""
+    agent = next(iter(engine.agents.values()))
     record = {
-        "num_agents": sim.schedule.num_agents,
-        "numel": next(iter(sim.agents.values())).flat.numel,
-        "dtype": str(buffer.dtype),
-        "schedule": repr(sim.schedule),
-        "state_policy": list(sim.sync_policy.levels),
+        "num_agents": engine.schedule.num_agents,
+        "numel": agent.flat.numel,
+        "dtype": str(agent.flat.buffer.dtype),
+        "schedule": repr(engine.schedule),
+        "schedule.fingerprint": engine.schedule.fingerprint(),
+        "state_policy": list(engine.sync_policy.levels),
     }
-    worker = next((a for _, a in sorted(sim.agents.items()) if a.is_worker), None)
-    if worker is not None:
-        record.update(_optimizer_record(worker.optimizer, "optimizer"))
-    rule = None if sim.slow_sync is None else sim.slow_sync.rule
-    record["outer"] = None if rule is None else type(rule).__name__
-    if rule is not None:
-        record.update({f"outer.{k}": v for k, v in sorted(vars(rule).items())
-                       if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))})
-        if isinstance(getattr(rule, "optimizer", None), torch.optim.Optimizer):
-            record.update(_optimizer_record(rule.optimizer, "outer.optimizer"))
+    workers = engine.worker_optimizers()
+    if workers:
+        record.update(describe_optimizer(workers[0], "optimizer"))
+    rule = engine.slow_rule
+    record.update({"outer": None} if rule is None else rule.describe("outer"))
     return normalize(record)
 
 
-def optimizers_of(sim) -> dict[str, list]:
+def optimizers_of(engine) -> dict[str, list]:
     """``{"optimizer": [...], "outer.optimizer": [...]}``: the torch optimizers whose
     hyperparameters the records' ``optimizer.*`` / ``outer.optimizer.*`` keys describe (this
     rank's workers' inner optimizers, the slow rule's optimizer)."""
-    found = {"optimizer": [a.optimizer for _, a in sorted(sim.agents.items()) if a.is_worker], "outer.optimizer": []}
-    rule = None if sim.slow_sync is None else sim.slow_sync.rule
-    if isinstance(getattr(rule, "optimizer", None), torch.optim.Optimizer):
-        found["outer.optimizer"].append(rule.optimizer)
-    return found
+    rule = engine.slow_rule
+    outer = rule.optimizer if isinstance(rule, OuterOptimizer) else None
+    return {"optimizer": engine.worker_optimizers(), "outer.optimizer": [] if outer is None else [outer]}
 
 
-def snapshot_hyperparameters(sim) -> dict:
+def snapshot_hyperparameters(engine) -> dict:
     """The hyperparameters of every param group of :func:`optimizers_of` (``params`` left out):
     taken before a checkpoint is loaded, they are the new run's values."""
     return {prefix: [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in opts]
-            for prefix, opts in optimizers_of(sim).items()}
+            for prefix, opts in optimizers_of(engine).items()}
 
 
-def reapply_hyperparameters(sim, snapshot: dict, keys: Iterable[str]) -> None:
+def reapply_hyperparameters(engine, snapshot: dict, keys: Iterable[str]) -> None:
     """After a checkpoint is loaded (``load_state_dict`` puts the saved hyperparameters back in
     every param group): set the hyperparameters named by ``keys`` (``optimizer.lr``,
     ``outer.optimizer.momentum``...) back to the new run's values in ``snapshot``."""
-    for prefix, opts in optimizers_of(sim).items():
+    for prefix, opts in optimizers_of(engine).items():
         names = [k[len(prefix) + 1:] for k in keys if k.startswith(prefix + ".")]
         for opt, groups in zip(opts, snapshot[prefix]):
             for group, fresh in zip(opt.param_groups, groups):

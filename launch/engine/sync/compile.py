@@ -15,7 +15,7 @@ and builds this rank's program:
   region is weighted apart where per-level state policies say so
   (:meth:`launch.engine.sync.state_weights.SyncPolicy.state_weight`).
 
-``overlap`` is True, False or ``"auto"`` (the default of :class:`launch.Simulation`): on where it
+``overlap`` is True, False or ``"auto"`` (the default, :class:`launch.engine.core.EngineOptions`): on where it
 applies, that is when some block qualifies, there is no slow rule, and the scratch it costs (one
 flat copy, numel x itemsize bytes, on every rank of a hub block) is at most
 :data:`launch.engine.sync.overlap.AUTO_MAX_BYTES`; a rule of the model's size alone, so every rank
@@ -29,7 +29,7 @@ the sync's collectives carry travel).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agents.slow_rule import SlowRule
 from launch.engine.sync.blocks import AllReduceBlock, HubBlock, LocalBlock, LocalMix, PointToPointMixes, ProgramContext
@@ -40,8 +40,13 @@ from launch.engine.sync.overlap import AUTO_MAX_BYTES, hub_of
 from launch.engine.placement import Placement
 from launch.engine.sync.program import RankProgram
 from launch.engine.sync.state_weights import SyncPolicy
-from topology.plan import Plan, compile_plan
+from topology.plan import Block, Plan, compile_plan
 from topology.schedule import Schedule
+
+
+#: The hub rank of every block that runs overlapped, keyed by (plan, block): the plans are the
+#: schedule's distinct matrices compiled (:func:`topology.plan.compile_plan`), value objects.
+Hubs = dict[tuple[Plan, Block], int]
 
 
 @dataclass
@@ -55,14 +60,19 @@ class CompiledSync:
         windows: the windows of the finiteness check on this placement, or None when the
             schedule's collectives cannot carry its markers to every rank.
         slow_sync: the replicated slow agent of a slow rule, or None.
-        overlap: whether some block runs overlapped.
+        hubs: the blocks that run overlapped and their hub ranks (:func:`overlap_hubs`).
     """
 
     programs: list
     groups: list[tuple[int, ...]]
     windows: Windows | None
     slow_sync: SlowRuleSync | None
-    overlap: bool = False
+    hubs: Hubs = field(default_factory=dict)
+
+    def hub_of(self, block: Block, plan: Plan) -> int | None:
+        """The hub rank chosen for ``block`` of ``plan`` (overlapped), or None (a plain
+        collective): what the simulated clock costs (:class:`topology.network.SimClock`)."""
+        return self.hubs.get((plan, block))
 
 
 def rank_program(plan: Plan, placement: Placement, rank: int, *, state: tuple[int, dict] | None = None,
@@ -112,22 +122,28 @@ def rank_program(plan: Plan, placement: Placement, rank: int, *, state: tuple[in
     return RankProgram(plan, rank, local, blocks, p2p, ctx, reset)
 
 
-def resolve_overlap(overlap: bool | str, schedule: Schedule, plans: list[Plan], placement: Placement,
-                    nbytes: int) -> bool:
-    """``overlap`` (True, False or ``"auto"``) as a bool for a plain-mixing schedule on
-    ``placement``: ``"auto"`` is on when some block of ``plans`` qualifies
-    (:func:`launch.engine.sync.overlap.hub_of`) and ``nbytes`` (one agent's synchronized buffer, the
-    scratch of a hub block) is at most :data:`~launch.engine.sync.overlap.AUTO_MAX_BYTES`."""
-    if overlap != "auto":
-        return bool(overlap)
+def overlap_hubs(schedule: Schedule, plans: list[Plan], placement: Placement, overlap: bool | str,
+                 nbytes: int) -> Hubs:
+    """Which blocks of a plain-mixing schedule's ``plans`` run overlapped on ``placement``, and
+    around which hub rank: those that qualify (:func:`launch.engine.sync.overlap.hub_of`) when
+    ``overlap`` is True; none when it is False; with ``"auto"``, those that qualify when
+    ``nbytes`` (one agent's synchronized buffer, the scratch of a hub block) is at most
+    :data:`~launch.engine.sync.overlap.AUTO_MAX_BYTES`.  A pure function: every rank, and the
+    simulated clock of another layout, get the same answer."""
+    if overlap is False or (overlap == "auto" and nbytes > AUTO_MAX_BYTES):
+        return {}
     workers = set(schedule.workers)
-    qualifies = any(hub_of(b, plan, placement, workers, schedule.push_sum) is not None
-                    for plan in plans for b in plan.blocks)
-    return qualifies and nbytes <= AUTO_MAX_BYTES
+    hubs = {}
+    for plan in plans:
+        for block in plan.blocks:
+            hub = hub_of(block, plan, placement, workers, schedule.push_sum)
+            if hub is not None:
+                hubs[plan, block] = hub
+    return hubs
 
 
 def compile_sync(schedule: Schedule, placement: Placement, rank: int, *, numel: int, state_numel: int,
-                 policy: SyncPolicy, outer: SlowRule | None = None, overlap: bool | str = False,
+                 policy: SyncPolicy, overlap: bool | str, outer: SlowRule | None = None,
                  check_rule=None, itemsize: int = 4) -> CompiledSync:
     """Every distinct matrix of ``schedule`` compiled for ``rank`` (see the module docstring).
 
@@ -142,27 +158,25 @@ def compile_sync(schedule: Schedule, placement: Placement, rank: int, *, numel: 
             (``rule.check(model, optimizer)``: the rule's own checks).
         itemsize: bytes per element of the agents' buffers (``"auto"``'s memory rule).
     """
+    if schedule.mixes_gradients:
+        raise ValueError(f"schedule {schedule!r} mixes the workers' gradients (a Q_t other than the identity, "
+                         f"e.g. topology.data_parallel): the engine does not run gradient mixing yet; "
+                         f"agents.matrix_reference.run_model computes such a schedule serially")
     if overlap is True and outer is not None:
         raise ValueError("overlap=True applies to plain mixing syncs; it cannot be combined with outer=...")
     plans = [compile_plan(p) for p in schedule.distinct_matrices]
     if outer is not None:
         return _compile_slow_rule(schedule, plans, placement, rank, numel, state_numel, policy, outer, check_rule)
-    workers = set(schedule.workers)
-
-    def hub(index: int, block) -> int | None:
-        return hub_of(block, plans[index], placement, workers, schedule.push_sum)
-
-    overlap = resolve_overlap(overlap, schedule, plans, placement, (numel + state_numel) * itemsize)
+    hubs = overlap_hubs(schedule, plans, placement, overlap, (numel + state_numel) * itemsize)
     programs, hub_scratch = [], Scratch()
     for index, plan in enumerate(plans):
         weight = policy.state_weight(index)
         programs.append(rank_program(plan, placement, rank, state=None if weight is None else (numel, weight),
-                                     hub_of_block=(lambda block, i=index: hub(i, block)) if overlap else None,
+                                     hub_of_block=lambda block, p=plan: hubs.get((p, block)),
                                      reset=policy.resets[index], hub_scratch=hub_scratch))
     groups = {placement.ranks_of(b.members) for plan in plans for b in plan.blocks}
-    windows = Windows.build(schedule, plans, placement, hub if overlap else None)
-    return CompiledSync(programs, sorted(g for g in groups if len(g) > 1), windows, None,
-                        any(p.hub_blocks for p in programs))
+    windows = Windows.build(schedule, plans, placement, (lambda i, b: hubs.get((plans[i], b))) if hubs else None)
+    return CompiledSync(programs, sorted(g for g in groups if len(g) > 1), windows, None, hubs)
 
 
 def _compile_slow_rule(schedule: Schedule, plans: list[Plan], placement: Placement, rank: int, numel: int,

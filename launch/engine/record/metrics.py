@@ -12,42 +12,37 @@ One row per agent per logged step, columns :data:`COLUMNS`:
     that step (empty for a passive agent, which takes no step; ``nan`` / ``inf`` when not finite).
 ``grad_norm``
     ||g||_2 of that step's gradient, over all parameters (empty for a passive agent).
-``consensus_distance``
-    ||z_i - X a||_2 after the s-th iteration (its sync included), with a = schedule.consensus()
-    and X a = theta, the virtual iterate (Wang et al. eq. 8); empty when the schedule has no
-    consensus vector.  z_i is agent i's model (:func:`launch.engine.diagnostics.local_models`): x_i,
-    or under push-sum the de-biased x_i / w_i.  (Push-sum's matrices are row-stochastic, so
-    a = 1/m and theta = mean_i x_i = sum_i x_i / sum_i w_i, the value every z_i converges to;
-    the raw x_i do not converge to it.)
+``distance_to_virtual``
+    ||z_i - X a||_2 after the inner steps of the s-th iteration and *before its sync*, with a =
+    schedule.consensus() and X a = theta, the virtual iterate (Wang et al. eq. 8; a sync does not
+    move it, P a = a): agent i's distance to the virtual iterate, the spread that the sync
+    removes -- measured after the sync, a Lookahead or local-SGD run logged at its syncs would
+    show 0 (:mod:`launch.engine.readout`; not the consensus distance, which is the workers'
+    spread around their mean); empty when the schedule has no consensus vector.  z_i is agent
+    i's model (:func:`launch.engine.readout.models`): x_i, or under push-sum the de-biased
+    x_i / w_i.  (Push-sum's matrices are row-stochastic, so a = 1/m and theta = mean_i x_i =
+    sum_i x_i / sum_i w_i, the value every z_i converges to; the raw x_i do not converge to it.)
 ``wall_time``
     seconds on rank 0 since the first iteration began (a resumed run: continuing the kept rows').
 ``sim_time``
-    the simulated time after iteration s on ``launch.cluster`` (:mod:`launch.cli.simtime`);
+    the simulated time after iteration s on ``launch.cluster`` (:mod:`launch.engine.record.clock`);
     empty without a cluster.
 
 Cost, in a run spread over several ranks (co-located and serial runs communicate nothing).
 Rank 0 writes every row, so the losses and gradient norms of workers on other ranks, and the
-distances of their agents, must reach it; theta is a sum over every agent's column.  What the CLI
-does (:meth:`MetricsProbe.log`, off the critical path):
-
-- after a sync that leaves every agent with the same value (one block over all agents: a
-  Lookahead period's outermost sync, a local-SGD average, a slow rule's sync; not push-sum), every
-  rank knows X: theta = sum_i a_i z (in agent order, the co-located sum) and every distance
-  is ||z - theta||, computed by rank 0 from its own agent.  No full-vector collective; the
-  workers' losses and gradient norms (2m numbers) reach rank 0 by one asynchronous reduce, unless
-  every worker lives on rank 0 (Lookahead: nothing at all is communicated);
-- otherwise, three asynchronous collectives, each started at one logged step and waited for at
-  the next: a reduce to rank 0 of [sum of a_i x_i over local i | losses and gradient norms] (d +
-  2m numbers), its broadcast back (the theta every rank needs for its own agents' distances,
-  measured on a copy of its models taken at the logged step), and a reduce of the m squared
-  distances.
+distances of their agents, must reach it; theta is a sum over every agent's column.  What a run
+does (:meth:`MetricsProbe.log`, called before the sync of a logged step, off the critical
+path): three asynchronous collectives, each started at one logged step and waited for at the
+next -- a reduce to rank 0 of [sum of a_i x_i over local i | losses and gradient norms] (d + 2m
+numbers), its broadcast back (the theta every rank needs for its own agents' distances, measured
+on a copy of its models taken at the logged step), and a reduce of the m squared distances;
+without a consensus vector, the reduce of the losses and gradient norms alone.
 
 So a row is written one to three logged steps after its step (with that step's ``wall_time``),
 the rest at the end of the run (:meth:`MetricsProbe.finish`), and no logged step waits for a
-collective it started.  With the default ``launch.log_every`` (the schedule's period) a
-Lookahead or local-SGD run logs at the period's last sync: the first case.  The values are
-those of the synchronous :meth:`MetricsProbe.measure` (two all-reduces over the world, for
-callers that want rows at once), up to the summation order of theta.
+collective it started.  The values are those of the synchronous :meth:`MetricsProbe.measure`
+(two all-reduces over the world, for callers that want rows at once), up to the summation order
+of theta.
 """
 
 from __future__ import annotations
@@ -62,9 +57,9 @@ from pathlib import Path
 import torch
 
 from launch.engine.guard.health import collective
-from topology.plan import compile_plan
+from launch.engine.readout import squared_distances, virtual_weights, weighted_sum
 
-COLUMNS = ("step", "agent", "loss", "grad_norm", "consensus_distance", "wall_time", "sim_time")
+COLUMNS = ("step", "agent", "loss", "grad_norm", "distance_to_virtual", "wall_time", "sim_time")
 
 
 class MetricsProbe:
@@ -72,30 +67,19 @@ class MetricsProbe:
 
     Args:
         run: a :mod:`launch.cli.runs` run (its ``columns()``, ``models()``, ``grad_norms()``,
-            ``agents``, ``schedule`` or ``simulation``).
+            ``engine``).
         comm: the run's communicator, or None for a single-process run.
-        num_agents: m.
-        consensus: the vector a (float64, length m), or None.
+        schedule: the run's schedule.
     """
 
-    def __init__(self, run, comm, num_agents: int, consensus: torch.Tensor | None):
+    def __init__(self, run, comm, schedule):
         self.run = run
         self.comm = comm if comm is not None and comm.world_size > 1 else None
-        self.m = num_agents
-        self.a = None if consensus is None else [float(v) for v in consensus]
+        self.m = schedule.num_agents
+        self.a = virtual_weights(schedule)
         self.world = tuple(range(comm.world_size)) if self.comm is not None else None
         #: In flight, oldest first: [step, wall, generator, pending collective, rows or None].
         self._entries: deque = deque()
-        if self.comm is not None:
-            # The world group: created (no-op if a plan already did) and warmed by every rank.
-            with collective(self.comm, run.simulation.t, "creation of the metrics' group", self.world):
-                self.comm.init_groups([self.world])
-            sim = run.simulation
-            schedule = sim.schedule
-            self.schedule = schedule
-            self.workers_on_rank0 = all(sim.placement.rank_of(w) == 0 for w in schedule.workers)
-            #: Per distinct matrix: does its sync leave every agent with the same value?
-            self._equal = [_all_equal(matrix, schedule.push_sum) for matrix in schedule.distinct_matrices]
 
     # -- at once -------------------------------------------------------------------------------------
     def measure(self, losses: dict[int, torch.Tensor]) -> list[dict]:
@@ -110,7 +94,7 @@ class MetricsProbe:
         distances = [math.nan] * self.m
         if self.a is not None:
             # (2) ||z_i - theta|| where z_i lives, then shared (z_i: de-biased under push-sum).
-            squared = self._squared(self.run.models(), theta)
+            squared = squared_distances(self.run.models(), theta, self.m)
             self._all_reduce(squared)
             distances = squared.sqrt().cpu().tolist()
         return _rows(stats, distances)
@@ -137,7 +121,7 @@ class MetricsProbe:
     def _move(self, entry: list) -> None:
         """Run ``entry``'s generator to its next collective (or to its rows), started under the
         lost-rank handler as every collective of a run."""
-        with collective(self.comm, self.run.simulation.t, f"metrics of step {entry[0]}", self.world):
+        with collective(self.comm, self.run.engine.t, f"metrics of step {entry[0]}", self.world):
             try:
                 entry[3] = next(entry[2])
             except StopIteration as stop:
@@ -147,7 +131,7 @@ class MetricsProbe:
         """Every entry in flight moves one phase on: its collective waited for, the next started."""
         for entry in self._entries:
             if entry[4] is None:
-                with collective(self.comm, self.run.simulation.t, f"metrics of step {entry[0]}", self.world):
+                with collective(self.comm, self.run.engine.t, f"metrics of step {entry[0]}", self.world):
                     entry[3].wait()
                 self._move(entry)
 
@@ -162,22 +146,6 @@ class MetricsProbe:
     def _entry(self, step: int, losses):
         """The phases of one logged step: yields each collective it starts, returns its rows."""
         comm, world = self.comm, self.world
-        equal = self._equal[self.schedule.matrix_index(step - 1)]
-        if equal and self.a is not None:
-            z = next(iter(self.run.models().values()))
-            theta = torch.zeros_like(z)
-            for i in range(self.m):
-                theta.add_(z, alpha=self.a[i])
-            distance = float(torch.sum((z - theta) ** 2))
-            stats = self._stats(losses, z)
-            if self.workers_on_rank0:        # every agent of another rank is passive
-                local = self.run.columns()
-                for i in range(self.m):
-                    if i not in local:
-                        stats[2 * i:2 * i + 2] = math.nan
-            else:
-                yield comm.reduce_async_(stats, 0, world)
-            return _rows(stats.cpu().tolist(), [math.sqrt(distance)] * self.m) if comm.rank == 0 else []
         if self.a is None:                   # no consensus vector: the losses and norms alone
             stats = self._stats(losses, next(iter(self.run.columns().values())))
             yield comm.reduce_async_(stats, 0, world)
@@ -186,7 +154,7 @@ class MetricsProbe:
         snapshot = {i: z.clone() for i, z in self.run.models().items()}
         yield comm.reduce_async_(buf, 0, world)
         yield comm.broadcast_async_(buf, 0, world)
-        squared = self._squared(snapshot, buf[:d])
+        squared = squared_distances(snapshot, buf[:d], self.m)
         del snapshot
         yield comm.reduce_async_(squared, 0, world)
         return _rows(buf[d:].cpu().tolist(), squared.sqrt().cpu().tolist()) if comm.rank == 0 else []
@@ -209,36 +177,18 @@ class MetricsProbe:
         any_column = next(iter(columns.values()))
         d = any_column.numel()
         buf = torch.empty(d + 2 * self.m, dtype=any_column.dtype, device=any_column.device)
-        buf[:d].zero_()
-        if self.a is not None:
-            for i, x in columns.items():
-                buf[:d].add_(x, alpha=self.a[i])
+        weighted_sum(columns, self.a or {}, buf[:d])
         buf[d:] = self._stats(losses, any_column)
         return buf, d
 
-    def _squared(self, models: dict, theta: torch.Tensor) -> torch.Tensor:
-        """(2) ||z_i - theta||^2 of the local agents (zero for other ranks')."""
-        squared = torch.zeros(self.m, dtype=torch.float64, device=theta.device)
-        for i, z in models.items():
-            squared[i] = float(torch.sum((z - theta) ** 2))
-        return squared
-
     def _all_reduce(self, tensor: torch.Tensor) -> None:
         if self.comm is not None:   # under the lost-rank handler, as every collective of a run
-            with collective(self.comm, self.run.simulation.t, "metrics all-reduce", self.world):
+            with collective(self.comm, self.run.engine.t, "metrics all-reduce", self.world):
                 self.comm.all_reduce_(tensor, self.world)
 
 
-def _all_equal(matrix: torch.Tensor, push_sum: bool) -> bool:
-    """Does a sync with ``matrix`` leave every agent with the same value (one block, every agent
-    a receiver)?  Not under push-sum (the models are x_i / w_i)."""
-    plan = compile_plan(matrix)
-    m = matrix.shape[0]
-    return not push_sum and not plan.mixes and len(plan.blocks) == 1 and plan.blocks[0].receivers == tuple(range(m))
-
-
 def _rows(stats: list[float], distances: list[float]) -> list[dict]:
-    return [{"agent": i, "loss": stats[2 * i], "grad_norm": stats[2 * i + 1], "consensus_distance": distances[i]}
+    return [{"agent": i, "loss": stats[2 * i], "grad_norm": stats[2 * i + 1], "distance_to_virtual": distances[i]}
             for i in range(len(distances))]
 
 
@@ -246,7 +196,7 @@ class MetricsWriter:
     """Appends rows to ``path`` (CSV with a header of :data:`COLUMNS`), flushed at every write.
 
     Empty fields are "not applicable": ``loss`` and ``grad_norm`` of an agent not in ``workers``
-    (a passive agent), ``consensus_distance`` when ``consensus`` is False.  A value that is
+    (a passive agent), ``distance_to_virtual`` when ``consensus`` is False.  A value that is
     applicable but not finite is written as ``nan``, ``inf`` or ``-inf`` (``workers=None``: every
     NaN is taken as not applicable).  Floats with 17 significant digits.
 
@@ -282,7 +232,7 @@ class MetricsWriter:
         for row in rows:
             worker = self.workers is None or row["agent"] in self.workers
             self._csv.writerow([step, row["agent"], _fmt(row["loss"], worker), _fmt(row["grad_norm"], worker),
-                                _fmt(row["consensus_distance"], self.consensus), f"{wall:.6f}", simulated])
+                                _fmt(row["distance_to_virtual"], self.consensus), f"{wall:.6f}", simulated])
         self._file.flush()
 
     def close(self) -> None:

@@ -1,14 +1,15 @@
-"""Optional TensorBoard logging: ``launch.tensorboard=true`` (rank 0 writes).
+"""Optional TensorBoard logging of a run's record (rank 0 writes).
 
 Needs the ``tensorboard`` package (``pip install tensorboard``), which the project does not
-install; without it, ``launch.tensorboard=true`` is a configuration error (one line, exit 2) on
-every rank before anything runs.  Event files go to ``<run directory>/tensorboard``
-(``tensorboard --logdir outputs`` shows every run).  Scalars, by step:
+install; without it, asking for TensorBoard is an error before anything runs
+(:func:`summary_writer_class`; the command line's ``launch.tensorboard=true`` is then one line,
+exit 2, on every rank).  Event files go to ``<run directory>/tensorboard`` (``tensorboard
+--logdir outputs`` shows every run).  Scalars, by step:
 
 - ``train/loss/agent_<i>``, ``train/grad_norm/agent_<i>`` (workers) and
-  ``consensus_distance/agent_<i>``, at every logged step (the rows of ``metrics.csv``);
+  ``distance_to_virtual/agent_<i>``, at every logged step (the rows of ``metrics.csv``);
 - ``heldout_<metric>/agent_<i>`` and ``heldout_<metric>/virtual`` at every evaluated step, and
-  ``lr/agent_<i>`` (the rows of ``eval.csv``, :mod:`launch.cli.evaluation`).
+  ``lr/agent_<i>`` (the rows of ``eval.csv``, :mod:`launch.engine.record.evaluation`).
 """
 
 from __future__ import annotations
@@ -16,18 +17,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-MISSING = ("launch.tensorboard=true needs the tensorboard package, which is not installed: "
-           "pip install tensorboard (or leave launch.tensorboard=false; metrics.csv and eval.csv "
-           "are written in any case, and python -m launch.plot draws them)")
+MISSING = ("needs the tensorboard package, which is not installed: pip install tensorboard (metrics.csv "
+           "and eval.csv are written in any case, and python -m launch.plot draws them)")
 
 
 def summary_writer_class():
-    """``torch.utils.tensorboard.SummaryWriter``, or ``ValueError`` (:data:`MISSING`) when the
-    ``tensorboard`` package is not installed."""
+    """``torch.utils.tensorboard.SummaryWriter``, or ``ValueError`` ("TensorBoard logging
+    :data:`MISSING`") when the ``tensorboard`` package is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ValueError(MISSING) from None
+        raise ValueError(f"TensorBoard logging {MISSING}") from None
     return SummaryWriter
 
 
@@ -41,7 +41,7 @@ class TensorBoardLog:
         """The rows of ``metrics.csv`` at ``step``."""
         for row in rows:
             for key, tag in (("loss", "train/loss"), ("grad_norm", "train/grad_norm"),
-                             ("consensus_distance", "consensus_distance")):
+                             ("distance_to_virtual", "distance_to_virtual")):
                 self._scalar(f"{tag}/agent_{row['agent']}", row.get(key), step)
 
     def evaluation(self, rows: list[dict]) -> None:

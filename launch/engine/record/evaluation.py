@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import torch
 
 from agents.flat import load_flat_
 from launch.engine.guard.health import collective, gather_objects
+from launch.engine.readout import virtual_weights, weighted_sum
 
 VIRTUAL = "virtual"
 
@@ -56,35 +58,42 @@ class Evaluator:
     """The held-out metrics of a run's agents (see the module docstring).
 
     Args:
-        job: the :class:`launch.cli.build.Job` (its problem, schedule, ``eval_every``, ``steps``).
-        run: a :mod:`launch.cli.runs` run (``models()``, ``columns()``, ``agents``).
+        run: the run (:class:`launch.engine.record.run.Run`).
         comm: the run's communicator, or None for a single-process run.
+        schedule: the run's schedule.
+        evaluate: ``evaluate(module) -> {metric: value}``, the problem's held-out metrics.
+        template: a module of the agents' architecture where the metrics are taken (its
+            parameters and buffers are overwritten at each evaluation).
+        every: evaluate after every ``every``-th step (None: only at ``last``).
+        last: the run's last step, always evaluated (None: not known in advance).
+        load: ``load(template, flat)`` puts an agent's flat parameters into ``template`` (default
+            :func:`agents.flat.load_flat_`: every parameter of the template, in order).
     """
 
-    def __init__(self, job, run, comm):
-        self.job, self.run = job, run
+    def __init__(self, run, comm, schedule, evaluate, template, *, every: int | None, last: int | None,
+                 load=load_flat_):
+        self.run, self.evaluate_module, self.template, self.load = run, evaluate, template, load
+        self.every, self.last = every, last
         self.comm = comm if comm is not None and comm.world_size > 1 else None
         self.rank = 0 if comm is None else comm.rank
-        self.template = job.model()
-        if job.evaluate_on_device:
-            self.template = self.template.to(job.device)
         self.has_buffers = any(True for _ in self.template.buffers())
-        a = job.schedule.consensus()
-        self.a = None if a is None else [float(v) for v in a]
-        self.first_worker = min(job.schedule.workers)
-        self.m = job.schedule.num_agents
+        self.a = virtual_weights(schedule)
+        self.first_worker = min(schedule.workers)
+        self.m = schedule.num_agents
         self.pending_lrs: dict[int, dict[int, float]] = {}  # step -> {local worker: lr}, not yet gathered
         self.evaluated = 0  # the last evaluated step
+        #: The agents whose held-out metrics were not all finite at the last evaluation (the same
+        #: on every rank: every rank receives every rank's metrics).
+        self.nonfinite: list[int] = []
 
     # -- when -----------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
         """Whether step s is evaluated: every ``eval_every``-th and the last."""
-        every = self.job.eval_every
-        return step == self.job.steps or (every is not None and step % every == 0)
+        return step == self.last or (self.every is not None and step % self.every == 0)
 
     def note_lr(self, step: int) -> None:
         """Record the local workers' learning rates for step ``step`` (call before its iteration)."""
-        self.pending_lrs[step] = local_learning_rates(self.run)
+        self.pending_lrs[step] = self.run.learning_rates()
 
     # -- evaluating -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -93,15 +102,16 @@ class Evaluator:
         the rows of ``eval.csv`` for every step recorded since the last evaluation, up to
         ``step`` (the evaluated one with metrics); None on the other ranks."""
         self.evaluated = step
-        if hasattr(self.run, "simulation"):
-            self.run.simulation.wait_in_flight()  # overlapped syncs: a receiver may still be written
+        self.run.wait_in_flight()  # overlapped syncs: a receiver may still be written
         buffers = self._lowest_worker_buffers(step)
-        own = local_buffers(self.run)
+        own = self.run.worker_buffers()
         metrics = {i: self._metrics(z, own.get(i, buffers)) for i, z in self.run.models().items()}
         virtual = self._virtual(buffers, step)
         lrs, self.pending_lrs = self.pending_lrs, {}
         parts = (gather_objects(self.comm, (metrics, lrs), step, "gather of the evaluation")
                  if self.comm is not None else [(metrics, lrs)])
+        self.nonfinite = sorted(i for part, _ in parts for i, values in part.items()
+                                if not all(math.isfinite(v) for v in values.values()))
         if self.rank != 0:
             return None
         merged_metrics: dict[int, dict] = {}
@@ -127,18 +137,18 @@ class Evaluator:
 
     def _metrics(self, flat: torch.Tensor, buffers: dict) -> dict:
         """The held-out metrics of the model ``flat`` with ``buffers`` (in the template)."""
-        load_flat_(self.template, flat.detach().to(next(self.template.parameters()).device))
+        self.load(self.template, flat.detach().to(next(self.template.parameters()).device))
         for name, buf in self.template.named_buffers():
             if name in buffers:
                 buf.copy_(buffers[name])
-        return self.job.evaluate(self.template)
+        return self.evaluate_module(self.template)
 
     def _lowest_worker_buffers(self, step: int) -> dict:
         """The buffers of the lowest-numbered worker, on every rank (one all-gather when the model
         has buffers and the run spans ranks)."""
         if not self.has_buffers:
             return {}
-        local = local_buffers(self.run).get(self.first_worker)
+        local = self.run.worker_buffers().get(self.first_worker)
         if self.comm is None:
             return local or {}
         mine = {n: t.cpu() for n, t in local.items()} if local is not None else None
@@ -151,10 +161,7 @@ class Evaluator:
         if self.a is None:
             return None
         columns = self.run.columns()
-        theta = None
-        for i, x in columns.items():
-            term = x.detach() * self.a[i]
-            theta = term if theta is None else theta.add_(term)
+        theta = weighted_sum(columns, self.a, torch.empty_like(next(iter(columns.values()))))
         if self.comm is not None:
             world = tuple(range(self.comm.world_size))
             with collective(self.comm, step, "all-reduce of the virtual iterate", world):
@@ -162,37 +169,43 @@ class Evaluator:
         return self._metrics(theta, buffers) if self.rank == 0 else None
 
 
-def local_learning_rates(run) -> dict[int, float]:
-    """``{worker: lr}`` of the run's local workers (``param_groups[0]["lr"]``)."""
-    if hasattr(run, "simulation"):
-        return {i: float(a.optimizer.param_groups[0]["lr"]) for i, a in run.simulation.agents.items() if a.is_worker}
-    return {0: float(run.optimizer.param_groups[0]["lr"])}  # the serial reference: agent 0 is the worker
-
-
-def local_buffers(run) -> dict[int, dict[str, torch.Tensor]]:
-    """``{worker: {name: buffer}}`` of the run's local workers (live tensors; read only)."""
-    if hasattr(run, "simulation"):
-        return {i: dict(a.module.named_buffers()) for i, a in run.simulation.agents.items() if a.is_worker}
-    return {0: dict(run.module.named_buffers())}
-
-
 class EvalWriter:
     """Appends :class:`Evaluator` rows to ``path`` (the header from the first rows' metrics),
-    flushed at every write; NaN (not applicable) is an empty field, floats with 17 digits."""
+    flushed at every write; NaN (not applicable) is an empty field, floats with 17 digits.
 
-    def __init__(self, path: Path | str):
+    ``resume_at=t`` (a resumed run): the file's history is kept as in
+    :class:`launch.engine.record.metrics.MetricsWriter` -- its complete rows of steps up to t stay
+    (those after t, which the resumed run recomputes, and a line cut short are dropped) and the new
+    rows are appended; the kept history is written back at once (a crash cannot lose it).  Without
+    it the file is written afresh at the first rows."""
+
+    def __init__(self, path: Path | str, *, resume_at: int | None = None):
         self.path = Path(path)
         self._file = None
         self._columns: list[str] = []
+        self._kept: list[list[str]] = []
+        if resume_at is not None and self.path.exists():
+            columns, kept = _eval_history(self.path, resume_at)
+            if columns:
+                self._columns, self._kept = columns, kept
+                self._open()
+
+    def _open(self) -> None:
+        partial = self.path.with_name(f".{self.path.name}.tmp")
+        with open(partial, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(self._columns)
+            writer.writerows(self._kept)
+        os.replace(partial, self.path)
+        self._file = open(self.path, "a", newline="")
+        self._csv = csv.writer(self._file)
 
     def write(self, rows: list[dict]) -> None:
         if not rows:
             return
         if self._file is None:
             self._columns = ["step", "agent", "lr"] + [k for k in rows[0] if k.startswith("heldout_")]
-            self._file = open(self.path, "w", newline="")
-            self._csv = csv.writer(self._file)
-            self._csv.writerow(self._columns)
+            self._open()
         for row in rows:
             self._csv.writerow([_cell(row.get(k, math.nan)) for k in self._columns])
         self._file.flush()
@@ -206,6 +219,19 @@ def _cell(value) -> str:
     if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
         return str(value)
     return "" if value is None or math.isnan(value) else repr(float(value))
+
+
+def _eval_history(path: Path, until: int) -> tuple[list[str], list[list[str]]]:
+    """The header of ``path`` and its complete rows of steps up to ``until`` (a last line
+    without its newline, cut short by a crash, is dropped)."""
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    rows = list(csv.reader(lines))
+    if not rows:
+        return [], []
+    header, body = rows[0], rows[1:]
+    return header, [r for r in body if len(r) == len(header) and r[0].isdigit() and int(r[0]) <= until]
 
 
 def read_eval(path: Path | str) -> list[dict]:
