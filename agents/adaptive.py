@@ -112,7 +112,8 @@ class AdaptiveAlpha(SlowRule):
             )
 
     def worker_extras(self, agent, slow: torch.Tensor) -> torch.Tensor:
-        alpha = adaptive_alpha(agent.params, slow, flat_grad(agent.parameters),
+        pack = agent.flat.pack              # the gradient and the Fisher are packed: no padding
+        alpha = adaptive_alpha(pack(agent.params), pack(slow), flat_grad(agent.parameters),
                                flat_fisher(agent.optimizer, agent.parameters), self.alpha_low)
         return torch.tensor([alpha], dtype=slow.dtype, device=slow.device)
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from agents.flat import FlatBuffer, cpu_copy, flatten_module_
+from agents.flat import FlatBuffer, aligned_offsets, cpu_copy, flatten_module_
 from agents.state_policy import mixable_state_keys, reset_state_, validate_policy
 
 OptimizerFactory = Callable[[list], torch.optim.Optimizer]
@@ -41,7 +41,8 @@ class StateSlot:
 
 @dataclass(frozen=True)
 class StateLayout:
-    """Where every mixable state tensor of the inner optimizer lives in an agent's state slots."""
+    """Where every mixable state tensor of the inner optimizer lives in an agent's state slots
+    (each slot aligned as the parameters are: :mod:`agents.flat`); ``numel``: the slots' extent."""
 
     slots: tuple[StateSlot, ...]
     numel: int
@@ -63,12 +64,10 @@ def probe_state_layout(module: nn.Module, optimizer: OptimizerFactory) -> StateL
         p.grad = torch.zeros_like(p)
     opt = optimizer(params)
     opt.step()
-    slots, offset = [], 0
-    for index, p in enumerate(params):
-        for key in mixable_state_keys(opt.state.get(p, {}), p):
-            slots.append(StateSlot(index, key, offset, p.numel(), p.shape))
-            offset += p.numel()
-    return StateLayout(tuple(slots), offset)
+    mixable = [(index, key, p) for index, p in enumerate(params) for key in mixable_state_keys(opt.state.get(p, {}), p)]
+    offsets, end = aligned_offsets([p.numel() for _, _, p in mixable], params[0].element_size())
+    slots = tuple(StateSlot(index, key, offset, p.numel(), p.shape) for (index, key, p), offset in zip(mixable, offsets))
+    return StateLayout(slots, end)
 
 
 class Agent:
@@ -264,12 +263,14 @@ class Agent:
     # -- reading the agent ----------------------------------------------------------------------
     @property
     def params(self) -> torch.Tensor:
-        """The flat parameter vector x_i (a view: it changes as the agent changes)."""
+        """The flat parameter vector x_i in the buffer's layout (a view: it changes as the agent
+        changes): each parameter aligned, zero padding between them (:mod:`agents.flat`;
+        ``self.flat.pack(x)`` drops it)."""
         return self.flat.params
 
     def debiased(self) -> torch.Tensor:
-        """The agent's model as a flat vector: x_i / w_i under push-sum (a new tensor), else x_i
-        (a view)."""
+        """The agent's model as a flat vector in the buffer's layout: x_i / w_i under push-sum (a
+        new tensor; the padding stays 0), else x_i (a view)."""
         if self.push_weight is None:
             return self.flat.params
         return self.flat.params / self.push_weight

@@ -16,6 +16,7 @@ training loss and the test loss and accuracy of the outermost slow weights.
 """
 
 import argparse
+import os
 
 import torch
 from torch import nn
@@ -45,14 +46,18 @@ def main():
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.5])  # lookahead-agents: option
     parser.add_argument("--workers", type=int, default=1)  # lookahead-agents: option
     parser.add_argument("--tau", type=int, default=4)  # lookahead-agents: option
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda under torchrun: each rank's own GPU")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
 
     split = digits_split()
     train_set = TensorDataset(split.x_train.float(), split.y_train)
-    x_test, y_test = split.x_test.float(), split.y_test
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    x_test, y_test = split.x_test.float().to(device), split.y_test.to(device)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).to(device)
     inner = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     schedule = topology.multilayer(args.ks, args.alphas)  # lookahead-agents: LA-n, n = len(ks)
     if args.workers > 1:  # lookahead-agents: option (the slow levels over local-SGD workers)
@@ -68,6 +73,7 @@ def main():
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)  # lookahead-agents
         for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()

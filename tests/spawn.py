@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.bench.processes import kill_process_groups
+from launch.bench.processes import descendants as _descendants, kill_process_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -32,24 +32,6 @@ def _env(extra: dict | None = None) -> dict:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return env
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc; empty where there is none).  torchrun starts
-    its workers in sessions of their own, so killing its process group does not reach them."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _kill_when(procs, kill: tuple[int, Path], timeout: float) -> None:

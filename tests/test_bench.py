@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import topology
-from launch.bench import workloads
+from launch.bench import gpu, workloads
 from launch.bench.colocated import ring, sgd
+from launch.bench.gpu import PARTS
 from launch.bench.suite import BENCHMARKS, TINY, _merge_sync_rows
 from launch.bench.timing import interleave, ratio
 from launch.comm import Communicator
@@ -165,26 +166,55 @@ def test_bad_options_are_refused_naming_the_option(capsys):
     assert "expected comma-separated integers" in capsys.readouterr().err
 
 
-def test_prepared_gpu_run_on_cpu_and_without_cuda(tmp_path):
+def test_acceptance_run_without_cuda_and_its_lines(tmp_path):
     """``python -m launch.bench --gpu``: without CUDA every part is skipped with its reason (exit
-    0, one JSON); ``--device cpu`` runs its co-located parts here (the reference check, B1, the
-    default command-line job), so the script is tested before a GPU ever runs it."""
+    0, one JSON); ``--device cpu --parts ...`` runs those parts here: one line per part, PASS /
+    FAIL / SKIP, exit 1 when one failed (B1's targets are for its full size: the tiny one misses
+    them)."""
     out = tmp_path / "gpu.json"
     done = subprocess.run([sys.executable, "-m", "launch.bench", "--gpu", "--tiny", "--json", str(out)],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.read_text())
     if not torch.cuda.is_available():
-        assert all(results[part]["skipped"] == "no CUDA device" for part in ("nccl", "reference", "B1", "cli"))
+        assert all(results[part]["skipped"] == "no CUDA device" for part in PARTS)
+        assert done.stdout.count("SKIP ") == len(PARTS)
     out = tmp_path / "cpu.json"
-    done = subprocess.run([sys.executable, "-m", "launch.bench", "--gpu", "--tiny", "--device", "cpu", "--json",
-                           str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run([sys.executable, "-m", "launch.bench", "--gpu", "--tiny", "--device", "cpu", "--parts",
+                           "versions,reference,nccl,B1", "--json", str(out)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=280)
     results = json.loads(out.read_text())
-    assert results["nccl"] == {"skipped": "NCCL needs CUDA", "wall_seconds": results["nccl"]["wall_seconds"]}
-    deviation = results["reference"]["rows"][0]
-    assert deviation["met"] and deviation["deviation"] <= 1e-12
+    lines = [line.split(":")[0] for line in done.stdout.splitlines() if line[:5] in ("PASS ", "FAIL ", "SKIP ")]
+    assert lines == ["PASS versions", "PASS reference", f"{'PASS' if results['B1']['passed'] else 'FAIL'} B1",
+                     "SKIP nccl"], done.stdout
+    assert done.returncode == (0 if results["B1"]["passed"] else 1)
+    assert results["reference"]["deviation"] <= 1e-12 and results["nccl"]["skipped"] == "NCCL needs CUDA"
     assert [r["name"] for r in results["B1"]["rows"][:3]] == [f"LA-{n} / bare SGD" for n in (1, 2, 4)]
-    job = results["cli"]["rows"][0]
-    assert job["returncode"] == 0 and "status=ok" in job["summary"] and "max_deviation=" in job["summary"]
-    assert "skipped" in results["cli"]["rows"][1]
+
+
+def test_acceptance_parts_in_one_process_on_cpu():
+    """The own loop (fused Adam, torch.compile, autocast, GradScaler, an inf step that t does not
+    count, parameters still in the buffer), the host synchronisations (none on a step without a
+    sync) and the ring, on the CPU."""
+    results = gpu.run(TINY, "cpu", ("own_loop", "host_syncs", "ring"))
+    assert all(results[part]["passed"] for part in results), results
+    own = results["own_loop"]
+    assert own["t_unchanged_by_the_skipped_step"] and own["detached_parameters"] == [] and own["t"] == own["steps"] - 1
+    assert set(results["host_syncs"]["per_step_without_sync"]) == {0} and max(results["host_syncs"]["per_step_with_sync"]) > 0
+    assert results["ring"]["seconds_per_agent_step"]["cpu"] > 0
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("parts", [("torchrun", "low_precision"), ("torchrun_2", "sigstop")],
+                         ids=["checkpoint-resume-and-low-precision", "two-ranks-and-a-stopped-one"])
+def test_acceptance_jobs_on_cpu(parts):
+    """The command-line parts with gloo: a checkpoint and its resume, bfloat16 and float16 jobs;
+    two ranks (the overlapped sync, markers, metrics; the own loop's control messages), and a
+    stopped rank named by the other within the bound."""
+    results = gpu.run(TINY, "cpu", parts)
+    assert all(results[part]["passed"] for part in parts), {p: results[p].get("rows", results[p]) for p in parts}
+    if "torchrun" in parts:
+        assert [r["met"] for r in results["torchrun"]["rows"]] == [True, True]
+        assert "resumed_from=10" in results["torchrun"]["rows"][1]["summary"]
+    else:
+        assert results["sigstop"]["rows"][0]["failed_collective"]

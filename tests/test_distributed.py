@@ -135,7 +135,8 @@ def test_nccl_refuses_two_ranks_on_one_gpu(monkeypatch):
         torch_comm.choose_device_and_backend("cuda")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert torch_comm.choose_device_and_backend(None) == (torch.device("cuda", 0), "nccl")
+    assert torch_comm.choose_device_and_backend("cuda") == (torch.device("cuda", 0), "nccl")
+    assert torch_comm.choose_device_and_backend(None) == (torch.device("cpu"), "gloo")     # the model's device
     assert torch_comm.choose_device_and_backend("cpu") == (torch.device("cpu"), "gloo")
 
 

@@ -46,6 +46,7 @@ LAYERS = {
     "launch.__main__": 6,     # entry points: python -m launch, -m launch.equivalence
     "launch.equivalence": 6,
     "launch.plot": 6,
+    "launch.compare": 6,
 }
 
 

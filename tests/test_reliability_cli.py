@@ -150,11 +150,11 @@ def losses(path):
 def test_results_are_written_when_the_final_checkpoint_fails_and_metrics_keep_their_history(
         tmp_path, monkeypatch, capsys):
     """Run 1 (7 steps, checkpoints every 3) cannot write its final checkpoint (t=7): agents.pt,
-    summary.txt and metrics.csv are written all the same, exit 4, the error says both.  Run 2
-    resumes from t=6 into the same run directory with no checkpoint_every, and the final
-    checkpoint's folder cannot be written (a folder read-only from the start is refused before any
-    work: test_reliability_surfaces.py): iterations 7..10 computed, the
-    final save fails, the results are written.
+    summary.txt and metrics.csv are written all the same, exit 5, the error says both, and so
+    does the summary (status FAILED, failure checkpoint).  Run 2 resumes from t=6 into the same
+    run directory with no checkpoint_every, and the final checkpoint's folder cannot be written (a
+    folder read-only from the start is refused before any work: test_reliability_surfaces.py):
+    iterations 7..10 computed, the final save fails, the results are written.
     metrics.csv then holds steps 1..10 once each (row 7 of run 1 dropped, recomputed), equal to
     the uninterrupted run's, and agents.pt is the uninterrupted run's, bit for bit."""
     assert app.run(config(*BASE, "launch.steps=10"), tmp_path / "whole") == 0
@@ -166,7 +166,11 @@ def test_results_are_written_when_the_final_checkpoint_fails_and_metrics_keep_th
     err = capsys.readouterr().err
     assert "checkpoint of iteration t=7 not written (the last one is kept: t=6" in err, err
     assert f"the run's results were written all the same: agents.pt, summary.txt and metrics.csv in {run}" in err
-    assert (run / "agents.pt").exists() and "status=ok" in (run / "summary.txt").read_text()
+    assert (run / "agents.pt").exists() and "status=FAILED failure=checkpoint exit_status=5" in (
+        run / "summary.txt").read_text()
+    record = json.loads((run / "summary.json").read_text())
+    assert (record["status"], record["failure"], record["exit_status"]) == ("FAILED", "checkpoint", 5)
+    assert "checkpoint of iteration t=7 not written" in record["failure_detail"]
     assert max(r["step"] for r in read_metrics(run / "metrics.csv")) == 7
     assert not (ckpt / "step-00000007").exists()
     monkeypatch.undo()

@@ -4,74 +4,25 @@ lost-rank handler, and a refused resume fails on every rank.  Each run is bounde
 timeouts) and its processes are killed at the end."""
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.spawn import ROOT, _descendants, _env, free_port, mpiexec, run_torch
+from launch.bench import processes
+from tests.spawn import ROOT, _env, free_port, mpiexec, run_torch
 
 TIMEOUT_S = 10
 LONG = ("topology=multilayer", "launch.steps=100000", "launch.log_every=1", f"launch.timeout_s={TIMEOUT_S}")
-
-
-def _rank_pid(root: int, rank: int, variable: str) -> int | None:
-    """The pid of the ``python -m launch`` process below ``root`` whose environment says it is
-    ``rank`` (``variable``: RANK under torchrun, PMI_RANK under MPICH's mpiexec)."""
-    for pid in _descendants(root):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"{variable}={rank}".encode() in environ and b"-m\0launch\0" in cmdline:
-            return pid
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def stop_a_rank(command: list, out: Path, variable: str, rank: int = 2, survivors=(0, 1)) -> tuple[str, float]:
     """Start ``command`` (3 ranks, writing metrics.csv into ``out``), SIGSTOP ``rank`` once 3
     iterations are logged, wait for the survivors to exit, then kill everything.  Returns the
     output and the seconds from the SIGSTOP to the survivors' exit."""
-    proc = subprocess.Popen([str(c) for c in command], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    stopped = None
-    try:
-        deadline = time.monotonic() + 180
-        metrics = out / "metrics.csv"
-        while not metrics.exists() or len(metrics.read_text().splitlines()) < 1 + 3 * 3:
-            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
-            time.sleep(0.1)
-        stopped = _rank_pid(proc.pid, rank, variable)
-        others = [_rank_pid(proc.pid, r, variable) for r in survivors]
-        assert stopped is not None and None not in others
-        os.kill(stopped, signal.SIGSTOP)
-        start = time.monotonic()
-        while any(_alive(pid) for pid in others):
-            assert time.monotonic() - start < 6 * TIMEOUT_S, "the survivors are still waiting: a hang"
-            time.sleep(0.2)
-        elapsed = time.monotonic() - start
-    finally:
-        for pid in _descendants(proc.pid) + ([stopped] if stopped else []):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-        output, _ = proc.communicate(timeout=60)
-    return output, elapsed
+    return processes.stop_a_rank(command, out / "metrics.csv", 1 + 3 * 3, variable, rank, survivors, 6 * TIMEOUT_S,
+                                 env=_env())
 
 
 def named_lost(output: str) -> list[str]:

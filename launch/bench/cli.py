@@ -25,9 +25,9 @@ B6  the project's local SGD (topology.local_sgd, defaults) over PyTorch's PostLo
 B7  the command line: a torchrun LA-2 job (digits_cnn, float32) with the default launch.log_every
     over the same job with logging off; target <= 1.10.
 GPU NCCL weighted all-reduce bandwidth over raw NCCL all-reduce (>= 0.95), with the device name;
-    "skipped: no CUDA device" without one.  ``--gpu`` runs the prepared GPU run instead
-    (:mod:`launch.bench.gpu`: NCCL, co-located LA-2 vs the reference on CUDA, B1 on CUDA, the
-    default command-line job on CUDA) and writes its own JSON.
+    "skipped: no CUDA device" without one.  ``--gpu`` runs the acceptance run for a GPU
+    machine instead (:mod:`launch.bench.gpu`: one JSON, one PASS / FAIL / SKIP line per part;
+    ``--device cpu`` runs its parts on the CPU).
 
 Ratios are on wall-clock time; single-process rows (B1, B5) also give the ratio of the process's
 CPU time, "(cpu)", which leaves out what other processes of a shared machine take.
@@ -102,14 +102,21 @@ def parse(argv):
     parser.add_argument("--b6-workers", type=_ints, help="B6 numbers of processes, e.g. 2,4")
     parser.add_argument("--b6-periods", type=_ints, help="B6 averaging periods, e.g. 1,8")
     parser.add_argument("--gpu", action="store_true",
-                        help="the prepared GPU run instead (launch.bench.gpu); JSON default gpu.json")
+                        help="the acceptance run for a GPU machine instead (launch.bench.gpu); JSON default gpu.json")
     parser.add_argument("--device", default="cuda",
-                        help="--gpu: the device of its co-located parts (default cuda; cpu to try it without one)")
+                        help="--gpu: the device of its parts (default cuda; cpu to run them without one)")
+    parser.add_argument("--parts", type=lambda s: tuple(s.split(",")), default=None,
+                        help="--gpu: comma-separated subset of its parts (default: all)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a measured target is missed")
     args = parser.parse_args(argv)
     unknown = [b for b in args.only if b not in BENCHMARKS]
     if unknown:
         parser.error(f"--only must name benchmarks among {', '.join(BENCHMARKS)}; got {', '.join(unknown)}")
+    from launch.bench.gpu import PARTS
+
+    unknown = [p for p in args.parts or () if p not in PARTS]
+    if unknown:
+        parser.error(f"--parts must name parts among {', '.join(PARTS)}; got {', '.join(unknown)}")
     for name in ("repeats", "k", "b4_repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -240,7 +247,8 @@ def main(argv=None) -> int:
 
 
 def gpu_main(args, argv) -> int:
-    """``--gpu``: the prepared GPU run (:mod:`launch.bench.gpu`), one JSON (default gpu.json)."""
+    """``--gpu``: the acceptance run (:mod:`launch.bench.gpu`): one JSON (default gpu.json), one
+    line per part; exit 1 when a part failed (0 when every part passed or was skipped)."""
     from launch.bench import gpu
 
     config = config_from(args)
@@ -248,17 +256,13 @@ def gpu_main(args, argv) -> int:
     start = time.perf_counter()
     results = {"machine": machine(), "command": " ".join(["python -m launch.bench"] + list(argv)),
                "device": args.device, "config": dataclasses.asdict(config)}
-    results.update(gpu.run(config, args.device))
+    results.update(gpu.run(config, args.device, args.parts or gpu.PARTS))
     results["wall_seconds"] = time.perf_counter() - start
     with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print(gpu.table(results))
+        json.dump(results, f, indent=2, default=str)
+    print("\n".join(gpu.lines(results)))
     print(f"\n{results['wall_seconds']:.0f} s; JSON: {path}")
-    missed = [row["name"] for part in gpu.GPU_PARTS for row in results[part].get("rows", []) if row.get("met") is False]
-    if missed and args.check:
-        print("targets missed: " + "; ".join(missed), file=sys.stderr)
-        return 1
-    return 0
+    return 1 if any(results[p].get("passed") is False for p in gpu.PARTS if p in results) else 0
 
 
 if __name__ == "__main__":

@@ -39,14 +39,15 @@ def bare_step(model, optimizer, data):
 
 def overhead(*, width: int, batch_size: int, k: int, units: int, repeats: int, device: str = "cpu") -> dict:
     """B1.  ``units`` iterations per round (a multiple of LA-4's period keeps rounds alike);
-    ``device``: where the model, the agents and the batches live (on CUDA every round ends with a
-    synchronisation, inside its time).
+    ``device``: where the model, the agents and the batches live (on CUDA every round, not every
+    step, ends with a synchronisation, inside its time).
 
     Each row's ``ratio`` is on wall-clock time, ``cpu_ratio`` on this process's CPU time."""
-    model = workloads.mlp(width).to(device)
-    fixed = [(x.to(device), y.to(device)) for x, y in workloads.batches(model, batch_size)]
-    timed = per_call if torch.device(device).type != "cuda" else (lambda body: per_call(_synchronized(body)))
+    model, fixed, finish = _on_device(workloads.mlp(width), batch_size, device)
     contenders = {}
+
+    def timed(body):
+        return per_call(body, finish)
 
     bare = copy.deepcopy(model)
     contenders["bare SGD"] = timed(bare_step(bare, sgd()(list(bare.parameters())), workloads.stream(fixed)))
@@ -90,12 +91,11 @@ def overhead(*, width: int, batch_size: int, k: int, units: int, repeats: int, d
             "device": str(device), "iterations_per_round": units, "repeats": repeats, "rows": rows}
 
 
-def _synchronized(body):
-    """``body`` followed by a CUDA synchronisation (its queued kernels are inside its time)."""
-    def run():
-        body()
-        torch.cuda.synchronize()
-    return run
+def _on_device(model, batch_size: int, device: str):
+    """``model`` and its fixed batches on ``device``, and what ends a timed round there (a CUDA
+    synchronisation; nothing on the CPU)."""
+    fixed = [(x.to(device), y.to(device)) for x, y in workloads.batches(model, batch_size)]
+    return model.to(device), fixed, torch.cuda.synchronize if torch.device(device).type == "cuda" else None
 
 
 def ring(m: int) -> torch.Tensor:
@@ -107,15 +107,14 @@ def ring(m: int) -> torch.Tensor:
     return p
 
 
-def scale(*, agents: tuple[int, ...], width: int, batch_size: int, units: int, repeats: int) -> dict:
-    """B5.  ``units`` agent-iterations per round for every size (rounded to whole iterations)."""
-    model = workloads.mlp(width)
-    fixed = workloads.batches(model, batch_size)
+def scale(*, agents: tuple[int, ...], width: int, batch_size: int, units: int, repeats: int,
+          device: str = "cpu") -> dict:
+    """B5.  ``units`` agent-iterations per round for every size (rounded to whole iterations);
+    ``device`` as in :func:`overhead`."""
+    model, fixed, finish = _on_device(workloads.mlp(width), batch_size, device)
     contenders = {}
     for m in agents:
-        sim = Simulation(model, workloads.loss_fn, lambda i: workloads.stream(fixed),
-                         topology.from_matrices([ring(m)]), sgd())
-        contenders[str(m)] = _per_agent(sim, m)
+        contenders[str(m)] = per_agent(ring_simulation(model, fixed, m), m, finish)
     times = interleave(contenders, units=units, repeats=repeats)
     smallest = str(min(agents))
     rows = []
@@ -128,10 +127,16 @@ def scale(*, agents: tuple[int, ...], width: int, batch_size: int, units: int, r
             "agent_iterations_per_round": units, "repeats": repeats, "rows": rows}
 
 
-def _per_agent(sim: Simulation, m: int):
+def ring_simulation(model, fixed: list, m: int) -> Simulation:
+    """A co-located gossip ring of ``m`` workers of ``model``, each cycling over ``fixed``."""
+    return Simulation(model, workloads.loss_fn, lambda i: workloads.stream(fixed), topology.from_matrices([ring(m)]),
+                      sgd())
+
+
+def per_agent(sim: Simulation, m: int, finish=None):
     """Contender: about ``n`` agent-iterations (whole iterations), (wall, CPU) s per agent-iteration."""
     def run(n: int) -> tuple[float, float]:
         iterations = max(1, round(n / m))
-        wall, cpu = per_call(sim.step)(iterations)
+        wall, cpu = per_call(sim.step, finish)(iterations)
         return wall / m, cpu / m
     return run

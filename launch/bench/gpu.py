@@ -1,43 +1,43 @@
-"""``python -m launch.bench --gpu``: the prepared run for a machine with CUDA GPUs; one JSON.
+"""``python -m launch.bench --gpu``: the acceptance run for a machine with CUDA GPUs.
 
-Four parts, each skipped with its reason where the machine cannot run it (no CUDA: every part;
-one GPU: the NCCL one), in well under 8 minutes on one GPU:
+One JSON (``--json``, default gpu.json) and one line per part: ``PASS``, ``FAIL`` or ``SKIP``,
+the part's name and what it found.  In under 8 minutes on one GPU.  The parts, in order:
 
-``nccl``
-    the NCCL weighted all-reduce (an LA-n sync, :mod:`launch.bench.distributed`'s B2 task, one
-    rank per GPU, every GPU of the machine) over a raw NCCL all-reduce of the same buffer, as a
-    bandwidth ratio (target >= 0.95), with the sync's defaults (the finiteness check on) and as
-    compiled (check off).  Needs 2 GPUs or more.
-``reference``
-    co-located LA-2 on the device against the serial reference on the same device, float64,
-    every agent after every iteration: the largest relative deviation ``max|x_i - y_i| /
-    max|y_i|`` (target <= 1e-12).
-``B1``
-    B1 (:func:`launch.bench.colocated.overhead`) with the model, agents and batches on the device.
-``cli``
-    the default command-line job on the device, ``python -m launch launch.device=cuda`` (LA-2,
-    co-located, float64, checked against the serial reference at every step): its exit status
-    and summary line; and with 3 GPUs or more the ``launch=torch`` job, ``torchrun
-    --nproc_per_node 3 -m launch launch=torch`` (one GPU per rank, NCCL, float32).
+``versions``      torch, CUDA, cuDNN, NCCL, the device's name and the number of GPUs.
+``torchrun``      ``torchrun --nproc_per_node 1 -m launch launch=torch`` (NCCL end to end) with
+                  checkpoints, a resume, and a resume of the same checkpoint on the CPU
+                  (:mod:`launch.bench.gpu_jobs`).
+``own_loop``      the own loop on the device: fused Adam, GradScaler with autocast,
+                  ``torch.compile``, a forced-inf step that must not count
+                  (:mod:`launch.bench.gpu_loops`).
+``reference``     co-located LA-2 on the device against the serial reference, float64.
+``low_precision`` the default command-line job in bfloat16 and float16.
+``host_syncs``    host synchronisations per step and per sync.
+``B1``            B1 (:func:`launch.bench.colocated.overhead`) on the device, synchronised once per
+                  round.
+``ring``          a co-located ring of 256 agents: time per agent-step on the device and on the CPU.
+``nccl``          (2 GPUs or more) the NCCL weighted all-reduce over a raw one, as a bandwidth ratio
+                  (target >= 0.95; :func:`launch.bench.suite.gpu`).
+``torchrun_2``    (2 GPUs) ``torchrun --nproc_per_node 2 -m launch launch=torch topology=lookahead``
+                  and the own loop on 2 ranks.
+``sigstop``       (2 GPUs) one rank stopped with SIGSTOP: named by the other, within a bound.
 
-``--device`` runs the parts that need no NCCL on another device (``--device cpu``: how the test
-suite checks this script on a machine without CUDA).
+``--device cpu`` runs every part on the CPU instead (gloo for the torchrun jobs; ``nccl`` is
+skipped): how the test suite checks this script on a machine without CUDA.  Without CUDA and
+without ``--device cpu`` every part is skipped with its reason.
 """
 
 from __future__ import annotations
 
-import copy
-import os
-import re
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
+import traceback
 
-from launch.bench.processes import ROOT, free_port
+from launch.bench import gpu_jobs, gpu_loops
 
-GPU_PARTS = ("nccl", "reference", "B1", "cli")
+PARTS = ("versions", "torchrun", "own_loop", "reference", "low_precision", "host_syncs", "B1", "ring", "nccl",
+         "torchrun_2", "sigstop")
+#: Parts that need 2 GPUs on CUDA (one rank per GPU).
+MULTI_GPU = ("nccl", "torchrun_2", "sigstop")
 
 
 def available(device: str) -> str | None:
@@ -49,138 +49,92 @@ def available(device: str) -> str | None:
     return None
 
 
-def nccl(config) -> dict:
-    """The ``nccl`` part: :func:`launch.bench.suite.gpu` (B2's task with NCCL)."""
-    from launch.bench.suite import gpu
-
-    return gpu(config)
-
-
-def reference(device: str, steps: int, width: int = 32, batch_size: int = 16) -> dict:
-    """The ``reference`` part: co-located LA-2 vs the serial reference on ``device``, float64."""
+def versions(config, device: str) -> dict:
+    """The ``versions`` part."""
     import torch
 
-    import topology
-    from agents.reference import MultilayerLookahead
-    from launch.bench import workloads
-    from launch.bench.colocated import sgd
-    from launch.engine.simulation import Simulation
-
-    ks, alphas = (5, 2), (0.5, 0.6)
-    model = workloads.mlp(width).to(device=device, dtype=torch.float64)
-    fixed = [(x.to(device=device, dtype=torch.float64), y.to(device)) for x, y in workloads.batches(model, batch_size)]
-    sim = Simulation(model, workloads.loss_fn, workloads.stream(fixed), topology.multilayer(ks, alphas), sgd())
-    ref = copy.deepcopy(model)
-    optimizer = MultilayerLookahead(sgd()(list(ref.parameters())), ks, alphas)
-    data = workloads.stream(fixed)
-    worst = 0.0
-    for _ in range(steps):
-        sim.step()
-        optimizer.zero_grad(set_to_none=True)
-        workloads.loss_fn(ref, next(data)).backward()
-        optimizer.step()
-        columns = [list(ref.parameters())] + [optimizer.slow_params(level) for level in range(1, len(ks) + 1)]
-        for i, column in enumerate(columns):
-            y = torch.cat([p.detach().reshape(-1) for p in column])
-            x = sim.agents[i].params
-            worst = max(worst, float((x - y).abs().max() / y.abs().max()))
-    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
-    return {"rows": [{"name": f"co-located LA-2 ks={ks} vs serial reference, float64, {steps} steps, {name}",
-                      "deviation": worst, "target": 1e-12, "met": worst <= 1e-12}],
-            "device": str(device), "device_name": name, "parameters": workloads.num_parameters(model)}
+    cuda = torch.cuda.is_available()
+    nccl_version = torch.cuda.nccl.version() if cuda else None      # (major, minor, patch); an int before 2.0
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count() if cuda else 0,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "nccl": ".".join(map(str, nccl_version)) if isinstance(nccl_version, tuple) else nccl_version,
+            "device": device, "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda")
+            else "cpu"}
+    info["passed"] = not device.startswith("cuda") or info["nccl"] is not None
+    info["summary"] = (f"torch {info['torch']}, CUDA {info['cuda']}, cuDNN {info['cudnn']}, NCCL {info['nccl']}, "
+                       f"{info['gpus']} GPU(s), device {device}: {info['device_name']}")
+    return info
 
 
 def b1(config, device: str) -> dict:
     """The ``B1`` part on ``device``."""
     from launch.bench.colocated import overhead
 
-    return overhead(width=config.b1_width, batch_size=config.b1_batch, k=config.k, units=config.b1_iterations,
-                    repeats=config.b1_repeats, device=device)
+    result = overhead(width=config.b1_width, batch_size=config.b1_batch, k=config.k, units=config.b1_iterations,
+                      repeats=config.b1_repeats, device=device)
+    timed = [row for row in result["rows"] if "ratio" in row]
+    result["passed"] = all(row["met"] for row in timed if row["name"].startswith("LA-"))
+    result["summary"] = ", ".join(f"{row['name']} {row['ratio']:.3f} (target {row['target']:.2f})" for row in timed)
+    return result
 
 
-def cli(device: str, overrides=(), timeout: float = 300.0) -> dict:
-    """The ``cli`` part: the default job with ``launch.device=<device>`` (and the torchrun job on
-    3 GPUs when the machine has them)."""
+def nccl(config, device: str) -> dict:
+    """The ``nccl`` part: :func:`launch.bench.suite.gpu` (B2's task with NCCL)."""
+    from launch.bench.suite import gpu
+
+    result = gpu(config)
+    rows = result.get("rows", [])
+    result["passed"] = bool(rows) and all(row["met"] for row in rows)
+    result["summary"] = "; ".join(f"{row['name']}: {row['ratio']:.3f} (target 0.95)" for row in rows)
+    return result
+
+
+RUNNERS = {"versions": versions, "torchrun": gpu_jobs.checkpoint_resume, "own_loop": gpu_loops.own_loop,
+           "reference": gpu_loops.reference, "low_precision": gpu_jobs.low_precision,
+           "host_syncs": gpu_loops.host_syncs, "B1": b1, "ring": gpu_loops.ring, "nccl": nccl,
+           "torchrun_2": gpu_jobs.two_ranks, "sigstop": gpu_jobs.stopped_rank}
+
+
+def why_skipped(part: str, device: str) -> str | None:
+    """Why ``part`` cannot run on ``device`` here, or None."""
     import torch
 
-    rows = [_cli_run([sys.executable, "-m", "launch", f"launch.device={device}", *overrides],
-                     "python -m launch launch.device=" + device, timeout)]
-    if device.startswith("cuda") and torch.cuda.device_count() >= 3:
-        rows.append(_cli_run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
-                              "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "launch",
-                              "launch=torch", *overrides], "torchrun --nproc_per_node 3 -m launch launch=torch",
-                             timeout))
-    else:
-        rows.append({"name": "torchrun --nproc_per_node 3 -m launch launch=torch",
-                     "skipped": "needs 3 CUDA devices (one per agent of the default LA-2)"})
-    return {"rows": rows}
-
-
-def _cli_run(command: list[str], name: str, timeout: float) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        start = time.perf_counter()
-        done = subprocess.run(command + [f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=timeout)
-        summary = Path(out, "summary.txt").read_text().strip() if Path(out, "summary.txt").exists() else ""
-    values = dict(re.findall(r"(\w+)=(\S+)", summary))
-    return {"name": name, "returncode": done.returncode, "summary": summary,
-            "steps_per_s": float(values["steps_per_s"]) if "steps_per_s" in values else None,
-            "wall_seconds": time.perf_counter() - start, "met": done.returncode == 0 and "status=ok" in summary,
-            **({} if done.returncode == 0 else {"output": (done.stdout + done.stderr)[-3000:]})}
-
-
-def run(config, device: str = "cuda") -> dict:
-    """Every part (module docstring); a part that fails is recorded with its error."""
-    import traceback
-
-    results = {}
     why = available(device)
-    for part in GPU_PARTS:
+    if why is not None:
+        return why
+    if part == "nccl" and not device.startswith("cuda"):
+        return "NCCL needs CUDA"
+    if part in MULTI_GPU and device.startswith("cuda") and torch.cuda.device_count() < 2:
+        return f"needs 2 CUDA devices (one rank per GPU); found {torch.cuda.device_count()}"
+    return None
+
+
+def run(config, device: str = "cuda", only=PARTS) -> dict:
+    """Every part of ``only`` (module docstring); a part that raises is recorded with its error."""
+    results = {}
+    for part in only:
         start = time.perf_counter()
-        if why is not None:
-            results[part] = {"skipped": why}
-            continue
+        why = why_skipped(part, device)
         try:
-            if part == "nccl":
-                results[part] = nccl(config) if device.startswith("cuda") else {"skipped": "NCCL needs CUDA"}
-            elif part == "reference":
-                results[part] = reference(device, steps=config.gpu_reference_steps)
-            elif part == "B1":
-                results[part] = b1(config, device)
-            else:
-                results[part] = cli(device, config.gpu_cli_overrides)
+            results[part] = {"skipped": why} if why is not None else RUNNERS[part](config, device)
         except Exception as err:  # noqa: BLE001 - the run goes on and records what failed
-            results[part] = {"error": "".join(traceback.format_exception_only(err)).strip(),
+            results[part] = {"passed": False, "error": "".join(traceback.format_exception_only(err)).strip(),
                              "traceback": traceback.format_exc()}
+            results[part]["summary"] = results[part]["error"].splitlines()[-1]
         results[part]["wall_seconds"] = time.perf_counter() - start
     return results
 
 
-def table(results: dict) -> str:
-    """The GPU run as text, one line per figure."""
-    lines = []
-    for part in GPU_PARTS:
-        result = results[part]
-        lines.append(part)
-        if "skipped" in result or "error" in result:
-            lines.append(f"    {'skipped: ' + result['skipped'] if 'skipped' in result else 'error: ' + result['error']}")
+def lines(results: dict) -> list[str]:
+    """One line per part: PASS / FAIL / SKIP, its name, what it found, its wall time."""
+    out = []
+    for part in PARTS:
+        if part not in results:
             continue
-        for row in result.get("rows", []):
-            if "skipped" in row:
-                lines.append(f"    {row['name']}: skipped: {row['skipped']}")
-            elif "deviation" in row:
-                lines.append(f"    {row['name']:<70} {row['deviation']:.2e}  target {row['target']:g}  "
-                             f"{'yes' if row['met'] else 'NO'}")
-            elif "summary" in row:
-                lines.append(f"    {row['name']}: exit {row['returncode']}; {row['summary'] or '(no summary)'}")
-            else:
-                extra = f"  (check off: {row['ratio_check_off']:.3f})" if "ratio_check_off" in row else ""
-                target = row.get("target", "")
-                target = f"{target:.2f}" if isinstance(target, float) else str(target)
-                lines.append(f"    {row['name']:<70} {row['ratio']:.3f}{extra}  target {target}  "
-                             f"{'yes' if row.get('met') else 'NO'}")
-        if "device_name" in result:
-            lines.append(f"    device: {result['device_name']}")
-    return "\n".join(lines)
+        result = results[part]
+        if "skipped" in result:
+            out.append(f"SKIP {part}: {result['skipped']}")
+            continue
+        verdict = "PASS" if result.get("passed") else "FAIL"
+        out.append(f"{verdict} {part}: {result.get('summary', '')} ({result['wall_seconds']:.0f} s)")
+    return out

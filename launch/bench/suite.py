@@ -53,11 +53,16 @@ class Config:
     b7_processes: int = 3
     b7_overrides: tuple[str, ...] = ("problem=digits_cnn", "launch.steps=600")
     b7_repeats: int = 3
-    # GPU
+    # GPU (and python -m launch.bench --gpu)
     gpu_sizes: tuple[int, ...] = (25_000_000,)
     gpu_syncs: int = 20
-    gpu_reference_steps: int = 300         # python -m launch.bench --gpu: LA-2 vs the reference
-    gpu_cli_overrides: tuple[str, ...] = ()
+    gpu_reference_steps: int = 300         # LA-2 vs the reference
+    gpu_cli_overrides: tuple[str, ...] = ()   # every command-line job's (the problem's size)
+    gpu_job_steps: int = 200               # a command-line job's steps (the resume: as many again)
+    gpu_own_loop_steps: int = 100
+    gpu_sync_steps: int = 40               # steps whose host synchronisations are counted
+    gpu_ring_agents: int = 256
+    gpu_stop_timeout_s: int = 10           # launch.timeout_s of the job whose rank is stopped
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -70,8 +75,8 @@ TINY = Config(
     b4_depths=(1,), b4_repeats=1, b5_agents=(2, 4), b5_width=32, b5_batch=4, b5_agent_iterations=8,
     b6_workers=(2,), b6_periods=(1, 2), b6_width=32, b6_batch=4, b6_iterations=4,
     b7_overrides=("problem.dim=4", "problem.hidden=4", "launch.steps=20"), b7_repeats=1,
-    gpu_sizes=(10_000,), gpu_syncs=2, gpu_reference_steps=20,
-    gpu_cli_overrides=("problem.dim=4", "problem.hidden=4", "launch.steps=20"),
+    gpu_sizes=(10_000,), gpu_syncs=2, gpu_reference_steps=20, gpu_cli_overrides=("problem.dim=4", "problem.hidden=4"),
+    gpu_job_steps=10, gpu_own_loop_steps=12, gpu_sync_steps=20, gpu_ring_agents=4, gpu_stop_timeout_s=5,
 )
 
 

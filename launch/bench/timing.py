@@ -19,12 +19,16 @@ from typing import Callable
 Contender = Callable[[int], float]
 
 
-def per_call(body: Callable[[], object]) -> Contender:
-    """The contender that calls ``body`` n times and returns (wall, CPU) seconds per call."""
+def per_call(body: Callable[[], object], finish: Callable[[], object] | None = None) -> Contender:
+    """The contender that calls ``body`` n times, then ``finish`` once (e.g.
+    ``torch.cuda.synchronize``: the queued work of the round inside its time, and no
+    synchronisation between two calls), and returns (wall, CPU) seconds per call."""
     def run(n: int) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(n):
             body()
+        if finish is not None:
+            finish()
         return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
     return run
 

@@ -255,7 +255,8 @@ def _report(job: Job, comm, out_dir: Path, final: list[dict], tracker: Deviation
     record = summary_record(job, processes=1 if comm is None else comm.world_size, agent_rows=rows,
                             virtual_row=virtual, gap=spectral_gap(job.schedule),
                             tolerance=tolerance if checked else None, worst=worst, elapsed=elapsed, first=first,
-                            status="ok" if failure is None else "FAILED", failure=failure, failure_detail=detail,
+                            exit_status=status, failure=failure, failure_detail=detail,
+                            final_checkpoint=ending.checkpoint, metrics_csv=out_dir / "metrics.csv",
                             simulated=clock.summary() if clock is not None else None)
     print(f"\n{_title(job, _where(job, comm), checked)}\n{_table(rows, checked)}")
     if clock is not None:

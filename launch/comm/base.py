@@ -86,6 +86,9 @@ class Communicator:
     rank: int = 0
     world_size: int = 1
     backend: str = "local"
+    #: The device the tensors of this communicator's collectives must live on (None: any, as
+    #: co-located, where nothing moves); see :func:`launch.comm.devices.check_device`.
+    device: torch.device | None = None
     #: Seconds after which a collective gives up (None: this communicator never waits on a peer).
     timeout_s: float | None = None
     #: ``(t, what)`` of the collective in progress, set by :func:`launch.engine.guard.health.collective`
@@ -182,6 +185,12 @@ class Communicator:
         """Element-wise maximum of the small float tensor ``flags`` over every rank, in place
         (a collective on all ranks; one rank: nothing to do).  Counted in ``stats.flag_reduces``."""
         self.stats.flag_reduces += 1
+
+    def failure(self) -> str | None:
+        """A failure the backend detected on its own (off the main thread) since the last
+        collective, or None: what makes the next collective fail (NCCL's watchdog; see
+        :mod:`launch.comm.torch_dist`).  Checked before every collective of a run."""
+        return None
 
     def responsive_ranks(self, wait_s: float) -> list[int] | None:
         """After a failed collective: the ranks that answer a roll call within ``wait_s`` seconds

@@ -9,9 +9,15 @@ from launch.comm.local import LocalCommunicator
 LAUNCHES = ("colocated", "torch", "mpi")
 
 
-def make_communicator(launch: str = "colocated", *, device: str | None = None, timeout_s: float = 300.0) -> Communicator:
+def make_communicator(launch: str = "colocated", *, device=None, timeout_s: float = 300.0) -> Communicator:
     """The communicator for ``launch``: ``colocated`` (one process holds every agent), ``torch``
-    (one agent per rank under torchrun; NCCL on CUDA, gloo on CPU) or ``mpi`` (under mpiexec).
+    (one agent per rank under torchrun) or ``mpi`` (under mpiexec).
+
+    ``device``: the model's device (or an explicit one: ``"cpu"``, ``"cuda"``, ``"auto"``), which
+    picks the torch backend: NCCL bound to this rank's GPU for CUDA, gloo for the CPU; None: the
+    CPU, as a model built without a device (:mod:`launch.comm.devices`).  The communicator's
+    ``device`` is then where its collectives' tensors live: pass the model's device here, and
+    :func:`launch.comm.devices.check_device` refuses a model that does not fit.
 
     ``timeout_s``: every collective of a torch or mpi communicator completes or fails within this
     many seconds (a peer stuck or dead); :func:`launch.engine.guard.health.collective` then names it.

@@ -78,6 +78,7 @@ class MPICommunicator(Communicator):
     ``timeout_s`` seconds (module docstring); subgroups made with ``Comm.Split``."""
 
     backend = "mpi"
+    device = torch.device("cpu")
 
     def __init__(self, timeout_s: float = 300.0):
         super().__init__()

@@ -1,7 +1,25 @@
-"""torch.distributed communicator: one process per rank, NCCL on CUDA, gloo on CPU."""
+"""torch.distributed communicator: one process per rank; NCCL for a model on a GPU, gloo on CPU.
+
+**Failures on NCCL.**  By default NCCL's watchdog ends the whole process when a collective times
+out (``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``: SIGABRT, no Python error), while the main thread may
+be blocked in a host read.  Before it creates the process group, this communicator therefore
+sets (unless the environment already sets them) :data:`NCCL_ERROR_HANDLING`:
+``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` -- on a timeout or an NCCL error the watchdog aborts the
+communicators, which ends the collectives still running (a host read waiting on one returns), and
+keeps the process -- and ``TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC`` (the watchdog waits 4 times this
+before aborting, for a flight-recorder dump that is off by default).  The process group then
+reports the failure (``Backend.get_error()``: TIMEOUT, COMM_ERROR, REMOTE_ERROR), which
+:meth:`TorchCommunicator.failure` reads without touching the GPU, and every later collective on
+it raises.  :func:`launch.engine.guard.health.collective` checks :meth:`failure` before every
+collective, so the survivors raise the same ``RankFailureError`` as under gloo.  With
+``TORCH_NCCL_BLOCKING_WAIT=1`` in the environment NCCL runs no watchdog and every collective
+blocks the host until it completes, raising in the main thread after the timeout (also named);
+that costs one host synchronisation per collective, which the default above does not.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from datetime import timedelta
@@ -10,25 +28,29 @@ import torch
 import torch.distributed as dist
 
 from launch.comm.base import Communicator, Pending, check_timeout
+from launch.comm.devices import resolve
+
+#: The NCCL error-handling settings made before the process group exists (module docstring),
+#: each only where the environment does not set it.
+NCCL_ERROR_HANDLING = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": "1000"}
 
 
-def choose_device_and_backend(device: str | None = None) -> tuple[torch.device, str]:
-    """NCCL with one GPU per rank when CUDA is asked for (or available, with ``device=None``),
-    gloo on CPU.  Two ranks on one GPU are refused: ``ValueError`` on every rank of the node."""
-    want_cuda = torch.cuda.is_available() if device in (None, "auto") else str(device).startswith("cuda")
-    if not want_cuda:
-        return torch.device("cpu"), "gloo"
-    if not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} asks for CUDA, but no CUDA device is available")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    count = torch.cuda.device_count()
-    if local_world > count:
-        raise ValueError(
-            f"{local_world} ranks on this node but only {count} CUDA device(s): NCCL needs one GPU "
-            f"per rank; start at most {count} processes per node (torchrun --nproc_per_node {count})"
-        )
-    return torch.device("cuda", local_rank), "nccl"
+def choose_device_and_backend(device=None) -> tuple[torch.device, str]:
+    """The device of this rank's collectives and its backend, from the model's device (or an
+    explicit one; :func:`launch.comm.devices.resolve`): NCCL bound to this rank's GPU for CUDA,
+    gloo for the CPU (None: the CPU, as a model built without a device).  ``ValueError`` where
+    the node cannot give each rank a GPU of its own."""
+    device = resolve(device)
+    return device, ("nccl" if device.type == "cuda" else "gloo")
+
+
+def configure_nccl_error_handling(environ=os.environ) -> dict[str, str]:
+    """Set :data:`NCCL_ERROR_HANDLING` in ``environ`` where it is unset (before the NCCL process
+    group is created: it reads them once); returns what was set."""
+    added = {key: value for key, value in NCCL_ERROR_HANDLING.items() if key not in environ
+             and not (key == "TORCH_NCCL_ASYNC_ERROR_HANDLING" and "NCCL_ASYNC_ERROR_HANDLING" in environ)}
+    environ.update(added)
+    return added
 
 
 class TorchCommunicator(Communicator):
@@ -39,11 +61,12 @@ class TorchCommunicator(Communicator):
     including those on subgroups, times out after ``timeout_s`` seconds instead of hanging.
     """
 
-    def __init__(self, device: str | None = None, timeout_s: float = 300.0):
+    def __init__(self, device=None, timeout_s: float = 300.0):
         super().__init__()
         self.device, backend = choose_device_and_backend(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            configure_nccl_error_handling()
         self.timeout_s = check_timeout(timeout_s)
         self.timeout = timedelta(seconds=self.timeout_s)
         self._owns_group = not dist.is_initialized()
@@ -53,7 +76,7 @@ class TorchCommunicator(Communicator):
             # destroy_process_group, and its destruction at interpreter exit aborts the process now
             # and then ("terminate called without an active exception").  Imported first, it holds
             # none.  (Measured: 1 run in 6 of a 3-rank job aborted at exit before this.)
-            import torch._dynamo  # noqa: F401
+            importlib.import_module("torch._dynamo")   # (an import statement would make torch local here)
             kwargs = {"device_id": self.device} if backend == "nccl" else {}
             dist.init_process_group(backend=backend, timeout=self.timeout, **kwargs)
         self.backend = dist.get_backend()
@@ -62,6 +85,18 @@ class TorchCommunicator(Communicator):
 
     def _world_group(self):
         return dist.group.WORLD
+
+    def failure(self) -> str | None:
+        """What NCCL's watchdog reported on one of this rank's process groups (a timeout, a
+        communicator error, a remote error; module docstring), or None.  Reads a flag of the
+        process group: no collective, no GPU work.  gloo raises in the collective itself: None."""
+        if self.backend != "nccl":
+            return None
+        for ranks, group in [(tuple(range(self.world_size)), self._world_group()), *self._groups.items()]:
+            error = group._get_backend(self.device).get_error()
+            if error.name != "SUCCESS":
+                return f"NCCL reported {error.name} on the process group of ranks {list(ranks)}"
+        return None
 
     def _new_group(self, ranks: tuple[int, ...]):
         # new_group is collective over the whole world: every rank calls it, in order.

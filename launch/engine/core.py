@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from agents.agent import Agent, OptimizerFactory, StateLayout, probe_state_layout
-from agents.flat import check_uniform_parameters, module_signature
+from agents.flat import check_uniform_parameters, module_signature, parameter_region
 from agents.settings import normalize
 from launch.comm.base import Communicator
 from launch.comm.local import LocalCommunicator
@@ -137,7 +137,7 @@ class SyncEngine:
         check_uniform_parameters(model)
         pullback = self.sync_policy.agent_policy == "pullback"
         self._layout = probe_state_layout(model, optimizer) if pullback else StateLayout.empty()
-        numel = sum(p.numel() for p in model.parameters())
+        numel = parameter_region(model)       # the parameters' region of a flat buffer (aligned)
         itemsize = next(model.parameters()).element_size()
         #: Bytes of one agent's buffer that a sync moves: its parameters, and under ``pullback`` the
         #: mixable inner state after them (what the communicator counts per collective).
@@ -289,8 +289,9 @@ class SyncEngine:
         self.slow_sync.load_state_dict(state)
 
     def local_parameters(self) -> dict[int, torch.Tensor]:
-        """Flat parameter vectors of this rank's agents (live views)."""
-        return {i: agent.params for i, agent in self.agents.items()}
+        """Flat parameter vectors of this rank's agents, packed (``module.parameters()`` order, no
+        padding: :mod:`agents.flat`): live views when the buffer's layout has no padding, else copies."""
+        return {i: agent.flat.pack(agent.params) for i, agent in self.agents.items()}
 
     def worker_optimizers(self) -> list[torch.optim.Optimizer]:
         """The inner optimizers of this rank's workers, in agent order."""

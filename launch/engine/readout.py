@@ -127,7 +127,9 @@ def weighted_sum(tensors: dict[int, torch.Tensor], weights: dict[int, float], ou
 def models(engine, debias: bool = True) -> dict[int, torch.Tensor]:
     """``{agent: z_i}`` of this rank's agents: each agent's model, de-biased under push-sum
     (:meth:`agents.agent.Agent.debiased`: x_i / w_i, a new tensor; else x_i, a live view); with
-    ``debias=False`` the buffers' x_i themselves (live views)."""
+    ``debias=False`` the buffers' x_i themselves (live views).  In the flat buffer's layout (its
+    zero padding included, :mod:`agents.flat`): what a sync mixes and what
+    ``AgentOptimizer.evaluating`` loads; ``agent.flat.pack(z)`` drops the padding."""
     return {i: (agent.debiased() if debias else agent.params) for i, agent in engine.agents.items()}
 
 
@@ -217,7 +219,7 @@ def gather_parameters(engine) -> list[dict[str, torch.Tensor]]:
     agent (under push-sum the de-biased z_i = x_i / w_i); a collective."""
     local = {
         i: [c.view(shape).detach().cpu().clone()
-            for c, shape in zip(a.debiased().split(a.flat.numels), a.flat.shapes)]
+            for c, shape in zip(a.flat.split(a.debiased()), a.flat.shapes)]
         for i, a in engine.agents.items()
     }
     merged: dict[int, list[torch.Tensor]] = {}

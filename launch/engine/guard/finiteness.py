@@ -8,6 +8,12 @@ version counter: what a sync wrote there mixes contributions checked where they 
 Writes through ``.data`` or NumPy bypass the counter.)  A finding is recorded per
 agent with the iteration t of the sync (``first[i]``: parameters, ``first[m + i]``: losses).
 
+**Host synchronisation** (knowledge kept on the device, :class:`MarkerCheck` with ``host``
+False, as on CUDA): none at a sync except at a window's decision sync, where one boolean is read
+(``bool(known)``), and none per step; the collective check before a checkpoint reads its flags
+(one transfer each way).  :func:`flag_non_finite_` and :func:`scale_checked` on CUDA read
+nothing.  (:class:`BeforeSyncCheck`, one rank, reads its flags before every sync.)
+
 One object per simulation, chosen once (:func:`make_finiteness_check`):
 
 :class:`MarkerCheck` (several ranks; the default)
@@ -202,7 +208,7 @@ class FinitenessCheck(SyncHooks):
         device = tensors[0].device
         sums = torch.stack([x.sum().to(torch.float64) if x is not None
                             else torch.zeros((), dtype=torch.float64, device=device) for x in tensors])
-        suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+        suspects = (~torch.isfinite(sums)).cpu().nonzero().flatten().tolist()   # one transfer
         bad = [k for k in suspects if not torch.isfinite(tensors[k]).all()]
         self.pending.clear()
         flags = torch.zeros(2 * self.m, dtype=torch.float32)
@@ -298,8 +304,9 @@ class MarkerCheck(FinitenessCheck):
         self._read.clear()
         found = self._fold()
         if not self.host or found:
-            now = torch.tensor(float(t), dtype=torch.float64, device=self.first.device)
-            self.first = torch.where((self.found > 0) & torch.isinf(self.first), now, self.first)
+            # first[k] = t where found[k] and first[k] is still inf: t goes to the kernel as a
+            # scalar argument (no tensor made from a Python number, no host-to-device copy).
+            self.first.masked_fill_((self.found > 0) & torch.isinf(self.first), float(t))
             self.found.zero_()
             self._any = False
         self._seen.clear()
@@ -371,9 +378,9 @@ class MarkerCheck(FinitenessCheck):
     def check(self, t: int, where: str) -> None:
         """The collective check before a checkpoint: this rank's records, its current findings
         and a scan of its buffers and pending losses (found "at t"), combined over every rank."""
-        now = torch.tensor(float(t), dtype=torch.float64, device=self.first.device)
         scan = self.local_flags().to(self.first.device)
-        records = torch.minimum(self.first, torch.where((scan > 0) | (self.found > 0), now, torch.inf))
+        found_now = torch.full_like(self.first, math.inf).masked_fill_((scan > 0) | (self.found > 0), float(t))
+        records = torch.minimum(self.first, found_now)
         self._fail(t, where, records, only_if_found=True)
 
     def _fail(self, t: int, where: str, records: torch.Tensor, only_if_found: bool = False) -> None:

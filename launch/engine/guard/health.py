@@ -21,11 +21,24 @@ torch.distributed, through messages on a communicator of its own under MPI) with
 :data:`ROLL_CALL_S` (the candidates when it cannot be told, e.g. when the store died with rank
 0).  A survivor blocked behind another survivor cannot answer in time and may be named too; the
 message says "seems".  Under MPI, ``mpiexec`` stops every rank when one dies.
+
+**NCCL** reports a lost peer off the main thread: its watchdog finds the timeout (or the
+communication error), aborts the communicators and keeps the process
+(:mod:`launch.comm.torch_dist`); :func:`collective` reads that report
+(:meth:`launch.comm.Communicator.failure`) before every collective, and raises the same
+:class:`RankFailureError` then, at the latest at the collective after the one that failed.
+
+**Local errors are not lost ranks** (:func:`is_local_error`): CUDA out of memory (also NCCL's
+"unhandled cuda error" for it), an illegal memory access or a device-side assert, NCCL's invalid
+usage or argument, a CPU tensor on an NCCL-only group: they pass through :func:`collective` as
+themselves, on the rank where they happened (its peers then see a lost rank, which it is).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+
+import torch
 
 #: Seconds the survivors of a failed collective wait for each other's roll call.
 ROLL_CALL_S = 3.0
@@ -71,14 +84,45 @@ class RankFailureError(RuntimeError):
     """A collective failed: a peer rank died, or got stuck past the collective timeout."""
 
 
+#: What the message of an error raised by this rank's own device or its own use of the backend
+#: contains (:func:`is_local_error`), as PyTorch and NCCL word it.
+LOCAL_ERROR_MESSAGES = (
+    "out of memory",                        # torch.OutOfMemoryError; NCCL's "Cuda failure 'out of memory'"
+    "CUDA error",                           # torch.AcceleratorError: an illegal memory access, an assert, ...
+    "CUBLAS_STATUS_", "CUDNN_STATUS_",
+    "ncclUnhandledCudaError", "ncclInvalidUsage", "ncclInvalidArgument", "ncclInternalError",
+    "No backend type associated with device type",          # a CPU tensor on an NCCL-only group
+    "Tensors must be CUDA and dense",
+    "Expected all tensors to be on the same device",
+)
+
+
+def is_local_error(err: BaseException) -> bool:
+    """Whether ``err``, raised inside a collective, is this rank's own failure (module docstring)
+    rather than a sign of a lost peer.
+
+    Example:
+        >>> is_local_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+        True
+        >>> is_local_error(RuntimeError("Connection closed by peer [127.0.0.1]:29500"))
+        False
+    """
+    if isinstance(err, (torch.OutOfMemoryError, torch.AcceleratorError)):
+        return True
+    text = str(err)
+    return any(message in text for message in LOCAL_ERROR_MESSAGES)
+
+
 @contextmanager
 def collective(comm, t: int, what: str, ranks: tuple[int, ...]):
     """Run a collective of the ``ranks`` (this rank among them) for iteration ``t``; turn the
     backend's failure into :class:`RankFailureError` (module docstring).
 
     ``comm.context`` is ``(t, what)`` for the duration (the communicator's own timeout messages
-    name it); ``ValueError``, ``FloatingPointError`` and a nested collective's
-    :class:`RankFailureError` pass through unchanged.
+    name it); a failure the backend found since the last collective
+    (:meth:`launch.comm.Communicator.failure`) raises before the collective starts;
+    ``ValueError``, ``FloatingPointError``, a nested collective's :class:`RankFailureError` and
+    local errors (:func:`is_local_error`) pass through unchanged.
     """
     outer = comm.context
     comm.context = (t, what)
@@ -86,17 +130,22 @@ def collective(comm, t: int, what: str, ranks: tuple[int, ...]):
         if comm.world_size == 1:
             yield
             return
+        found = comm.failure()
+        if found is not None:
+            raise RankFailureError(_lost_rank_message(comm, t, what, ranks, found))
         try:
             yield
         except (ValueError, FloatingPointError, RankFailureError):   # the latter: a nested collective's
             raise
         except (RuntimeError, OSError) as err:
+            if is_local_error(err):
+                raise
             raise RankFailureError(_lost_rank_message(comm, t, what, ranks, err)) from err
     finally:
         comm.context = outer
 
 
-def _lost_rank_message(comm, t: int, what: str, ranks: tuple[int, ...], err: Exception) -> str:
+def _lost_rank_message(comm, t: int, what: str, ranks: tuple[int, ...], err) -> str:
     """The message of :class:`RankFailureError`, after the roll call."""
     others = [r for r in ranks if r != comm.rank]
     present = comm.responsive_ranks(ROLL_CALL_S)
@@ -111,8 +160,9 @@ def _lost_rank_message(comm, t: int, what: str, ranks: tuple[int, ...], err: Exc
         lost = f"a rank among {others} seems lost"
     timeout = getattr(comm, "timeout_s", None)
     waited = f" (or stuck past the collective timeout of {timeout:g} s)" if timeout else ""
+    detail = " ".join(str(err).split())      # one line: NCCL's messages span several
     return (f"rank {comm.rank}: the {what} of iteration t={t} failed on the ranks {list(ranks)}: "
-            f"{lost}: killed or crashed{waited}. Resume from the last checkpoint. Backend error: {err}")
+            f"{lost}: killed or crashed{waited}. Resume from the last checkpoint. Backend error: {detail}")
 
 
 def gather_objects(comm, obj, t: int, what: str) -> list:

@@ -75,6 +75,7 @@ import torch
 from torch import nn
 
 from agents.agent import Agent, StateLayout
+from agents.flat import check_attached, detached_parameters
 from agents.reference import init_optimizer_hooks
 from launch.comm.base import Communicator
 from launch.comm.factory import make_communicator
@@ -95,7 +96,7 @@ from launch.engine.store.run_record import differences, engine_record
 from topology.schedule import Schedule
 
 #: ABORT reasons (:data:`launch.engine.own_loop.control.ABORT_REASONS`).
-ADD_PARAM_GROUP, GROUP_ADDED = 1, 2
+ADD_PARAM_GROUP, GROUP_ADDED, DETACHED = 1, 2, 3
 
 
 def worker_of_rank(schedule: Schedule, placement: Placement, rank: int) -> int | None:
@@ -263,8 +264,8 @@ class AgentOptimizer(torch.optim.Optimizer):
         return self.engine.agents
 
     def local_parameters(self) -> dict[int, torch.Tensor]:
-        """Flat parameter vectors of this rank's agents (live views; under push-sum the worker's
-        holds z = x / w between steps)."""
+        """Flat parameter vectors of this rank's agents, packed (:meth:`launch.Simulation.local_parameters`;
+        under push-sum the worker's holds z = x / w between steps)."""
         return self.engine.local_parameters()
 
     # -- the loop -----------------------------------------------------------------------------------------
@@ -279,6 +280,7 @@ class AgentOptimizer(torch.optim.Optimizer):
         worker = self._require_worker("step")
         if self._layout != (len(self.param_groups), len(optimizer_parameters(self.optimizer))):
             self._abort(GROUP_ADDED)
+        self._check_attached(worker)
         if closure is not None and worker.push_weight is not None:
             raise ValueError("step(closure) is not supported under push-sum (the closure would see the "
                              "numerator x, not z = x / w): call backward before step()")
@@ -421,6 +423,20 @@ class AgentOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{what} is for worker ranks; this rank (rank {self.comm.rank}) holds only "
                                f"passive agents {sorted(self.engine.agents)}: call serve()")
         return self._worker
+
+    def _check_attached(self, worker: Agent) -> None:
+        """Every parameter of the model still a view into the worker's flat buffer (a check of
+        pointers, no transfer); else the run is refused on every rank, this one naming them
+        (:func:`agents.flat.check_attached`)."""
+        if not detached_parameters(worker.parameters, worker.flat):
+            return
+        try:
+            check_attached(worker.parameters, worker.flat, self.engine.parameter_names)
+        except ValueError as detail:
+            try:
+                self._abort(DETACHED)
+            except ValueError:
+                raise detail from None
 
     def _abort(self, reason: int) -> None:
         """Refuse a call: the same ValueError on every rank (through the control message)."""

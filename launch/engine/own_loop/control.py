@@ -62,6 +62,10 @@ ABORT_REASONS = {
     2: "a parameter group was added to the inner optimizer after the AgentOptimizer was built: "
        "every agent's flat buffer was laid out for the parameters it had then; build the inner "
        "optimizer with every parameter group before wrapping it",
+    3: "the model's parameters no longer live in the agent's flat buffer (model.half(), model.to(device "
+       "or dtype) or model.to(memory_format=...) after the AgentOptimizer was built replaces param.data, "
+       "and the syncs would mix numbers the model no longer uses): convert the model before wrapping the "
+       "optimizer",
 }
 
 
@@ -122,20 +126,29 @@ class ControlChannel:
         self.comm, self.worker_ranks, self.device = comm, tuple(worker_ranks), device
         self.world = tuple(range(comm.world_size))
         self.broadcasting = len(self.worker_ranks) == 1
-        self._sent = None     # the broadcast in flight and its tensor (kept alive until waited)
+        # The messages' tensors, made once: a command is written into them by three fills
+        # (scalar kernel arguments: no tensor made from a Python list, no host-to-device copy,
+        # so a worker never waits for its GPU to send one); only the receiving side reads.
+        self._slots = torch.zeros(3 if self.broadcasting else 3 * comm.world_size, dtype=torch.float64,
+                                  device=device)
+        self._sent = None     # the broadcast in flight (its tensor, _slots, is not written until waited)
+
+    def _write(self, own: Command, at: int = 0) -> None:
+        """``own`` as (kind, t, arg) into ``_slots[at : at + 3]``."""
+        for k, value in enumerate((own.kind, own.t, own.arg)):
+            self._slots[at + k].fill_(value)
 
     def exchange(self, own: Command | None) -> Command:
         """This rank's part of one control collective: ``own`` is this rank's command (a worker
         rank), None on a passive-only rank.  Returns the event, the same on every rank."""
         if self.broadcasting:
             return self._broadcast(own)
-        slots = torch.zeros(3 * self.comm.world_size, dtype=torch.float64, device=self.device)
+        slots = self._slots.zero_()
         if own is not None:
-            r = 3 * self.comm.rank
-            slots[r : r + 3] = torch.tensor([own.kind, own.t, own.arg], dtype=torch.float64)
+            self._write(own, 3 * self.comm.rank)
         with collective(self.comm, own.t if own is not None else -1, "control message", self.world):
             self.comm.max_flags_(slots)
-        values = slots.cpu().view(-1, 3).tolist()
+        values = slots.cpu().view(-1, 3).tolist()       # the decision: every rank reads it
         return decide({r: Command(int(values[r][0]), int(values[r][1]), int(values[r][2]))
                        for r in self.worker_ranks})
 
@@ -143,22 +156,21 @@ class ControlChannel:
         source = self.worker_ranks[0]
         self.wait()
         if own is not None:
-            tensor = torch.tensor([own.kind, own.t, own.arg], dtype=torch.float64, device=self.device)
-            self._sent = (self.comm.broadcast_async_(tensor, source, self.world, flags=True), tensor)
+            self._write(own)
+            self._sent = self.comm.broadcast_async_(self._slots, source, self.world, flags=True)
             if own.kind == ABORT:
                 self.wait()               # deliver it before this rank raises
                 raise abort_error(source, own)
             return own
-        tensor = torch.zeros(3, dtype=torch.float64, device=self.device)
         with collective(self.comm, -1, "control message", self.world):
-            self.comm.broadcast_async_(tensor, source, self.world, flags=True).wait()
-        kind, t, arg = (int(v) for v in tensor.cpu().tolist())
+            self.comm.broadcast_async_(self._slots, source, self.world, flags=True).wait()
+        kind, t, arg = (int(v) for v in self._slots.cpu().tolist())    # the decision of a passive rank
         return decide({source: Command(kind, t, arg)})
 
     def wait(self) -> None:
         """Wait for this rank's control broadcast in flight, if any (before the next, and at the
         end of the run)."""
         if self._sent is not None:
-            pending, self._sent = self._sent[0], None
+            pending, self._sent = self._sent, None
             with collective(self.comm, -1, "control message", self.world):
                 pending.wait()

@@ -3,7 +3,8 @@
 The record (:mod:`launch.engine.record.metrics`, :mod:`launch.engine.record.evaluation`) reads a
 run through :class:`Run` alone:
 
-- ``columns()``: ``{agent: flat parameter vector}`` of this process's agents (live views;
+- ``columns()``: ``{agent: flat parameter vector}`` of this process's agents, packed (the
+  parameters back to back in ``module.parameters()`` order, as a serial reference flattens them;
   read-only); ``models()``: the same de-biased under push-sum (x_i / w_i);
 - ``grad_norms()``: ``{worker: ||g||_2}`` of the gradient of the last inner step (local workers);
 - ``learning_rates()``: ``{worker: lr}``, param group 0 of each local worker's inner optimizer;
@@ -73,7 +74,8 @@ class EngineRun(Run):
         return self.engine.local_parameters()
 
     def models(self) -> dict[int, torch.Tensor]:
-        return models(self.engine)
+        agents = self.engine.agents
+        return {i: agents[i].flat.pack(z) for i, z in models(self.engine).items()}
 
     def grad_norms(self) -> dict[int, float]:
         return {i: grad_norm(a.parameters) for i, a in self._workers()}
