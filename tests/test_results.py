@@ -24,7 +24,7 @@ from launch.cli import app
 from launch.cli.build import build_job
 from launch.engine.record.evaluation import VIRTUAL, read_eval
 from launch.engine.record.metrics import read_metrics
-from launch.cli.summary import flat_summary, parse_summary_line
+from launch.engine.record.summary import flat_summary, parse_summary_line
 from launch.engine.simulation import ConvertedStream
 from tests import plant
 from tests.bn_app import teacher_student_bn

@@ -18,7 +18,7 @@ import torch
 
 from launch.cli import app
 from launch.engine.record.metrics import read_metrics
-from launch.cli.summary import device_record, git_commit, parse_summary_line, write_summary
+from launch.engine.record.summary import device_record, git_commit, parse_summary_line, write_summary
 from tests.spawn import ROOT
 from tests.test_app import config
 

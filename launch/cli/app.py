@@ -57,7 +57,8 @@ from launch.cli.registry import serial_reference_missing
 from launch.cli.runs import SerialRun, open_simulation_run, role
 from launch.engine.record.clock import SimulatedTime, simulated_hubs, simulated_placement
 from launch.engine.record.recorder import RunRecord
-from launch.cli.summary import summary_record, write_summary
+from launch.cli.summary import summary_record
+from launch.engine.record.summary import write_summary
 from launch.comm import make_communicator
 from launch.engine.guard.health import NonFiniteError, RankFailureError
 from launch.engine.record.evaluation import VIRTUAL

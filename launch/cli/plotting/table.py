@@ -4,7 +4,7 @@ One row per run (:func:`sweep_rows`): ``run`` (its folder), the overrides that d
 runs (``agents.optimizer.lr``, ``launch.seed``, ...), ``final_loss`` and
 ``final_distance_to_virtual`` (means over the agents' values at the last logged step of
 metrics.csv; empty when absent), then every figure of its summary.json: the flat view
-(:func:`launch.cli.summary.flat_summary`; a list one column per agent, ``heldout_loss_0``, ...)
+(:func:`launch.engine.record.summary.flat_summary`; a list one column per agent, ``heldout_loss_0``, ...)
 and the nested figures summary.txt leaves out, by dotted key (``optimizer.lr``,
 ``outer.momentum``, ``versions.torch``, ``final_loss.per_worker.0``).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from launch.cli.plotting.figures import DISTANCE
 from launch.cli.run_files import Notes, Run
 from launch.cli.plotting.series import mean_points
-from launch.cli.summary import flat_summary
+from launch.engine.record.summary import flat_summary
 
 def differing(runs: list[Run]) -> dict[Path, dict[str, str]]:
     """Each run's ``{key: value}`` of the overrides that are not shared by every run."""

@@ -286,6 +286,8 @@ class AgentOptimizer(torch.optim.Optimizer):
                              "numerator x, not z = x / w): call backward before step()")
         engine = self.engine
         worker.restore_numerator_()
+        if self._record is not None:
+            self._record.before(engine.t + 1)
         returned = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         worker.steps += 1
         loss = returned if loss is None else loss
@@ -558,6 +560,8 @@ class AgentOptimizer(torch.optim.Optimizer):
 
     def _save(self, checkpointer: Checkpointer, extra) -> Path:
         self.engine.wait_in_flight()          # overlapped syncs: a buffer may still be written
+        if self._record is not None:          # a checkpoint of t implies the record's rows up to t
+            self._record.record.flush()
         buffers = ({name: b.detach().cpu().clone() for name, b in self.model.named_buffers()}
                    if self._worker is not None else {})
         with self._numerators():

@@ -13,7 +13,15 @@ loss to ``opt.step(loss=loss)``.  It is the command line's record
   the held-out metrics of every agent and of X a (``evaluate(model) -> {metric: value}``, called on
   a copy of the user's model holding those weights and the worker's buffers), and the learning
   rates;
-- ``summary.json``: when the run closes (:meth:`launch.AgentOptimizer.close`).
+- ``agents.pt`` and ``summary.json``, when the run closes (:meth:`launch.AgentOptimizer.close`):
+  ``agents.pt`` as the command line's, a list indexed by agent of the user's model's
+  ``state_dict`` holding that agent's parameters (the inner optimizer's; frozen parameters and
+  buffers the lowest-numbered worker's model's), so ``python -m launch.compare`` compares two
+  runs of a script (co-located and under torchrun); ``summary.json`` / ``summary.txt`` with the
+  command line's keys where they apply (:func:`loop_summary`: ``launch`` is ``own_loop``,
+  ``problem`` and ``seed`` are null -- the loop's own -- ``steps`` is the run's t at close, and
+  ``status`` is ``FAILED`` with ``failure: non_finite`` when the last evaluation held a
+  non-finite metric).
 
 Every call of the record is a collective when the run spans several ranks: the passive ranks take
 part through :meth:`launch.AgentOptimizer.serve`, told by the control messages (a logged step rides
@@ -29,9 +37,18 @@ from typing import Callable
 import torch
 from torch import nn
 
+from agents.level_policy import resolve_policy
+from agents.settings import jsonable
+from launch.engine.guard.health import gather_objects
+from launch.engine.readout import StateKeys, gather_parameters
 from launch.engine.record.clock import SimulatedTime, simulated_hubs, simulated_placement
+from launch.engine.record.evaluation import VIRTUAL
 from launch.engine.record.recorder import RunRecord
 from launch.engine.record.run import EngineRun
+from launch.engine.record.summary import compact, finite_or_none, final_loss, optimizer_record, versions, \
+    device_record, write_summary
+from topology.diagnostics import spectral_gap
+from topology.schedule import MultilayerSchedule
 
 
 class LoopRun(EngineRun):
@@ -92,7 +109,7 @@ class LoopRecord:
             evaluate=evaluate, template=copy.deepcopy(opt.model), eval_every=eval_every, first=engine.t,
             clock=clock, tensorboard=tensorboard, progress="own loop" if progress else None,
             load=_loader(engine.parameter_names))
-        self.record.before(engine.t + 1)
+        self.opt, self.first = opt, engine.t
 
     def logged(self, done: int) -> bool:
         """Whether step ``done`` (the iteration that makes t = done) is logged in metrics.csv."""
@@ -102,17 +119,84 @@ class LoopRecord:
         """Before the sync of the step that makes t = ``done``: its metrics (when logged)."""
         self.record.before_sync(done, losses)
 
+    def before(self, done: int) -> None:
+        """Before the inner step that makes t = ``done`` (a worker rank): its learning rates."""
+        self.record.before(done)
+
     def after(self, done: int) -> None:
-        """After it: the clock, an automatic evaluation; the next step's learning rates."""
+        """After its sync: the clock, an automatic evaluation."""
         self.record.after(done)
-        self.record.before(done + 1)
 
     def evaluate(self, done: int) -> None:
         """The held-out metrics after step ``done`` (a collective)."""
         self.record.evaluate(done)
 
-    def close(self) -> float:
-        """Complete the metrics in flight and close the files (a collective); returns the wall
-        time since the record began."""
+    def close(self) -> None:
+        """Complete the metrics in flight, gather every agent's final state (collectives), and on
+        rank 0 write ``agents.pt`` and the summary (module docstring)."""
         self.record.flush()
-        return self.record.close()
+        states = final_state_dicts(self.opt.engine, self.opt.model)
+        elapsed = self.record.close()
+        if self.opt.engine.rank == 0:
+            torch.save(states, self.directory / "agents.pt")
+            write_summary(self.directory, loop_summary(self.opt, self.record, first=self.first, elapsed=elapsed,
+                                                       metrics_csv=self.directory / "metrics.csv"))
+
+
+def final_state_dicts(engine, model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Every agent's ``state_dict`` of the user's ``model`` (CPU copies), indexed by agent, on every
+    rank (collectives): the agent's parameters (:func:`launch.engine.readout.gather_parameters`,
+    by the names the inner optimizer's parameters have in the model), and every other entry --
+    buffers, frozen parameters -- from its own model for a worker, from the lowest-numbered
+    worker's for a passive agent (which has none)."""
+    parameters = gather_parameters(engine)
+    adopted = set(engine.parameter_names)
+    keys = StateKeys.of(model)
+    local = {i: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                 if keys.aliases.get(k, k) not in adopted}
+             for i, a in engine.agents.items() if a.is_worker}
+    rest: dict[int, dict[str, torch.Tensor]] = {}
+    for part in gather_objects(engine.comm, local, engine.t, "gather of the models' other entries"):
+        rest.update(part)
+    first = min(engine.schedule.workers)
+    return [{k: (params[keys.aliases.get(k, k)] if keys.aliases.get(k, k) in params else rest.get(i, rest[first])[k])
+             for k in keys.keys} for i, params in enumerate(parameters)]
+
+
+def loop_summary(opt, record: RunRecord, *, first: int, elapsed: float, metrics_csv: Path) -> dict:
+    """The own loop's summary record (module docstring): the command line's keys
+    (:mod:`launch.cli.summary`) where they apply."""
+    engine, schedule = opt.engine, opt.schedule
+    last = [r for r in record.final if r["step"] == max(row["step"] for row in record.final)] if record.final else []
+    agents = [r for r in last if r["agent"] != VIRTUAL]
+    virtual = next((r for r in last if r["agent"] == VIRTUAL), None)
+    metrics = [k.removeprefix("heldout_") for k in (agents[0] if agents else {}) if k.startswith("heldout_")]
+    nonfinite = record.nonfinite if record.evaluator is not None else []
+    depth = schedule.depth if isinstance(schedule, MultilayerSchedule) else None
+    outer = engine.options.outer
+    dtype = next(iter(engine.agents.values())).flat.buffer.dtype
+    return {
+        "problem": None,
+        "topology": {"name": type(schedule).__name__, "options": {}, "repr": compact(repr(schedule))},
+        "launch": "own_loop",
+        "processes": engine.comm.world_size,
+        "steps": engine.t,
+        "resumed_from": first or None,
+        "dtype": str(dtype).replace("torch.", ""),
+        "seed": None,
+        "heldout": {k: [finite_or_none(r[f"heldout_{k}"]) for r in agents] for k in metrics},
+        "virtual_heldout": None if virtual is None else {k: finite_or_none(virtual[f"heldout_{k}"]) for k in metrics},
+        "spectral_gap": finite_or_none(spectral_gap(schedule)),
+        "time_s": finite_or_none(elapsed),
+        "steps_per_s": finite_or_none((engine.t - first) / max(elapsed, 1e-9)),
+        "status": "FAILED" if nonfinite else "ok",
+        "failure": "non_finite" if nonfinite else None,
+        "failure_detail": (f"agents {nonfinite} have non-finite held-out metrics at the last evaluation"
+                           if nonfinite else None),
+        "optimizer": optimizer_record(opt.optimizer),
+        "state_policy": list(resolve_policy(engine.options.state_policy, depth)),
+        "outer": None if outer is None else jsonable(outer.describe()),
+        "final_loss": final_loss(metrics_csv, schedule.workers) if metrics_csv.is_file() else None,
+        "versions": versions(),
+        **device_record(str(next(iter(engine.agents.values())).flat.buffer.device)),
+    }

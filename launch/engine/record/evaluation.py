@@ -82,6 +82,8 @@ class Evaluator:
         self.m = schedule.num_agents
         self.pending_lrs: dict[int, dict[int, float]] = {}  # step -> {local worker: lr}, not yet gathered
         self.evaluated = 0  # the last evaluated step
+        #: The metrics' names, known from the first evaluation on (the columns of eval.csv).
+        self.keys: list[str] | None = None
         #: The agents whose held-out metrics were not all finite at the last evaluation (the same
         #: on every rank: every rank receives every rank's metrics).
         self.nonfinite: list[int] = []
@@ -106,6 +108,7 @@ class Evaluator:
         buffers = self._lowest_worker_buffers(step)
         own = self.run.worker_buffers()
         metrics = {i: self._metrics(z, own.get(i, buffers)) for i, z in self.run.models().items()}
+        self.keys = list(next(iter(metrics.values())))        # every rank holds an agent
         virtual = self._virtual(buffers, step)
         lrs, self.pending_lrs = self.pending_lrs, {}
         parts = (gather_objects(self.comm, (metrics, lrs), step, "gather of the evaluation")
@@ -121,6 +124,28 @@ class Evaluator:
             for s, values in part_lrs.items():
                 merged_lrs.setdefault(s, {}).update(values)
         return self._rows(step, merged_metrics, merged_lrs, virtual)
+
+    def flush_lrs(self, step: int) -> list[dict] | None:
+        """The learning-rate rows recorded since the last evaluation, gathered now (before a
+        checkpoint, so that a checkpoint of t implies eval.csv's rows up to t): on rank 0 those
+        rows (held-out metrics empty), None elsewhere.  A collective when distributed, made only
+        once eval.csv has its columns (after the first evaluation, the same on every rank: rows
+        may be pending on some ranks only, a passive rank has none); before the first evaluation
+        the rows wait for it (a run resumed from a checkpoint taken before any evaluation has no
+        learning-rate rows up to it)."""
+        if self.keys is None:
+            return [] if self.rank == 0 else None
+        lrs, self.pending_lrs = self.pending_lrs, {}
+        parts = gather_objects(self.comm, lrs, step, "gather of the learning rates") if self.comm is not None else [lrs]
+        if self.rank != 0:
+            return None
+        merged: dict[int, dict[int, float]] = {}
+        for part in parts:
+            for s, values in part.items():
+                merged.setdefault(s, {}).update(values)
+        empty = {f"heldout_{k}": math.nan for k in self.keys}
+        return [{"step": s, "agent": i, "lr": merged[s].get(i, math.nan), **empty}
+                for s in sorted(merged) for i in range(self.m)]
 
     def _rows(self, step: int, metrics: dict, lrs: dict, virtual: dict | None) -> list[dict]:
         keys = list(next(iter(metrics.values())))

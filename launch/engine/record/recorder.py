@@ -130,9 +130,14 @@ class RunRecord:
         return [] if self.evaluator is None else self.evaluator.nonfinite
 
     def flush(self) -> None:
-        """Complete the metrics in flight (a collective) and write them."""
+        """Complete the metrics in flight and the learning rates recorded since the last
+        evaluation (collectives), and write them."""
         self._write(self._ready + self.probe.finish())
         self._ready = []
+        if self.evaluator is not None:
+            rows = self.evaluator.flush_lrs(self.evaluator.evaluated)
+            if rows and self.evals is not None:
+                self.evals.write(rows)
 
     def _write(self, entries) -> None:
         """Rank 0: append the complete metrics rows to metrics.csv (and TensorBoard), and show the
