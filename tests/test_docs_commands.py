@@ -10,7 +10,9 @@ blocks, what they print in ```text blocks.
 **How each is checked**, by its form (:func:`check`):
 
 - ``python -m MODULE ARGS``, ``python SCRIPT ARGS``, ``python -c CODE`` of :data:`RUNNABLE`
-  (the hydra apps, ``launch.plot``, ``-c`` and the scripts of :data:`SHORTER`): run as written in this
+  (the hydra apps, ``launch.plot``, ``launch.compare``, ``-c`` and the scripts of :data:`SHORTER`;
+  ``python tests/plant.py SPEC MODULE ARGS`` is ``python -m MODULE ARGS`` with the plant installed
+  in this process for that command alone, :data:`PLANT`): run as written in this
   process, through :mod:`runpy` as ``python`` runs them (``sys.argv``, ``__main__``, the exit
   status of ``SystemExit``): ``python -m launch`` goes through its entry point, hydra's own argument
   parsing included, and a fresh Python with torch (3-5 s here, each) is saved. Page by page, in
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import runpy
 import shlex
@@ -60,6 +63,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests import plant
 from tests.spawn import ROOT, mpiexec_args, start_command, torchrun_args, wait_commands
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -71,7 +75,9 @@ STEPS, REAL_STEPS = 30, 100
 #: Arguments appended to these scripts to keep them short.
 SHORTER = {"experiments.own_loop": ["--epochs", "1"], "experiments/quickstart.py": ["--steps", "20"]}
 #: What ``python`` commands may run here (``-m`` modules, scripts, ``-c``): any other fails until listed.
-RUNNABLE = HYDRA_APPS + ("launch.plot", "-c", *SHORTER)
+RUNNABLE = HYDRA_APPS + ("launch.plot", "launch.compare", "-c", *SHORTER)
+#: ``python tests/plant.py SPEC MODULE ARGS``: MODULE run here with the plant installed (undone after it).
+PLANT = "tests/plant.py"
 #: Scripts that build their schedule (AgentOptimizer / simulate) before any work: validated under a launcher.
 PROBED = ("experiments.own_loop", "experiments.own_loop_deviation", "experiments/quickstart.py")
 
@@ -115,10 +121,15 @@ SKIPPED = {
         "6.5 min of benchmarks; tests/test_bench.py::test_tiny_run_exits_0_and_writes_every_benchmark runs --tiny",
     "python -m launch.bench --tiny":
         "tests/test_bench.py::test_tiny_run_exits_0_and_writes_every_benchmark runs it (with --json)",
-    "python -m launch.bench --gpu --json gpu.json":
-        "needs CUDA GPUs; tests/test_bench.py::test_prepared_gpu_run_on_cpu_and_without_cuda runs it without",
+    "python -m launch.bench --gpu":
+        "needs CUDA GPUs; tests/test_bench.py::test_acceptance_run_without_cuda_and_its_lines runs it without one "
+        "(every part skipped with its reason) and some parts with --device cpu --tiny",
     "python -m launch.bench --gpu --device cpu":
-        "tests/test_bench.py::test_prepared_gpu_run_on_cpu_and_without_cuda runs it (with --tiny)",
+        "9 min here even with --tiny; its parts run with --tiny in tests/test_bench.py::test_acceptance_jobs_on_cpu, "
+        "tests/test_bench.py::test_acceptance_parts_in_one_process_on_cpu and "
+        "tests/test_bench.py::test_acceptance_run_without_cuda_and_its_lines",
+    "python -m launch.bench --gpu --parts own_loop,host_syncs":
+        "needs a CUDA GPU; tests/test_bench.py::test_acceptance_parts_in_one_process_on_cpu runs these parts on the CPU",
 }
 
 #: ``.venv/bin/X`` is X for these programs.
@@ -277,7 +288,7 @@ def validate_hydra(python_argv: list[str], launcher: str, processes: int, monkey
                 job = build_job(compose(config_name="config", overrides=overrides))
         except Exception as err:            # hydra's errors and the app's ValueError alike
             return f"{type(err).__name__}: {err}"
-    agents, per_rank = job.schedule.num_agents, job.agents_per_rank
+    agents, per_rank = job.schedule.num_agents, job.launch.agents_per_rank
     fits = agents % processes == 0 if per_rank is None else per_rank * processes == agents
     return "" if fits else f"{processes} processes do not fit {agents} agents (agents_per_rank={per_rank})"
 
@@ -389,6 +400,13 @@ def check(command: Command, state: Session, monkeypatch) -> Outcome | None:
             (status, output), = wait_commands([started[0]], REAL_TIMEOUT)
             state.real[text] = Outcome(status, output, started[1])
         outcome = state.real[text]
+    elif command.argv[0] == "python" and entry(command.argv[1:]) == PLANT:
+        spec, module, *args = command.argv[2:]
+        python_argv = shortened(["-m", module, *args], STEPS, command.expected)
+        with monkeypatch.context() as patch:
+            plant.install(json.loads(spec), patch.setattr)
+            status, output = run_python(python_argv)
+        outcome = Outcome(status, output, python_argv == ["-m", module, *args])
     elif command.argv[0] == "python" and entry(command.argv[1:]) in RUNNABLE:
         python_argv = shortened(command.argv[1:], STEPS, command.expected)
         status, output = run_python(python_argv)
