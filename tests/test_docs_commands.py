@@ -98,6 +98,7 @@ SKIPPED = {
     "make test": "the whole test suite, this file included",
     ". .venv/bin/activate": "changes the calling shell; every command here runs in that environment",
     "pytest -q -s tests/test_overlap.py | grep deviation": "a test file of the suite (make test runs it)",
+    "pytest -s -q tests/test_post_local.py": "a test file of the suite (make test runs it)",
     "python -m experiments.own_loop":
         "tests/test_own_loop_script.py::test_colocated_torchrun_and_mpiexec_agree runs it (--epochs 1), in-process, "
         "and compares it with torchrun and mpiexec",
@@ -121,6 +122,10 @@ SKIPPED = {
         "6.5 min of benchmarks; tests/test_bench.py::test_tiny_run_exits_0_and_writes_every_benchmark runs --tiny",
     "python -m launch.bench --tiny":
         "tests/test_bench.py::test_tiny_run_exits_0_and_writes_every_benchmark runs it (with --json)",
+    "python -m launch.compare outputs/colocated outputs/torch":
+        "reads outputs/torch, which the torchrun command before it writes and which is only validated here; "
+        "tests/test_app.py::test_torchrun_three_processes_equals_colocated runs that job under torchrun and "
+        "compares every agent with the co-located run",
     "python -m launch.bench --gpu":
         "needs CUDA GPUs; tests/test_bench.py::test_acceptance_run_without_cuda_and_its_lines runs it without one "
         "(every part skipped with its reason) and some parts with --device cpu --tiny",
