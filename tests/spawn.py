@@ -107,28 +107,47 @@ def run_job(backend: str, nprocs: int, spec: dict, worker: Path, timeout: float 
         assert all(code == 0 for code, _ in results), results
 
 
-def run_command(args: list[str], timeout: float = 120, cwd=None) -> tuple[int, str]:
-    """Run ``args`` in a session of its own; (returncode, stdout and stderr together)."""
-    proc = subprocess.Popen(
+def start_command(args: list, cwd=None) -> subprocess.Popen:
+    """Start ``args`` in a session of its own, stdout and stderr together in one pipe
+    (:func:`wait_commands` waits for it)."""
+    return subprocess.Popen(
         [str(a) for a in args], env=_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
     )
-    return _wait_all([proc], timeout)[0]
 
 
-def run_torchrun(nprocs: int, args: list[str], timeout: float = 120, cwd=None) -> tuple[int, str]:
-    """``torchrun --nproc_per_node nprocs ARGS`` (as ``python -m torch.distributed.run``, on a free
-    port), bounded in time; (returncode, output of every rank)."""
-    return run_command(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nprocs, "--master_addr",
-         "127.0.0.1", "--master_port", free_port(), *args], timeout, cwd,
-    )
+def wait_commands(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[int, str]]:
+    """(returncode, output) of each started command; on timeout they are all killed and the test
+    fails."""
+    return _wait_all(procs, timeout)
 
 
-def run_mpiexec(nprocs: int, args: list[str], timeout: float = 120, cwd=None) -> tuple[int, str]:
-    """``mpiexec -n nprocs ARGS``, bounded in time; skips when MPI is not installed."""
+def run_command(args: list[str], timeout: float = 120, cwd=None) -> tuple[int, str]:
+    """Run ``args`` in a session of its own; (returncode, stdout and stderr together)."""
+    return wait_commands([start_command(args, cwd)], timeout)[0]
+
+
+def torchrun_args(nprocs: int, args: list[str]) -> list:
+    """``torchrun --nproc_per_node nprocs ARGS`` as ``python -m torch.distributed.run``, on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nprocs, "--master_addr",
+            "127.0.0.1", "--master_port", free_port(), *args]
+
+
+def mpiexec_args(nprocs: int, args: list[str]) -> list:
+    """``mpiexec -n nprocs ARGS``; skips the test when MPI is not installed."""
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install '.[mpi]')")
     exe = mpiexec()
     if exe is None:
         pytest.skip("mpi4py is installed but no mpiexec was found")
-    return run_command([exe, "-n", nprocs, *args], timeout, cwd)
+    return [exe, "-n", nprocs, *args]
+
+
+def run_torchrun(nprocs: int, args: list[str], timeout: float = 120, cwd=None) -> tuple[int, str]:
+    """``torchrun --nproc_per_node nprocs ARGS`` (:func:`torchrun_args`), bounded in time;
+    (returncode, output of every rank)."""
+    return run_command(torchrun_args(nprocs, args), timeout, cwd)
+
+
+def run_mpiexec(nprocs: int, args: list[str], timeout: float = 120, cwd=None) -> tuple[int, str]:
+    """``mpiexec -n nprocs ARGS``, bounded in time; skips when MPI is not installed."""
+    return run_command(mpiexec_args(nprocs, args), timeout, cwd)
