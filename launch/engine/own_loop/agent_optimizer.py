@@ -35,11 +35,12 @@ optimizer does not step.  An LR scheduler steps the inner optimizer's own ``para
 
 **Evaluation from the loop** (:meth:`AgentOptimizer.evaluating`): the weights of one agent (a
 slow level: ``level=l``; ``agent=i``) or the virtual iterate X a (``virtual=True``) are loaded
-into the user's model for the body of a ``with``, and the fast weights restored after (also on an
-exception).  Collective: every rank takes part (passive ranks through ``serve``); the worker ranks
-must call it at the same step.  Only the parameters are swapped: buffers (BatchNorm's running
-statistics) stay the worker's own, so the evaluated model uses the worker's statistics.  Do not
-call ``step()`` inside.
+into the user's model for the body of a ``with``, and the fast weights and the model's buffers
+restored after, bit for bit (also on an exception).  Collective: every rank takes part (passive
+ranks through ``serve``); the worker ranks must call it at the same step.  Buffers are not mixed by
+P_t: the evaluated weights run with the worker's BatchNorm statistics, or with statistics
+recomputed for them over a loader the user passes (``recompute_bn``, as
+``torch.optim.swa_utils.update_bn``).  Do not call ``step()`` inside.
 
 Example (co-located Lookahead, k=5, alpha=0.5, around SGD; the user's loop unchanged)::
 
@@ -448,16 +449,25 @@ class AgentOptimizer(torch.optim.Optimizer):
 
     # -- evaluation ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def evaluating(self, level: int | None = None, *, agent: int | None = None,
-                   virtual: bool = False) -> Iterator["AgentOptimizer"]:
+    def evaluating(self, level: int | None = None, *, agent: int | None = None, virtual: bool = False,
+                   recompute_bn=None) -> Iterator["AgentOptimizer"]:
         """Load the weights of ``level`` (1 = innermost slow weights; default: the outermost, or
         the virtual iterate when the schedule has no slow agents), of ``agent``, or the virtual
-        iterate X a (``virtual=True``) into the model for the body of the ``with``; the fast
-        weights are restored on exit (see the module docstring: buffers stay the worker's).
+        iterate X a (``virtual=True``) into the model for the body of the ``with``; on exit the
+        model gets back its fast weights *and its buffers*, bit for bit (whatever the body did:
+        a forward in train mode, a recomputation of BatchNorm's statistics).
+
+        Buffers are not mixed by P_t (each worker keeps its own, as PyTorch's averagers do), so
+        inside the body the evaluated weights run with the worker's BatchNorm statistics, unless
+        ``recompute_bn`` is given: an iterable of batches (a DataLoader of training data; a
+        batch's first element is the input when it is a list or tuple) over which the running
+        statistics are recomputed for the loaded weights before the body, as
+        ``torch.optim.swa_utils.update_bn`` does (statistics reset, a cumulative average over
+        every batch, train mode for those forwards only).
 
         Example (inside the loop, every epoch)::
 
-            with opt.evaluating(level=1):
+            with opt.evaluating(level=1, recompute_bn=train_loader):
                 accuracy = evaluate(model, test_loader)
         """
         worker = self._require_worker("evaluating")
@@ -469,12 +479,17 @@ class AgentOptimizer(torch.optim.Optimizer):
         params = worker.params
         with torch.no_grad():
             fast = params.clone()
+            buffers = {name: b.clone() for name, b in self.model.named_buffers()}
             params.copy_(value)
         try:
+            if recompute_bn is not None:
+                torch.optim.swa_utils.update_bn(recompute_bn, self.model, device=params.device)
             yield self
         finally:
             with torch.no_grad():
                 params.copy_(fast)
+                for name, b in self.model.named_buffers():
+                    b.copy_(buffers[name])
 
     def _combine(self, code: int) -> torch.Tensor:
         """X c for target ``code`` (:func:`launch.engine.readout.combine`); collective when
