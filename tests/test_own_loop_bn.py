@@ -58,3 +58,19 @@ def test_recompute_bn_gives_update_bns_statistics_for_the_slow_weights():
     assert not torch.equal(inside["1.running_var"], before["1.running_var"])
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_gradscaler_skips_agree_across_worker_ranks(tmp_path):
+    """Local SGD over 2 gloo ranks with a GradScaler each; worker 1's loss at iteration 3 is
+    infinite: both workers skip that iteration (their counters stay in step, no "out of step"),
+    worker 0's parameters do not move at it although its own gradient was finite, and the next
+    average (t = 6) leaves both workers equal."""
+    from tests.spawn import ROOT, run_torch
+
+    results = run_torch(2, {"out": str(tmp_path)}, timeout=120, worker=ROOT / "tests" / "own_loop_amp_worker.py")
+    assert all(code == 0 for code, _ in results), results
+    runs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert runs[0]["t"] == runs[1]["t"] == [1, 2, 3, 3, 4, 5, 6]
+    assert torch.equal(runs[0]["params"][3], runs[0]["params"][2])     # skipped on worker 0 too
+    assert not torch.equal(runs[0]["params"][4], runs[0]["params"][3])
+    assert torch.equal(runs[0]["params"][-1], runs[1]["params"][-1])   # averaged at t = 6
