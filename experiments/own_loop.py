@@ -13,6 +13,11 @@ Schedules: ``--ks 5 2 --alphas 0.5 0.5`` is LA-2 (3 agents: co-located, or 3 pro
 ``--workers 2 --tau 4`` puts the slow levels over 2 local-SGD workers averaging every 4 steps
 (2 + n processes; each worker trains on its own shard).  Each worker prints, every epoch, its last
 training loss and the test loss and accuracy of the outermost slow weights.
+
+``--run-dir DIR`` records the run as the command line does (``DIR/metrics.csv``, ``eval.csv``,
+``agents.pt``, ``summary.json``: ``python -m launch.plot DIR`` draws it) and writes a checkpoint
+after every epoch to ``DIR/checkpoints``; the same command again, with more ``--epochs``, resumes
+from the last one and goes on bit for bit as if it had not stopped.
 """
 
 import argparse
@@ -24,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import topology  # lookahead-agents
 from experiments.digits import digits_split
-from launch import AgentOptimizer  # lookahead-agents
+from launch import AgentOptimizer, Checkpointer  # lookahead-agents
 
 
 def evaluate(model, x, y):
@@ -47,6 +52,7 @@ def main():
     parser.add_argument("--workers", type=int, default=1)  # lookahead-agents: option
     parser.add_argument("--tau", type=int, default=4)  # lookahead-agents: option
     parser.add_argument("--device", default="cpu", help="cpu, or cuda under torchrun: each rank's own GPU")
+    parser.add_argument("--run-dir", help="write the record and checkpoints there; resume from them")  # lookahead-agents: option
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -64,13 +70,19 @@ def main():
         schedule = topology.decentralized.multilayer_local_sgd(  # lookahead-agents: option
             args.workers, args.ks, args.alphas, averaging={args.tau: args.workers})  # lookahead-agents: option
     opt = AgentOptimizer(inner, schedule, model=model, comm="auto")  # lookahead-agents: torchrun, mpiexec or none
+    checkpointer = Checkpointer(os.path.join(args.run_dir, "checkpoints")) if args.run_dir else None  # lookahead-agents
+    extra = opt.resume(checkpointer) if checkpointer else None  # lookahead-agents: None on a first run
+    if args.run_dir:  # lookahead-agents: metrics.csv, eval.csv, agents.pt, summary.json (python -m launch.plot)
+        opt.record(args.run_dir, evaluate=lambda m: dict(zip(("loss", "accuracy"), evaluate(m, x_test, y_test))))  # lookahead-agents
     if not opt.is_worker:  # lookahead-agents: a rank of slow weights only
-        return opt.serve()  # lookahead-agents: takes part in the syncs until the workers close
+        return opt.serve(checkpointer=checkpointer)  # lookahead-agents: takes part in the syncs until the workers close
     sampler = DistributedSampler(train_set, opt.num_workers, opt.worker_index, drop_last=True)  # lookahead-agents
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler)  # lookahead-agents: was shuffle=True
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    if extra:  # lookahead-agents: a resumed run continues after the epoch it saved
+        scheduler.load_state_dict(extra["scheduler"])  # lookahead-agents
 
-    for epoch in range(args.epochs):
+    for epoch in range(extra["epoch"] if extra else 0, args.epochs):  # lookahead-agents: was range(args.epochs)
         sampler.set_epoch(epoch)  # lookahead-agents
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -78,12 +90,14 @@ def main():
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
-            opt.step()
+            opt.step(loss=loss)  # lookahead-agents: was opt.step() (the loss goes into metrics.csv)
         scheduler.step()
         with opt.evaluating():  # lookahead-agents: the outermost slow weights, for the body
             test_loss, accuracy = evaluate(model, x_test, y_test)  # lookahead-agents: (indented)
         print(f"worker {opt.worker_index} epoch {epoch + 1}: train loss {loss.item():.4f}, "
               f"slow weights: test loss {test_loss:.4f}, test accuracy {accuracy:.4f}", flush=True)
+        if checkpointer:  # lookahead-agents: a checkpoint per epoch (every rank writes its part)
+            opt.save(checkpointer, extra={"epoch": epoch + 1, "scheduler": scheduler.state_dict()})  # lookahead-agents
     opt.close()  # lookahead-agents: the end of the run (the slow ranks' serve() returns)
 
 

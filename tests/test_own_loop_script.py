@@ -1,6 +1,7 @@
 """experiments/own_loop.py, the own-loop script of the README: it runs co-located, under torchrun
 and under mpiexec with the same results, and it changes the number of lines the README says."""
 
+import json
 import re
 import sys
 
@@ -17,12 +18,13 @@ def epoch_lines(output: str) -> list[str]:
 
 
 def test_marked_lines():
-    """The README's count: 19 lines differ from the plain script, 7 of them command-line options
-    for other schedules (a line is marked by a trailing ``  # lookahead-agents`` comment)."""
+    """The README's count: 30 lines differ from the plain script, 8 of them command-line options
+    (a line is marked by a trailing ``  # lookahead-agents`` comment); 11 of them (one option)
+    give the run its checkpoints and record."""
     lines = SCRIPT.read_text().splitlines()
     marked = [line for line in lines if "  # lookahead-agents" in line]
     options = [line for line in marked if "  # lookahead-agents: option" in line]
-    assert (len(marked), len(options)) == (19, 7)
+    assert (len(marked), len(options)) == (30, 8)
 
 
 def test_colocated_torchrun_and_mpiexec_agree(monkeypatch, capsys):
@@ -61,3 +63,28 @@ def test_deviation_command(capsys):
     assert len(lines) == 6
     for line in lines:
         assert float(line.rsplit(" ", 1)[1]) <= 1e-12, line
+
+
+def test_run_dir_records_and_resumes_bit_for_bit(monkeypatch, capsys, tmp_path):
+    """--run-dir: 3 epochs at once, and 2 epochs then a resume to 3 in the same folder, print the
+    same epoch lines (the resumed run prints only its third); the record's summary.json and
+    agents.pt are the whole run's."""
+    from experiments import own_loop
+
+    def run(folder, epochs):
+        monkeypatch.setattr(sys, "argv", ["own_loop", "--epochs", str(epochs), "--run-dir", str(folder)])
+        threads = torch.get_num_threads()
+        try:
+            own_loop.main()
+        finally:
+            torch.set_num_threads(threads)
+        return epoch_lines(capsys.readouterr().out)
+
+    whole = run(tmp_path / "whole", 3)
+    first = run(tmp_path / "split", 2)
+    resumed = run(tmp_path / "split", 3)
+    assert len(whole) == 3 and first + resumed == whole
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["resumed_from"] is not None and summary["launch"] == "own_loop" and summary["status"] == "ok"
+    for a, b in zip(torch.load(tmp_path / "whole" / "agents.pt"), torch.load(tmp_path / "split" / "agents.pt")):
+        assert all(torch.equal(a[k], b[k]) for k in a)

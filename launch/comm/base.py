@@ -192,9 +192,8 @@ class Communicator:
         """:meth:`exchange` started: returns at once; ``wait()`` returns when every message has
         completed (no tensor of ``sends`` may be written, nor one of ``recvs`` read, before).
         Counted in ``stats.sends`` as :meth:`exchange`."""
-        if sends or recvs:
-            raise ValueError("a single rank has no peer to exchange with")
-        return Pending(None)
+        self._count_sends(sends)
+        return self._p2p_async(sends, recvs)
 
     # -- ordered sums (launch.engine.sync.ordered) -----------------------------------------------
     def chain_reduce_(self, tensor: torch.Tensor, chain: tuple[int, ...], ranks: tuple[int, ...], fold) -> None:
@@ -258,8 +257,11 @@ class Communicator:
 
     # Backends override these two: uncounted, asynchronous building blocks.
     def _p2p_async(self, sends, recvs) -> Pending:
-        """Start the point-to-point messages ``(tensor, peer, tag)`` (uncounted)."""
-        raise NotImplementedError(f"the {self.backend} communicator has no point-to-point messages")
+        """Start the point-to-point messages ``(tensor, peer, tag)`` (uncounted); a single rank
+        has none."""
+        if sends or recvs:
+            raise ValueError("a single rank has no peer to exchange with")
+        return Pending(None)
 
     def _broadcast_async(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...]) -> Pending:
         """Start a broadcast from ``src`` over the group ``ranks`` (uncounted)."""

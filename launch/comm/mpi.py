@@ -208,10 +208,6 @@ class MPICommunicator(Communicator):
         self._wait([self._group(ranks).Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)],
                    f"all-reduce over ranks {list(ranks)}", buf)
 
-    def exchange_async_(self, sends, recvs) -> Pending:
-        self._count_sends(sends)
-        return self._p2p_async(sends, recvs)
-
     def _p2p_async(self, sends, recvs) -> Pending:
         if not sends and not recvs:
             return Pending(None)

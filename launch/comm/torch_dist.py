@@ -136,10 +136,6 @@ class TorchCommunicator(Communicator):
     def _broadcast_async(self, tensor: torch.Tensor, src: int, ranks: tuple[int, ...]) -> Pending:
         return self._track(dist.broadcast(tensor, src=src, group=self._group(ranks), async_op=True).wait)
 
-    def exchange_async_(self, sends, recvs) -> Pending:
-        self._count_sends(sends)
-        return self._p2p_async(sends, recvs)
-
     def _p2p_async(self, sends, recvs) -> Pending:
         if not sends and not recvs:
             return Pending(None)

@@ -28,18 +28,22 @@ Where the agents live (:class:`launch.engine.placement.Placement`, the same rule
 
 **The counter t** counts calls of :meth:`AgentOptimizer.step` that stepped: with gradient
 accumulation, call ``step()`` once per accumulation group (t counts optimizer steps, not
-micro-batches); under ``GradScaler``, ``scaler.step(opt)`` calls ``opt.step()`` only when the
-gradients are finite, so a skipped step neither advances t nor syncs, exactly as the inner
-optimizer does not step.  An LR scheduler steps the inner optimizer's own ``param_groups``
+micro-batches).  Under ``GradScaler`` a step whose gradients hold an inf or NaN is skipped: it
+neither advances t nor syncs, exactly as the inner optimizer does not step.  With several worker
+ranks the workers agree on it (``scaler.step(opt)`` calls ``opt.step()`` at every iteration with
+its inf check, through GradScaler's protocol for optimizers that handle scaling; the workers
+all-reduce their findings, one float, and all skip when any found one), so their counters stay in
+step.  An LR scheduler steps the inner optimizer's own ``param_groups``
 (``opt.param_groups`` *is* that list).
 
 **Evaluation from the loop** (:meth:`AgentOptimizer.evaluating`): the weights of one agent (a
 slow level: ``level=l``; ``agent=i``) or the virtual iterate X a (``virtual=True``) are loaded
-into the user's model for the body of a ``with``, and the fast weights restored after (also on an
-exception).  Collective: every rank takes part (passive ranks through ``serve``); the worker ranks
-must call it at the same step.  Only the parameters are swapped: buffers (BatchNorm's running
-statistics) stay the worker's own, so the evaluated model uses the worker's statistics.  Do not
-call ``step()`` inside.
+into the user's model for the body of a ``with``, and the fast weights and the model's buffers
+restored after, bit for bit (also on an exception).  Collective: every rank takes part (passive
+ranks through ``serve``); the worker ranks must call it at the same step.  Buffers are not mixed by
+P_t: the evaluated weights run with the worker's BatchNorm statistics, or with statistics
+recomputed for them over a loader the user passes (``recompute_bn``, as
+``torch.optim.swa_utils.update_bn``).  Do not call ``step()`` inside.
 
 Example (co-located Lookahead, k=5, alpha=0.5, around SGD; the user's loop unchanged)::
 
@@ -81,7 +85,7 @@ from launch.comm.base import Communicator
 from launch.comm.factory import make_communicator
 from launch.comm.local import LocalCommunicator
 from launch.engine.core import EngineOptions, SyncEngine
-from launch.engine.guard.health import gather_objects
+from launch.engine.guard.health import collective, gather_objects
 from launch.engine.own_loop.adoption import (
     ADOPTED, adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters,
 )
@@ -191,11 +195,16 @@ class AgentOptimizer(torch.optim.Optimizer):
                                  parameter_names=names, admit=admit)
         self.world = tuple(range(comm.world_size))
         self.control: ControlChannel | None = None
+        #: The worker ranks when there are several (they agree on GradScaler's skipped steps), else None.
+        self._worker_ranks: tuple[int, ...] | None = None
         if comm.world_size > 1:
             placement = self.engine.placement
             worker_ranks = tuple(sorted({placement.rank_of(w) for w in schedule.workers}))
             device = next(iter(self.engine.agents.values())).flat.buffer.device
             self.control = ControlChannel(comm, worker_ranks, device)
+            if len(worker_ranks) > 1:
+                comm.init_groups([worker_ranks])        # every rank, in the same order
+                self._worker_ranks = worker_ranks
         worker = held["worker"]
         self._worker: Agent | None = self.engine.agents.get(worker) if worker is not None else None
         self._layout = (len(optimizer.param_groups), len(optimizer_parameters(optimizer)))
@@ -285,16 +294,57 @@ class AgentOptimizer(torch.optim.Optimizer):
             raise ValueError("step(closure) is not supported under push-sum (the closure would see the "
                              "numerator x, not z = x / w): call backward before step()")
         engine = self.engine
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if found_inf is not None and self._skipped(found_inf):
+            return None
         worker.restore_numerator_()
         if self._record is not None:
             self._record.before(engine.t + 1)
-        returned = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        returned = self._inner_step(closure, scale, found_inf)
         worker.steps += 1
         loss = returned if loss is None else loss
         losses = {worker.index: torch.as_tensor(loss).detach()} if loss is not None else {}
         self._advance(engine.t, losses)
         worker.show_debiased_()
         return returned
+
+    # GradScaler's protocol for optimizers that handle scaling themselves: it calls step() at every
+    # iteration, its inf check's result in ``found_inf`` and, when the gradients are still scaled,
+    # the scale in ``grad_scale``.  A step is skipped -- no inner step, t not advanced, no sync --
+    # when any worker found an inf or NaN (the workers agree: their counters stay in step), as
+    # GradScaler skips a plain optimizer's step; else the gradients are unscaled and the inner step
+    # runs.
+    _step_supports_amp_scaling = True
+
+    def _skipped(self, found_inf: torch.Tensor) -> bool:
+        """Whether GradScaler's step is skipped: an inf or NaN found on this worker, or on any
+        worker rank when there are several (one all-reduce among them, then one host read, as
+        GradScaler's own decision)."""
+        flag = found_inf.detach().to(torch.float32).reshape(1).clone()
+        if self._worker_ranks is not None:
+            with collective(self.comm, self.t, "the workers' agreement on GradScaler's skip", self._worker_ranks):
+                self.comm.all_reduce_(flag, self._worker_ranks)
+        return bool(flag.item() > 0)
+
+    def _inner_step(self, closure, scale: torch.Tensor | None, found_inf: torch.Tensor | None):
+        """The inner optimizer's step; under GradScaler (``found_inf`` given, no inf found) the
+        gradients are unscaled first -- by the inner optimizer when it handles scaling itself
+        (fused Adam), else here, multiplied by 1 / scale as GradScaler.unscale_ does."""
+        inner = self.optimizer
+        if found_inf is None:
+            return inner.step() if closure is None else inner.step(closure)
+        if getattr(inner, "_step_supports_amp_scaling", False):
+            inner.grad_scale, inner.found_inf = scale, found_inf
+            try:
+                return inner.step()
+            finally:
+                del inner.grad_scale, inner.found_inf
+        if scale is not None:
+            inv = scale.double().reciprocal().float()
+            grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, inv.to(grads[0].device))
+        return inner.step()
 
     def _advance(self, t: int, losses: dict) -> None:
         """The end of iteration t on a worker rank: the control message when the step syncs or is
@@ -448,16 +498,25 @@ class AgentOptimizer(torch.optim.Optimizer):
 
     # -- evaluation ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def evaluating(self, level: int | None = None, *, agent: int | None = None,
-                   virtual: bool = False) -> Iterator["AgentOptimizer"]:
+    def evaluating(self, level: int | None = None, *, agent: int | None = None, virtual: bool = False,
+                   recompute_bn=None) -> Iterator["AgentOptimizer"]:
         """Load the weights of ``level`` (1 = innermost slow weights; default: the outermost, or
         the virtual iterate when the schedule has no slow agents), of ``agent``, or the virtual
-        iterate X a (``virtual=True``) into the model for the body of the ``with``; the fast
-        weights are restored on exit (see the module docstring: buffers stay the worker's).
+        iterate X a (``virtual=True``) into the model for the body of the ``with``; on exit the
+        model gets back its fast weights *and its buffers*, bit for bit (whatever the body did:
+        a forward in train mode, a recomputation of BatchNorm's statistics).
+
+        Buffers are not mixed by P_t (each worker keeps its own, as PyTorch's averagers do), so
+        inside the body the evaluated weights run with the worker's BatchNorm statistics, unless
+        ``recompute_bn`` is given: an iterable of batches (a DataLoader of training data; a
+        batch's first element is the input when it is a list or tuple) over which the running
+        statistics are recomputed for the loaded weights before the body, as
+        ``torch.optim.swa_utils.update_bn`` does (statistics reset, a cumulative average over
+        every batch, train mode for those forwards only).
 
         Example (inside the loop, every epoch)::
 
-            with opt.evaluating(level=1):
+            with opt.evaluating(level=1, recompute_bn=train_loader):
                 accuracy = evaluate(model, test_loader)
         """
         worker = self._require_worker("evaluating")
@@ -469,12 +528,17 @@ class AgentOptimizer(torch.optim.Optimizer):
         params = worker.params
         with torch.no_grad():
             fast = params.clone()
+            buffers = {name: b.clone() for name, b in self.model.named_buffers()}
             params.copy_(value)
         try:
+            if recompute_bn is not None:
+                torch.optim.swa_utils.update_bn(recompute_bn, self.model, device=params.device)
             yield self
         finally:
             with torch.no_grad():
                 params.copy_(fast)
+                for name, b in self.model.named_buffers():
+                    b.copy_(buffers[name])
 
     def _combine(self, code: int) -> torch.Tensor:
         """X c for target ``code`` (:func:`launch.engine.readout.combine`); collective when
