@@ -118,12 +118,9 @@ class Evaluator:
         if self.rank != 0:
             return None
         merged_metrics: dict[int, dict] = {}
-        merged_lrs: dict[int, dict[int, float]] = {}
-        for part_metrics, part_lrs in parts:
+        for part_metrics, _ in parts:
             merged_metrics.update(part_metrics)
-            for s, values in part_lrs.items():
-                merged_lrs.setdefault(s, {}).update(values)
-        return self._rows(step, merged_metrics, merged_lrs, virtual)
+        return self._rows(step, merged_metrics, _merge_lrs(lrs for _, lrs in parts), virtual)
 
     def flush_lrs(self, step: int) -> list[dict] | None:
         """The learning-rate rows recorded since the last evaluation, gathered now (before a
@@ -139,10 +136,7 @@ class Evaluator:
         parts = gather_objects(self.comm, lrs, step, "gather of the learning rates") if self.comm is not None else [lrs]
         if self.rank != 0:
             return None
-        merged: dict[int, dict[int, float]] = {}
-        for part in parts:
-            for s, values in part.items():
-                merged.setdefault(s, {}).update(values)
+        merged = _merge_lrs(parts)
         empty = {f"heldout_{k}": math.nan for k in self.keys}
         return [{"step": s, "agent": i, "lr": merged[s].get(i, math.nan), **empty}
                 for s in sorted(merged) for i in range(self.m)]
@@ -192,6 +186,15 @@ class Evaluator:
             with collective(self.comm, step, "all-reduce of the virtual iterate", world):
                 self.comm.all_reduce_(theta, world)
         return self._metrics(theta, buffers) if self.rank == 0 else None
+
+
+def _merge_lrs(parts) -> dict[int, dict[int, float]]:
+    """Every rank's ``{step: {worker: lr}}`` as one (each rank holds its own workers')."""
+    merged: dict[int, dict[int, float]] = {}
+    for part in parts:
+        for s, values in part.items():
+            merged.setdefault(s, {}).update(values)
+    return merged
 
 
 class EvalWriter:
