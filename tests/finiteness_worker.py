@@ -20,7 +20,6 @@ Writes ``out/rank{R}.pt``: {name: {"error": None or {"step", "stopped", "paramet
 step {agent: flat buffer} (empty unless asked), "buffers": the local agents' final flat buffers}}.
 """
 
-import functools
 import json
 import os
 import sys
@@ -30,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import topology  # noqa: E402
-from launch.engine import core  # noqa: E402
 from launch.engine.guard import finiteness  # noqa: E402
 from launch.engine.guard.health import NonFiniteError  # noqa: E402
 from launch.engine.sync import ordered  # noqa: E402
@@ -41,7 +39,6 @@ from topology import decentralized  # noqa: E402
 from topology.slow import with_slow_agent  # noqa: E402
 
 _MARKER_CHECK = finiteness.MarkerCheck
-COMPILE_SYNC = core.compile_sync
 COUNTS = ("all_reduces", "sends", "reduces", "block_broadcasts", "chains", "gathers", "flag_reduces")
 
 
@@ -72,17 +69,15 @@ def _forced_marker_check(host: bool):
     return Forced
 
 
-def compile_exact(case: dict) -> None:
-    """``case["exact"]`` ("chain" or "gather"): the engine compiles every sync with ``exact=True``,
-    its blocks spanning ranks chained or gathered; else as it is."""
-    core.compile_sync = COMPILE_SYNC
+def choose_exact_strategy(case: dict) -> None:
+    """``case["exact"]`` ("chain" or "gather"): the exact blocks spanning ranks chained or gathered
+    (the Simulation runs with ``exact=True``), by moving gloo's gather threshold."""
     if case.get("exact"):
-        core.compile_sync = functools.partial(COMPILE_SYNC, exact=True, backend="gloo")
         ordered.GATHER_MAX_BYTES = {"gloo": 0 if case["exact"] == "chain" else 1 << 40}
 
 
 def run_case(case: dict, comm) -> dict:
-    compile_exact(case)
+    choose_exact_strategy(case)
     schedule = make_schedule(case["schedule"])
     plant = case.get("plant")
     modules = {}
@@ -103,7 +98,8 @@ def run_case(case: dict, comm) -> dict:
     force_state(case.get("state"))
     sim = Simulation(problems.make_model(0), loss_fn, lambda i: problems.batches(1 + i), schedule,
                      problems.OPTIMIZERS[case.get("optimizer", "sgd")], comm=comm, agents_per_rank=case.get("agents_per_rank"),
-                     overlap=case.get("overlap", False), check_finite=case.get("check_finite", True))
+                     overlap=case.get("overlap", False), check_finite=case.get("check_finite", True),
+                     exact=bool(case.get("exact")))
     modules.update({id(a.module): i for i, a in sim.agents.items() if a.module is not None})
     counts, error, trajectory = [], None, []
     try:

@@ -191,6 +191,12 @@ def refuse_other_overlap(comm):
                    overlap=comm.rank == 0)
 
 
+def refuse_other_exact(comm):
+    net = problems.make_model(0)
+    AgentOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), topology.lookahead(2, 0.5), model=net, comm=comm,
+                   exact=comm.rank == 0)
+
+
 def refuse_bad_option_on_one_rank(comm):
     """An invalid option on rank 1 alone: every rank raises it (no rank waits in a collective)."""
     net = problems.make_model(0)
@@ -208,6 +214,7 @@ def refuse_simulation_other_k(comm):
 REFUSALS = {
     "other_alphas": refuse_other_alphas,
     "other_overlap": refuse_other_overlap,
+    "other_exact": refuse_other_exact,
     "bad_option_on_one_rank": refuse_bad_option_on_one_rank,
     "simulation_other_k": refuse_simulation_other_k,
     "ddp": refuse_ddp,

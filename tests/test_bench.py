@@ -44,7 +44,8 @@ def test_tiny_run_exits_0_and_writes_every_benchmark(tiny):
     assert {r["name"] for r in results["B4"]["rows"]} >= {"bare", "colocated LA-1", "distributed LA-1 fast rank",
                                                           "distributed LA-1 fast rank, overlap"}
     b3 = [r["name"] for r in results["B3"]["rows"]]
-    assert len(b3) == 3 and "(default)" in b3[0] and "(default, no check)" in b3[1] and "(overlap off)" in b3[2], b3
+    assert len(b3) == 5 and "(default)" in b3[0] and "(default, no check)" in b3[1] and "(overlap off)" in b3[2], b3
+    assert "(exact) / serial" in b3[3] and "(exact) / (default)" in b3[4], b3
     assert results["B3"]["default_overlapped"] is True          # overlap="auto" overlaps LA's syncs
     assert all(r["ratio_check_off"] > 0 for r in results["B2"]["rows"])
     # B6: the same averaging on the same steps gives PyTorch's bits, for every period.

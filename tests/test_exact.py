@@ -118,7 +118,7 @@ def test_markers_ride_in_the_exact_collectives(tmp_path):
     """A NaN planted anywhere stops every rank with the same error at the sync the windows say,
     the sync's exact collectives carrying the markers (chained, gathered and overlapped; a finite
     run sends no collective more with the check on, and gives the same bits).  Through the
-    Simulation, its compile_sync patched to exact (tests/finiteness_worker.py)."""
+    Simulation with exact=True (tests/finiteness_worker.py)."""
     la2 = ["multilayer", [3, 2], [0.5, 0.6]]
     plants = [("param", 0, 8), ("param", 2, 7), ("param", 1, 6), ("loss", 0, 6)]
     cases = {}

@@ -205,6 +205,7 @@ REFUSALS = {
     "other_alphas": (ValueError, "schedule must be the same on every rank .* rank 0: 'MultilayerSchedule\\(ks=\\(2,\\), "
                                  "alphas=\\(0.5,\\)\\).*rank 1: 'MultilayerSchedule\\(ks=\\(2,\\), alphas=\\(0.6,\\)\\)"),
     "other_overlap": (ValueError, "overlap must be the same on every rank .* rank 0: True; rank 1: False"),
+    "other_exact": (ValueError, "exact must be the same on every rank .* rank 0: True; rank 1: False"),
     "bad_option_on_one_rank": (ValueError, "^rank 1: overlap must be True or False, or 'auto'"),
     "simulation_other_k": (ValueError, "schedule must be the same on every rank .*ks=\\(2,\\).*ks=\\(3,\\)"),
     "ddp": (ValueError, "model is a DistributedDataParallel\\): each backward .* \\(on every rank\\)"),

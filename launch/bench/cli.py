@@ -12,8 +12,9 @@ B2  sync cost: a distributed LA-n sync over a raw dist.all_reduce of the same fl
     (check_finite off) on a second line.  Collectives and bytes per sync, from the communicator's
     stats, against the plan's count (and no collective of the check).
 B3  end to end: time per iteration of distributed LA-2 on 3 processes over the serial reference
-    on one, k_1 >= 5; target <= 1.15.  Three variants: the default (overlap="auto": overlapped,
-    the finiteness check on), the default without the check, and overlap=False.
+    on one, k_1 >= 5; target <= 1.15.  Four variants: the default (overlap="auto": overlapped,
+    the finiteness check on), the default without the check, overlap=False, and exact=True (every
+    sum in agent order); and the exact mode over the default end to end, target <= 1.05.
 B4  memory: peak resident memory per rank over the bare model plus optimizer, in flat copies;
     target: at most 1 on the fast rank, about m for m co-located agents.
 B5  scale: co-located gossip ring with 8, 32, 128 agents of a 100k-parameter model, time per

@@ -17,7 +17,9 @@
   ``steps``, ``log_every`` (null: the schedule's period, so that logged steps fall on syncs),
   ``num_threads``, ``eval_every``, ``tensorboard``; ``check_reference`` (colocated);
   ``checkpoint_every``, ``checkpoint_dir``, ``resume``, ``resume_allow``, ``overlap`` (true | false |
-  auto), ``cluster``, ``compute_s`` (simulated time on a preset cluster, :mod:`launch.engine.record.clock`)
+  auto), ``exact`` (true | false | null: every sync's sums added in agent order, bit for bit the same
+  co-located and on ranks; null, the default, is false for ``python -m launch`` and true for
+  ``python -m launch.equivalence``), ``cluster``, ``compute_s`` (simulated time on a preset cluster, :mod:`launch.engine.record.clock`)
   (the simulator's launches); ``agents_per_rank``, ``timeout_s`` (torch, mpi: every collective
   completes or fails within it, naming the rank that seems lost: :mod:`launch.engine.guard.health`).  A
   key a launch does not take is an error.  The yaml files hold the defaults of each launch:
@@ -70,7 +72,8 @@ TOP_LEVEL = ("agents", "topology", "problem", "launch", "tolerance")
 
 #: The ``launch`` keys every launch takes, and those of some launches only.
 LAUNCH_KEYS = ("name", "device", "dtype", "seed", "steps", "log_every", "num_threads", "eval_every", "tensorboard")
-SIMULATOR_KEYS = ("checkpoint_every", "checkpoint_dir", "resume", "resume_allow", "overlap", "cluster", "compute_s")
+SIMULATOR_KEYS = ("checkpoint_every", "checkpoint_dir", "resume", "resume_allow", "overlap", "exact", "cluster",
+                  "compute_s")
 DISTRIBUTED_KEYS = SIMULATOR_KEYS + ("agents_per_rank", "timeout_s")
 MODE_KEYS = {"serial": (), "colocated": SIMULATOR_KEYS + ("check_reference",), "torch": DISTRIBUTED_KEYS,
              "mpi": DISTRIBUTED_KEYS}
@@ -105,6 +108,7 @@ class LaunchOptions:
     cluster: str | None = None              # a preset of topology.network.PRESETS, or None
     compute_s: float | None = None          # simulated seconds per inner step (None: measured)
     check_reference: bool = False           # colocated: the serial reference stepped beside it
+    exact: bool | None = None               # None: the command's default (run: False, equivalence: True)
 
 
 @dataclass
@@ -200,6 +204,7 @@ def build_launch(node) -> LaunchOptions:
         steps=check_integer(node.steps, "launch.steps", minimum=1),
         log_every=check_integer(node.get("log_every"), "launch.log_every", minimum=1, optional="the schedule's period"),
         overlap=_overlap(node.get("overlap", "auto")),
+        exact=_exact(node.get("exact")),
         num_threads=check_integer(node.get("num_threads"), "launch.num_threads", minimum=1, optional="torch's default"),
         eval_every=check_integer(node.get("eval_every"), "launch.eval_every", minimum=1, optional="only at the end"),
         tensorboard=tensorboard,
@@ -218,6 +223,18 @@ def _overlap(value) -> bool | str:
         return check_bool(value, "launch.overlap")
     except ValueError as err:
         raise ValueError(f"{err} (or auto, the default: overlapped wherever it applies)") from None
+
+
+def _exact(value) -> bool | None:
+    """``launch.exact``: true, false, or null (the default: false for ``python -m launch``, true
+    for ``python -m launch.equivalence``)."""
+    if value is None:
+        return None
+    try:
+        return check_bool(value, "launch.exact")
+    except ValueError as err:
+        raise ValueError(f"{err} (or null, the default: false for python -m launch, true for "
+                         f"python -m launch.equivalence)") from None
 
 
 def _check_world(mode: str) -> None:

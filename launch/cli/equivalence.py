@@ -17,13 +17,20 @@ lockstep, in every place available to it, comparing every agent after every iter
 Nothing is stored: the runs advance together and the largest deviation
 ``max|x_i - y_i| / max|y_i|`` (the scale of the reference y) is kept per agent and per pair of
 runs.  Rank 0 prints the table (and writes it to ``equivalence.txt`` in hydra's run directory).
-Every rank exits with the same status: 0 when every deviation is at most ``tolerance`` (default
-by dtype, :data:`launch.cli.deviation.TOLERANCES`: 1e-12 in float64), 1 above it, 2 for an
-invalid configuration.
+
+The simulation's runs (co-located and distributed) use the exact mode by default
+(``launch.exact``, null here meaning true: every sum a sync forms added in agent order,
+:mod:`launch.engine.sync.ordered`), and the distributed run must then equal the co-located run
+bit for bit: its tolerance is 0, in every dtype.  The serial reference, written from the papers
+with its own arithmetic, is compared to rounding: ``tolerance`` (default by dtype,
+:data:`launch.cli.deviation.TOLERANCES`: 1e-12 in float64).  With ``launch.exact=false`` every
+pair is compared to ``tolerance``.  Every rank exits with the same status: 0 when every deviation
+is within its pair's tolerance, 1 above it, 2 for an invalid configuration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -76,7 +83,21 @@ def compare(job: Job, comm) -> dict[tuple[str, str], DeviationTracker]:
     return trackers
 
 
-def report(job: Job, trackers, tolerance: float, processes: int) -> tuple[str, int]:
+def with_exact_default(job: Job) -> Job:
+    """``job`` with ``launch.exact`` resolved: null means true here (module docstring)."""
+    if job.launch.exact is None:
+        job.launch = dataclasses.replace(job.launch, exact=True)
+    return job
+
+
+def pair_tolerance(job: Job, pair: tuple[str, str]) -> float:
+    """The tolerance of ``pair`` (run under test, reference run): 0 between the simulation's runs
+    in the exact mode (co-located and distributed give the same bits), else ``job.tolerance``."""
+    simulations = "serial" not in pair
+    return 0.0 if simulations and job.launch.exact else job.tolerance
+
+
+def report(job: Job, trackers, processes: int) -> tuple[str, int]:
     """The printed table and the exit status."""
     rows = []
     for i in range(job.schedule.num_agents):
@@ -86,16 +107,23 @@ def report(job: Job, trackers, tolerance: float, processes: int) -> tuple[str, i
         rows.append(row)
     columns = [("agent", "agent", "d"), ("role", "role", "s")]
     columns += [(f"{a} vs {b}", f"{a} vs {b}", "e") for a, b in trackers]
-    worst = max((v for t in trackers.values() for v in t.worst.values()), default=0.0)
-    status = 0 if worst <= tolerance else 1
+    verdicts = []
+    for pair, tracker in trackers.items():
+        tolerance = pair_tolerance(job, pair)
+        worst = max(tracker.worst.values(), default=0.0)
+        ok = worst <= tolerance       # a NaN deviation is never within tolerance
+        bound = "0 (bit for bit, launch.exact)" if tolerance == 0.0 and job.launch.exact else f"{tolerance:g}"
+        verdicts.append((ok, f"{'PASS' if ok else 'FAIL'}: {pair[0]} vs {pair[1]}: largest deviation "
+                             f"{worst:.3e}, tolerance {bound}"))
+    status = 0 if all(ok for ok, _ in verdicts) else 1
     where = f", {processes} processes" if processes > 1 else ""
+    mode = ", exact" if job.launch.exact else ""
     text = (
         f"equivalence of {job.problem_name} on {job.schedule!r}, {job.launch.steps} steps, "
-        f"{str(job.launch.dtype).replace('torch.', '')}{where}\n"
+        f"{str(job.launch.dtype).replace('torch.', '')}{where}{mode}\n"
         f"largest relative deviation max|x_i - y_i| / max|y_i| over every step (x vs y):\n"
         f"{format_table(rows, columns)}\n"
-        + (f"PASS: every deviation <= {tolerance:g} (largest {worst:.3e})" if status == 0 else
-           f"FAIL: largest deviation {worst:.3e} > tolerance {tolerance:g}")
+        + "\n".join(line for _, line in verdicts)
     )
     return text, status
 
@@ -104,8 +132,8 @@ def run(cfg: DictConfig, out_dir: Path | str) -> int:
     """The equivalence check of ``cfg``; returns the exit status (the same on every rank)."""
 
     def body(job: Job, comm) -> int:
-        trackers = compare(job, comm)
-        text, status = report(job, trackers, job.tolerance, 1 if comm is None else comm.world_size)
+        trackers = compare(with_exact_default(job), comm)
+        text, status = report(job, trackers, 1 if comm is None else comm.world_size)
         if comm is None or comm.rank == 0:
             print(text, flush=True)
             Path(out_dir).mkdir(parents=True, exist_ok=True)

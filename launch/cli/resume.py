@@ -41,7 +41,7 @@ equal when they build the same optimizer):
 
 Not recorded, free to change on resume: ``launch.steps`` (the total to run to), the layout
 (``launch.name``, the number of processes, ``launch.device``, ``launch.overlap``,
-``launch.num_threads``), and ``log_every``, ``check_reference``, ``checkpoint_every``,
+``launch.exact``, ``launch.num_threads``), and ``log_every``, ``check_reference``, ``checkpoint_every``,
 ``checkpoint_dir``, ``timeout_s``, ``tolerance``, ``eval_every``, ``tensorboard``, ``cluster``,
 ``compute_s``.
 
@@ -72,7 +72,8 @@ from topology.checks import check_bool, check_integer
 from topology.schedule import MultilayerSchedule
 
 #: Keys a resume may always change (not recorded); listing them in launch.resume_allow is a no-op.
-FREE = ("launch.steps", "launch.name", "launch.device", "launch.overlap", "launch.num_threads", "launch.log_every",
+FREE = ("launch.steps", "launch.name", "launch.device", "launch.overlap", "launch.exact", "launch.num_threads",
+        "launch.log_every",
         "launch.check_reference", "launch.checkpoint_every", "launch.checkpoint_dir", "launch.timeout_s", "tolerance",
         "launch.eval_every", "launch.tensorboard", "launch.cluster", "launch.compute_s")
 

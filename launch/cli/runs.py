@@ -172,6 +172,7 @@ def open_simulation_run(job, comm, model, mode: str) -> SimulationRun:
     sim = Simulation(model, job.problem.loss_fn, job.batches, job.schedule, optimizer,
                      comm=comm if comm is not None else LocalCommunicator(), device=launch.device,
                      state_policy=job.state_policy, outer=job.make_outer(), overlap=launch.overlap,
+                     exact=bool(launch.exact),
                      agents_per_rank=launch.agents_per_rank if comm is not None else None)
     controller = None
     if job.stages is not None:

@@ -74,6 +74,9 @@ class EngineOptions:
         check_finite: check every non-identity sync for NaN or Inf (:mod:`launch.engine.guard`).
         overlap: run the blocks that qualify overlapped with the inner steps: True, False, or
             ``"auto"``, wherever it applies (:func:`launch.engine.sync.compile.compile_sync`).
+        exact: add every sum a sync forms in one order fixed by the agents' indices, so that the
+            run's syncs give the same bits co-located and on any layout of ranks
+            (:mod:`launch.engine.sync.ordered`); default False (the backend's all-reduce).
     """
 
     state_policy: object = "maintain"
@@ -81,6 +84,7 @@ class EngineOptions:
     outer: object = None
     check_finite: bool = True
     overlap: bool | str = "auto"
+    exact: bool = False
 
     def validate(self) -> None:
         """``ValueError`` for an option that is not one of its allowed values (the others are
@@ -89,6 +93,8 @@ class EngineOptions:
             raise ValueError(f"check_finite must be True or False; got {self.check_finite!r}")
         if not isinstance(self.overlap, bool) and self.overlap != "auto":
             raise ValueError(f"overlap must be True or False, or 'auto' (the default); got {self.overlap!r}")
+        if not isinstance(self.exact, bool):
+            raise ValueError(f"exact must be True or False; got {self.exact!r}")
 
 
 class SyncEngine:
@@ -138,14 +144,16 @@ class SyncEngine:
         pullback = self.sync_policy.agent_policy == "pullback"
         self._layout = probe_state_layout(model, optimizer) if pullback else StateLayout.empty()
         numel = parameter_region(model)       # the parameters' region of a flat buffer (aligned)
-        itemsize = next(model.parameters()).element_size()
+        first = next(model.parameters())
+        itemsize = first.element_size()
         #: Bytes of one agent's buffer that a sync moves: its parameters, and under ``pullback`` the
         #: mixable inner state after them (what the communicator counts per collective).
         self.sync_nbytes = (numel + self._layout.numel) * itemsize
         self.compiled: CompiledSync = compile_sync(
             self.schedule, self.placement, self.rank, numel=numel, state_numel=self._layout.numel,
             policy=self.sync_policy, outer=self.options.outer, overlap=self.options.overlap,
-            check_rule=lambda rule: rule.check(model, optimizer), itemsize=itemsize)
+            check_rule=lambda rule: rule.check(model, optimizer), itemsize=itemsize, exact=self.options.exact,
+            backend=self.comm.backend, dtype=first.dtype)
         self.programs = self.compiled.programs
 
     def _terms(self, model: nn.Module) -> dict:
@@ -157,6 +165,7 @@ class SyncEngine:
             "outer": None if self.options.outer is None else normalize(self.options.outer.describe()),
             "check_finite": self.options.check_finite,
             "overlap": self.options.overlap,
+            "exact": self.options.exact,
             "parameters": module_signature(model),
         }
 

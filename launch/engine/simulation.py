@@ -85,6 +85,11 @@ class Simulation:
             per block), or ``"auto"`` (the default): wherever it applies and its scratch, one
             flat copy, is at most 1 GiB (:func:`launch.engine.sync.compile.compile_sync`).  Not with
             ``outer`` (``"auto"`` then means False).
+        exact: add every sum a sync forms in one order fixed by the agents' indices (left to
+            right, each product ``w_i x_i`` rounded once), so that a distributed run equals its
+            co-located run bit for bit, in any dtype, on any number of ranks
+            (:mod:`launch.engine.sync.ordered`; its cost: docs/exactness.md).  Default False: the
+            backend's all-reduce, exact only where a sum has two terms.
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class Simulation:
         outer=None,
         check_finite: bool = True,
         overlap: bool | str = "auto",
+        exact: bool = False,
     ):
         _check_arguments(model, loss_fn, data, schedule, optimizer)
         check_dtype_device(dtype, device)
@@ -121,7 +127,7 @@ class Simulation:
                          layout=layout, push_sum=schedule.push_sum)
 
         options = EngineOptions(state_policy=state_policy, agents_per_rank=agents_per_rank, outer=outer,
-                                check_finite=check_finite, overlap=overlap)
+                                check_finite=check_finite, overlap=overlap, exact=exact)
         #: The per-rank engine (:class:`launch.engine.core.SyncEngine`): the agents and their syncs.
         self.engine = SyncEngine(model, schedule, optimizer, make_agent, comm=comm, options=options)
 

@@ -141,7 +141,7 @@ class AgentOptimizer(torch.optim.Optimizer):
             ``"auto"``: the launcher's (torchrun, mpiexec, else co-located:
             :func:`launch.engine.own_loop.environment.detect_launch`), created here and closed when the run
             ends (:meth:`close`, or the end of :meth:`serve`).
-        state_policy, agents_per_rank, outer, check_finite, overlap: as in
+        state_policy, agents_per_rank, outer, check_finite, overlap, exact: as in
             :class:`launch.Simulation` (``agents_per_rank`` such that each rank holds at most one
             worker).
 
@@ -153,7 +153,7 @@ class AgentOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, *, model: nn.Module,
                  comm: Communicator | str | None = None, state_policy="maintain", agents_per_rank: int | None = None,
-                 outer=None, check_finite: bool = True, overlap: bool | str = "auto"):
+                 outer=None, check_finite: bool = True, overlap: bool | str = "auto", exact: bool = False):
         if not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a topology.Schedule; got {type(schedule).__name__}")
         self._owns_comm = comm == "auto"
@@ -163,7 +163,7 @@ class AgentOptimizer(torch.optim.Optimizer):
             comm = make_communicator(detect_launch())
         comm = comm if comm is not None else LocalCommunicator()
         options = EngineOptions(state_policy=state_policy, agents_per_rank=agents_per_rank, outer=outer,
-                                check_finite=check_finite, overlap=overlap)
+                                check_finite=check_finite, overlap=overlap, exact=exact)
         try:
             self._start(optimizer, schedule, model, comm, options)
         except BaseException:

@@ -76,7 +76,8 @@ def simulated_hubs(engine, placement: Placement) -> HubOf:
         return engine.compiled.hub_of
     schedule = engine.schedule
     plans = [compile_plan(p) for p in schedule.distinct_matrices]
-    hubs = overlap_hubs(schedule, plans, placement, engine.options.overlap, engine.sync_nbytes)
+    hubs = overlap_hubs(schedule, plans, placement, engine.options.overlap, engine.sync_nbytes,
+                        engine.options.exact)
     return lambda block, plan: hubs.get((plan, block))
 
 
