@@ -7,9 +7,9 @@ non-identity syncs to run), optionally ``world`` (the case runs on ranks 0..worl
 the others only take part in creating its groups), ``agents_per_rank``, ``overlap``, ``outer``
 (an outer SGD's momentum: a slow rule), ``policy`` (a state policy; per level for a multilayer
 schedule), ``state_numel`` (a state region after the parameters, mixed with its own weights
-under per-level policies), ``strategy`` (``"chain"`` or ``"gather"``: which one the exact blocks
-spanning ranks take, by moving the gather threshold), ``default`` (also run the default program
-for that many syncs, to show that it differs).
+under per-level policies), ``strategy`` (``"chain"``, ``"gather"`` or ``"shard"``: which one the
+exact blocks spanning ranks take where it applies, by moving the gather and shard thresholds),
+``default`` (also run the default program for that many syncs, to show that it differs).
 
 Between two syncs every worker takes "an inner step" on every iteration: x <- x - lr g, g drawn
 from the agent's own generator (the same numbers whatever the layout), parameters and state
@@ -69,6 +69,8 @@ def family_cases(n: int, dtype: str, strategy: str = "chain") -> dict:
     }
     if strategy == "gather":       # the gather's arithmetic is the same in every family: a few suffice
         cases = {k: cases[k] for k in (f"la{levels}", f"local{n}", "la-over-local")}
+    if strategy == "shard":        # blocks whose ranks hold one term each: where shards apply
+        cases = {k: cases[k] for k in (f"la{levels}", f"la{levels}-state", f"local{n}", "la-over-local", "outer")}
     if n == 4:
         cases["hierarchical"] = dict(base, schedule=["hierarchical", 4, {"1": 2, "3": 4}])
     return {f"{name}-{dtype}-{strategy}": case for name, case in cases.items()}
@@ -168,7 +170,8 @@ def run_case(case: dict, comm) -> dict | None:
     schedule = make_schedule(case["schedule"])
     world = case.get("world", comm.world_size)
     placement = Placement.make(schedule.num_agents, world, case.get("agents_per_rank"))
-    ordered.GATHER_MAX_BYTES = {comm.backend: 0 if case["strategy"] == "chain" else 1 << 40}
+    ordered.GATHER_MAX_BYTES = {comm.backend: 1 << 40 if case["strategy"] == "gather" else 0}
+    ordered.SHARD_MIN_BYTES = {comm.backend: 0} if case["strategy"] == "shard" else {}
     # Group creation is collective over the whole job: every rank, the same list.
     groups = {g for exact in (True, False) for g in compile_case(case, schedule, placement, 0, exact).groups}
     comm.init_groups(sorted(groups))

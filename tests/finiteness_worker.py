@@ -6,8 +6,9 @@ cases ({name: case}).  A case: schedule (``["multilayer", ks, alphas]``, ``["wit
 W, k, alpha]``, ``["phases", [[steps, schedule], ..., [None, schedule]]]`` or ``[decentralized
 name, args...]``), steps, optionally overlap (default False), agents_per_rank, optimizer (a name
 of ``tests.problems.OPTIMIZERS``, default sgd), trajectory (True: the local agents' buffers
-after every step are kept), check_finite (default True), exact ("chain" or "gather": every sync
-compiled with ``exact=True``, its blocks spanning ranks chained or gathered; default: not exact),
+after every step are kept), check_finite (default True), exact ("chain", "gather" or "shard": every
+sync compiled with ``exact=True``, its blocks spanning ranks chained, gathered or sharded; default:
+not exact),
 state ("host" | "device": where MarkerCheck keeps its knowledge; default by the device), plant
 ({agent, t, kind: "param" | "loss" | "inf"}: the rank holding the agent writes NaN (``param``) or
 -Inf (``inf``) into its parameter 3 at iteration t -- a worker's after its loss (a finite one) is
@@ -70,10 +71,11 @@ def _forced_marker_check(host: bool):
 
 
 def choose_exact_strategy(case: dict) -> None:
-    """``case["exact"]`` ("chain" or "gather"): the exact blocks spanning ranks chained or gathered
-    (the Simulation runs with ``exact=True``), by moving gloo's gather threshold."""
+    """``case["exact"]`` ("chain", "gather" or "shard"): the exact blocks spanning ranks chained,
+    gathered or sharded (the Simulation runs with ``exact=True``), by moving gloo's thresholds."""
     if case.get("exact"):
-        ordered.GATHER_MAX_BYTES = {"gloo": 0 if case["exact"] == "chain" else 1 << 40}
+        ordered.GATHER_MAX_BYTES = {"gloo": 1 << 40 if case["exact"] == "gather" else 0}
+        ordered.SHARD_MIN_BYTES = {"gloo": 0} if case["exact"] == "shard" else {}
 
 
 def run_case(case: dict, comm) -> dict:

@@ -249,3 +249,38 @@ def test_the_communicator_device_is_set_before_the_process_group(node, monkeypat
     comm = TorchCommunicator(device="cuda")
     assert (comm.device, comm.backend) == (cuda(1), "nccl")
     assert seen == [("set_device", cuda(1)), ("init", "nccl", cuda(1), "2")]
+
+
+def test_the_end_of_run_gather_streams_one_ranks_share_at_a_time():
+    """gather_parameters (agents.pt, the summary, gather_state_dicts) and the own loop's
+    gather_state_dict broadcast each rank's share in turn (stream_objects) instead of one
+    all-gather of every share: under NCCL, whose object collectives stage the bytes on the GPU,
+    the device then holds one share at a time.  Rank 1 of three, its communicator recording what
+    travels (the other ranks' shares answered by it)."""
+    from launch.comm.local import LocalCommunicator
+    from launch.engine.readout import gather_parameters
+
+    class Rank1Of3(LocalCommunicator):
+        world_size, rank = 3, 1
+
+        def __init__(self):
+            super().__init__()
+            self.sent = []
+
+        def all_gather_object(self, obj):
+            raise AssertionError("an all-gather of every rank's share")
+
+        def broadcast_object(self, obj, src):
+            self.sent.append((src, obj))
+            return obj if src == self.rank else {src: [torch.full((2,), float(src))]}
+
+    flat = SimpleNamespace(split=lambda x: [x], shapes=[torch.Size([2])])
+    agent = SimpleNamespace(flat=flat, debiased=lambda: torch.full((2,), 1.0))
+    comm = Rank1Of3()
+    engine = SimpleNamespace(comm=comm, agents={1: agent}, t=7, parameter_names=["w"],
+                             schedule=SimpleNamespace(num_agents=3))
+    gathered = gather_parameters(engine)
+    assert [float(p["w"][0]) for p in gathered] == [0.0, 1.0, 2.0]
+    assert [src for src, _ in comm.sent] == [0, 1, 2]                       # one rank at a time, in order
+    assert [obj is None for _, obj in comm.sent] == [True, False, True]     # each time the source's share only
+    assert set(comm.sent[1][1]) == {1}

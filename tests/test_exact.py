@@ -18,7 +18,8 @@ from launch.engine.guard.finiteness import NO_CHECK
 from launch.engine.placement import Placement
 from launch.engine.sync import ordered
 from launch.engine.sync.blocks import AllReduceBlock, LocalBlock, PremulBlock, ProgramContext
-from launch.engine.sync.compile import premul_applies
+from launch.engine.sync.compile import compile_sync, premul_applies
+from launch.engine.sync.state_weights import SyncPolicy
 from launch.engine.sync.kernel import Scratch, WeightedSum
 from launch.engine.sync.ordered import ChainBlock, GatherBlock, OrderedHubBlock, exact_strategy
 from tests import exact_cases
@@ -46,6 +47,8 @@ def cases_for(n: int, backend: str) -> dict:
         # The default program too, in float32, where it may differ (so the test could fail).
         case["default"] = DEFAULT_SYNCS if case["dtype"] == "float32" and name.startswith(DIFFERS) else 0
     cases.update({k: dict(v, syncs=60) for k, v in family_cases(n, "float32", "gather").items()})
+    cases.update({k: dict(v, syncs=100) for k, v in family_cases(n, "float32", "shard").items()})
+    cases.update({k: dict(v, syncs=60) for k, v in family_cases(n, "float64", "shard").items()})
     if backend == "torch":
         cases.update({k: dict(v, syncs=SYNCS["bfloat16"]) for k, v in family_cases(n, "bfloat16").items()
                       if k.startswith(f"local{n}-")})
@@ -88,6 +91,8 @@ def test_gloo_three_processes_one_and_two_agents_per_rank(tmp_path):
     check_exact(ranks, cases)
     assert strategies(ranks, "la2-float64-chain") == {"AllReduceBlock", "ChainBlock"}   # level 1: a pair
     assert strategies(ranks, "la2-float32-gather") == {"AllReduceBlock", "GatherBlock"}
+    assert strategies(ranks, "la2-float32-shard") == {"AllReduceBlock", "ShardedBlock"}
+    assert strategies(ranks, "local3-float64-shard") == {"ShardedBlock"}
     assert strategies(ranks, "la2-overlap-float64-chain") == {"OrderedHubBlock"}
     assert strategies(ranks, "local6-x2-float32") == {"ChainBlock"}
     assert strategies(ranks, "ring3-float64-chain") == set()                             # mixes only
@@ -104,6 +109,7 @@ def test_gloo_four_processes_one_and_two_agents_per_rank(tmp_path):
     counts = ranks[0]["la3-overlap-float32-chain"]["counts"]
     assert counts["sends"] == 0 and counts["block_broadcasts"] > 0      # the hub receives, sends none
     assert ranks[3]["la3-overlap-float32-chain"]["counts"]["sends"] > 0
+    assert strategies(ranks, "la3-state-float32-shard") == {"AllReduceBlock", "ShardedBlock"}   # 690 / 4: uneven
 
 
 def test_mpi_three_processes(tmp_path):
@@ -111,19 +117,20 @@ def test_mpi_three_processes(tmp_path):
     ranks = run("mpi", 3, cases, tmp_path)
     check_exact(ranks, cases, every_case_differs=False)
     assert strategies(ranks, "local3-float64-chain") == {"ChainBlock"}
+    assert strategies(ranks, "local3-float64-shard") == {"ShardedBlock"}
 
 
 # ----------------------------------------------------------------- the finiteness check's markers
 def test_markers_ride_in_the_exact_collectives(tmp_path):
     """A NaN planted anywhere stops every rank with the same error at the sync the windows say,
-    the sync's exact collectives carrying the markers (chained, gathered and overlapped; a finite
+    the sync's exact collectives carrying the markers (chained, gathered, sharded and overlapped; a finite
     run sends no collective more with the check on, and gives the same bits).  Through the
     Simulation with exact=True (tests/finiteness_worker.py)."""
     la2 = ["multilayer", [3, 2], [0.5, 0.6]]
     plants = [("param", 0, 8), ("param", 2, 7), ("param", 1, 6), ("loss", 0, 6)]
     cases = {}
     for mode, options in (("chain", {"exact": "chain"}), ("gather", {"exact": "gather"}),
-                          ("overlap", {"exact": "chain", "overlap": True})):
+                          ("shard", {"exact": "shard"}), ("overlap", {"exact": "chain", "overlap": True})):
         base = dict(schedule=la2, steps=18, **options)
         cases[f"{mode}-on"], cases[f"{mode}-off"] = base, dict(base, check_finite=False)
         cases.update({f"{mode}-{kind}{agent}@{t}": dict(base, plant=dict(kind=kind, agent=agent, t=t))
@@ -131,7 +138,7 @@ def test_markers_ride_in_the_exact_collectives(tmp_path):
     cases["ring-param2@4"] = dict(schedule=["ring", 3], steps=8, exact="chain", plant=dict(kind="param", agent=2, t=4))
     run_job("torch", 3, dict(backend="torch", out=str(tmp_path), cases=cases, timeout_s=60), FINITENESS_WORKER, 300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
-    for mode in ("chain", "gather", "overlap"):
+    for mode in ("chain", "gather", "shard", "overlap"):
         for rank, r in enumerate(ranks):
             on, off = r[f"{mode}-on"], r[f"{mode}-off"]
             assert on["error"] is None and on["counts"] == off["counts"], (mode, rank)
@@ -143,9 +150,10 @@ def test_markers_ride_in_the_exact_collectives(tmp_path):
             check_raised(ranks, f"{mode}-{kind}{agent}@{t}", found, stopped, **named)
     check_raised(ranks, "ring-param2@4", 4, 4, parameters=[2])
     # What carried them (COUNTS of the worker: ..., chains, gathers, flag_reduces).
-    totals = {mode: [sum(c[k] for c in ranks[1][f"{mode}-on"]["counts"]) for k in (4, 5)]
-              for mode in ("chain", "gather")}
-    assert totals["chain"][0] > 0 == totals["chain"][1] and totals["gather"][1] > 0 == totals["gather"][0]
+    totals = {mode: [sum(c[k] for c in ranks[1][f"{mode}-on"]["counts"]) for k in (1, 4, 5)]
+              for mode in ("chain", "gather", "shard")}
+    assert totals["chain"][1] > 0 == totals["chain"][2] and totals["gather"][2] > 0 == totals["gather"][1]
+    assert totals["shard"][0] > 0 and totals["shard"][2] > 0 == totals["shard"][1]     # sends, then a gather
 
 
 def test_ring_windows_hold_for_exact_syncs():
@@ -190,6 +198,21 @@ def test_the_strategy_of_each_block():
     # By backend: MPI gathers up to 16 MiB received, NCCL 64 KiB, gloo (and any other) never.
     assert (ordered.gather_max_bytes("mpi"), ordered.gather_max_bytes("nccl")) == (16 << 20, 64 << 10)
     assert ordered.gather_max_bytes("gloo") == ordered.gather_max_bytes(None) == 0
+    # Shards: every rank one term, from the backend's size on, before the gather (MPI, NCCL: 1 MiB).
+    assert exact_strategy((1, 1, 1), 1 << 20, None, 16 << 20, 1 << 20) == "shard"
+    assert exact_strategy((1, 1, 1), (1 << 20) - 1, None, 16 << 20, 1 << 20) == "gather"
+    assert exact_strategy((1, 1, 1, 1), 1 << 30, None, 0, 1 << 20) == "shard"
+    assert exact_strategy((2, 1, 1), 1 << 30, None, 0, 1 << 20) == "chain"              # a rank holds 2
+    assert exact_strategy((1, 0, 1), 1 << 30, None, 0, 1 << 20) == "chain"              # a rank holds none
+    assert exact_strategy((1, 1, 1), 1 << 30, None, 0, None) == "chain"                 # never sharded
+    assert (ordered.shard_min_bytes("mpi"), ordered.shard_min_bytes("nccl")) == (1 << 20, 1 << 20)
+    assert ordered.shard_min_bytes("gloo") is None and ordered.shard_min_bytes(None) is None
+    la2 = topology.multilayer((2, 2), (0.5, 0.6))
+    for backend, numel, expected in (("mpi", 1 << 18, "ShardedBlock"), ("mpi", 1 << 16, "GatherBlock"),
+                                     ("gloo", 1 << 18, "ChainBlock")):
+        compiled = compile_sync(la2, Placement.make(3, 3), 1, numel=numel, state_numel=0, overlap=False,
+                                policy=SyncPolicy("maintain", la2), exact=True, backend=backend)
+        assert [type(b).__name__ for b in compiled.programs[2].blocks] == [expected], (backend, numel)
     schedule = topology.multilayer((2, 2), (0.5, 0.6))
     placement = Placement.make(3, 3)
     case = dict(dtype="float64")

@@ -8,6 +8,7 @@ mode by default and requires 0 deviation between the distributed and co-located 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -132,3 +133,27 @@ def test_the_equivalence_command_requires_zero_deviation_under_torchrun(tmp_path
             assert ", exact" in lines[0] and "tolerance 0 (bit for bit, launch.exact)" in lines[-1], lines
     assert columns["null"] == [0.0, 0.0, 0.0]
     assert all(v > 0 for v in columns["false"]), columns
+
+
+def test_the_equivalence_command_asks_for_deterministic_kernels_on_cuda_in_the_exact_mode(monkeypatch):
+    """On CUDA the model's kernels must be deterministic too: the exact check sets PyTorch's
+    deterministic algorithms, cuDNN without benchmarking, cuBLAS's workspace; never on the CPU or
+    without the mode (a CUDA machine faked: the calls are recorded, not made)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from launch.cli import equivalence
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on: calls.append(on))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    job = lambda exact, device: SimpleNamespace(launch=SimpleNamespace(exact=exact, device=device))  # noqa: E731
+    assert not equivalence.deterministic_kernels(job(True, "cpu"))
+    assert not equivalence.deterministic_kernels(job(False, "cuda:0"))
+    assert calls == [] and torch.backends.cudnn.benchmark
+    assert equivalence.deterministic_kernels(job(True, "cuda:1"))
+    assert calls == [True] and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

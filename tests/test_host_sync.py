@@ -127,3 +127,35 @@ def test_control_messages_make_no_tensor_from_python_numbers(workers):
         with HostReads() as received:
             assert passive.exchange(None) == command
         assert received.made() == 0 and received.reads() == 1     # the decision of a passive rank
+
+
+def test_batches_go_to_a_gpu_without_the_host_waiting(monkeypatch):
+    """Simulation's batches (convert_batch): CPU tensors bound for CUDA are copied into
+    page-locked memory and transferred with non_blocking=True, the dtype cast after the transfer;
+    a tensor already page-locked is not copied again; CPU targets copy as before.  (No GPU here:
+    the tensor methods are recorded, on a machine that pretends to pin.)"""
+    from launch.engine.simulation import convert_batch
+
+    calls = []
+    real_to = torch.Tensor.to
+
+    def record_to(self, *args, **kwargs):
+        calls.append(("to", kwargs.get("device"), kwargs.get("dtype"), kwargs.get("non_blocking", False)))
+        return real_to(self, dtype=kwargs["dtype"]) if kwargs.get("dtype") is not None else self
+
+    pinned = set()
+    monkeypatch.setattr(torch.Tensor, "to", record_to)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: id(self) in pinned)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append(("pin",)) or self)
+    x, y = torch.zeros(2), torch.ones(2, dtype=torch.long)
+    convert_batch({"x": x, "y": [y]}, torch.float64, "cuda:1")
+    cuda = torch.device("cuda", 1)
+    assert calls == [("pin",), ("to", cuda, None, True), ("to", None, torch.float64, False),   # x: then the cast
+                     ("pin",), ("to", cuda, None, True)]                                       # y: no cast
+    calls.clear()
+    pinned.add(id(x))
+    convert_batch(x, None, torch.device("cuda"))
+    assert calls == [("to", torch.device("cuda"), None, True)]          # already page-locked
+    calls.clear()
+    convert_batch(x, torch.float64, "cpu")
+    assert calls == [("to", "cpu", torch.float64, False)]

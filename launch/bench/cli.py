@@ -28,7 +28,8 @@ B7  the command line: a torchrun LA-2 job (digits_cnn, float32) with the default
 B8  the exact sync (every sum in agent order, bit-identical on any layout; compile_sync(exact=True))
     over the default sync, the same LA-n sync on the same buffer, gloo, 3 and 4 processes, 1M and
     25M parameters; target <= 1.30.  Below, for the rule that picks a block's strategy (by
-    backend): the gathered and the chained exact sync, each over the default sync, gloo and MPI.
+    backend): the gathered, sharded and chained exact sync, each over the default sync, gloo and
+    MPI.
 GPU NCCL weighted all-reduce bandwidth over raw NCCL all-reduce (>= 0.95), with the device name;
     "skipped: no CUDA device" without one.  ``--gpu`` runs the acceptance run for a GPU
     machine instead (:mod:`launch.bench.gpu`: one JSON, one PASS / FAIL / SKIP line per part;
@@ -182,7 +183,8 @@ def _exact_row(row: dict) -> list[str]:
 def _strategy_rule(result: dict) -> list[str]:
     """B8: the rows of the rule that picks an exact block's strategy."""
     return [f"{'':8}{row['launch']}, {row['processes']} procs, d={row['parameters']:,}: gather "
-            f"{row['gather_ratio']:.3f}x, chain {row['chain_ratio']:.3f}x the default sync; the rule: {row['rule']}"
+            f"{row['gather_ratio']:.3f}x, shards {row['shards_ratio']:.3f}x, chain {row['chain_ratio']:.3f}x the default "
+            f"sync; the rule: {row['rule']}"
             for row in result.get("rule_rows", [])]
 
 

@@ -146,15 +146,15 @@ def _comm_contender(body, comm):
 
 def exact_sync_cost(comm, sizes, rule_sizes, units: int, repeats: int) -> dict:
     """B8 on this rank (see the module docstring): ``rows`` (exact / default per size in
-    ``sizes``) and ``rule_rows`` (gather and chain / default per size in ``rule_sizes``).  Any
-    launcher (CPU)."""
+    ``sizes``) and ``rule_rows`` (gather, shards and chain / default per size in ``rule_sizes``).
+    Any launcher (CPU)."""
     import torch
 
     import topology
     from launch.bench.timing import interleave, median, ratio
     from launch.engine.placement import Placement
     from launch.engine.sync.compile import BlockRules, rank_program
-    from launch.engine.sync.ordered import gather_max_bytes
+    from launch.engine.sync.ordered import gather_max_bytes, shard_min_bytes
     from topology.plan import compile_plan
 
     depth = comm.world_size - 1
@@ -163,8 +163,9 @@ def exact_sync_cost(comm, sizes, rule_sizes, units: int, repeats: int) -> dict:
     placement = Placement.make(schedule.num_agents, comm.world_size)
     comm.init_groups([tuple(range(comm.world_size))])
 
-    def program(d: int, exact: bool, gather_max: int = gather_max_bytes(comm.backend)):
-        return rank_program(plan, placement, comm.rank, rules=BlockRules(exact, d * 4, None, gather_max))
+    def program(d: int, exact: bool, gather_max: int = gather_max_bytes(comm.backend),
+                shard_min: int | None = shard_min_bytes(comm.backend)):
+        return rank_program(plan, placement, comm.rank, rules=BlockRules(exact, d * 4, None, gather_max, shard_min))
 
     def timed(d: int, programs: dict) -> dict:
         tensors = {comm.rank: torch.zeros(d)}            # zeros: repeated sums stay finite
@@ -185,11 +186,11 @@ def exact_sync_cost(comm, sizes, rule_sizes, units: int, repeats: int) -> dict:
     rule_rows = []
     for d in rule_sizes:
         times = timed(d, {"default": program(d, False), "gather": program(d, True, 1 << 62),
-                          "chain": program(d, True, 0)})
+                          "shards": program(d, True, 0, 0), "chain": program(d, True, 0, None)})
         rule = type(program(d, True).blocks[0]).__name__
         rule_rows.append({"processes": comm.world_size, "parameters": d, "rule": rule,
-                          **{f"{k}_ratio": ratio(times, k, "default") for k in ("gather", "chain")},
-                          **{f"{k}_seconds": median(times[k]) for k in ("gather", "chain", "default")}})
+                          **{f"{k}_ratio": ratio(times, k, "default") for k in ("gather", "shards", "chain")},
+                          **{f"{k}_seconds": median(times[k]) for k in ("gather", "shards", "chain", "default")}})
     return {"rows": rows, "rule_rows": rule_rows}
 
 

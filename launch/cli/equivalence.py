@@ -26,16 +26,24 @@ with its own arithmetic, is compared to rounding: ``tolerance`` (default by dtyp
 :data:`launch.cli.deviation.TOLERANCES`: 1e-12 in float64).  With ``launch.exact=false`` every
 pair is compared to ``tolerance``.  Every rank exits with the same status: 0 when every deviation
 is within its pair's tolerance, 1 above it, 2 for an invalid configuration.
+
+On a GPU the model's own kernels must be deterministic too for the two runs to agree (the sync is
+exact, a kernel with atomics is not): in the exact mode on CUDA the command sets
+``torch.use_deterministic_algorithms(True)`` (PyTorch then raises on an operation without a
+deterministic implementation), turns off cuDNN's benchmark mode and sets
+``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless the environment sets it (:func:`deterministic_kernels`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+import torch
 from omegaconf import DictConfig
 
 from launch.cli.app import open_run, run_job
@@ -90,6 +98,17 @@ def with_exact_default(job: Job) -> Job:
     return job
 
 
+def deterministic_kernels(job: Job) -> bool:
+    """In the exact mode on CUDA: PyTorch's deterministic kernels, cuDNN without benchmarking and
+    cuBLAS's deterministic workspace (module docstring); whether it set them."""
+    if not job.launch.exact or not job.launch.device.startswith("cuda") or not torch.cuda.is_available():
+        return False
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    return True
+
+
 def pair_tolerance(job: Job, pair: tuple[str, str]) -> float:
     """The tolerance of ``pair`` (run under test, reference run): 0 between the simulation's runs
     in the exact mode (co-located and distributed give the same bits), else ``job.tolerance``."""
@@ -132,7 +151,8 @@ def run(cfg: DictConfig, out_dir: Path | str) -> int:
     """The equivalence check of ``cfg``; returns the exit status (the same on every rank)."""
 
     def body(job: Job, comm) -> int:
-        trackers = compare(with_exact_default(job), comm)
+        deterministic_kernels(with_exact_default(job))
+        trackers = compare(job, comm)
         text, status = report(job, trackers, 1 if comm is None else comm.world_size)
         if comm is None or comm.rank == 0:
             print(text, flush=True)

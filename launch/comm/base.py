@@ -164,6 +164,11 @@ class Communicator:
         """Every rank's ``obj``, indexed by rank (a collective on all ranks)."""
         raise NotImplementedError
 
+    def broadcast_object(self, obj, src: int):
+        """Rank ``src``'s ``obj`` (pickled), returned on every rank (a collective on all ranks;
+        the other ranks' ``obj`` is ignored)."""
+        raise NotImplementedError
+
     def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
         """Overwrite ``tensor`` on every rank with rank ``src``'s ``tensor``."""
         raise NotImplementedError

@@ -15,6 +15,11 @@ class LocalCommunicator(Communicator):
     def all_gather_object(self, obj) -> list:
         return [obj]
 
+    def broadcast_object(self, obj, src: int):
+        if src != 0:
+            raise ValueError(f"src must be 0 on a single rank; got {src}")
+        return obj
+
     def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
         if src != 0:
             raise ValueError(f"src must be 0 on a single rank; got {src}")

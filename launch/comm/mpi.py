@@ -195,6 +195,17 @@ class MPICommunicator(Communicator):
                    "all-gather of objects", (data, received))
         return [pickle.loads(received[o:o + c].tobytes()) for o, c in zip(offsets, counts)]
 
+    def broadcast_object(self, obj, src: int):
+        """Rank ``src``'s ``obj`` (pickled): one broadcast of the size, one of the bytes."""
+        data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8) \
+            if self.rank == src else None
+        size = np.array([0 if data is None else data.size], dtype=np.int64)
+        self._wait([self.comm.Ibcast(size, root=src)], "broadcast of an object's size", size)
+        if data is None:
+            data = np.empty(int(size[0]), dtype=np.uint8)
+        self._wait([self.comm.Ibcast(data, root=src)], "broadcast of an object", data)
+        return obj if self.rank == src else pickle.loads(data.tobytes())
+
     def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
         self.stats.broadcasts += 1
         buf = _buffer(tensor)

@@ -110,6 +110,11 @@ class TorchCommunicator(Communicator):
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_object(self, obj, src: int):
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+
     def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
         self.stats.broadcasts += 1
         dist.broadcast(tensor, src=src)

@@ -58,7 +58,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from launch.engine.guard.health import collective, gather_objects
+from launch.engine.guard.health import collective, gather_objects, stream_objects
 from topology.diagnostics import spectral_gap
 from topology.schedule import Schedule
 
@@ -216,14 +216,15 @@ class StateKeys:
 
 def gather_parameters(engine) -> list[dict[str, torch.Tensor]]:
     """Every agent's parameters as ``{name: tensor}`` (CPU copies), on every rank, indexed by
-    agent (under push-sum the de-biased z_i = x_i / w_i); a collective."""
+    agent (under push-sum the de-biased z_i = x_i / w_i); a collective, streamed rank by rank
+    (:func:`launch.engine.guard.health.stream_objects`: no GPU holds world x model)."""
     local = {
         i: [c.view(shape).detach().cpu().clone()
             for c, shape in zip(a.flat.split(a.debiased()), a.flat.shapes)]
         for i, a in engine.agents.items()
     }
     merged: dict[int, list[torch.Tensor]] = {}
-    for part in gather_objects(engine.comm, local, engine.t, "gather of the parameters"):
+    for part in stream_objects(engine.comm, local, engine.t, "gather of the parameters"):
         merged.update(part)
     return [dict(zip(engine.parameter_names, merged[i])) for i in range(engine.schedule.num_agents)]
 
@@ -238,7 +239,7 @@ def gather_state_dicts(engine, keys: StateKeys) -> list[dict[str, torch.Tensor]]
     if keys.has_buffers:
         local = {i: {n: b.detach().cpu().clone() for n, b in a.module.named_buffers()}
                  for i, a in engine.agents.items() if a.is_worker}
-        for part in gather_objects(engine.comm, local, engine.t, "gather of the buffers"):
+        for part in stream_objects(engine.comm, local, engine.t, "gather of the buffers"):
             buffers.update(part)
     first = min(engine.schedule.workers)
     out = []

@@ -275,7 +275,8 @@ def run_with_checkpoints(sim, steps: int, checkpointer: Checkpointer,
 
 def convert_batch(batch, dtype: torch.dtype | None, device):
     """``batch`` with its floating tensors in ``dtype`` and every tensor on ``device`` (None: left
-    as it is), recursively inside tuples, lists and dicts; anything else unchanged.
+    as it is), recursively inside tuples, lists and dicts; anything else unchanged.  CPU tensors
+    go to a GPU without making the host wait (:func:`_converted`).
 
     Example:
         >>> x, y = convert_batch((torch.zeros(2), torch.ones(2, dtype=torch.long)), torch.float64, None)
@@ -283,7 +284,7 @@ def convert_batch(batch, dtype: torch.dtype | None, device):
         (torch.float64, torch.int64)
     """
     if isinstance(batch, torch.Tensor):
-        return batch.to(device=device, dtype=dtype if batch.is_floating_point() else None)
+        return _converted(batch, dtype if batch.is_floating_point() else None, device)
     if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
         return type(batch)(convert_batch(b, dtype, device) for b in batch)
     if isinstance(batch, tuple):  # a named tuple
@@ -291,6 +292,21 @@ def convert_batch(batch, dtype: torch.dtype | None, device):
     if isinstance(batch, dict):
         return {k: convert_batch(v, dtype, device) for k, v in batch.items()}
     return batch
+
+
+def _converted(tensor: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
+    """``tensor`` in ``dtype`` on ``device``.  From the CPU to a GPU the copy is asynchronous: the
+    tensor is copied into page-locked memory first (unless it is there already), from which
+    ``non_blocking=True`` makes the copy a transfer queued on the current stream -- from pageable
+    memory the host would wait for the GPU to finish its queued work at every batch.  The
+    page-locked copy is the caching host allocator's, kept alive until the transfer has run; a dtype
+    conversion runs on the GPU after it (a cast on the host would give a pageable tensor again)."""
+    target = None if device is None else torch.device(device)
+    if target is not None and target.type == "cuda" and tensor.device.type == "cpu":
+        pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+        moved = pinned.to(device=target, non_blocking=True)        # the transfer, then the cast there
+        return moved if dtype is None else moved.to(dtype=dtype)
+    return tensor.to(device=device, dtype=dtype)
 
 
 class ConvertedStream:

@@ -165,6 +165,16 @@ def _lost_rank_message(comm, t: int, what: str, ranks: tuple[int, ...], err) -> 
             f"{lost}: killed or crashed{waited}. Resume from the last checkpoint. Backend error: {detail}")
 
 
+def stream_objects(comm, obj, t: int, what: str) -> list:
+    """Every rank's ``obj``, indexed by rank, as :func:`gather_objects` gives it, but one rank at a
+    time (a broadcast from each rank in turn, under :func:`collective`): NCCL's object
+    collectives stage the pickled bytes on the GPU, so an all-gather of every rank's share of the
+    model holds world x share there at once, this one share at a time.  For large objects (every
+    agent's weights or state at the end of a run)."""
+    with collective(comm, t, what, tuple(range(comm.world_size))):
+        return [comm.broadcast_object(obj if src == comm.rank else None, src) for src in range(comm.world_size)]
+
+
 def gather_objects(comm, obj, t: int, what: str) -> list:
     """``comm.all_gather_object(obj)`` (every rank's ``obj``, indexed by rank) under
     :func:`collective`, over every rank: ``what`` of iteration ``t`` names it in a failure."""

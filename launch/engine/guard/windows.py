@@ -19,7 +19,9 @@ knowledge through its operations, in the order the ranks run them
 The exact syncs (``compile_sync(exact=True)``, :mod:`launch.engine.sync.ordered`) carry markers
 the same way, except that only the ranks holding a term of a block's sum (a member with a
 non-zero weight) send anything: a chain runs through them and its last one broadcasts to G, a
-gather sends their products to G, an exact overlapped block's messages go from them to the hub.
+gather sends their products to G, a sharded block's ranks (each holding one term) send each
+other their shards and all-gather the sums, an exact overlapped block's messages go from them to
+the hub.
 So with ``exact`` a block leaves every rank of G knowing what its term holders knew (the same as
 an all-reduce when every rank of G holds a term, as it does unless a member's weight is 0).
 

@@ -85,7 +85,7 @@ from launch.comm.base import Communicator
 from launch.comm.factory import make_communicator
 from launch.comm.local import LocalCommunicator
 from launch.engine.core import EngineOptions, SyncEngine
-from launch.engine.guard.health import collective, gather_objects
+from launch.engine.guard.health import collective, stream_objects
 from launch.engine.own_loop.adoption import (
     ADOPTED, adopted_parameters, adoption_problem, optimizer_factory, optimizer_parameters,
 )
@@ -669,7 +669,7 @@ class AgentOptimizer(torch.optim.Optimizer):
 
     def _gather_state(self) -> dict:
         local = self.state_dict()
-        parts = gather_objects(self.comm, local, self.t, "gather of the state") if self.control is not None else [local]
+        parts = stream_objects(self.comm, local, self.t, "gather of the state") if self.control is not None else [local]
         agents = {i: entry for part in parts for i, entry in part["agents"].items()}
         run: dict = {}
         for part in parts:     # a passive rank's record holds no optimizer: the workers' do

@@ -39,7 +39,7 @@ from torch import nn
 
 from agents.level_policy import resolve_policy
 from agents.settings import jsonable
-from launch.engine.guard.health import gather_objects
+from launch.engine.guard.health import stream_objects
 from launch.engine.readout import StateKeys, gather_parameters
 from launch.engine.record.clock import SimulatedTime, simulated_hubs, simulated_placement
 from launch.engine.record.evaluation import VIRTUAL
@@ -156,7 +156,7 @@ def final_state_dicts(engine, model: nn.Module) -> list[dict[str, torch.Tensor]]
                  if keys.aliases.get(k, k) not in adopted}
              for i, a in engine.agents.items() if a.is_worker}
     rest: dict[int, dict[str, torch.Tensor]] = {}
-    for part in gather_objects(engine.comm, local, engine.t, "gather of the models' other entries"):
+    for part in stream_objects(engine.comm, local, engine.t, "gather of the models' other entries"):
         rest.update(part)
     first = min(engine.schedule.workers)
     return [{k: (params[keys.aliases.get(k, k)] if keys.aliases.get(k, k) in params else rest.get(i, rest[first])[k])

@@ -24,8 +24,9 @@ decides the same.
 ``exact=True`` (default False): every sum a sync forms is added in one order fixed by the agents'
 indices, the same co-located and on any layout of ranks (:mod:`launch.engine.sync.ordered`); each
 block spanning ranks then takes the strategy :func:`launch.engine.sync.ordered.exact_strategy`
-names (a chain in rank order, a gather for small blocks, the plain all-reduce for a sum of two
-terms on two ranks, an ordered hub when overlapped).  Point-to-point mixes (gossip, push-sum) are
+names (a chain in rank order, a gather for small blocks, shards for large ones whose ranks hold
+one term each, the plain all-reduce for a sum of two terms on two ranks, an ordered hub when
+overlapped).  Point-to-point mixes (gossip, push-sum) are
 exact in both modes: each receiver sums its sources in agent order.
 
 On NCCL (``backend="nccl"`` and the buffers' ``dtype`` given), a plain block whose one local term
@@ -48,7 +49,8 @@ import torch
 from agents.slow_rule import SlowRule
 from launch.engine.sync.blocks import (AllReduceBlock, HubBlock, LocalBlock, LocalMix, PointToPointMixes, PremulBlock,
                                        ProgramContext)
-from launch.engine.sync.ordered import ChainBlock, GatherBlock, OrderedHubBlock, exact_strategy, gather_max_bytes
+from launch.engine.sync.ordered import (ChainBlock, GatherBlock, OrderedHubBlock, ShardedBlock, exact_strategy,
+                                        gather_max_bytes, shard_min_bytes)
 from launch.engine.guard.windows import Windows
 from launch.engine.sync.kernel import Scratch, WeightedSum
 from launch.engine.sync.slow_rule import SlowRuleProgram, SlowRuleSync, slow_agent, workers_matrix
@@ -108,13 +110,18 @@ class BlockRules:
         premul_dtype: the buffers' dtype where ``ReduceOp.PREMUL_SUM`` is available (NCCL), else
             None.
         gather_max: an exact block is gathered up to this many bytes received per rank
-            (:func:`launch.engine.sync.ordered.gather_max_bytes` of the backend), else chained.
+            (:func:`launch.engine.sync.ordered.gather_max_bytes` of the backend), else sharded
+            or chained.
+        shard_min: an exact block whose ranks hold one term each is sharded from this many bytes
+            per buffer (:func:`launch.engine.sync.ordered.shard_min_bytes` of the backend; None:
+            never), else chained.
     """
 
     exact: bool = False
     nbytes: int = 0
     premul_dtype: torch.dtype | None = None
     gather_max: int = 0
+    shard_min: int | None = None
 
 
 def premul_applies(view: LocalBlock, snapshot, dtype: torch.dtype | None) -> bool:
@@ -151,12 +158,15 @@ def block_step(block: Block, view: LocalBlock, ctx: ProgramContext, placement: P
     # Per rank of the group, in rank order, its terms' agents (a contiguous run of the order).
     holders = tuple(tuple(i for i, w in zip(block.members, block.weights) if w != 0.0 and placement.rank_of(i) == r)
                     for r in view.ranks)
-    strategy = exact_strategy(tuple(len(agents) for agents in holders), rules.nbytes, hub, rules.gather_max)
+    strategy = exact_strategy(tuple(len(agents) for agents in holders), rules.nbytes, hub, rules.gather_max,
+                              rules.shard_min)
     if strategy == "hub":
         remote = tuple((i, r) for r, agents in zip(view.ranks, holders) if r != hub for i in agents)
         return OrderedHubBlock(view, ctx, hub, rank, name, remote, hub_scratch)
     if strategy == "gather":
         return GatherBlock(view, ctx, holders, rank)
+    if strategy == "shard":
+        return ShardedBlock(view, ctx, tuple(agents[0] for agents in holders), rank)
     if strategy == "chain":
         return ChainBlock(view, ctx, tuple(r for r, agents in zip(view.ranks, holders) if agents), rank)
     return AllReduceBlock(view, ctx, ordered=True)      # local, or a pair: exact as it is
@@ -266,7 +276,8 @@ def compile_sync(schedule: Schedule, placement: Placement, rank: int, *, numel: 
         raise ValueError("overlap=True applies to plain mixing syncs; it cannot be combined with outer=...")
     plans = [compile_plan(p) for p in schedule.distinct_matrices]
     nbytes = (numel + state_numel) * itemsize
-    rules = BlockRules(exact, nbytes, dtype if backend == "nccl" and not exact else None, gather_max_bytes(backend))
+    rules = BlockRules(exact, nbytes, dtype if backend == "nccl" and not exact else None, gather_max_bytes(backend),
+                       shard_min_bytes(backend))
     if outer is not None:
         return _compile_slow_rule(schedule, plans, placement, rank, numel, state_numel, policy, outer, check_rule,
                                   rules)

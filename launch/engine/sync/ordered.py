@@ -27,6 +27,15 @@ each rank are one contiguous run of the canonical order, and the ranks holding t
     every rank sends its products (:meth:`~launch.comm.base.Communicator.all_gather_`, padded to
     the largest count of terms a rank holds) and sums all of them in canonical order itself: one
     collective instead of a chain of ``len(chain) - 1`` hops and a broadcast.
+:class:`ShardedBlock` (``shard``, every rank of the group holding one term, large blocks, by
+backend: :data:`SHARD_MIN_BYTES`)
+    the buffer is cut into one shard per rank of the group; every rank sends shard s of its
+    product to the group's s-th rank and receives its own shard of every other product (one
+    message per pair of ranks), adds its shard of every product in canonical order, and the
+    shards are all-gathered: the bytes a ring all-reduce moves (a reduce-scatter and an
+    all-gather), where a chain moves the whole buffer through ``len(chain) - 1`` hops one after
+    the other and then broadcasts it.  Each element is still the canonical sum of the same
+    products: the shards cut the buffer, never the order of a sum.
 ``pair``
     a block whose sum has two terms on two ranks, one each: the plain all-reduce, exact as it is
     (``p_1 + p_2 = p_2 + p_1`` bit for bit).
@@ -43,7 +52,8 @@ each rank are one contiguous run of the canonical order, and the ranks holding t
 
 The finiteness check's markers ride as in the plain blocks: every rank marks what it contributes
 and reads what it receives (a chain rank reads the running sum before folding into it and marks
-the result, so news travels down the chain and back with the broadcast): every rank of the block
+the result, so news travels down the chain and back with the broadcast; a sharded block marks
+every shard it sends and its summed shard, and reads every shard it receives): every rank of the block
 ends knowing what any of them knew, as after an all-reduce, which is what
 :mod:`launch.engine.guard.windows` assumes of a block.
 """
@@ -52,7 +62,7 @@ from __future__ import annotations
 
 import torch
 
-from launch.comm.base import HUB_TAG, TAG_SPAN, Communicator
+from launch.comm.base import CHAIN_TAG, HUB_TAG, TAG_SPAN, Communicator
 from launch.engine.sync.blocks import AllReduceBlock, HubBlock, LocalBlock, ProgramContext, Tensors
 
 #: Per backend, a block is gathered (:class:`GatherBlock`) when what each rank receives,
@@ -64,6 +74,15 @@ from launch.engine.sync.blocks import AllReduceBlock, HubBlock, LocalBlock, Prog
 #: NCCL's is not measured: a small all-gather is one kernel where the chain is several.
 GATHER_MAX_BYTES = {"mpi": 16 << 20, "nccl": 64 << 10}
 
+#: Per backend, a block whose group's ranks hold one term each is sharded (:class:`ShardedBlock`)
+#: when one buffer has at least this many bytes (before the gather rule); another backend never.
+#: Measured (``python -m launch.bench --only B8``, docs/exactness.md): under MPI the shards beat
+#: the gather and the chain from 1M parameters (4 MB) on 3 and 4 ranks; under gloo the chain beats
+#: them at every size (gloo's point-to-point messages and its all-gather are no faster than the
+#: chain's pipelined hops on the machine measured), so gloo never shards.  NCCL's is not measured:
+#: its all-gather is one kernel, so from the same size, a guess to be measured.
+SHARD_MIN_BYTES = {"mpi": 1 << 20, "nccl": 1 << 20}
+
 
 def gather_max_bytes(backend: str | None) -> int:
     """The gather threshold of ``backend`` (:data:`GATHER_MAX_BYTES`; 0, always chained, for
@@ -71,15 +90,30 @@ def gather_max_bytes(backend: str | None) -> int:
     return GATHER_MAX_BYTES.get(backend, 0)
 
 
-def exact_strategy(counts: tuple[int, ...], nbytes: int, hub: int | None, gather_max: int) -> str:
+#: The tag of a sharded block's messages: a chain's first chunk's (no chain is in flight while a
+#: sharded block runs: every block's messages are waited for before the next block starts).
+SHARD_TAG = CHAIN_TAG
+
+
+def shard_min_bytes(backend: str | None) -> int | None:
+    """The sharding threshold of ``backend`` (:data:`SHARD_MIN_BYTES`; None, never sharded, for
+    another backend or None)."""
+    return SHARD_MIN_BYTES.get(backend)
+
+
+def exact_strategy(counts: tuple[int, ...], nbytes: int, hub: int | None, gather_max: int,
+                   shard_min: int | None = None) -> str:
     """The strategy of an exact block whose group's ranks hold ``counts`` terms each (in rank
     order), buffers of ``nbytes`` bytes, overlapped around ``hub`` (or None), gathered up to
-    ``gather_max`` bytes received per rank (:func:`gather_max_bytes`); see the module docstring.
-    The same on every rank: a function of the plan, the placement and the backend only.
+    ``gather_max`` bytes received per rank (:func:`gather_max_bytes`), sharded from ``shard_min``
+    bytes when every rank holds one term (:func:`shard_min_bytes`; None: never); see the module
+    docstring.  The same on every rank: a function of the plan, the placement and the backend only.
 
     Example:
         >>> exact_strategy((1, 1, 1), 40_000, None, 65536), exact_strategy((1, 1, 1), 4_000, None, 65536)
         ('chain', 'gather')
+        >>> exact_strategy((1, 1, 1), 4_000_000, None, 16 << 20, 1 << 20), exact_strategy((2, 2), 4_000_000, None, 0, 1 << 20)
+        ('shard', 'chain')
         >>> exact_strategy((1, 1), 4_000_000, None, 0), exact_strategy((2,), 4_000_000, None, 0)
         ('pair', 'local')
     """
@@ -89,6 +123,8 @@ def exact_strategy(counts: tuple[int, ...], nbytes: int, hub: int | None, gather
         return "local"
     if counts == (1, 1):
         return "pair"
+    if shard_min is not None and nbytes >= shard_min and set(counts) == {1}:
+        return "shard"
     if (len(counts) - 1) * max(counts) * nbytes <= gather_max:
         return "gather"
     return "chain"
@@ -189,6 +225,64 @@ class GatherBlock(AllReduceBlock):
         # Every product as formed on its own rank (this rank's too), summed in agent order.
         acc = self.accumulator(tensors, ())[0]
         kernel(acc, [(i, None) for i in sorted(received)], received)
+        self.copy_to_receivers(tensors, acc)
+
+
+class ShardedBlock(AllReduceBlock):
+    """A block whose group's ranks hold one term each, summed shard by shard (module docstring).
+
+    Args:
+        block, ctx: as :class:`~launch.engine.sync.blocks.AllReduceBlock`.
+        holders: per rank of the group, in rank order, the agent of its one term.
+        rank: this rank.
+    """
+
+    def __init__(self, block: LocalBlock, ctx: ProgramContext, holders: tuple[int, ...], rank: int):
+        super().__init__(block, ctx, ordered=True)
+        self.holders, self.rank = holders, rank
+        self.position = block.ranks.index(rank)
+
+    @property
+    def all_reduces(self) -> int:
+        return 0
+
+    def run(self, tensors: Tensors, old: Tensors, comm: Communicator, check) -> None:
+        like = next(iter(tensors.values()))
+        n, g, scratch, kernel = like.numel(), len(self.block.ranks), self.ctx.scratch, self.ctx.kernel
+        m = -(-n // g)                                     # shard s: [s m, min(n, (s + 1) m))
+        shard = lambda s: slice(min(n, s * m), min(n, (s + 1) * m))      # noqa: E731
+        (i, weights), = self.block.terms
+        mine = kernel.product(scratch.like("shard-product", like), old[i], weights, i, check)
+        own = shard(self.position)
+        width = own.stop - own.start
+        sends, received = [], {i: mine[own]}
+        for s, (peer, agent) in enumerate(zip(self.block.ranks, self.holders)):
+            if peer == self.rank:
+                continue
+            part = mine[shard(s)]
+            if part.numel():
+                check.mark(part)
+                sends.append((part, peer, SHARD_TAG))
+            received[agent] = scratch.like(f"shard-from{agent}", like, m)[:width]
+        recvs = [(received[agent], peer, SHARD_TAG) for peer, agent in zip(self.block.ranks, self.holders)
+                 if peer != self.rank and width]
+        comm.exchange_async_(sends, recvs).wait()
+        for agent, part in received.items():
+            if agent != i and width:
+                check.read(part)
+        # This rank's shard of the canonical sum: every product's shard, added in agent order.
+        mine_sum = scratch.like("shard-sum", like, m)
+        mine_sum[width:].zero_()                          # the last shards' padding
+        if width:
+            kernel(mine_sum[:width], [(agent, None) for agent in sorted(received)], received)
+            check.mark(mine_sum)
+        everyone = scratch.like("shard-gather", like, g * m)
+        comm.all_gather_(everyone, mine_sum, self.block.ranks)
+        for s in range(g):
+            if s != self.position and shard(s).stop > shard(s).start:
+                check.read(everyone[s * m:])
+        acc = self.accumulator(tensors, ())[0]
+        acc.copy_(everyone[:n])
         self.copy_to_receivers(tensors, acc)
 
 
