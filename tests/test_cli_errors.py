@@ -34,7 +34,8 @@ CASES = [
     (["launch.num_threads=abc"], "launch.num_threads must be null (torch's default) or an integer >= 1", ()),
     (["launch.seed=1e20"], "launch.seed must be an integer in [0, 4294967295]", ()),
     (["launch.seed=100000000000000000000"], "launch.seed must be an integer in [0, 4294967295]", ("Overflow",)),
-    (["launch.eval_every=0"], "launch.eval_every must be null (only at the end) or an integer >= 1; got 0", ()),
+    (["launch.eval_every=0"], "launch.eval_every must be null (only at the end) or an integer >= 1; got 0 (or auto, "
+                              "the default: 20 evaluations over a run of 100 steps or more)", ()),
     (["launch.tensorboard=yes"], "launch.tensorboard must be true or false; got 'yes'", ()),
     (["launch=torch", "launch.agents_per_rank=0"], "launch.agents_per_rank must be null", ()),
     (["problem.dim=-1"], "problem.dim must be a positive integer; got -1", ()),

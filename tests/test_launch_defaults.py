@@ -38,3 +38,12 @@ def test_colocated_default_job_is_the_equivalence_setting():
 def test_log_every_follows_the_period_unless_given(overrides, every):
     job = build_job(config(*overrides))
     assert job.log_every == (every if every is not None else job.schedule.period)
+
+
+@pytest.mark.parametrize("overrides, every", [([], 30), (["launch.steps=100"], 5), (["launch.steps=99"], None),
+                                              (["launch=torch", "launch.steps=1000"], 50),
+                                              (["launch.eval_every=7"], 7), (["launch.eval_every=null"], None)])
+def test_held_out_metrics_make_a_curve_by_default(overrides, every):
+    """launch.eval_every=auto (every launch's default): 20 evaluations over a run of 100 steps or
+    more (the demo's 600 steps: every 30), at the end only below; a number or null as given."""
+    assert build_job(config(*overrides)).launch.eval_every == every

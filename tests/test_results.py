@@ -112,7 +112,7 @@ def test_evaluation_does_not_change_the_trajectory(evaluated, tmp_path):
     assert app.run(config(*LA2, "launch.steps=33"), tmp_path) == 0
     for a, b in zip(torch.load(tmp_path / "agents.pt"), torch.load(evaluated / "agents.pt")):
         assert torch.equal(flat(a), flat(b))
-    # Without launch.eval_every only the last step is evaluated.
+    # launch.eval_every=auto, below 100 steps: only the last step is evaluated.
     assert sorted({r["step"] for r in read_eval(tmp_path / "eval.csv") if not math.isnan(r["heldout_loss"])}) == [33]
 
 

@@ -101,7 +101,7 @@ class LaunchOptions:
     log_every: int | None                   # None: the schedule's period
     overlap: bool | str
     num_threads: int | None = None          # None: torch's default
-    eval_every: int | None = None           # None: held-out metrics at the end only
+    eval_every: int | None = None           # None: held-out metrics at the end only (auto: resolved)
     tensorboard: bool = False
     agents_per_rank: int | None = None      # torch, mpi
     timeout_s: float = 300.0                # the communicator's collective timeout
@@ -206,7 +206,7 @@ def build_launch(node) -> LaunchOptions:
         overlap=_overlap(node.get("overlap", "auto")),
         exact=_exact(node.get("exact")),
         num_threads=check_integer(node.get("num_threads"), "launch.num_threads", minimum=1, optional="torch's default"),
-        eval_every=check_integer(node.get("eval_every"), "launch.eval_every", minimum=1, optional="only at the end"),
+        eval_every=_eval_every(node.get("eval_every", "auto"), node.steps),
         tensorboard=tensorboard,
         agents_per_rank=check_integer(node.get("agents_per_rank"), "launch.agents_per_rank", minimum=1,
                                       optional="number of agents / number of processes"),
@@ -223,6 +223,24 @@ def _overlap(value) -> bool | str:
         return check_bool(value, "launch.overlap")
     except ValueError as err:
         raise ValueError(f"{err} (or auto, the default: overlapped wherever it applies)") from None
+
+
+#: ``launch.eval_every=auto`` evaluates this many times over a run of at least
+#: :data:`AUTO_EVAL_MIN_STEPS` steps (a held-out curve), and only at the end of a shorter one.
+AUTO_EVALUATIONS, AUTO_EVAL_MIN_STEPS = 20, 100
+
+
+def _eval_every(value, steps) -> int | None:
+    """``launch.eval_every``: N, null (at the end only) or auto (the default: every
+    ``steps // 20`` steps from 100 steps on, so the held-out panel is a curve; at the end only
+    below).  ``steps`` is ``launch.steps``, already validated."""
+    if isinstance(value, str) and value == "auto":
+        return steps // AUTO_EVALUATIONS if steps >= AUTO_EVAL_MIN_STEPS else None
+    try:
+        return check_integer(value, "launch.eval_every", minimum=1, optional="only at the end")
+    except ValueError as err:
+        raise ValueError(f"{err} (or auto, the default: {AUTO_EVALUATIONS} evaluations over a run of "
+                         f"{AUTO_EVAL_MIN_STEPS} steps or more)") from None
 
 
 def _exact(value) -> bool | None:
