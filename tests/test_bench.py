@@ -49,9 +49,12 @@ def test_tiny_run_exits_0_and_writes_every_benchmark(tiny):
     assert results["B3"]["default_overlapped"] is True          # overlap="auto" overlaps LA's syncs
     assert all(r["ratio_check_off"] > 0 for r in results["B2"]["rows"])
     # B6: the same averaging on the same steps gives PyTorch's bits, for every period.
-    b6 = results["B6"]["rows"]
+    b6 = [r for r in results["B6"]["rows"] if not r.get("own_loop")]
+    own = [r for r in results["B6"]["rows"] if r.get("own_loop")]
     assert [(r["workers"], r["period"]) for r in b6] == [(w, p) for w in TINY.b6_workers for p in TINY.b6_periods]
     assert all(r["bit_identical"] and r["averaging_ratio"] > 0 for r in b6)
+    assert [(r["workers"], r["period"]) for r in own] == [(r["workers"], r["period"]) for r in b6]
+    assert all(r["bit_identical"] and r["ratio"] > 0 for r in own)          # AgentOptimizer: PyTorch's bits too
     assert results["B7"]["rows"][0]["metrics_rows"] > 0
     # B8: the exact sync is a chain on gloo, and the rule's rows time the three strategies.
     assert all(r["strategy"] == "ChainBlock" and r["exact_counts_per_sync"]["chains"] == 1

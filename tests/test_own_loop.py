@@ -216,8 +216,6 @@ def test_refusals_colocated():
     with pytest.raises(ValueError, match="not parameters of model"):
         AgentOptimizer(torch.optim.SGD(list(net.parameters()) + [nn.Parameter(torch.zeros(2))], lr=0.1), la,
                        model=net)
-    with pytest.raises(ValueError, match="co-located AgentOptimizer drives one worker"):
-        AgentOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), topology.decentralized.local_sgd(2, 2), model=net)
     opt = AgentOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), la, model=net)
     with pytest.raises(ValueError, match="add_param_group"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))]})

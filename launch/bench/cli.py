@@ -22,7 +22,9 @@ B5  scale: co-located gossip ring with 8, 32, 128 agents of a 100k-parameter mod
 B6  the project's local SGD (topology.local_sgd, defaults) over PyTorch's PostLocalSGDOptimizer +
     PeriodicModelAverager(period, warmup_steps=period - 1), the same averaging on the same steps,
     same 1M-parameter model and batches, gloo, W = 2 and 4, period 1 and 8; target <= 1.00; the
-    averaging step alone on a second line; the two sides' final bits compared.
+    averaging step alone on a second line; the two sides' final bits compared.  And the own loop:
+    launch.AgentOptimizer around the same SGD, a plain loop calling its step(), over the same
+    PyTorch run; target <= 1.00.
 B7  the command line: a torchrun LA-2 job (digits_cnn, float32) with the default launch.log_every
     over the same job with logging off; target <= 1.10.
 B8  the exact sync (every sum in agent order, bit-identical on any layout; compile_sync(exact=True))

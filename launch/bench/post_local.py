@@ -8,6 +8,10 @@ optimizer (``torch.optim.SGD(foreach=True)``):
     ``launch.Simulation`` of ``topology.decentralized.local_sgd(W, period)`` with its defaults
     (the finiteness check on; one agent per rank): every ``period`` iterations the sync
     ``x.mul_(1/W); all_reduce(x)`` on the agent's flat buffer.
+``own loop``
+    ``launch.AgentOptimizer`` around the same SGD with the same schedule, the user's loop calling
+    its ``step()`` (the own loop's sync: the control message among the worker ranks, then the
+    same weighted all-reduce).
 ``PyTorch``
     ``torch.distributed.optim.PostLocalSGDOptimizer`` around the same SGD, with
     ``PeriodicModelAverager(period, warmup_steps=period - 1)``.
@@ -41,6 +45,7 @@ def post_local_sgd(comm, width: int, batch_size: int, periods, units: int, repea
     from torch.distributed.algorithms.model_averaging import averagers, utils
     from torch.distributed.optim import PostLocalSGDOptimizer
 
+    from launch import AgentOptimizer
     from launch.bench import workloads
     from launch.bench.colocated import bare_step, sgd
     from launch.bench.distributed import _contender
@@ -60,17 +65,22 @@ def post_local_sgd(comm, width: int, batch_size: int, periods, units: int, repea
             warnings.simplefilter("ignore")      # period 1: "only DistributedDataParallel should be used"
             optimizer = PostLocalSGDOptimizer(sgd()(list(theirs.parameters())),
                                               averagers.PeriodicModelAverager(period, warmup_steps=period - 1))
+        own_model = copy.deepcopy(model)
+        own = AgentOptimizer(sgd()(list(own_model.parameters())), decentralized.local_sgd(world, period),
+                             model=own_model, comm=comm)
         average_t = period - 1
         steps = max(units, period) // period * period
         times = interleave({
             "local SGD": _contender(sim.step, comm.device),
+            "own loop": _contender(bare_step(own_model, own, workloads.stream(fixed)), comm.device),
             "PyTorch": _contender(bare_step(theirs, optimizer, workloads.stream(fixed)), comm.device),
         }, units=steps, repeats=repeats)
-        # Same iterations on both sides (warm-up and rounds): the same bits.
-        ours = sim.agents[comm.rank].params
-        same = torch.equal(ours, torch.cat([p.detach().reshape(-1) for p in theirs.parameters()]))
-        same = torch.tensor([1.0 if same else 0.0])
+        # Same iterations on every side (warm-up and rounds): the same bits.
+        flat_theirs = torch.cat([p.detach().reshape(-1) for p in theirs.parameters()])
+        same = torch.tensor([1.0 if torch.equal(sim.agents[comm.rank].params, flat_theirs)
+                             and torch.equal(own.local_parameters()[comm.rank], flat_theirs) else 0.0])
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        own.close()
         averaging = interleave({
             "local SGD": _contender(lambda: sim.engine.sync(average_t), comm.device),
             "PyTorch": _contender(lambda: utils.average_parameters_or_parameter_groups(
@@ -78,10 +88,11 @@ def post_local_sgd(comm, width: int, batch_size: int, periods, units: int, repea
         }, units=steps, repeats=repeats)
         rows.append({"workers": world, "period": period, "iterations_per_round": steps,
                      "ratio": ratio(times, "local SGD", "PyTorch"), "seconds": median(times["local SGD"]),
+                     "own_loop_ratio": ratio(times, "own loop", "PyTorch"), "own_loop_seconds": median(times["own loop"]),
                      "baseline_seconds": median(times["PyTorch"]),
                      "averaging_ratio": ratio(averaging, "local SGD", "PyTorch"),
                      "averaging_seconds": median(averaging["local SGD"]),
                      "baseline_averaging_seconds": median(averaging["PyTorch"]),
                      "bit_identical": bool(same.item() == 1.0)})
-        del sim, theirs, optimizer
+        del sim, theirs, optimizer, own, own_model
     return {"parameters": workloads.num_parameters(model), "rows": rows}

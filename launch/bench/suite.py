@@ -142,6 +142,10 @@ def post_local(config: Config) -> dict:
             row.update(name=f"local SGD / PostLocalSGDOptimizer, W={w}, period {row['period']}",
                        target=1.00, met=row["ratio"] <= 1.00)
             rows.append(row)
+            rows.append(dict(name=f"own loop (AgentOptimizer) / PostLocalSGDOptimizer, W={w}, period {row['period']}",
+                             target=1.00, met=row["own_loop_ratio"] <= 1.00, ratio=row["own_loop_ratio"],
+                             seconds=row["own_loop_seconds"], workers=w, period=row["period"],
+                             bit_identical=row["bit_identical"], own_loop=True))
     return {"backend": "gloo", "parameters": parameters, "batch_size": config.b6_batch,
             "repeats": config.repeats, "rows": rows}
 

@@ -91,6 +91,7 @@ from launch.engine.own_loop.adoption import (
 )
 from launch.engine.own_loop.control import (ABORT, ABORT_REASONS, CLOSE, EVAL, REC, SAVE, STATE, SYNC, Command,
                                             ControlChannel)
+from launch.engine.own_loop.colocated_workers import WorkerSwap
 from launch.engine.own_loop.record import LoopRecord
 from launch.engine.own_loop.environment import detect_launch
 from launch.engine.placement import Placement
@@ -104,19 +105,21 @@ ADD_PARAM_GROUP, GROUP_ADDED, DETACHED = 1, 2, 3
 
 
 def worker_of_rank(schedule: Schedule, placement: Placement, rank: int) -> int | None:
-    """The one worker agent on ``rank`` (None when it holds only passive agents);
-    ``ValueError`` when some rank holds several (the same error on every rank)."""
+    """The worker agent on ``rank`` that adopts the user's model (None when it holds only passive
+    agents): on ranks, the one worker of each; co-located, the first of the schedule's workers
+    (the others: :mod:`launch.engine.own_loop.colocated_workers`).  ``ValueError`` when a rank of
+    several holds several workers, or co-located under push-sum (the same error on every rank)."""
     by_rank: dict[int, list[int]] = {}
     for w in schedule.workers:
         by_rank.setdefault(placement.rank_of(w), []).append(w)
     crowded = {r: ws for r, ws in by_rank.items() if len(ws) > 1}
+    if crowded and placement.world_size == 1:
+        if schedule.push_sum:
+            raise ValueError(f"a co-located AgentOptimizer drives several workers in turn (each_worker), but not "
+                             f"under push-sum ({len(schedule.workers)} workers): start one process per worker "
+                             f"(torchrun --nproc_per_node {len(schedule.workers)}), or use launch.Simulation")
+        return schedule.workers[0]   # it adopts the model; the others are driven by each_worker()
     if crowded:
-        n = len(schedule.workers)
-        if placement.world_size == 1:
-            raise ValueError(
-                f"a co-located AgentOptimizer drives one worker (the loop trains one model), but the "
-                f"schedule has {n} workers {list(schedule.workers)}: start {n} processes with one worker "
-                f"each (torchrun --nproc_per_node {n}), or use launch.Simulation")
         r, ws = min(crowded.items())
         raise ValueError(
             f"each rank must hold at most one worker (its loop trains one model); with "
@@ -186,8 +189,9 @@ class AgentOptimizer(torch.optim.Optimizer):
 
         def make_agent(i: int, layout: StateLayout, policy: str) -> Agent:
             adopt = i == held["worker"]
-            return Agent(i, container, worker=adopt, optimizer=optimizer if adopt else None, state_policy=policy,
-                         layout=layout, push_sum=schedule.push_sum, adopt=adopt)
+            driven = not adopt and i in schedule.workers      # co-located: driven by each_worker()
+            return Agent(i, container, worker=adopt or driven, optimizer=optimizer if adopt else factory if driven else None,
+                         state_policy=policy, layout=layout, push_sum=schedule.push_sum, adopt=adopt)
 
         self.optimizer, self.model, self.schedule, self.comm = optimizer, model, schedule, comm
         factory = optimizer_factory(optimizer, container) if problem is None else None
@@ -207,6 +211,10 @@ class AgentOptimizer(torch.optim.Optimizer):
                 self._worker_ranks = worker_ranks
         worker = held["worker"]
         self._worker: Agent | None = self.engine.agents.get(worker) if worker is not None else None
+        driven = [a for i, a in sorted(self.engine.agents.items()) if a.is_worker and a is not self._worker]
+        #: Co-located with several workers: the swap of the model onto each (None otherwise).
+        self._swap = WorkerSwap(model, optimizer, self._worker, driven) if driven else None
+        self._pending: dict[int, torch.Tensor] = {}     # each_worker(): the losses of this iteration
         self._layout = (len(optimizer.param_groups), len(optimizer_parameters(optimizer)))
         self._closed = False
         # torch.optim.Optimizer plumbing, without its __init__ (it would build new param_groups).
@@ -265,6 +273,8 @@ class AgentOptimizer(torch.optim.Optimizer):
     def worker_index(self) -> int | None:
         """This rank's worker's position among the schedule's workers, 0..num_workers-1 (a
         DistributedSampler's ``rank``); None on a passive-only rank."""
+        if self._swap is not None and self._swap.current is not None:     # in each_worker()'s body
+            return self.schedule.workers.index(self._swap.current.index)
         return None if self._worker is None else self.schedule.workers.index(self._worker.index)
 
     @property
@@ -289,6 +299,8 @@ class AgentOptimizer(torch.optim.Optimizer):
         worker = self._require_worker("step")
         if self._layout != (len(self.param_groups), len(optimizer_parameters(self.optimizer))):
             self._abort(GROUP_ADDED)
+        if self._swap is not None:
+            return self._driven_step(closure, loss)
         self._check_attached(worker)
         if closure is not None and worker.push_weight is not None:
             raise ValueError("step(closure) is not supported under push-sum (the closure would see the "
@@ -358,6 +370,63 @@ class AgentOptimizer(torch.optim.Optimizer):
             record.after(t + 1)
         self._begun = True
         engine.begin_step()          # overlapped syncs: the next sync's reduces start now
+
+    def each_worker(self) -> Iterator[int]:
+        """The iteration's inner steps, worker by worker: yields the position of each of this
+        rank's workers among the schedule's (0..num_workers-1: a DistributedSampler's ``rank``),
+        the model and the inner optimizer being that worker in the body, which takes its step with
+        ``opt.step()``; after the last, the sync of P_t, t <- t + 1.  On ranks (one worker each)
+        it yields this rank's worker once and ``step()`` syncs as always, so the same loop runs
+        co-located with every worker in turn and under torchrun with one per process::
+
+            for w in opt.each_worker():
+                opt.zero_grad(); loss_fn(model, next(shards[w])).backward(); opt.step()
+
+        Co-located with several workers (:mod:`launch.engine.own_loop.colocated_workers`) every
+        worker must step once per iteration (else a ``ValueError`` names the one that did not,
+        and nothing syncs); ``evaluating``, ``save`` and ``close`` come outside the loop."""
+        self._require_worker("each_worker")
+        if self._swap is None:
+            yield self.worker_index
+            return
+        t = self.engine.t
+        if self._record is not None:
+            self._record.before(t + 1)
+        self._pending = {}
+        for position, w in enumerate(self.schedule.workers):
+            agent = self.engine.agents[w]
+            self._swap.enter(agent)
+            try:
+                yield position
+            finally:
+                self._swap.leave(agent)
+            if not any(i == w for i in self._pending):
+                raise ValueError(f"worker {position} (agent {w}) did not call step() in each_worker()'s body at "
+                                 f"t={t}: every worker steps once per iteration")
+        losses = {i: loss for i, loss in self._pending.items() if loss is not None}
+        self._pending = {}
+        self._advance(t, losses)
+
+    def _driven_step(self, closure, loss):
+        """``step()`` with several co-located workers: the inner step of the worker in
+        :meth:`each_worker`'s body (the sync follows the last worker's)."""
+        agent = self._swap.current
+        if agent is None:
+            raise ValueError(f"this AgentOptimizer drives {len(self.schedule.workers)} workers in one process: call "
+                             f"step() once per worker inside `for w in opt.each_worker():`")
+        if closure is not None:
+            raise ValueError("step(closure) is not supported with several workers in one process: call backward "
+                             "before step()")
+        if getattr(self, "found_inf", None) is not None:
+            raise ValueError("GradScaler with several workers in one process is not supported (each worker would need "
+                             "its own scaler): start one process per worker, or train without it")
+        if agent.index in self._pending:
+            raise ValueError(f"worker {self.worker_index} called step() twice in one each_worker() body")
+        returned = self.optimizer.step() if agent is self._worker else self._swap.step(agent)
+        agent.steps += 1
+        loss = returned if loss is None else loss
+        self._pending[agent.index] = torch.as_tensor(loss).detach() if loss is not None else None
+        return returned
 
     def add_param_group(self, param_group: dict) -> None:
         """Refused (``ValueError`` on every rank): the agents' flat buffers are laid out for the
@@ -628,8 +697,9 @@ class AgentOptimizer(torch.optim.Optimizer):
             self._record.record.flush()
         buffers = ({name: b.detach().cpu().clone() for name, b in self.model.named_buffers()}
                    if self._worker is not None else {})
+        driven = self._swap.state() if self._swap is not None else None     # several co-located workers
         with self._numerators():
-            return checkpointer.save(self.engine, extra={"buffers": buffers, "extra": extra})
+            return checkpointer.save(self.engine, extra={"buffers": buffers, "extra": extra, "driven": driven})
 
     def resume(self, checkpointer: Checkpointer, *, required: bool = False):
         """Restore the latest checkpoint of ``checkpointer`` into this fresh AgentOptimizer, on
@@ -656,6 +726,8 @@ class AgentOptimizer(torch.optim.Optimizer):
                 for name, buffer in self.model.named_buffers():
                     if name in saved.get("buffers", {}):
                         buffer.copy_(saved["buffers"][name])
+        if self._swap is not None and saved.get("driven") is not None:
+            self._swap.load_state(saved["driven"])
         return saved.get("extra")
 
     def gather_state_dict(self) -> dict:
