@@ -284,3 +284,23 @@ def test_the_end_of_run_gather_streams_one_ranks_share_at_a_time():
     assert [src for src, _ in comm.sent] == [0, 1, 2]                       # one rank at a time, in order
     assert [obj is None for _, obj in comm.sent] == [True, False, True]     # each time the source's share only
     assert set(comm.sent[1][1]) == {1}
+
+
+def test_every_program_of_a_rank_shares_one_scratch():
+    """A schedule of many distinct matrices keeps one set of scratch buffers per rank, not one per
+    matrix (programs run one at a time): after running every program of an exponential graph of
+    8 agents (3 distinct matrices) and of LA-3 on 4 ranks' rank 0, as compiled, the scratch is one
+    object holding one buffer per name."""
+    from launch.engine.sync.compile import compile_sync
+    from launch.engine.sync.state_weights import SyncPolicy
+    from launch.engine.placement import Placement
+    import topology
+    from topology import decentralized
+
+    for schedule, placement in ((decentralized.one_peer_exponential(8), Placement.make(8, 1)),
+                                (topology.multilayer((2, 2, 2), (0.5, 0.5, 0.5)), Placement.make(4, 4))):
+        compiled = compile_sync(schedule, placement, 0, numel=6, state_numel=0, overlap=False,
+                                policy=SyncPolicy("maintain", schedule))
+        active = [p for p in compiled.programs if not p.is_identity]
+        assert len(active) >= 3
+        assert len({id(p.ctx.scratch) for p in active}) == 1

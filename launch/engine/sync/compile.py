@@ -174,7 +174,7 @@ def block_step(block: Block, view: LocalBlock, ctx: ProgramContext, placement: P
 
 def rank_program(plan: Plan, placement: Placement, rank: int, *, state: tuple[int, dict] | None = None,
                  hub_of_block=None, reset: bool = False, hub_scratch: Scratch | None = None,
-                 rules: BlockRules = BlockRules()) -> RankProgram:
+                 rules: BlockRules = BlockRules(), scratch: Scratch | None = None) -> RankProgram:
     """``plan`` compiled for ``rank``.
 
     Args:
@@ -185,6 +185,11 @@ def rank_program(plan: Plan, placement: Placement, rank: int, *, state: tuple[in
         hub_scratch: where the hub blocks keep their parts (shared between programs), or the
             program's own scratch.
         rules: what chooses each block's step (:func:`block_step`).
+        scratch: the program's scratch buffers (:class:`~launch.engine.sync.kernel.Scratch`),
+            shared by every program of a rank -- programs run one at a time, and nothing in this
+            scratch outlives a sync (the hub blocks' parts, which do, are in ``hub_scratch``) --
+            so a schedule of many distinct matrices keeps one set, not one per matrix; default a
+            fresh one.
     """
     local = set(placement.agents_on(rank))
     split, state_weight = state if state is not None else (None, None)
@@ -194,7 +199,7 @@ def rank_program(plan: Plan, placement: Placement, rank: int, *, state: tuple[in
         return tuple((i, (w,) if split is None else (w, state_weight[i]))
                      for i, w in zip(agents, weights) if keep(i, w))
 
-    scratch = Scratch()
+    scratch = scratch if scratch is not None else Scratch()
     ctx = ProgramContext(frozenset(i for i in plan.snapshot if i in local), scratch, WeightedSum(split, scratch))
     blocks = []
     for position, block in enumerate(plan.blocks):
@@ -282,12 +287,13 @@ def compile_sync(schedule: Schedule, placement: Placement, rank: int, *, numel: 
         return _compile_slow_rule(schedule, plans, placement, rank, numel, state_numel, policy, outer, check_rule,
                                   rules)
     hubs = overlap_hubs(schedule, plans, placement, overlap, nbytes, exact)
-    programs, hub_scratch = [], Scratch()
+    programs, hub_scratch, scratch = [], Scratch(), Scratch()
     for index, plan in enumerate(plans):
         weight = policy.state_weight(index)
         programs.append(rank_program(plan, placement, rank, state=None if weight is None else (numel, weight),
                                      hub_of_block=lambda block, p=plan: hubs.get((p, block)),
-                                     reset=policy.resets[index], hub_scratch=hub_scratch, rules=rules))
+                                     reset=policy.resets[index], hub_scratch=hub_scratch, rules=rules,
+                                     scratch=scratch))
     groups = {placement.ranks_of(b.members) for plan in plans for b in plan.blocks}
     windows = Windows.build(schedule, plans, placement, (lambda i, b: hubs.get((plans[i], b))) if hubs else None,
                             exact)
@@ -310,14 +316,14 @@ def _compile_slow_rule(schedule: Schedule, plans: list[Plan], placement: Placeme
         raise ValueError(f"{what} needs exactly one worker; the schedule has {len(schedule.workers)}")
     sync = SlowRuleSync(rule, numel, state_numel)
     local = placement.agents_on(rank)
-    programs, groups, worker_plans = [], set(), []
+    programs, groups, worker_plans, scratch = [], set(), [], Scratch()
     for index, (matrix, plan) in enumerate(zip(schedule.distinct_matrices, plans)):
         if plan.is_identity:
             programs.append(rank_program(plan, placement, rank))
             worker_plans.append(plan)
             continue
         alpha, workers = workers_matrix(matrix, slow, index, what)
-        program = rank_program(compile_plan(workers), placement, rank, rules=rules)
+        program = rank_program(compile_plan(workers), placement, rank, rules=rules, scratch=scratch)
         groups |= {placement.ranks_of(b.members) for b in program.plan.blocks}
         programs.append(SlowRuleProgram(sync, program, alpha, local, placement.world_size, policy.resets[index]))
         worker_plans.append(program.plan)
