@@ -75,7 +75,10 @@ def test_measured_compute_fixes_after_the_first_iterations(tmp_path):
     assert summary["compute_measured"] is True and c > 0
     for step in range(MEASURED_STEPS, 11):
         assert got[step] == pytest.approx(c * step + comm * (step // 4), rel=1e-12), step
-    assert all(got[s] < got[s + 1] for s in range(1, 10))
+    # From MEASURED_STEPS on the estimate is fixed, so the column only grows.  (Before, each row
+    # uses the median of the wall times so far, which may fall as the first, slower iterations are
+    # outvoted: those rows depend on this machine's timings and are not asserted.)
+    assert all(got[s] < got[s + 1] for s in range(MEASURED_STEPS, 10))
 
 
 def test_no_cluster_leaves_the_column_empty(tmp_path):
