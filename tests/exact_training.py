@@ -1,6 +1,6 @@
 """End-to-end exactness: real training through :class:`launch.Simulation` with ``exact=True``, on
 ranks, against the same training co-located, step by step (used by
-tests/exact_training_worker.py on every rank).
+tests/exact_worker.py, ``training=True``, on every rank).
 
 A case: ``schedule`` (a spec of :func:`tests.exact_cases.make_schedule`), ``dtype``, ``steps``,
 optionally ``optimizer`` (``sgd``: SGD with momentum 0.9, the default; ``adam``),

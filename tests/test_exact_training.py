@@ -16,7 +16,7 @@ import pytest
 from tests.exact_cases import make_schedule
 from tests.spawn import ROOT, mpiexec, run_command, run_job, run_torchrun
 
-WORKER = ROOT / "tests" / "exact_training_worker.py"
+WORKER = ROOT / "tests" / "exact_worker.py"
 STEPS = 300
 LA2 = ["multilayer", [5, 2], [0.5, 0.6]]
 LA3 = ["multilayer", [3, 2, 2], [0.5, 0.6, 0.7]]
@@ -56,7 +56,8 @@ def cases_for(n: int, backend: str) -> dict:
 
 def run(backend: str, nprocs: int, tmp_path) -> tuple[dict, list[dict]]:
     cases = cases_for(nprocs, backend)
-    run_job(backend, nprocs, dict(backend=backend, out=str(tmp_path), cases=cases, timeout_s=60), WORKER, 600)
+    run_job(backend, nprocs, dict(backend=backend, out=str(tmp_path), cases=cases, timeout_s=60, training=True), WORKER,
+            600)
     return cases, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nprocs)]
 
 
